@@ -1,0 +1,59 @@
+"""The ``cmafnet`` command. Each subcommand lives in its own module under ``cmafnet.cli``.
+
+Every module exposes ``add_parser(subparsers)`` which registers the subcommand and sets
+``func(args) -> int``. Heavy imports (torch, timm) happen inside ``func`` so that ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cmafnet import __version__
+from cmafnet.errors import CmafnetError
+
+# Order is the order shown by ``cmafnet --help``.
+COMMANDS = (
+    "demo", "info", "ingest", "split", "train", "evaluate", "report", "experiment",
+    "predict", "wsi", "export", "bench",
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmafnet",
+        description="Train, compare and deploy imbalance-aware histopathology classifiers (CMAF-Net).",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage/config, 3 bad input data, "
+        "4 missing or mismatched run/store/split.",
+    )
+    parser.add_argument("--version", action="version", version=f"cmafnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"cmafnet.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CmafnetError as err:
+        print(f"cmafnet {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"cmafnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""`cmafnet predict` (placeholder: replaced by the module that implements it)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmafnet.errors import CmafnetError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise CmafnetError("'cmafnet predict' is not implemented yet")

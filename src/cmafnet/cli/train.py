@@ -1,0 +1,16 @@
+"""`cmafnet train` (placeholder: replaced by the module that implements it)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmafnet.errors import CmafnetError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise CmafnetError("'cmafnet train' is not implemented yet")

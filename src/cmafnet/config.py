@@ -1,0 +1,429 @@
+"""Typed, validated configuration.
+
+A YAML file is validated into :class:`Config`. Unknown keys, wrong types and out-of-range values
+raise :class:`~cmafnet.errors.ConfigError` with the full key path and, for unknown keys, the
+nearest valid key. ``--set a.b=c`` overrides are parsed as YAML scalars and applied before
+validation, so they are validated like the file itself.
+
+Defaults follow the paper where it gives a value and ``docs/decisions.md`` where it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cmafnet.errors import ConfigError
+from cmafnet.registry import suggest
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1 base-60 integers, so ``imbalance: 90:10`` stays a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the project's loader (no base-60 numbers; '1e-3' is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class TauInit(_Section):
+    """Initial distribution of the per-head temperatures (Table 7)."""
+
+    kind: Literal["fixed", "uniform", "normal", "lognormal"] = "lognormal"
+    a: float = 0.0  # fixed: value; uniform: low; normal/lognormal: mean (of log tau for lognormal)
+    b: float = 0.1  # uniform: high; normal/lognormal: std; ignored for fixed
+
+    @model_validator(mode="after")
+    def _check(self) -> TauInit:
+        if self.kind == "fixed" and self.a <= 0:
+            raise ValueError("fixed temperature 'a' must be > 0")
+        if self.kind == "uniform" and not (0 < self.a < self.b):
+            raise ValueError("uniform needs 0 < a < b")
+        if self.kind in ("normal", "lognormal") and self.b < 0:
+            raise ValueError("std 'b' must be >= 0")
+        if self.kind == "normal" and self.a <= 0:
+            raise ValueError("normal mean 'a' must be > 0 (temperatures are positive)")
+        return self
+
+
+class SpatialConfig(_Section):
+    enabled: bool = True  # False = "w/o spatial branch (ViT only)"
+    backbone: str = "resnet18"  # timm name, features_only
+    skip_merge: bool = True  # 1x1 convs from stages 2-4 resized to the last grid
+    spatial_gate: bool = True  # channel avg+max pool -> 7x7 conv -> sigmoid
+    weights: str | None = None  # local file (safetensors or torch weights_only)
+
+
+class ContextualConfig(_Section):
+    enabled: bool = True  # False = "w/o contextual branch (CNN only)"
+    variant: Literal["xxs", "xs", "s"] = "s"
+    attention: Literal["full", "nystrom"] = "full"
+    num_landmarks: int = Field(16, ge=1)
+    patch_size: int = Field(2, ge=1)  # MobileViT unfold patch (see docs/decisions.md on "8x8")
+    scale_aware_pos: bool = True  # gradient-magnitude positional embedding
+    learned_pos: bool = True  # learned positional embedding per transformer stage
+    weights: str | None = None
+
+
+class FusionConfig(_Section):
+    kind: str = "cmaf"  # registry name: cmaf | concat
+    dim: int = Field(480, ge=8)  # fusion width D
+    heads: int = Field(8, ge=1)  # 1 = "w/o multi-head attention"
+    learn_temperature: bool = True  # False = tau fixed at tau_init (use fixed a=1 for the ablation)
+    tau_init: TauInit = TauInit()
+    gate: bool = True  # False = "w/o gating mechanism" (F_fused = F_att + F_s residual sum)
+    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> FusionConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        return self
+
+
+class HeadConfig(_Section):
+    hidden: int = Field(256, ge=0)  # 0 = a single linear layer
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    normalized: bool = False  # cosine classifier (LDAM's normalised linear layer)
+
+
+class ModelConfig(_Section):
+    name: str = "cmafnet"  # registry name (cmafnet or a baseline)
+    num_classes: int = Field(2, ge=2)
+    img_size: int = Field(224, ge=32)
+    spatial: SpatialConfig = SpatialConfig()
+    contextual: ContextualConfig = ContextualConfig()
+    fusion: FusionConfig = FusionConfig()
+    head: HeadConfig = HeadConfig()
+    bottleneck: bool = True  # variational mu/logvar heads on each branch's tokens
+    weights: str | None = None  # whole-model weights file
+    grad_checkpointing: bool = False
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_branch(self) -> ModelConfig:
+        if self.name == "cmafnet" and not (self.spatial.enabled or self.contextual.enabled):
+            raise ValueError("at least one of spatial.enabled / contextual.enabled must be true")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loss
+class LossConfig(_Section):
+    """The classification loss. ``name`` is a registry name; unused fields are ignored by it."""
+
+    name: str = "acbfl"  # acbfl | ce | focal | cb | ldam | balanced_softmax
+    # A-CBFL (Eq. 14 with SPEC §2 corrections)
+    gamma_base: float = Field(2.0, ge=0.0)
+    class_dependent_gamma: bool = True
+    dynamic_alpha: bool = True  # False = fixed square-root weighting
+    alpha_decay: float = Field(0.1, gt=0.0)  # exponential rate per epoch: w(t) = exp(-rate * t)
+    entropy_weight: float = Field(0.1, ge=0.0)  # lambda of the confidence penalty (-lambda H(p))
+    margin: bool = True  # LDAM-style logit margins inside A-CBFL
+    # shared by baselines
+    focal_gamma: float = Field(2.0, ge=0.0)
+    cb_beta: float = Field(0.9999, ge=0.0, lt=1.0)
+    cb_loss_type: Literal["softmax", "focal"] = "softmax"
+    max_margin: float = Field(0.5, ge=0.0)  # LDAM C so that the largest margin is this
+    ldam_s: float = Field(30.0, gt=0.0)
+    drw_epoch: int | None = Field(None, ge=0)  # deferred re-weighting start (epoch in stage); None = 80%
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class RegularizerConfig(_Section):
+    beta1: float = Field(0.01, ge=0.0)  # KL (I(Z;X) bound) weight per branch
+    beta2: float = Field(0.005, ge=0.0)  # redundancy I(Z_s;Z_t) weight (penalised, +beta2)
+    beta_schedule: Literal["ramp", "fixed"] = "ramp"
+    ramp_epochs: float = Field(10.0, ge=0.0)  # linear ramp length in epochs (stage 2 onwards)
+    redundancy_estimator: Literal["gaussian", "hsic"] = "gaussian"
+    diversity: float = Field(0.01, ge=0.0)
+    entropy: float = Field(0.01, ge=0.0)
+    orthogonality: float = Field(0.01, ge=0.0)
+
+
+# -------------------------------------------------------------------------------------- training
+class SAMConfig(_Section):
+    enabled: bool = True
+    rho: float = Field(0.05, ge=0.0)
+    adaptive: bool = False
+
+
+class ClipConfig(_Section):
+    kind: Literal["autoclip", "agc", "norm", "none"] = "autoclip"
+    percentile: float = Field(10.0, gt=0.0, le=100.0)  # AutoClip percentile of the norm history
+    history: int = Field(1000, ge=1)
+    max_norm: float = Field(1.0, gt=0.0)  # for kind=norm
+    agc_clip: float = Field(0.01, gt=0.0)  # for kind=agc
+
+
+class StageConfig(_Section):
+    name: str
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0.0)
+    schedule: Literal["cosine", "warmup_cosine", "cyclic", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    train: Literal["branches", "fusion", "all"] = "all"
+    loss: Literal["ce", "objective"] = "objective"  # stage 1: ce on the temporary branch heads
+    cyclic_cycles: int = Field(2, ge=1)
+
+
+def _paper_stages() -> list[StageConfig]:
+    return [
+        StageConfig(name="branches", epochs=30, lr=1e-3, schedule="cosine", train="branches", loss="ce"),
+        StageConfig(
+            name="fusion", epochs=40, lr=1e-4, schedule="warmup_cosine", warmup_epochs=2, train="fusion"
+        ),
+        StageConfig(name="end_to_end", epochs=30, lr=1e-5, schedule="cyclic", train="all"),
+    ]
+
+
+class TrainConfig(_Section):
+    stages: list[StageConfig] = Field(default_factory=_paper_stages)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    sam: SAMConfig = SAMConfig()
+    clip: ClipConfig = ClipConfig()
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    sdpa_backend: Literal["auto", "flash", "efficient", "math"] = "auto"
+    fused_adamw: bool = True
+    early_stopping_patience: int | None = Field(10, ge=1)  # epochs without val balanced-acc gain
+    seed: int = 0
+    deterministic: bool = False
+    max_nonfinite_steps: int = Field(20, ge=1)  # consecutive non-finite steps before stopping
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # smoke runs
+    log_every: int = Field(20, ge=1)
+    tensorboard: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+# ------------------------------------------------------------------------------------------ data
+class AugmentConfig(_Section):
+    enabled: bool = True  # False = "w/o domain augmentation"
+    flips: bool = True
+    rotation: float = Field(30.0, ge=0.0, le=180.0)  # degrees, uniform in [-r, r]; 0 disables
+    color_jitter: bool = True
+    brightness: float = Field(0.1, ge=0.0)
+    contrast: float = Field(0.1, ge=0.0)
+    saturation: float = Field(0.1, ge=0.0)
+    hue: float = Field(0.04, ge=0.0, le=0.5)
+    elastic: bool = True
+    elastic_alpha: float = Field(1.0, ge=0.0)
+    elastic_sigma: float = Field(8.0, gt=0.0)
+    hed: bool = True
+    hed_sigma: float = Field(0.03, ge=0.0)  # HED stain jitter (Tellez et al.) scale
+    hed_bias: float = Field(0.01, ge=0.0)
+
+
+class StainConfig(_Section):
+    enabled: bool = True
+    method: Literal["macenko"] = "macenko"
+    Io: float = Field(240.0, gt=0.0)
+    alpha: float = Field(1.0, gt=0.0, lt=50.0)
+    beta: float = Field(0.15, gt=0.0)
+    reference: str | None = None  # image file to fit the target stain matrix; None = standard HE
+
+
+class DataConfig(_Section):
+    imbalance: str | None = None  # e.g. "90:10" (majority:minority) applied to the training split
+    stain: StainConfig = StainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    device_cache: bool = True  # keep the uint8 store on the training device when it fits
+
+    @model_validator(mode="after")
+    def _ratio(self) -> DataConfig:
+        if self.imbalance is not None:
+            parse_ratio(self.imbalance)
+        return self
+
+
+def parse_ratio(text: str) -> tuple[float, float]:
+    """Parse 'maj:min' (e.g. '90:10') into fractions that sum to 1."""
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"ratio '{text}' must look like '90:10'") from None
+    if a <= 0 or b <= 0:
+        raise ValueError(f"ratio '{text}' needs two positive numbers")
+    return a / (a + b), b / (a + b)
+
+
+class EvalConfig(_Section):
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)  # operating threshold chosen on validation
+    ece_bins: int = Field(15, ge=2)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    regularizers: RegularizerConfig = RegularizerConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# --------------------------------------------------------------------------------------- loading
+def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Field names valid at ``path`` inside ``model`` (for 'did you mean')."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        args = getattr(ann, "__args__", ()) or ()
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return []
+        cur = nxt
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    key = ".".join(str(x) for x in loc) or "<root>"
+    if e["type"] == "extra_forbidden":
+        hint = suggest(str(loc[-1]), _field_names(Config, loc[:-1]))
+        return f"{key}: unknown key.{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"{key}: required"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse 'a.b.c=value' into (['a','b','c'], value) with YAML scalar typing."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), yaml_load(raw) if raw != "" else None
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of ``data`` with each 'a.b=c' override set.
+
+    Missing sections are created; a numeric part indexes a list (``train.stages.0.lr=1e-3``).
+    A list absent from the file is filled from the schema default first, so stage overrides work
+    on configs that do not spell the stages out.
+    """
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        cur: Any = data
+        for i, part in enumerate(path[:-1]):
+            key: Any = int(part) if isinstance(cur, list) and part.isdigit() else part
+            if isinstance(cur, list):
+                if not isinstance(key, int) or key >= len(cur):
+                    raise ConfigError(f"{'.'.join(path)}: no list item '{part}'")
+                nxt = cur[key]
+            else:
+                nxt = cur.get(key)
+                if nxt is None:
+                    default = _default_at(path[: i + 1])
+                    nxt = cur[key] = default if default is not None else {}
+            if not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"{'.'.join(path)}: '{part}' is not a section")
+            cur = nxt
+        last: Any = path[-1]
+        if isinstance(cur, list):
+            if not last.isdigit() or int(last) >= len(cur):
+                raise ConfigError(f"{'.'.join(path)}: no list item '{last}'")
+            last = int(last)
+        cur[last] = value
+    return data
+
+
+def _default_at(path: list[str]) -> Any:
+    """The schema default (as plain data) at ``path``, or None."""
+    obj: Any = Config().model_dump(mode="json")
+    for part in path:
+        if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        elif isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            return None
+    return obj if isinstance(obj, list) else None
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or a shipped config name such as 'paper' or 'smoke'."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = [q.stem for q in CONFIG_DIR.glob("*.yaml")]
+    raise ConfigError(f"config '{name_or_path}' not found.{suggest(str(name_or_path), names)}")
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
+    """Validate a plain dict (plus overrides) into a :class:`Config`."""
+    data = apply_overrides(data or {}, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or shipped config name) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            data = yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (what a run folder stores)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def list_configs() -> list[str]:
+    return sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
