@@ -1,0 +1,178 @@
+"""Single-backbone baselines of the paper (Tables 1, 2, 8) behind the common model contract.
+
+Each baseline is a timm backbone created with ``num_classes=0`` (so timm's own pooling and
+pre-logits normalisation are kept) and our own classifier on top, so that the head can be a cosine
+classifier (``cfg.head.normalized``) for LDAM and so that ``param_groups_by_role`` separates the
+backbone (``spatial``) from the classifier (``head``). Imbalance-aware baselines (focal, CB,
+LDAM-DRW, Balanced Softmax) are the same models with another ``loss.name``: configs, not classes.
+
+The reconstructed fusion baselines (TransFuse, MMTM, HRFNet) live in
+:mod:`cmafnet.models.fusion_baselines`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmafnet.config import ModelConfig
+from cmafnet.errors import ConfigError
+from cmafnet.models import MODELS
+from cmafnet.models.output import ModelOutput
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A registered timm baseline."""
+
+    timm_name: str  # timm architecture name
+    takes_img_size: bool = False  # ViT / DeiT / Swin: the position grid depends on the input size
+    extra: dict[str, Any] = field(default_factory=dict)  # further timm kwargs
+    paper_name: str = ""  # how the paper's tables call it
+
+
+# Short registry names -> timm architectures (paper Table 1 rows).
+BASELINES: dict[str, BaselineSpec] = {
+    "resnet18": BaselineSpec("resnet18", paper_name="ResNet-18"),
+    "resnet50": BaselineSpec("resnet50", paper_name="ResNet-50"),
+    "densenet121": BaselineSpec("densenet121", paper_name="DenseNet-121"),
+    "efficientnet_b3": BaselineSpec("efficientnet_b3", paper_name="EfficientNet-B3"),
+    "convnext_tiny": BaselineSpec("convnext_tiny", paper_name="ConvNeXt-T"),
+    "vit_s16": BaselineSpec("vit_small_patch16_224", takes_img_size=True, paper_name="ViT-S/16"),
+    "swin_t": BaselineSpec("swin_tiny_patch4_window7_224", takes_img_size=True, paper_name="Swin-T"),
+    "deit_s": BaselineSpec("deit_small_patch16_224", takes_img_size=True, paper_name="DeiT-S"),
+}
+
+
+class CosineClassifier(nn.Module):
+    """Normalised linear layer (LDAM's ``NormedLinear``): logits are cosine similarities in [-1, 1].
+
+    LDAM (Cao et al., 2019) multiplies these by its scale ``s`` inside the loss.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()  # (B, C)
+
+
+def make_classifier(in_features: int, num_classes: int, normalized: bool) -> nn.Module:
+    """A linear or cosine classifier."""
+    return CosineClassifier(in_features, num_classes) if normalized else nn.Linear(in_features, num_classes)
+
+
+def timm_kwargs(spec: BaselineSpec, cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model`` for this config (no pretrained download, ever)."""
+    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0, **spec.extra}
+    if spec.takes_img_size:
+        kw["img_size"] = cfg.img_size
+        if spec.timm_name.startswith("swin"):
+            # Swin needs the patch grid (img/4) to be divisible by the window at every stage; the
+            # 224-px window of 7 does not divide small grids, so small inputs use window img/32
+            # (7 at 224 px, 2 at 64 px). Recorded in docs/decisions/experiments.md.
+            if cfg.img_size % 32:
+                raise ConfigError(f"model.img_size: Swin needs a multiple of 32 (got {cfg.img_size})")
+            kw["window_size"] = cfg.img_size // 32
+    if cfg.drop_path > 0:
+        kw["drop_path_rate"] = cfg.drop_path
+    return kw
+
+
+class TimmClassifier(nn.Module):
+    """A timm backbone plus our (linear or cosine) classifier, following the model contract."""
+
+    def __init__(self, spec: BaselineSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.img_size = cfg.img_size
+        self.num_classes = cfg.num_classes
+        self.normalized = cfg.head.normalized
+        try:
+            self.backbone = timm.create_model(spec.timm_name, **timm_kwargs(spec, cfg))
+        except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+            raise ConfigError(f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}") from None
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.num_features: int = self.backbone.num_features
+        self.drop = nn.Dropout(cfg.head.dropout)
+        self.head = make_classifier(self.num_features, cfg.num_classes, cfg.head.normalized)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Backbone feature map (CNN: (B, C, h, w); ViT: (B, N, C) tokens)."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool (timm's own pooling / norm), then classify; ``pre_logits`` returns (B, D)."""
+        z = self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
+        if pre_logits:
+            return z
+        return self.head(self.drop(z))
+
+    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
+        z = self.forward_head(self.forward_features(x), pre_logits=True)
+        logits = self.head(self.drop(z))
+        return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = make_classifier(self.num_features, num_classes, self.normalized)
+
+    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
+        return {"spatial": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+
+
+def load_weights(model: nn.Module, path: str, backbone_attr: str = "backbone") -> None:
+    """Load a local weights file into ``model``.
+
+    A whole-model state dict (keys as in ``model.state_dict()``) is loaded strictly. Otherwise the
+    file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
+    must match the backbone exactly (a mismatch is an error, not a silent partial load).
+    """
+    from cmafnet.run import load_state_dict_file
+
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    if set(sd) == set(own):
+        model.load_state_dict(sd)
+        return
+    backbone = getattr(model, backbone_attr, None)
+    if backbone is None:
+        raise ConfigError(f"model.weights: {path} does not match the model's parameters")
+    clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
+    clf_names = (clf,) if isinstance(clf, str) else tuple(clf)
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in clf_names)}
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.weights: {path} matches neither the model nor its backbone "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+
+
+def _factory(name: str):
+    spec = BASELINES[name]
+
+    def build(cfg: ModelConfig) -> TimmClassifier:
+        model = TimmClassifier(spec, cfg)
+        if cfg.weights:
+            load_weights(model, cfg.weights)
+        return model
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = f"{spec.paper_name or name}: timm ``{spec.timm_name}`` with a linear/cosine head."
+    return build
+
+
+for _name in BASELINES:
+    MODELS.add(_name, _factory(_name))
+
+# Reconstructed fusion baselines register themselves on import.
+from cmafnet.models import fusion_baselines  # noqa: E402, F401
