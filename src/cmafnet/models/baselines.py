@@ -98,7 +98,9 @@ class TimmClassifier(nn.Module):
         try:
             self.backbone = timm.create_model(spec.timm_name, **timm_kwargs(spec, cfg))
         except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-            raise ConfigError(f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}") from None
+            raise ConfigError(
+                f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}"
+            ) from None
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.num_features: int = self.backbone.num_features
