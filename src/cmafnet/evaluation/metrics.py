@@ -12,11 +12,14 @@ written here. Every value in the returned dict is JSON-serialisable and never Na
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -101,6 +104,22 @@ def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     return classification_metrics(y_true, np.stack([1.0 - p_pos, p_pos], axis=1), threshold, n_bins=n_bins)
 
 
+def _quiet(fn):
+    """Silence sklearn's undefined-metric warnings: undefined values are reported in ``undefined``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*(y_pred contains classes|only one class|single label).*"
+            )
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
 def classification_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -234,6 +253,7 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_pos: np.ndarray, target: flo
     return float(min(thr[i], 1.0))
 
 
+@_quiet
 def sensitivity_at_specificity(y_true: np.ndarray, p_pos: np.ndarray, specificity: float) -> float | None:
     """Best sensitivity among thresholds whose specificity is at least ``specificity`` (ROC curve)."""
     y = np.asarray(y_true).astype(np.int64)
