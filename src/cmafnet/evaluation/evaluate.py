@@ -1,0 +1,365 @@
+"""Evaluate a run folder on a packed store: per-image predictions, metrics, operating threshold.
+
+``evaluate_run`` writes into the run folder (or ``out_dir``)::
+
+    predictions_<name>.csv   id, patient, label, label_name, prob_<class>..., pred, source, magnification
+    metrics_<name>.json      metrics at 0.5 and at the operating threshold, per magnification, CIs
+
+``<name>`` is the split (``test``, ``val``, ``train``, ``all``), prefixed ``zeroshot_`` for a
+zero-shot evaluation. The operating threshold (binary runs) is chosen on the run's validation
+predictions for ``cfg.eval.target_sensitivity`` and stored in ``run.json`` as ``threshold`` (a
+float, read by ``cmafnet predict``) with the details under ``threshold_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.evaluation.metrics import classification_metrics, threshold_for_sensitivity
+from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, update_meta, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _norm(names: list[str]) -> list[str]:
+    return [str(n).strip().lower() for n in names]
+
+
+def resolve_targets(
+    run_classes: list[str], store: Any, *, zero_shot: bool = False
+) -> tuple[np.ndarray, list[str], str]:
+    """Labels of ``store`` in the run's class order, the class names, and the target kind.
+
+    A binary run evaluated zero-shot uses the store's binary label (benign 0 / malignant 1)
+    whatever the class names are called. Otherwise the store's class set (its ``label`` classes,
+    or its subtypes for a multi-class run) must equal the run's, else :class:`RunFolderError`.
+    """
+    store_classes = [str(c) for c in store.classes]
+    if zero_shot:
+        if len(run_classes) != 2:
+            raise ConfigError(
+                f"--zero-shot needs a binary run (benign/malignant); this run has {len(run_classes)} classes "
+                f"{run_classes}"
+            )
+        if len(store_classes) != 2:
+            raise RunFolderError(
+                f"--zero-shot needs a store with a binary label; store classes are {store_classes}"
+            )
+        return np.asarray(store.targets("label"), dtype=np.int64), list(run_classes), "label"
+    if _norm(store_classes) == _norm(run_classes):
+        return np.asarray(store.targets("label"), dtype=np.int64), list(run_classes), "label"
+    sub_names = _subtype_classes(store)
+    if sub_names is not None and _norm(sub_names) == _norm(run_classes):
+        return np.asarray(store.targets("subtype"), dtype=np.int64), list(run_classes), "subtype"
+    hint = ""
+    if len(run_classes) == 2 and len(store_classes) == 2:
+        hint = " (to apply a binary run to another dataset's benign/malignant labels, pass --zero-shot)"
+    elif len(run_classes) == 2:
+        hint = " (a binary run on a multi-class store: pass --zero-shot to use the store's binary label)"
+    have = f"{store_classes}" + (f" / subtypes {sub_names}" if sub_names else "")
+    raise RunFolderError(
+        f"class set mismatch: the run was trained on {run_classes} but the store has {have}{hint}"
+    )
+
+
+def _subtype_classes(store: Any) -> list[str] | None:
+    """The store's subtype class names in the order of ``store.targets('subtype')``, if it has any."""
+    for attr in ("subtype_classes", "subtypes"):
+        names = getattr(store, attr, None)
+        if names is not None and not callable(names) and len(names) > 0:
+            return [str(n) for n in names]
+    return None
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def predict_store(
+    predictor: Any, store: Any, indices: np.ndarray, labels: np.ndarray, *, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities ``(len(indices), C)`` in ``indices`` order, through the data contract."""
+    import torch
+
+    from cmafnet.data.loader import BatchLoader
+
+    loader = BatchLoader(
+        store.images,
+        torch.as_tensor(labels),
+        np.asarray(indices),
+        batch_size,
+        shuffle=False,
+        seed=0,
+        device=predictor.device,
+        drop_last=False,
+    )
+    out = np.zeros((len(indices), len(predictor.classes)), dtype=np.float64)
+    pos = {int(i): k for k, i in enumerate(indices)}
+    with torch.inference_mode():
+        for x, _y, idx in loader:  # x: uint8 (B, 3, H, W) on the device
+            probs = predictor.probs_from_input(predictor.preprocess(x))  # (B, C)
+            rows = [pos[int(i)] for i in idx.cpu().tolist()]
+            out[rows] = probs
+    return out
+
+
+def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
+    if split == "all":
+        return np.arange(n)
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS} or 'all', got '{split}'")
+    idx = np.asarray(getattr(split_obj, split))
+    if idx.size == 0:
+        raise RunFolderError(f"the '{split}' split is empty")
+    return idx
+
+
+def _groups(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
+    if column not in index.columns:
+        return {}
+    values = index[column].to_numpy()[rows]
+    out = {}
+    for v in sorted({str(x) for x in values if x is not None and str(x) not in ("", "nan", "None")}):
+        out[v] = np.flatnonzero(values.astype(str) == v)
+    return out
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    store_path: str | Path,
+    *,
+    split_path: str | Path | None = None,
+    split: str = "test",
+    zero_shot: bool = False,
+    device: str | None = "cpu",
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    bootstrap: int | None = None,
+    choose_threshold: bool = True,
+) -> dict:
+    """Predict a split of ``store_path`` with the run's best model and write predictions and metrics.
+
+    Args:
+        run_dir: a run folder (``cmafnet.run``).
+        store_path: a packed store (``cmafnet.data.store.PatchStore``).
+        split_path: split file; default the run's own ``split.json`` (not used for ``split='all'``).
+        split: ``test``, ``val``, ``train`` or ``all``. Zero-shot defaults to every image.
+        zero_shot: apply a binary run to another dataset's benign/malignant label.
+        device: ``cpu``, ``cuda``, ``auto``.
+        out_dir: where to write (default ``run_dir``).
+        batch_size: inference batch size.
+        bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
+        choose_threshold: binary runs: choose the operating threshold on validation (and store it).
+
+    Returns:
+        The metrics document also written to ``metrics_<name>.json`` (plus ``paths``).
+
+    Raises:
+        RunFolderError: no run / no model / store classes differ from the run's / split mismatch.
+        ConfigError: bad ``split`` or ``--zero-shot`` on a multi-class run.
+    """
+    from cmafnet.data.store import PatchStore
+    from cmafnet.evaluation.stats import metric_cis
+    from cmafnet.inference.predict import Predictor, run_classes
+    from cmafnet.run import load_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: run folder not found")
+    meta = read_meta(run_dir)
+    if not (run_dir / WEIGHTS_FILE).exists():
+        raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing); train the run first")
+    store = PatchStore.open(store_path)
+    n_classes_meta = meta.get("classes")
+
+    # Check the class set before building the model (cheap, and the most common mistake).
+    if isinstance(n_classes_meta, (list, tuple)) and n_classes_meta:
+        y_all, classes, kind = resolve_targets([str(c) for c in n_classes_meta], store, zero_shot=zero_shot)
+    run = load_run(run_dir, device=_resolve_device(device))
+    cfg = run.config
+    classes_from_run = run_classes(run)
+    if not (isinstance(n_classes_meta, (list, tuple)) and n_classes_meta):
+        y_all, classes, kind = resolve_targets(classes_from_run, store, zero_shot=zero_shot)
+    predictor = Predictor(run, _resolve_device(device))
+    binary = len(classes) == 2
+
+    split_obj = None
+    own_split = run_dir / SPLIT_FILE
+    if split != "all":
+        if split_path is None and zero_shot:
+            split = "all"  # zero-shot: the whole foreign dataset is test data
+        else:
+            from cmafnet.data.splits import load_split
+
+            path = Path(split_path) if split_path is not None else own_split
+            if not path.exists():
+                raise RunFolderError(f"split file not found: {path} (pass --split-file or --all)")
+            split_obj = load_split(path, store)
+    rows = _select(split, split_obj, len(y_all))
+    name = ("zeroshot_" if zero_shot else "") + split
+
+    probs = predict_store(predictor, store, rows, y_all[rows], batch_size=batch_size)
+    y = y_all[rows]
+    n_bins = cfg.eval.ece_bins
+    doc: dict[str, Any] = {
+        "run": str(run_dir),
+        "store": str(store_path),
+        "store_hash": getattr(store, "store_hash", None),
+        "dataset": getattr(store, "dataset", None),
+        "split": split,
+        "name": name,
+        "zero_shot": zero_shot,
+        "target": kind,
+        "classes": classes,
+        "n": len(rows),
+        "metrics": classification_metrics(y, probs, 0.5, classes, n_bins=n_bins),
+    }
+
+    # Operating threshold: chosen on validation of the run's own split, reused for zero-shot.
+    if binary:
+        thr = _operating_threshold(
+            run_dir, meta, cfg, predictor, store, y_all, split_obj, split, probs, y, choose_threshold, zero_shot,
+            batch_size,
+        )  # fmt: skip
+        if thr is not None:
+            doc["operating_point"] = {
+                **thr,
+                "metrics": classification_metrics(y, probs, thr["value"], classes, n_bins=n_bins),
+            }
+
+    # Per magnification (BreakHis) with both thresholds.
+    index = store.index
+    by_mag = {}
+    for mag, sel in _groups(index, rows, "magnification").items():
+        entry = {
+            "n": int(sel.size),
+            "metrics": classification_metrics(y[sel], probs[sel], 0.5, classes, n_bins=n_bins),
+        }
+        if "operating_point" in doc:
+            entry["operating_metrics"] = classification_metrics(
+                y[sel], probs[sel], doc["operating_point"]["value"], classes, n_bins=n_bins
+            )
+        by_mag[mag] = entry
+    if by_mag:
+        doc["by_magnification"] = by_mag
+
+    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
+    if n_boot > 0 and binary:
+        patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
+        doc["ci"] = metric_cis(y, probs, groups=patients, n_boot=n_boot, seed=0)
+
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / f"predictions_{name}.csv"
+    metrics_path = out / f"metrics_{name}.json"
+    thr_value = doc.get("operating_point", {}).get("value", 0.5)
+    write_predictions(pred_path, index, rows, y, probs, classes, threshold=thr_value)
+    doc["paths"] = {"predictions": str(pred_path), "metrics": str(metrics_path)}
+    write_json(metrics_path, doc)
+    return doc
+
+
+def _operating_threshold(
+    run_dir: Path,
+    meta: dict,
+    cfg: Any,
+    predictor: Any,
+    store: Any,
+    y_all: np.ndarray,
+    split_obj: Any,
+    split: str,
+    probs: np.ndarray,
+    y: np.ndarray,
+    choose: bool,
+    zero_shot: bool,
+    batch_size: int,
+) -> dict | None:
+    """Choose (on validation) and store the operating threshold, or reuse the stored one."""
+    target = float(cfg.eval.target_sensitivity)
+    val = None if split_obj is None else np.asarray(getattr(split_obj, "val", []))
+    if choose and not zero_shot and val is not None and val.size:
+        if split == "val":
+            p_val, y_val = probs[:, 1], y
+        else:
+            p_val = predict_store(predictor, store, val, y_all[val], batch_size=batch_size)[:, 1]
+            y_val = y_all[val]
+        if not (y_val == 1).any():
+            log.warning("validation split has no positive sample: no operating threshold chosen")
+        else:
+            t = threshold_for_sensitivity(y_val, p_val, target)
+            info = {
+                "value": t,
+                "target_sensitivity": target,
+                "chosen_on": "val",
+                "n_val": int(y_val.size),
+                "val_sensitivity": float(np.mean(p_val[y_val == 1] >= t)),
+                "val_specificity": float(np.mean(p_val[y_val == 0] < t)) if (y_val == 0).any() else None,
+            }
+            update_meta(run_dir, threshold=t, threshold_info=info)
+            return info
+    stored = meta.get("threshold")
+    if isinstance(stored, dict):
+        stored = stored.get("value")
+    if isinstance(stored, (int, float)):
+        info = dict(meta.get("threshold_info") or {})
+        info.update(value=float(stored), chosen_on=info.get("chosen_on", "run.json"))
+        return info
+    return None
+
+
+def write_predictions(
+    path: Path,
+    index: Any,
+    rows: np.ndarray,
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    *,
+    threshold: float = 0.5,
+) -> None:
+    """Per-image predictions CSV (atomic write)."""
+    import pandas as pd
+
+    from cmafnet.run import atomic_write_bytes
+
+    sub = index.iloc[rows].reset_index(drop=True)
+    df = pd.DataFrame({"row": rows})
+    for col in ("id", "patient"):
+        df[col] = sub[col].to_numpy() if col in sub.columns else None
+    df["label"] = y
+    df["label_name"] = [classes[int(k)] for k in y]
+    for k, c in enumerate(classes):
+        df[f"prob_{c}"] = probs[:, k]
+    if len(classes) == 2:
+        df["pred"] = (probs[:, 1] >= threshold).astype(int)
+        df["pred_05"] = (probs[:, 1] >= 0.5).astype(int)
+    else:
+        df["pred"] = probs.argmax(1)
+    for col in ("subtype", "magnification", "source"):
+        df[col] = sub[col].to_numpy() if col in sub.columns else None
+    atomic_write_bytes(path, df.to_csv(index=False).encode())
+
+
+def load_predictions(path: str | Path) -> tuple[Any, list[str]]:
+    """A predictions CSV and its class names (from the ``prob_<class>`` columns)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"predictions file not found: {path}")
+    df = pd.read_csv(path)
+    classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
+    if not classes or "label" not in df.columns:
+        raise RunFolderError(f"{path}: not a predictions file (needs label and prob_<class> columns)")
+    return df, classes
