@@ -1,0 +1,248 @@
+"""The CMAF-Net training objective: classification loss plus weighted regularisers (Eq. 9, SPEC §2).
+
+``total = cls + beta1(t) * (kl_s + kl_t) + beta2(t) * redundancy
+          + diversity_w * diversity + entropy_w * attn_entropy + orthogonality_w * orthogonality``
+
+The redundancy is *penalised* (+beta2; Eq. 5/9 print a minus sign). beta1 and beta2 ramp linearly
+from 0 over ``regularizers.ramp_epochs`` epochs (``set_beta_progress``) or stay fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmafnet.config import LossConfig, RegularizerConfig
+from cmafnet.losses.classification import LOSSES, ClassificationLoss, as_class_counts
+from cmafnet.losses.regularizers import (
+    AttentionEntropyRegularizer,
+    attention_diversity,
+    gaussian_kl,
+    orthogonality,
+    ramp_weight,
+    redundancy,
+)
+from cmafnet.models.output import ModelOutput
+
+# Every key ``Objective.forward`` can put in ``terms`` (stable CSV columns for loggers).
+TERM_NAMES: tuple[str, ...] = (
+    "cls",
+    "kl_s",
+    "kl_t",
+    "redundancy",
+    "diversity",
+    "attn_entropy",
+    "orthogonality",
+    "total",
+    "beta1",
+    "beta2",
+)
+
+
+def create_loss(
+    name: str, class_counts: Sequence[float] | Tensor | None = None, **kwargs: Any
+) -> ClassificationLoss:
+    """Build a registered classification loss (``ce``, ``focal``, ``cb``, ``ldam``, ``balanced_softmax``, ``acbfl``).
+
+    Raises:
+        ConfigError: unknown name (a ``ValueError``, with a "did you mean").
+        ValueError: bad arguments, naming the argument.
+    """
+    return LOSSES.get(name)(class_counts, **kwargs)
+
+
+def loss_kwargs_from_config(loss_cfg: LossConfig, *, total_epochs: float | None = None) -> dict[str, Any]:
+    """The keyword arguments ``loss_cfg.name`` takes, read from the matching ``LossConfig`` fields."""
+    c = loss_cfg
+    table: dict[str, dict[str, Any]] = {
+        "ce": {"label_smoothing": c.label_smoothing},
+        "focal": {"gamma": c.focal_gamma},
+        "cb": {
+            "beta": c.cb_beta,
+            "loss_type": c.cb_loss_type,
+            "gamma": c.focal_gamma,
+            "label_smoothing": c.label_smoothing,
+        },
+        "ldam": {
+            "max_margin": c.max_margin,
+            "s": c.ldam_s,
+            "drw": True,
+            "drw_epoch": c.drw_epoch,
+            "total_epochs": total_epochs,
+            "beta": c.cb_beta,
+            "label_smoothing": c.label_smoothing,
+        },
+        "balanced_softmax": {"label_smoothing": c.label_smoothing},
+        "acbfl": {
+            "gamma_base": c.gamma_base,
+            "class_dependent_gamma": c.class_dependent_gamma,
+            "dynamic_alpha": c.dynamic_alpha,
+            "alpha_decay": c.alpha_decay,
+            "entropy_weight": c.entropy_weight,
+            "margin": c.margin,
+            "max_margin": c.max_margin,
+        },
+    }
+    LOSSES.get(c.name)  # unknown name -> ConfigError with a suggestion
+    if c.name not in table:
+        raise ValueError(f"loss '{c.name}' has no LossConfig mapping")
+    return table[c.name]
+
+
+def create_loss_from_config(
+    loss_cfg: LossConfig, class_counts: Sequence[float] | Tensor | None, *, total_epochs: float | None = None
+) -> ClassificationLoss:
+    """Build the loss named by ``loss_cfg.name`` with its config fields.
+
+    Args:
+        loss_cfg: the ``loss`` section.
+        class_counts: training samples per class.
+        total_epochs: epochs the loss is trained for; LDAM needs it when ``loss.drw_epoch`` is unset
+            (DRW then starts at 80% of it).
+    """
+    return create_loss(
+        loss_cfg.name, class_counts, **loss_kwargs_from_config(loss_cfg, total_epochs=total_epochs)
+    )
+
+
+def class_entropy(class_prior: Sequence[float] | Tensor) -> float:
+    """H(Y) in nats of a class prior (normalised here, so counts work too)."""
+    p = as_class_counts(class_prior)
+    p = p / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def mutual_info_lower_bound(ce: float | Tensor, class_prior: Sequence[float] | Tensor) -> float | Tensor:
+    """Variational lower bound ``I(Z_fused; Y) >= H(Y) - CE`` in nats (Eq. 3).
+
+    Args:
+        ce: mean cross-entropy of the classifier (nats) on a data set.
+        class_prior: the class prior of that data set (or its class counts).
+    """
+    return class_entropy(class_prior) - ce
+
+
+def stage1_loss(out: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage 1: the sum of cross-entropies of the temporary branch heads in ``out.aux_logits``.
+
+    Returns:
+        ``(total, terms)`` with ``terms`` = ``{"ce_<branch>": ..., "total": ...}`` (detached).
+    """
+    if not out.aux_logits:
+        raise ValueError("aux_logits: stage 1 needs the branch heads (call the model with return_aux=True)")
+    terms: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    for name, logits in out.aux_logits.items():
+        ce = F.cross_entropy(logits.float(), target.long())
+        terms[f"ce_{name}"] = ce.detach()
+        total = ce if total is None else total + ce
+    assert total is not None
+    terms["total"] = total.detach()
+    return total, terms
+
+
+class Objective(nn.Module):
+    """Classification loss + information-theoretic and attention regularisers.
+
+    Args:
+        loss_cfg: the ``loss`` section (which classification loss, its parameters).
+        reg_cfg: the ``regularizers`` section (weights, schedule, estimator).
+        class_counts: training samples per class.
+        num_heads: attention heads of the fusion block (``cfg.model.fusion.heads``), the size of the
+            learned per-head entropy weights.
+        total_epochs: epochs the objective is trained for (LDAM's DRW default, see
+            :func:`create_loss_from_config`).
+
+    The module holds parameters (the per-head entropy weights) and buffers (class weights): move it
+    to the device and give ``objective.parameters()`` to the optimiser.
+    """
+
+    def __init__(
+        self,
+        loss_cfg: LossConfig,
+        reg_cfg: RegularizerConfig,
+        class_counts: Sequence[float] | Tensor,
+        *,
+        num_heads: int = 8,
+        total_epochs: float | None = None,
+    ):
+        super().__init__()
+        self.loss_cfg, self.reg_cfg = loss_cfg, reg_cfg
+        self.loss = create_loss_from_config(loss_cfg, class_counts, total_epochs=total_epochs)
+        self.entropy_reg = AttentionEntropyRegularizer(num_heads)
+        self.beta_progress = 0.0
+
+    def set_beta_progress(self, epochs_into_ramp: float) -> None:
+        """Epochs since the beta ramp started (0 at the start of stage 2)."""
+        epochs_into_ramp = float(epochs_into_ramp)
+        if not math.isfinite(epochs_into_ramp) or epochs_into_ramp < 0:
+            raise ValueError(f"epochs_into_ramp must be finite and >= 0, got {epochs_into_ramp}")
+        self.beta_progress = epochs_into_ramp
+
+    def betas(self) -> tuple[float, float]:
+        """The current (beta1, beta2)."""
+        r = self.reg_cfg
+        kw = {"schedule": r.beta_schedule, "ramp_epochs": r.ramp_epochs}
+        return (
+            ramp_weight(r.beta1, self.beta_progress, **kw),
+            ramp_weight(r.beta2, self.beta_progress, **kw),
+        )
+
+    def forward(
+        self, out: ModelOutput, target: Tensor, *, epoch: float, use_regularizers: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Total loss and its terms.
+
+        Args:
+            out: the model's structured output (``model(x, return_aux=True)``).
+            target: ``(B,)`` class indices.
+            epoch: fractional epoch for the scheduled classification loss (A-CBFL alpha, LDAM DRW).
+            use_regularizers: ``False`` gives the classification loss alone.
+
+        Returns:
+            ``(total, terms)``: ``terms`` holds detached 0-dim tensors for every computed term and
+            ``total`` (call ``.item()`` when logging, to avoid a device sync per step), and floats
+            ``beta1``, ``beta2``. Terms whose inputs are ``None`` (ablations) or whose weight is 0
+            are skipped and absent; :data:`TERM_NAMES` lists every possible key.
+        """
+        self.loss.set_epoch(epoch)
+        cls = self.loss(out.logits, target)
+        total = cls
+        beta1, beta2 = self.betas()
+        terms: dict[str, Tensor | float] = {"cls": cls.detach(), "beta1": beta1, "beta2": beta2}
+        if use_regularizers:
+            r = self.reg_cfg
+            weighted: list[tuple[str, float, Tensor]] = []
+            if beta1 > 0:
+                for side, mu, logvar in (("s", out.mu_s, out.logvar_s), ("t", out.mu_t, out.logvar_t)):
+                    if mu is not None and logvar is not None:
+                        weighted.append((f"kl_{side}", beta1, gaussian_kl(mu, logvar)))
+            # The estimate needs two samples; a batch of one (never in training, drop_last) skips it.
+            if beta2 > 0 and out.z_s is not None and out.z_t is not None and out.z_s.shape[0] >= 2:
+                weighted.append(("redundancy", beta2, redundancy(out.z_s, out.z_t, r.redundancy_estimator)))
+            if out.attn is not None:
+                if r.diversity > 0 and out.attn.shape[1] > 1:
+                    weighted.append(("diversity", r.diversity, attention_diversity(out.attn)))
+                if r.entropy > 0:
+                    weighted.append(("attn_entropy", r.entropy, self.entropy_reg(out.attn)))
+            if r.orthogonality > 0 and out.f_s is not None and out.f_att is not None:
+                weighted.append(("orthogonality", r.orthogonality, orthogonality(out.f_s, out.f_att)))
+            for name, weight, value in weighted:
+                total = total + weight * value
+                terms[name] = value.detach()
+        terms["total"] = total.detach()
+        return total, terms
+
+    @staticmethod
+    def stage1_loss(out: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """See :func:`stage1_loss`."""
+        return stage1_loss(out, target)
+
+    @property
+    def entropy_weights(self) -> Tensor:
+        """The normalised per-head entropy weights ``(H,)`` (for monitors)."""
+        return self.entropy_reg.weights.detach()

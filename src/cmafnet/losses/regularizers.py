@@ -1,0 +1,250 @@
+"""Information-theoretic and attention regularisers of CMAF-Net (paper §3.2, §4.3; SPEC §2).
+
+All functions compute in float32 (float64 for the log-determinants) whatever the autocast dtype,
+and return a scalar tensor that is differentiable in its inputs.
+
+* :func:`gaussian_kl` -- KL(N(mu, sigma^2) || N(0, I)), the variational bound on I(Z; X) (Eq. 4).
+* :func:`gaussian_mutual_information` -- I(Z_s; Z_t) under a joint-Gaussian model: the CCA bound
+  ``-1/2 sum_i log(1 - rho_i^2)`` over canonical correlations, computed as
+  ``1/2 [log det R_ss + log det R_tt - log det R]`` of the (shrunk) correlation matrix.
+* :func:`normalized_hsic` -- the alternative dependence measure (``redundancy_estimator: hsic``).
+* :func:`attention_diversity`, :func:`attention_entropy`, :class:`AttentionEntropyRegularizer`,
+  :func:`orthogonality` -- the CMAF block regularisers.
+* :func:`ramp_weight` -- the beta_1 / beta_2 schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in nats.
+
+    Summed over the latent dimension (last axis), averaged over every other axis (batch and
+    tokens), i.e. the KL *per token*. Inputs ``(B, N, D)`` or ``(B, D)``.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    mu, logvar = mu.float(), logvar.float()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+    return kl.mean()
+
+
+def _standardize(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero-mean, unit (biased) variance columns of ``(B, d)``; constant columns become 0."""
+    x = x - x.mean(dim=0, keepdim=True)
+    return x / (x.square().mean(dim=0, keepdim=True).sqrt() + eps)
+
+
+@torch.no_grad()
+def ledoit_wolf_shrinkage(x: Tensor) -> float:
+    """Ledoit-Wolf optimal shrinkage intensity of the covariance of centred ``x`` ``(n, d)``.
+
+    The same formula as ``sklearn.covariance.ledoit_wolf_shrinkage`` (target ``mu * I``), in torch
+    so it runs on the device; cross-checked against sklearn in the tests.
+    """
+    x = x.double()
+    n, d = x.shape
+    x2 = x.square()
+    mu = x2.sum() / (n * d)
+    s = x.T @ x / n  # (d, d) empirical covariance
+    delta_ = s.square().sum()
+    beta_ = (x2.sum(dim=1).square().sum() / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * torch.diagonal(s).sum() + d * mu**2) / d
+    beta = torch.minimum(beta_, delta)
+    return 0.0 if float(delta) == 0.0 else float((beta / delta).clamp(0.0, 1.0))
+
+
+def _logdet_pd(m: Tensor) -> Tensor:
+    """log det of a symmetric positive-definite matrix via Cholesky."""
+    return 2.0 * torch.linalg.cholesky(m).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def gaussian_mutual_information(
+    z_s: Tensor,
+    z_t: Tensor,
+    *,
+    shrinkage: float | Literal["auto"] = "auto",
+    jitter: float = 1e-6,
+) -> Tensor:
+    """Gaussian (CCA) estimate of I(Z_s; Z_t) in nats from a batch.
+
+    For jointly Gaussian variables ``I = -1/2 sum_i log(1 - rho_i^2)`` over the canonical
+    correlations ``rho_i``; equivalently ``1/2 [log det R_ss + log det R_tt - log det R]`` with R
+    the correlation matrix of ``[z_s, z_t]``. With few samples per dimension the sample R is
+    (near) singular and every rho -> 1, so R is shrunk toward ``mu * I``:
+    ``R <- (1 - lambda) R + lambda mu I``, with the Ledoit-Wolf intensity (``"auto"``, computed
+    without gradient) or a fixed ``lambda`` in [0, 1]; ``jitter`` is added to the diagonal for the
+    Cholesky. Shrinkage biases the estimate toward 0 (it is a lower estimate of the Gaussian MI).
+
+    Args:
+        z_s: ``(B, d_s)`` samples of the first variable.
+        z_t: ``(B, d_t)`` samples of the second variable.
+        shrinkage: ``"auto"`` or a float in [0, 1].
+        jitter: added to the diagonal.
+
+    Raises:
+        ValueError: naming ``z_s`` / ``z_t`` for wrong shapes or fewer than 2 samples, and
+            ``shrinkage`` when out of range.
+    """
+    if z_s.ndim != 2 or z_t.ndim != 2:
+        raise ValueError(f"z_s and z_t must be (B, d), got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
+    if z_s.shape[0] != z_t.shape[0]:
+        raise ValueError(f"z_s and z_t need the same batch size, got {z_s.shape[0]} and {z_t.shape[0]}")
+    if z_s.shape[0] < 2:
+        raise ValueError(f"z_s: the redundancy estimate needs >= 2 samples, got {z_s.shape[0]}")
+    if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage <= 1.0):
+        raise ValueError(f"shrinkage must be 'auto' or in [0, 1], got {shrinkage!r}")
+    d_s = z_s.shape[1]
+    x = _standardize(torch.cat([z_s, z_t], dim=1).double())  # (B, d_s + d_t)
+    n, d = x.shape
+    lam = ledoit_wolf_shrinkage(x) if shrinkage == "auto" else float(shrinkage)
+    mu = x.detach().square().sum() / (n * d)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    r = (1.0 - lam) * (x.T @ x / n) + (lam * mu + jitter) * eye  # (d, d)
+    mi = 0.5 * (_logdet_pd(r[:d_s, :d_s]) + _logdet_pd(r[d_s:, d_s:]) - _logdet_pd(r))
+    # Fischer's inequality makes mi >= 0; clamp only float64 round-off.
+    return mi.clamp_min(0.0).float()
+
+
+def normalized_hsic(z_s: Tensor, z_t: Tensor) -> Tensor:
+    """Normalised HSIC with Gaussian kernels (median-distance bandwidth), in [0, 1].
+
+    ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with the biased estimator ``tr(K H L H)``; a
+    dependence measure (0 for independence), not a mutual information in nats.
+    """
+    if z_s.ndim != 2 or z_t.ndim != 2 or z_s.shape[0] != z_t.shape[0]:
+        raise ValueError(
+            f"z_s and z_t must be (B, d) with the same B, got {tuple(z_s.shape)}, {tuple(z_t.shape)}"
+        )
+    if z_s.shape[0] < 2:
+        raise ValueError(f"z_s: HSIC needs >= 2 samples, got {z_s.shape[0]}")
+
+    def centred_kernel(z: Tensor) -> Tensor:
+        sq = torch.cdist(z, z).square()  # (B, B)
+        with torch.no_grad():
+            off = sq[~torch.eye(len(z), dtype=torch.bool, device=z.device)]
+            bw = off.median().clamp_min(1e-12)
+        k = torch.exp(-sq / bw)
+        return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+    k, lm = centred_kernel(z_s.float()), centred_kernel(z_t.float())
+    kl, kk, ll = (k * lm).sum(), (k * k).sum(), (lm * lm).sum()
+    return (kl / (kk * ll).sqrt().clamp_min(1e-12)).clamp_min(0.0)
+
+
+def redundancy(z_s: Tensor, z_t: Tensor, estimator: Literal["gaussian", "hsic"] = "gaussian") -> Tensor:
+    """The redundancy I(Z_s; Z_t) estimate used by the objective (penalised with +beta_2)."""
+    if estimator == "gaussian":
+        return gaussian_mutual_information(z_s, z_t)
+    if estimator == "hsic":
+        return normalized_hsic(z_s, z_t)
+    raise ValueError(f"estimator must be 'gaussian' or 'hsic', got {estimator!r}")
+
+
+def _check_attn(attn: Tensor) -> Tensor:
+    if attn.ndim != 4:
+        raise ValueError(f"attn must be (B, H, N_s, N_t), got shape {tuple(attn.shape)}")
+    return attn.float()
+
+
+def attention_diversity(attn: Tensor, eps: float = 1e-12) -> Tensor:
+    """Diversity loss: minus the mean pairwise Frobenius distance between heads' attention maps.
+
+    Each row of an attention map lies on the simplex, so ``||A_h - A_g||_F^2 <= 2 N_s``; distances
+    are divided by ``sqrt(2 N_s)`` and the loss lies in [-1, 0] (-1: heads attend to disjoint keys,
+    0: identical heads). One head gives 0.
+
+    Args:
+        attn: ``(B, H, N_s, N_t)`` row-stochastic attention maps.
+    """
+    attn = _check_attn(attn)
+    b, h, n_s, _ = attn.shape
+    if h < 2:
+        return attn.new_zeros(())
+    flat = attn.reshape(b, h, -1)  # (B, H, N_s*N_t)
+    gram = flat @ flat.transpose(1, 2)  # (B, H, H)
+    sq_norm = gram.diagonal(dim1=1, dim2=2)  # (B, H)
+    sq_dist = (sq_norm[:, :, None] + sq_norm[:, None, :] - 2.0 * gram).clamp_min(0.0)  # (B, H, H)
+    iu = torch.triu_indices(h, h, offset=1, device=attn.device)
+    pair = sq_dist[:, iu[0], iu[1]] / (2.0 * n_s)  # (B, H(H-1)/2) in [0, 1]
+    return -(pair + eps).sqrt().mean()
+
+
+def attention_entropy(attn: Tensor) -> Tensor:
+    """Mean entropy of each head's attention rows, divided by ``log N_t`` (so in [0, 1]); shape ``(H,)``."""
+    attn = _check_attn(attn)
+    n_t = attn.shape[-1]
+    if n_t < 2:
+        return attn.new_zeros(attn.shape[1])
+    # a * log(max(a, tiny)): value and gradient finite at a = 0.
+    ent = -(attn * attn.clamp_min(1e-12).log()).sum(dim=-1)  # (B, H, N_s)
+    return ent.mean(dim=(0, 2)) / math.log(n_t)
+
+
+class AttentionEntropyRegularizer(nn.Module):
+    """Entropy regularisation with learned per-head weights (paper §4.3).
+
+    ``loss = sum_h softmax(w)_h * H_h`` with ``H_h`` the normalised attention entropy of head h.
+    Minimising it sharpens attention ("focused attention when beneficial"); the softmax keeps the
+    weights positive and summing to 1, so they cannot collapse to zero. The weights ``w`` are
+    parameters: put ``objective.parameters()`` in the optimiser.
+    """
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.num_heads = num_heads
+        self.head_logits = nn.Parameter(torch.zeros(num_heads))  # uniform weights at the start
+
+    @property
+    def weights(self) -> Tensor:
+        """The normalised per-head weights ``(H,)`` (sum to 1)."""
+        return self.head_logits.softmax(dim=0)
+
+    def forward(self, attn: Tensor) -> Tensor:
+        if attn.ndim != 4 or attn.shape[1] != self.num_heads:
+            raise ValueError(
+                f"num_heads: the regulariser has {self.num_heads} heads but attn has shape {tuple(attn.shape)} "
+                "(pass num_heads=cfg.model.fusion.heads to Objective)"
+            )
+        return (self.weights * attention_entropy(attn)).sum()
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+def orthogonality(f_s: Tensor, f_att: Tensor) -> Tensor:
+    """Mean squared cosine similarity between each sample's flattened ``F_s`` and ``F_att``, in [0, 1].
+
+    Args:
+        f_s: ``(B, ...)`` spatial features (e.g. ``(B, D, h, w)``).
+        f_att: attended features of the same shape.
+    """
+    if f_s.shape != f_att.shape:
+        raise ValueError(f"f_s {tuple(f_s.shape)} and f_att {tuple(f_att.shape)} must have the same shape")
+    cos = F.cosine_similarity(f_s.float().flatten(1), f_att.float().flatten(1), dim=1, eps=1e-8)  # (B,)
+    return cos.square().mean()
+
+
+def ramp_weight(
+    value: float, progress: float, *, schedule: Literal["ramp", "fixed"] = "ramp", ramp_epochs: float = 10.0
+) -> float:
+    """beta at ``progress`` epochs into the ramp: linear from 0 to ``value`` over ``ramp_epochs``.
+
+    ``schedule="fixed"`` (and ``ramp_epochs=0``) gives ``value`` at once.
+    """
+    if schedule not in ("ramp", "fixed"):
+        raise ValueError(f"schedule must be 'ramp' or 'fixed', got {schedule!r}")
+    if not math.isfinite(progress) or progress < 0:
+        raise ValueError(f"progress must be finite and >= 0, got {progress}")
+    if schedule == "fixed" or ramp_epochs <= 0:
+        return float(value)
+    return float(value) * min(1.0, progress / ramp_epochs)
