@@ -1,0 +1,313 @@
+"""Dataset layouts: IDC (Kaggle), BreakHis (original) and a generic folder / CSV manifest.
+
+Each dataset knows its classes, its published counts, how to list its files, how to turn a path
+into a record (patient, label, subtype, magnification, coordinates) and which image sizes it
+accepts. Ingest (:mod:`cmafnet.data.ingest`) does the decoding; these classes only parse names.
+
+A parse result is either a record dict or a ``(reason, detail)`` tuple with a reason from
+:mod:`cmafnet.data.validation`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+from PIL import Image
+
+from cmafnet.data.validation import BAD_NAME, IMAGE_EXTENSIONS, LABEL_MISMATCH, SizePolicy
+from cmafnet.errors import InputDataError
+
+Parsed = dict[str, Any] | tuple[str, str]
+
+
+def list_images(root: Path) -> list[Path]:
+    """Files under ``root`` with an image extension, sorted (hidden files skipped)."""
+    out = [
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(out)
+
+
+class Dataset:
+    """Base class: subclasses set the constants and implement :meth:`parse`."""
+
+    name: ClassVar[str] = ""
+    CLASSES: ClassVar[tuple[str, ...]] = ()
+    SUBTYPES: ClassVar[tuple[str, ...]] = ()
+    PUBLISHED: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise InputDataError(f"{self.root}: source folder not found")
+        self.size = size
+
+    def files(self) -> list[Path]:
+        return list_images(self.root)
+
+    def parse(self, path: Path) -> Parsed:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def size_policy(self) -> SizePolicy:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _extract_patient_id(path: Path) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self, index: pd.DataFrame) -> list[str]:
+        """Compare an ingested index with the published counts; one line per difference."""
+        pub = self.PUBLISHED
+        if not pub:
+            return []
+        found = {
+            "images": len(index),
+            "patients": int(index["patient"].nunique()),
+            "per_class": {c: int((index["label_name"] == c).sum()) for c in self.CLASSES},
+        }
+        notes = []
+        for key in ("images", "patients"):
+            if key in pub and found[key] != pub[key]:
+                notes.append(f"{key}: found {found[key]:,}, published {pub[key]:,}")
+        for c, n in pub.get("per_class", {}).items():
+            if found["per_class"].get(c, 0) != n:
+                notes.append(f"class {c}: found {found['per_class'].get(c, 0):,}, published {n:,}")
+        return notes
+
+
+# ------------------------------------------------------------------------------------------- IDC
+class IDC(Dataset):
+    """Kaggle IDC: ``<root>/<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png``, 50x50 RGB.
+
+    Edge patches smaller than 50x50 are padded with white to 50x50 (original size recorded).
+    """
+
+    name = "idc"
+    CLASSES = ("non-IDC", "IDC")
+    PUBLISHED = {"images": 277_524, "patients": 279, "per_class": {"non-IDC": 198_738, "IDC": 78_786}}
+    PATCH = (50, 50)
+    _NAME = re.compile(r"^(?P<patient>[A-Za-z0-9-]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
+
+    @staticmethod
+    def _extract_patient_id(path: Path) -> str:
+        m = IDC._NAME.match(path.name)
+        if not m:
+            raise ValueError(f"{path.name}: not an IDC patch name")
+        return m["patient"]
+
+    def parse(self, path: Path) -> Parsed:
+        m = self._NAME.match(path.name)
+        if not m:
+            return BAD_NAME, "expected <patient>_idx5_x<X>_y<Y>_class<0|1>.png"
+        label = int(m["label"])
+        if path.parent.name in ("0", "1") and int(path.parent.name) != label:
+            return LABEL_MISMATCH, f"folder {path.parent.name}, name class{label}"
+        if path.parent.name in ("0", "1") and path.parent.parent.name != m["patient"]:
+            return LABEL_MISMATCH, f"patient folder {path.parent.parent.name}, name {m['patient']}"
+        return {
+            "patient": m["patient"],
+            "label": label,
+            "label_name": self.CLASSES[label],
+            "subtype": "",
+            "magnification": -1,
+            "x": int(m["x"]),
+            "y": int(m["y"]),
+        }
+
+    def size_policy(self) -> SizePolicy:
+        return SizePolicy(out_hw=self.size or self.PATCH, canvas_hw=self.PATCH, allow_smaller=True)
+
+
+# -------------------------------------------------------------------------------------- BreakHis
+class BreakHis(Dataset):
+    """BreakHis v1 original layout::
+
+        BreaKHis_v1/histology_slides/breast/<benign|malignant>/SOB/<subtype>/SOB_<B|M>_<code>_<patient>/
+            <mag>X/SOB_<B|M>_<code>-<patient>-<mag>-<idx>.png
+
+    700x460 RGB (some 700x456, padded with white to 460 rows). The patient id is the slide code
+    (``14-22549AB``), so patient ``14-13412``, filed under DC and LC, is one patient: 82 patient
+    folders, 81 patient ids.
+    """
+
+    name = "breakhis"
+    CLASSES = ("benign", "malignant")
+    SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
+    SUBTYPE_FOLDERS = {
+        "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
+        "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
+        "PC": "papillary_carcinoma",
+    }  # fmt: skip
+    MAGNIFICATIONS = (40, 100, 200, 400)
+    # Spanhol et al. 2016, Table 1 / 2. "patients" counts patient folders (82); the ids are 81.
+    PUBLISHED = {
+        "images": 7_909,
+        "patient_folders": 82,
+        "per_class": {"benign": 2_480, "malignant": 5_429},
+        "per_subtype": {"A": 444, "F": 1_014, "PT": 453, "TA": 569, "DC": 3_451, "LC": 626, "MC": 792, "PC": 560},
+        "per_magnification": {40: 1_995, 100: 2_081, 200: 2_013, 400: 1_820},
+    }
+    CANVAS = (460, 700)
+    _NAME = re.compile(
+        r"^SOB_(?P<bm>[BM])_(?P<code>[A-Z]+)-(?P<patient>\d+-\d+[A-Z]*)-(?P<mag>\d+)-(?P<idx>\d+)\.png$"
+    )
+
+    @staticmethod
+    def _extract_patient_id(path: Path) -> str:
+        m = BreakHis._NAME.match(path.name)
+        if not m:
+            raise ValueError(f"{path.name}: not a BreakHis image name")
+        return m["patient"]
+
+    def parse(self, path: Path) -> Parsed:
+        m = self._NAME.match(path.name)
+        if not m or m["code"] not in self.SUBTYPES or int(m["mag"]) not in self.MAGNIFICATIONS:
+            return BAD_NAME, "expected SOB_<B|M>_<subtype>-<patient>-<40|100|200|400>-<idx>.png"
+        code, mag, bm = m["code"], int(m["mag"]), m["bm"]
+        label = int(bm == "M")
+        if self.SUBTYPES.index(code) >= 4 and not label or self.SUBTYPES.index(code) < 4 and label:
+            return LABEL_MISMATCH, f"subtype {code} is not {'malignant' if label else 'benign'}"
+        # The layout is checked where present: contradicting folders are rejected, missing
+        # levels (a flattened copy) are tolerated.
+        parts = path.parts[:-1]
+        if path.parent.name[:-1].isdigit() and path.parent.name.endswith("X") and path.parent.name != f"{mag}X":
+            return LABEL_MISMATCH, f"folder {path.parent.name}, name magnification {mag}"
+        slide = f"SOB_{bm}_{code}_{m['patient']}"
+        if len(parts) >= 2 and parts[-2].startswith("SOB_") and parts[-2] != slide:
+            return LABEL_MISMATCH, f"folder {parts[-2]}, name {slide}"
+        for folder in parts:
+            if folder in ("benign", "malignant") and folder != self.CLASSES[label]:
+                return LABEL_MISMATCH, f"folder {folder}, name {bm}"
+            if folder in self.SUBTYPE_FOLDERS.values() and folder != self.SUBTYPE_FOLDERS[code]:
+                return LABEL_MISMATCH, f"folder {folder}, name subtype {code}"
+        return {
+            "patient": m["patient"],
+            "label": label,
+            "label_name": self.CLASSES[label],
+            "subtype": code,
+            "magnification": mag,
+            "x": -1,
+            "y": -1,
+        }
+
+    def size_policy(self) -> SizePolicy:
+        return SizePolicy(out_hw=self.size or self.CANVAS, canvas_hw=self.CANVAS, extra_hw=frozenset({(456, 700)}))
+
+    def validate(self, index: pd.DataFrame) -> list[str]:
+        notes = []
+        pub = self.PUBLISHED
+        if len(index) != pub["images"]:
+            notes.append(f"images: found {len(index):,}, published {pub['images']:,}")
+        folders = index.drop_duplicates(["patient", "subtype"]).shape[0]
+        if folders != pub["patient_folders"]:
+            notes.append(
+                f"patient folders: found {folders}, published {pub['patient_folders']} "
+                f"({index['patient'].nunique()} patient ids)"
+            )
+        for col, key in (("label_name", "per_class"), ("subtype", "per_subtype"), ("magnification", "per_magnification")):
+            counts = Counter(index[col].tolist())
+            for k, n in pub[key].items():
+                if counts.get(k, 0) != n:
+                    notes.append(f"{col} {k}: found {counts.get(k, 0):,}, published {n:,}")
+        return notes
+
+
+# ---------------------------------------------------------------------------------------- folder
+class Folder(Dataset):
+    """User data: ``<root>/<class>/<images>`` or a CSV manifest ``path,label[,patient]``.
+
+    Classes are the sorted class folder names (or sorted distinct manifest labels). Without a
+    patient column every image is its own patient (patient-level splits are then image-level).
+    The store size is ``--size`` (every image resized to it) or the most common image size (other
+    sizes rejected as unexpected).
+    """
+
+    name = "folder"
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None) -> None:
+        super().__init__(root, size)
+        self.manifest: pd.DataFrame | None = None
+        if self.root.is_file():
+            if self.root.suffix.lower() != ".csv":
+                raise InputDataError(f"{self.root}: expected a folder or a .csv manifest")
+            df = pd.read_csv(self.root, dtype=str)
+            missing = {"path", "label"} - set(df.columns)
+            if missing:
+                raise InputDataError(f"{self.root}: manifest lacks column(s) {sorted(missing)}")
+            df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"]]
+            self.manifest = df.set_index("abspath")
+            self.CLASSES = tuple(sorted(df["label"].dropna().unique()))
+        else:
+            self.CLASSES = tuple(sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        if len(self.CLASSES) < 2:
+            raise InputDataError(f"{self.root}: need at least two classes, found {list(self.CLASSES)}")
+        self._policy: SizePolicy | None = None
+
+    def files(self) -> list[Path]:
+        if self.manifest is not None:
+            return [Path(p) for p in self.manifest.index]
+        return list_images(self.root)
+
+    @staticmethod
+    def _extract_patient_id(path: Path) -> str:
+        return path.stem
+
+    def parse(self, path: Path) -> Parsed:
+        if self.manifest is not None:
+            row = self.manifest.loc[str(path)]
+            name = row["label"]
+            patient = row.get("patient") if "patient" in self.manifest.columns else None
+            patient = patient if isinstance(patient, str) and patient else self._extract_patient_id(path)
+        else:
+            rel = path.relative_to(self.root)
+            if len(rel.parts) != 2:
+                return BAD_NAME, "expected <class>/<image>"
+            name, patient = rel.parts[0], self._extract_patient_id(path)
+        if name not in self.CLASSES:
+            return BAD_NAME, f"label {name!r} not among {list(self.CLASSES)}"
+        return {
+            "patient": patient,
+            "label": self.CLASSES.index(name),
+            "label_name": name,
+            "subtype": "",
+            "magnification": -1,
+            "x": -1,
+            "y": -1,
+        }
+
+    def size_policy(self) -> SizePolicy:
+        if self._policy is None:
+            if self.size:
+                self._policy = SizePolicy(out_hw=self.size, canvas_hw=self.size, resize_any=True)
+            else:
+                sizes: Counter = Counter()
+                for p in self.files()[:2000]:  # headers only; a cheap majority vote
+                    try:
+                        with Image.open(p) as im:
+                            sizes[(im.size[1], im.size[0])] += 1
+                    except Exception:  # rejected later by decode with its reason
+                        continue
+                if not sizes:
+                    raise InputDataError(f"{self.root}: no readable image to take the store size from")
+                hw = sizes.most_common(1)[0][0]
+                self._policy = SizePolicy(out_hw=hw, canvas_hw=hw)
+        return self._policy
+
+
+DATASETS: dict[str, type[Dataset]] = {"idc": IDC, "breakhis": BreakHis, "folder": Folder}
+
+
+def get_dataset(name: str, root: str | Path, size: tuple[int, int] | None = None) -> Dataset:
+    """Instantiate a dataset parser by name (``idc``, ``breakhis``, ``folder``)."""
+    from cmafnet.errors import ConfigError
+    from cmafnet.registry import suggest
+
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{name}'.{suggest(name, list(DATASETS))}")
+    return DATASETS[name](root, size)

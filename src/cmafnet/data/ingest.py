@@ -1,0 +1,335 @@
+"""Decode a dataset once, in parallel, into a packed store (see :mod:`cmafnet.data.store`).
+
+Steps: list files -> parse names (main process) -> decode chunks in worker processes that write
+straight into a memory-mapped array (no pixels cross a pipe) -> compact away rejected rows ->
+write ``index.csv``, ``rejected.csv`` and finally ``meta.json``.
+
+Resume: work in progress lives in ``STORE/.partial`` keyed by a fingerprint of the source (every
+file's relative path, size and mtime, plus dataset and size options). A re-run with the same
+fingerprint skips finished chunks; a finished store with the same fingerprint is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cmafnet import __version__
+from cmafnet.data.datasets import Dataset, get_dataset
+from cmafnet.data.store import (
+    IMAGES_FILE, INDEX_COLUMNS, INDEX_FILE, META_FILE, REJECTED_FILE, compute_store_hash,
+)  # fmt: skip
+from cmafnet.data.validation import SizePolicy, decode_image
+from cmafnet.errors import InputDataError, RunFolderError
+from cmafnet.run import atomic_write_bytes, write_json
+
+log = logging.getLogger(__name__)
+PARTIAL = ".partial"
+CHUNK = 256  # files per worker task: large enough to amortise IPC, small enough for a smooth bar
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+
+_MM: np.ndarray | None = None  # the worker's memory map of the partial images array
+
+
+def _init_worker(images_path: str) -> None:
+    global _MM
+    _MM = np.load(images_path, mmap_mode="r+")
+
+
+def _decode_chunk(chunk_id: int, items: list[tuple[int, str]], policy: SizePolicy) -> tuple[int, list[list]]:
+    """Decode ``items`` (row, path) into the memory map; return one result row per item."""
+    assert _MM is not None
+    out = []
+    for row, path in items:
+        d = decode_image(path, policy)
+        if d.array is not None:
+            _MM[row] = d.array
+        out.append([row, d.reason or "", d.detail, d.sha256, d.orig_h, d.orig_w, int(d.dropped_alpha)])
+    _MM.flush()
+    return chunk_id, out
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'460x700' -> (460, 700) as (H, W)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        from cmafnet.errors import ConfigError
+
+        raise ConfigError(f"--size '{text}' must look like HxW, e.g. 50x50") from None
+    if h < 8 or w < 8:
+        from cmafnet.errors import ConfigError
+
+        raise ConfigError(f"--size '{text}' is too small (min 8x8)")
+    return h, w
+
+
+def _fingerprint(ds: Dataset, files: list[Path], policy: SizePolicy) -> str:
+    h = hashlib.sha256(f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root if root.is_dir() else root.parent))
+    except ValueError:
+        return str(path)
+
+
+def _is_synthetic(root: Path) -> bool:
+    return any((p / SYNTHETIC_MARKER).exists() for p in (root, *list(root.parents)[:3]))
+
+
+def ingest(
+    dataset: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    strict: bool = False,
+    size: tuple[int, int] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Ingest ``src`` into the store folder ``out``; returns the store's meta dict.
+
+    Args:
+        dataset: ``idc``, ``breakhis`` or ``folder``.
+        src: the dataset root (or a CSV manifest for ``folder``).
+        out: the store folder (created).
+        workers: decoding processes (default: CPU count, at most 16; 1 = in-process).
+        strict: raise :class:`InputDataError` if any file is rejected (no store is written).
+        size: store (H, W); None keeps the dataset's native size.
+        force: overwrite a store made from a different source.
+        progress: show a tqdm bar.
+
+    Raises:
+        InputDataError: no files, every file rejected, or a rejection under ``strict``.
+        RunFolderError: ``out`` holds a store from another source (without ``force``).
+    """
+    t0 = time.perf_counter()
+    ds = get_dataset(dataset, src, size)
+    out = Path(out)
+    files = ds.files()
+    if not files:
+        raise InputDataError(f"{ds.root}: no image files found (extensions .png .jpg .tif .bmp)")
+    policy = ds.size_policy()
+    fp = _fingerprint(ds, files, policy)
+
+    meta_path = out / META_FILE
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("source_fingerprint") == fp and (out / IMAGES_FILE).exists() and not force:
+            log.info("store %s is up to date with %s (no-op)", out, ds.root)
+            old["noop"] = True
+            return old
+        if not force:
+            raise RunFolderError(
+                f"{out} holds a store from another source or options; use --force or a new folder"
+            )
+    if force and out.exists():
+        for name in (META_FILE, INDEX_FILE, IMAGES_FILE, REJECTED_FILE):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. names: cheap, in the main process
+    rejected: list[dict[str, str]] = []
+    records: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    for p in files:
+        r = ds.parse(p)
+        if isinstance(r, tuple):
+            rejected.append({"path": _rel(p, ds.root), "reason": r[0], "detail": r[1]})
+        else:
+            records.append(r)
+            paths.append(p)
+
+    # 2. decode into a partial memory map, resuming finished chunks
+    n = len(paths)
+    part = out / PARTIAL
+    state_path, chunks_path, part_images = part / "state.json", part / "chunks.jsonl", part / IMAGES_FILE
+    h, w = policy.out_hw
+    results: dict[int, list] = {}
+    state = {"fingerprint": fp, "n": n, "shape": [n, h, w, 3]}
+    if state_path.exists() and json.loads(state_path.read_text()) == state and part_images.exists():
+        if chunks_path.exists():
+            for line in chunks_path.read_text().splitlines():
+                try:
+                    cid, rows = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line from an interrupted run
+                    continue
+                results[cid] = rows
+        log.info("resuming ingest: %d of %d chunks already decoded", len(results), -(-n // CHUNK))
+    else:
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        if n:
+            np.lib.format.open_memmap(part_images, mode="w+", dtype=np.uint8, shape=(n, h, w, 3)).flush()
+        write_json(state_path, state)
+    chunks = {i // CHUNK: [(j, str(paths[j])) for j in range(i, min(i + CHUNK, n))] for i in range(0, n, CHUNK)}
+    todo = [c for c in chunks if c not in results]
+    workers = max(1, min(workers or min(os.cpu_count() or 1, 16), max(1, len(todo))))
+    t_dec = time.perf_counter()
+    if todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(chunks[c]) for c in todo), unit="img", desc=f"ingest {ds.name}", disable=not progress)
+        with open(chunks_path, "a") as log_f:
+            if workers == 1:
+                _init_worker(str(part_images))
+                done = (_decode_chunk(c, chunks[c], policy) for c in todo)
+                for cid, rows in done:
+                    results[cid] = rows
+                    log_f.write(json.dumps([cid, rows]) + "\n")
+                    log_f.flush()
+                    bar.update(len(rows))
+            else:
+                with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(part_images),)) as pool:
+                    futs = [pool.submit(_decode_chunk, c, chunks[c], policy) for c in todo]
+                    for fut in as_completed(futs):
+                        cid, rows = fut.result()
+                        results[cid] = rows
+                        log_f.write(json.dumps([cid, rows]) + "\n")
+                        log_f.flush()
+                        bar.update(len(rows))
+        bar.close()
+    decode_s = time.perf_counter() - t_dec
+
+    # 3. collect
+    valid: list[int] = []
+    extra: dict[int, tuple] = {}
+    dropped_alpha = 0
+    for rows in results.values():
+        for row, reason, detail, sha, oh, ow, dropped in rows:
+            if reason:
+                rejected.append({"path": _rel(paths[row], ds.root), "reason": reason, "detail": detail})
+            else:
+                valid.append(row)
+                extra[row] = (sha, oh, ow)
+                dropped_alpha += dropped
+    valid.sort()
+    rej_df = pd.DataFrame(rejected, columns=["path", "reason", "detail"]).sort_values("path", kind="stable")
+    atomic_write_bytes(out / REJECTED_FILE, rej_df.to_csv(index=False).encode())
+    by_reason = dict(Counter(rej_df["reason"]))
+    if not valid:
+        raise InputDataError(f"{ds.root}: all {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}")
+    if strict and len(rej_df):
+        raise InputDataError(
+            f"--strict: {len(rej_df)} of {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
+        )
+
+    # 4. the final array: the partial one if nothing was rejected after parsing, else compacted
+    src_mm = np.load(part_images, mmap_mode="r")
+    if len(valid) == n:
+        del src_mm
+        os.replace(part_images, out / IMAGES_FILE)
+    else:
+        dst = np.lib.format.open_memmap(out / ".images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(valid), h, w, 3))
+        sel = np.asarray(valid)
+        for i in range(0, len(sel), 4096):  # bounded memory for 700x460 images
+            dst[i : i + 4096] = src_mm[sel[i : i + 4096]]
+        dst.flush()
+        del dst, src_mm
+        os.replace(out / ".images.tmp.npy", out / IMAGES_FILE)
+
+    index = pd.DataFrame([records[r] for r in valid])
+    index.insert(0, "id", np.arange(len(valid)))
+    index["orig_h"] = [extra[r][1] for r in valid]
+    index["orig_w"] = [extra[r][2] for r in valid]
+    index["source"] = [_rel(paths[r], ds.root) for r in valid]
+    index["sha256"] = [extra[r][0] for r in valid]
+    index = index[list(INDEX_COLUMNS)]
+    index_bytes = index.to_csv(index=False).encode()
+    atomic_write_bytes(out / INDEX_FILE, index_bytes)
+    shape = (len(valid), h, w, 3)
+
+    per_patient = {
+        str(p): {str(k): int(v) for k, v in g["label_name"].value_counts().items()}
+        for p, g in index.groupby("patient", sort=True)
+    }
+    total_s = time.perf_counter() - t0
+    decoded = sum(len(chunks[c]) for c in todo)
+    meta = {
+        "dataset": ds.name,
+        "synthetic": _is_synthetic(ds.root),
+        "classes": list(ds.CLASSES),
+        "subtype_classes": list(ds.SUBTYPES),
+        "image_size": [h, w],
+        "n_images": len(valid),
+        "n_patients": int(index["patient"].nunique()),
+        "per_class": {c: int((index["label_name"] == c).sum()) for c in ds.CLASSES},
+        "per_patient": per_patient,
+        "per_subtype": {str(k): int(v) for k, v in index["subtype"].value_counts().items() if k},
+        "per_magnification": {str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0},
+        "padded": int(((index["orig_h"] < policy.canvas_hw[0]) | (index["orig_w"] < policy.canvas_hw[1])).sum())
+        if not policy.resize_any
+        else 0,
+        "resized": int(len(index)) if policy.out_hw != policy.canvas_hw or policy.resize_any else 0,
+        "alpha_dropped": int(dropped_alpha),
+        "duplicate_sha256": int(index["sha256"].duplicated().sum()),
+        "n_files": len(files),
+        "n_rejected": len(rej_df),
+        "rejected_by_reason": by_reason,
+        "published": json.loads(json.dumps(ds.PUBLISHED, default=str)),
+        "differences_from_published": ds.validate(index),
+        "store_hash": compute_store_hash(index_bytes, shape),
+        "source": str(ds.root.resolve()),
+        "source_fingerprint": fp,
+        "cmafnet_version": __version__,
+        "decode_seconds": round(decode_s, 3),
+        "decoded_files": decoded,
+        "throughput_img_per_s": round(decoded / decode_s, 1) if decoded and decode_s > 0 else None,
+        "total_seconds": round(total_s, 3),
+        "store_bytes": int((out / IMAGES_FILE).stat().st_size),
+        "workers": workers,
+    }
+    write_json(meta_path, meta)
+    shutil.rmtree(part, ignore_errors=True)
+    meta["noop"] = False
+    return meta
+
+
+def summary_lines(meta: dict[str, Any]) -> list[str]:
+    """Human-readable lines: counts found against the published ones."""
+    lines = [
+        f"{meta['dataset']}{' (SYNTHETIC)' if meta.get('synthetic') else ''}: {meta['n_images']:,} images, "
+        f"{meta['n_patients']} patients, size {meta['image_size'][0]}x{meta['image_size'][1]}",
+        "per class: " + ", ".join(f"{k} {v:,}" for k, v in meta["per_class"].items()),
+    ]
+    if meta.get("per_subtype"):
+        lines.append("per subtype: " + ", ".join(f"{k} {v:,}" for k, v in sorted(meta["per_subtype"].items())))
+    if meta.get("per_magnification"):
+        lines.append("per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items()))
+    lines.append(f"rejected: {meta['n_rejected']:,} {meta.get('rejected_by_reason') or ''}")
+    if meta.get("padded") or meta.get("resized") or meta.get("alpha_dropped"):
+        lines.append(
+            f"padded (white): {meta.get('padded', 0)}, resized: {meta.get('resized', 0)}, "
+            f"opaque alpha dropped: {meta.get('alpha_dropped', 0)}"
+        )
+    diffs = meta.get("differences_from_published") or []
+    if meta.get("published"):
+        lines.append("matches the published counts" if not diffs else "differences from the published dataset:")
+        lines += [f"  {d}" for d in diffs]
+    if meta.get("throughput_img_per_s"):
+        lines.append(
+            f"decoded {meta['decoded_files']:,} files in {meta['decode_seconds']:.2f}s "
+            f"({meta['throughput_img_per_s']:,.0f} img/s, {meta['workers']} workers); "
+            f"store {meta['store_bytes'] / 2**20:,.1f} MiB"
+        )
+    return lines
