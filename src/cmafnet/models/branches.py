@@ -1,0 +1,89 @@
+"""The spatial branch: timm ResNet-18 features with stage skips and a spatial attention gate (§4.2)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmafnet.errors import ConfigError
+
+
+class SpatialAttentionGate(nn.Module):
+    """CBAM-style spatial attention (Woo et al., 2018): channel avg & max pool -> 7x7 conv -> sigmoid."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, C, H, W) -> (B, 2, H, W) -> (B, 1, H, W) map in (0, 1)
+        pooled = torch.cat((x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)), dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class SpatialBranch(nn.Module):
+    """ResNet features ``(B, 3, S, S) -> (B, 512, S/32, S/32)`` with the paper's modifications.
+
+    ``skip_merge``: the outputs of the two stages before the last (ResNet-18 ``layer2``, ``layer3``:
+    128 and 256 channels at strides 8 and 16) are average-pooled to the last grid and projected by a
+    1x1 conv to the last stage's width, then summed with it. Pooling before the 1x1 conv is exactly
+    the same linear map as conv-then-pool (both are linear) at 1/16 and 1/4 of the MACs.
+    ``spatial_gate``: :class:`SpatialAttentionGate` on the merged map.
+    Parameter names under ``body`` are timm's ``resnet18`` names, so timm state dicts load.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        *,
+        skip_merge: bool = True,
+        spatial_gate: bool = True,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        out_indices = (-3, -2, -1) if skip_merge else (-1,)
+        kw = {"drop_path_rate": drop_path} if drop_path > 0 else {}
+        try:
+            self.body = timm.create_model(
+                backbone, pretrained=False, features_only=True, out_indices=out_indices, **kw
+            )
+        except RuntimeError as err:  # timm: unknown model name
+            raise ConfigError(f"model.spatial.backbone: {err}") from None
+        chs = self.body.feature_info.channels()
+        self.num_features = chs[-1]
+        self.skips = nn.ModuleList(nn.Conv2d(c, chs[-1], kernel_size=1) for c in chs[:-1])
+        self.gate = SpatialAttentionGate() if spatial_gate else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.body.set_grad_checkpointing(enable)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.body(x)
+        out = feats[-1]  # (B, 512, h, w)
+        for conv, f in zip(self.skips, feats[:-1], strict=True):
+            out = out + conv(F.adaptive_avg_pool2d(f, out.shape[-2:]))
+        if self.gate is not None:
+            out = self.gate(out)
+        return out
+
+    def load_timm_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load a timm ``resnet18`` (or the configured backbone) state dict into ``body``.
+
+        The classifier (``fc.*``) is ignored; the skip convs and the gate keep their initialisation.
+
+        Raises:
+            ConfigError: keys or shapes do not match the backbone.
+        """
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        try:
+            missing, unexpected = self.body.load_state_dict(sd, strict=False)
+        except RuntimeError as err:
+            raise ConfigError(f"spatial.weights: {source} does not fit {self.backbone}: {err}") from None
+        if missing or unexpected:
+            raise ConfigError(
+                f"spatial.weights: {source} does not fit {self.backbone} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )

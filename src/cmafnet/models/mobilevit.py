@@ -1,0 +1,222 @@
+"""The contextual branch: MobileViT (v1, xxs / xs / s) with the paper's modifications.
+
+The MobileNetV2 inverted-residual stages, the stem and the final 1x1 conv are timm's
+(``timm.create_model("mobilevit_<v>")``); every ``MobileVitBlock`` is replaced by
+:class:`MobileViTBlock`, written here, which keeps timm's parameter names (so a timm MobileViT state
+dict loads unchanged) and adds:
+
+- learned absolute positional embeddings on the token grid (``learned_pos``),
+- scale-aware positional embeddings: the Sobel gradient magnitude of the input image, average-pooled
+  to each transformer grid and embedded by a 1x1 conv (``scale_aware_pos``),
+- exact (SDPA) or Nystrom attention (``attention``),
+- a configurable unfold patch size (``patch_size``; timm uses 2).
+
+Both embeddings are zero-initialised, so a branch loaded from timm weights starts as exactly timm's
+function; with the modifications off it *is* timm's MobileViT (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import kornia
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.mobilevit import MobileVitBlock as TimmMobileVitBlock
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cmafnet.errors import ConfigError
+from cmafnet.models.attention import SelfAttention
+
+VARIANTS = ("xxs", "xs", "s")
+STAGE_REDUCTIONS = (2, 4, 8, 16, 32)  # output stride of each of MobileViT v1's five stages
+
+
+@dataclass(frozen=True)
+class MobileViTOptions:
+    """The paper's modifications; all off gives timm's MobileViT."""
+
+    attention: str = "full"  # full | nystrom (cmafnet.models.attention.ATTENTION)
+    num_landmarks: int = 16  # Nystrom landmarks per attention sequence
+    patch_size: int = 2  # unfold patch (timm / Apple default 2)
+    scale_aware_pos: bool = False  # Sobel-magnitude embedding added to the tokens
+    learned_pos: bool = False  # learned absolute positional embedding per transformer stage
+    img_size: int = 224  # sizes the learned embeddings; other sizes interpolate them
+
+
+def _grid(size: int, reduction: int) -> int:
+    """Feature-grid side after ``log2(reduction)`` stride-2 convs (k3, pad 1): ceil-halving."""
+    for _ in range(int(math.log2(reduction))):
+        size = (size + 1) // 2
+    return size
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer with timm ``Block`` parameter names (norm1, attn, norm2, mlp)."""
+
+    def __init__(self, block: nn.Module, *, attention: str, num_landmarks: int) -> None:
+        super().__init__()
+        attn = block.attn
+        dim = attn.qkv.in_features
+        self.norm1 = block.norm1
+        self.attn = SelfAttention(
+            dim,
+            attn.num_heads,
+            kind=attention,
+            num_landmarks=num_landmarks,
+            attn_drop=attn.attn_drop.p,
+        )
+        # Reuse timm's modules so the state-dict names and initialisation are timm's own.
+        self.attn.qkv, self.attn.proj, self.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
+        self.drop_path1 = block.drop_path1
+        self.norm2 = block.norm2
+        self.mlp = block.mlp
+        self.drop_path2 = block.drop_path2
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class MobileViTBlock(nn.Module):
+    """MobileViT block (Mehta & Rastegari, ICLR 2022): local conv, unfold, transformer, fold, fuse.
+
+    Built from a timm ``MobileVitBlock`` whose conv modules it takes over (same names).
+    """
+
+    def __init__(self, block: TimmMobileVitBlock, grid: int, opts: MobileViTOptions) -> None:
+        super().__init__()
+        self.conv_kxk = block.conv_kxk
+        self.conv_1x1 = block.conv_1x1
+        dim = block.conv_1x1.out_channels
+        self.transformer = nn.Sequential(
+            *[
+                TransformerLayer(b, attention=opts.attention, num_landmarks=opts.num_landmarks)
+                for b in block.transformer
+            ]
+        )
+        self.norm = block.norm
+        self.conv_proj = block.conv_proj
+        self.conv_fusion = block.conv_fusion
+        self.patch_size = opts.patch_size
+        # (1, C, g, g) learned embedding on the token grid; zero so timm weights start unchanged.
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, grid, grid)) if opts.learned_pos else None
+        self.scale_embed = nn.Conv2d(1, dim, kernel_size=1) if opts.scale_aware_pos else None
+        if self.scale_embed is not None:
+            nn.init.zeros_(self.scale_embed.weight)
+            nn.init.zeros_(self.scale_embed.bias)
+
+    def forward(self, x: Tensor, grad_mag: Tensor | None = None) -> Tensor:
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))  # (B, C, H, W) token features
+        b, c, h, w = x.shape
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[-2:] != (h, w):
+                pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+            x = x + pos
+        if self.scale_embed is not None:
+            if grad_mag is None:
+                raise ValueError("scale-aware positional embedding needs the input gradient magnitude")
+            x = x + self.scale_embed(F.adaptive_avg_pool2d(grad_mag, (h, w)))
+
+        p = self.patch_size
+        new_h, new_w = math.ceil(h / p) * p, math.ceil(w / p) * p
+        resized = (new_h, new_w) != (h, w)
+        if resized:  # as timm / Apple: resize to a multiple of the patch, back after folding
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        nh, nw = new_h // p, new_w // p
+        # Unfold with one copy: (B, C, nh, p, nw, p) -> (B, p, p, nh, nw, C) -> (B*P, N, C),
+        # P = p*p pixels per patch, N = nh*nw patches; attention runs over N for each pixel slot.
+        x = x.reshape(b, c, nh, p, nw, p).permute(0, 3, 5, 2, 4, 1).reshape(b * p * p, nh * nw, c)
+        x = self.norm(self.transformer(x))
+        # Fold back: (B*P, N, C) -> (B, p, p, nh, nw, C) -> (B, C, nh, p, nw, p) -> (B, C, H, W)
+        x = x.reshape(b, p, p, nh, nw, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, new_h, new_w)
+        if resized:
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+
+def gradient_magnitude(x: Tensor) -> Tensor:
+    """Sobel gradient magnitude of the channel-mean image: ``(B, 3, S, S) -> (B, 1, S, S)``."""
+    return kornia.filters.sobel(x.mean(dim=1, keepdim=True))
+
+
+class MobileViT(nn.Module):
+    """MobileViT feature extractor: ``(B, 3, S, S) -> (B, num_features, S/32, S/32)``.
+
+    Parameter names follow timm's ``mobilevit_<variant>`` (``stem``, ``stages``, ``final_conv``),
+    so :meth:`load_timm_state_dict` takes a timm state dict (its ``head.*`` is ignored).
+    """
+
+    def __init__(
+        self, variant: str = "s", opts: MobileViTOptions | None = None, drop_path: float = 0.0
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(f"contextual.variant: unknown MobileViT variant '{variant}' (xxs, xs, s)")
+        opts = opts or MobileViTOptions()
+        self.variant = variant
+        self.opts = opts
+        net = timm.create_model(
+            f"mobilevit_{variant}", pretrained=False, num_classes=0, drop_path_rate=drop_path
+        )
+        self.stem = net.stem
+        for reduction, stage in zip(STAGE_REDUCTIONS, net.stages, strict=True):
+            for i, blk in enumerate(stage):
+                if isinstance(blk, TimmMobileVitBlock):
+                    stage[i] = MobileViTBlock(blk, _grid(opts.img_size, reduction), opts)
+        self.stages = net.stages
+        self.final_conv = net.final_conv
+        self.num_features = net.num_features
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, stage: nn.Sequential, x: Tensor, grad_mag: Tensor | None) -> Tensor:
+        for blk in stage:
+            x = blk(x, grad_mag) if isinstance(blk, MobileViTBlock) else blk(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        grad_mag = gradient_magnitude(x) if self.opts.scale_aware_pos else None
+        x = self.stem(x)
+        for stage in self.stages:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self._run_stage, stage, x, grad_mag, use_reentrant=False)
+            else:
+                x = self._run_stage(stage, x, grad_mag)
+        return self.final_conv(x)
+
+    def added_parameter_names(self) -> set[str]:
+        """Names of the parameters timm's MobileViT does not have (the positional embeddings)."""
+        return {n for n, _ in self.named_parameters() if ".pos_embed" in n or ".scale_embed." in n}
+
+    def load_timm_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load a timm ``mobilevit_<variant>`` state dict (classifier ``head.*`` dropped).
+
+        Raises:
+            ConfigError: keys or shapes do not match this variant (other than the added embeddings,
+                which keep their zero initialisation when absent).
+        """
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        try:
+            missing, unexpected = self.load_state_dict(sd, strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ConfigError(
+                f"contextual.weights: {source} does not fit mobilevit_{self.variant}: {err}"
+            ) from None
+        missing = [k for k in missing if k not in self.added_parameter_names()]
+        if missing or unexpected:
+            raise ConfigError(
+                f"contextual.weights: {source} does not fit mobilevit_{self.variant} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )

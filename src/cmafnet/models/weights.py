@@ -1,0 +1,59 @@
+"""Loading local weight files into CMAF-Net or one of its branches (no hub access needed).
+
+Files are read by :func:`cmafnet.run.load_state_dict_file` (safetensors, or torch with
+``weights_only=True``). Branch files may be timm state dicts (``resnet18``, ``mobilevit_<v>``) or
+a branch of a saved CMAF-Net (keys prefixed ``spatial.body.`` / ``contextual.``), so a user can
+start from timm's pretrained weights or reuse the extractors of an earlier run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from cmafnet.errors import ConfigError
+from cmafnet.run import load_state_dict_file
+
+
+def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Keys under ``prefix`` without it when any key has it, else ``sd`` unchanged."""
+    if any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_branch_weights(branch: nn.Module, path: str | Path, role: str) -> None:
+    """Load ``path`` into a branch (``role`` 'spatial' or 'contextual').
+
+    Raises:
+        ConfigError: the file does not fit the branch.
+        RunFolderError: the file is missing or not a plain weights file.
+    """
+    sd = load_state_dict_file(path)
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
+    sd = _strip_prefix(sd, "spatial.body." if role == "spatial" else "contextual.")
+    sd = _strip_prefix(sd, "module.")  # DDP-saved files
+    branch.load_timm_state_dict(sd, source=str(path))
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a whole-model state dict (strict: every key must match).
+
+    Raises:
+        ConfigError: keys or shapes do not match the configured model.
+    """
+    sd = load_state_dict_file(path)
+    if not isinstance(sd, dict):
+        raise ConfigError(f"model.weights: {path} does not hold a state dict")
+    sd = _strip_prefix(sd, "module.")
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:
+        raise ConfigError(f"model.weights: {path} does not fit the configured model: {err}") from None
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.weights: {path} does not fit the configured model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
