@@ -150,7 +150,16 @@ class BreakHis(Dataset):
         "images": 7_909,
         "patient_folders": 82,
         "per_class": {"benign": 2_480, "malignant": 5_429},
-        "per_subtype": {"A": 444, "F": 1_014, "PT": 453, "TA": 569, "DC": 3_451, "LC": 626, "MC": 792, "PC": 560},
+        "per_subtype": {
+            "A": 444,
+            "F": 1_014,
+            "PT": 453,
+            "TA": 569,
+            "DC": 3_451,
+            "LC": 626,
+            "MC": 792,
+            "PC": 560,
+        },
         "per_magnification": {40: 1_995, 100: 2_081, 200: 2_013, 400: 1_820},
     }
     CANVAS = (460, 700)
@@ -171,12 +180,16 @@ class BreakHis(Dataset):
             return BAD_NAME, "expected SOB_<B|M>_<subtype>-<patient>-<40|100|200|400>-<idx>.png"
         code, mag, bm = m["code"], int(m["mag"]), m["bm"]
         label = int(bm == "M")
-        if self.SUBTYPES.index(code) >= 4 and not label or self.SUBTYPES.index(code) < 4 and label:
+        if (self.SUBTYPES.index(code) >= 4) != bool(label):
             return LABEL_MISMATCH, f"subtype {code} is not {'malignant' if label else 'benign'}"
         # The layout is checked where present: contradicting folders are rejected, missing
         # levels (a flattened copy) are tolerated.
         parts = path.parts[:-1]
-        if path.parent.name[:-1].isdigit() and path.parent.name.endswith("X") and path.parent.name != f"{mag}X":
+        if (
+            path.parent.name[:-1].isdigit()
+            and path.parent.name.endswith("X")
+            and path.parent.name != f"{mag}X"
+        ):
             return LABEL_MISMATCH, f"folder {path.parent.name}, name magnification {mag}"
         slide = f"SOB_{bm}_{code}_{m['patient']}"
         if len(parts) >= 2 and parts[-2].startswith("SOB_") and parts[-2] != slide:
@@ -197,7 +210,9 @@ class BreakHis(Dataset):
         }
 
     def size_policy(self) -> SizePolicy:
-        return SizePolicy(out_hw=self.size or self.CANVAS, canvas_hw=self.CANVAS, extra_hw=frozenset({(456, 700)}))
+        return SizePolicy(
+            out_hw=self.size or self.CANVAS, canvas_hw=self.CANVAS, extra_hw=frozenset({(456, 700)})
+        )
 
     def validate(self, index: pd.DataFrame) -> list[str]:
         notes = []
@@ -210,7 +225,11 @@ class BreakHis(Dataset):
                 f"patient folders: found {folders}, published {pub['patient_folders']} "
                 f"({index['patient'].nunique()} patient ids)"
             )
-        for col, key in (("label_name", "per_class"), ("subtype", "per_subtype"), ("magnification", "per_magnification")):
+        for col, key in (
+            ("label_name", "per_class"),
+            ("subtype", "per_subtype"),
+            ("magnification", "per_magnification"),
+        ):
             counts = Counter(index[col].tolist())
             for k, n in pub[key].items():
                 if counts.get(k, 0) != n:
@@ -244,7 +263,9 @@ class Folder(Dataset):
             self.manifest = df.set_index("abspath")
             self.CLASSES = tuple(sorted(df["label"].dropna().unique()))
         else:
-            self.CLASSES = tuple(sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+            self.CLASSES = tuple(
+                sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            )
         if len(self.CLASSES) < 2:
             raise InputDataError(f"{self.root}: need at least two classes, found {list(self.CLASSES)}")
         self._policy: SizePolicy | None = None

@@ -28,7 +28,12 @@ import pandas as pd
 from cmafnet import __version__
 from cmafnet.data.datasets import Dataset, get_dataset
 from cmafnet.data.store import (
-    IMAGES_FILE, INDEX_COLUMNS, INDEX_FILE, META_FILE, REJECTED_FILE, compute_store_hash,
+    IMAGES_FILE,
+    INDEX_COLUMNS,
+    INDEX_FILE,
+    META_FILE,
+    REJECTED_FILE,
+    compute_store_hash,
 )  # fmt: skip
 from cmafnet.data.validation import SizePolicy, decode_image
 from cmafnet.errors import InputDataError, RunFolderError
@@ -182,14 +187,21 @@ def ingest(
         if n:
             np.lib.format.open_memmap(part_images, mode="w+", dtype=np.uint8, shape=(n, h, w, 3)).flush()
         write_json(state_path, state)
-    chunks = {i // CHUNK: [(j, str(paths[j])) for j in range(i, min(i + CHUNK, n))] for i in range(0, n, CHUNK)}
+    chunks = {
+        i // CHUNK: [(j, str(paths[j])) for j in range(i, min(i + CHUNK, n))] for i in range(0, n, CHUNK)
+    }
     todo = [c for c in chunks if c not in results]
     workers = max(1, min(workers or min(os.cpu_count() or 1, 16), max(1, len(todo))))
     t_dec = time.perf_counter()
     if todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(chunks[c]) for c in todo), unit="img", desc=f"ingest {ds.name}", disable=not progress)
+        bar = tqdm(
+            total=sum(len(chunks[c]) for c in todo),
+            unit="img",
+            desc=f"ingest {ds.name}",
+            disable=not progress,
+        )
         with open(chunks_path, "a") as log_f:
             if workers == 1:
                 _init_worker(str(part_images))
@@ -200,7 +212,9 @@ def ingest(
                     log_f.flush()
                     bar.update(len(rows))
             else:
-                with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(part_images),)) as pool:
+                with ProcessPoolExecutor(
+                    workers, initializer=_init_worker, initargs=(str(part_images),)
+                ) as pool:
                     futs = [pool.submit(_decode_chunk, c, chunks[c], policy) for c in todo]
                     for fut in as_completed(futs):
                         cid, rows = fut.result()
@@ -228,7 +242,9 @@ def ingest(
     atomic_write_bytes(out / REJECTED_FILE, rej_df.to_csv(index=False).encode())
     by_reason = dict(Counter(rej_df["reason"]))
     if not valid:
-        raise InputDataError(f"{ds.root}: all {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}")
+        raise InputDataError(
+            f"{ds.root}: all {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
+        )
     if strict and len(rej_df):
         raise InputDataError(
             f"--strict: {len(rej_df)} of {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
@@ -240,7 +256,9 @@ def ingest(
         del src_mm
         os.replace(part_images, out / IMAGES_FILE)
     else:
-        dst = np.lib.format.open_memmap(out / ".images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(valid), h, w, 3))
+        dst = np.lib.format.open_memmap(
+            out / ".images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(valid), h, w, 3)
+        )
         sel = np.asarray(valid)
         for i in range(0, len(sel), 4096):  # bounded memory for 700x460 images
             dst[i : i + 4096] = src_mm[sel[i : i + 4096]]
@@ -276,11 +294,15 @@ def ingest(
         "per_class": {c: int((index["label_name"] == c).sum()) for c in ds.CLASSES},
         "per_patient": per_patient,
         "per_subtype": {str(k): int(v) for k, v in index["subtype"].value_counts().items() if k},
-        "per_magnification": {str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0},
-        "padded": int(((index["orig_h"] < policy.canvas_hw[0]) | (index["orig_w"] < policy.canvas_hw[1])).sum())
+        "per_magnification": {
+            str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0
+        },
+        "padded": int(
+            ((index["orig_h"] < policy.canvas_hw[0]) | (index["orig_w"] < policy.canvas_hw[1])).sum()
+        )
         if not policy.resize_any
         else 0,
-        "resized": int(len(index)) if policy.out_hw != policy.canvas_hw or policy.resize_any else 0,
+        "resized": len(index) if policy.out_hw != policy.canvas_hw or policy.resize_any else 0,
         "alpha_dropped": int(dropped_alpha),
         "duplicate_sha256": int(index["sha256"].duplicated().sum()),
         "n_files": len(files),
@@ -313,9 +335,13 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
         "per class: " + ", ".join(f"{k} {v:,}" for k, v in meta["per_class"].items()),
     ]
     if meta.get("per_subtype"):
-        lines.append("per subtype: " + ", ".join(f"{k} {v:,}" for k, v in sorted(meta["per_subtype"].items())))
+        lines.append(
+            "per subtype: " + ", ".join(f"{k} {v:,}" for k, v in sorted(meta["per_subtype"].items()))
+        )
     if meta.get("per_magnification"):
-        lines.append("per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items()))
+        lines.append(
+            "per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items())
+        )
     lines.append(f"rejected: {meta['n_rejected']:,} {meta.get('rejected_by_reason') or ''}")
     if meta.get("padded") or meta.get("resized") or meta.get("alpha_dropped"):
         lines.append(
@@ -324,7 +350,9 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
         )
     diffs = meta.get("differences_from_published") or []
     if meta.get("published"):
-        lines.append("matches the published counts" if not diffs else "differences from the published dataset:")
+        lines.append(
+            "matches the published counts" if not diffs else "differences from the published dataset:"
+        )
         lines += [f"  {d}" for d in diffs]
     if meta.get("throughput_img_per_s"):
         lines.append(

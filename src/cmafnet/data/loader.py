@@ -1,0 +1,134 @@
+"""Batches straight from the uint8 store: one ``index_select`` per batch, no per-image Python.
+
+The whole uint8 array (277k IDC patches are ~2 GB) is either kept on the training device
+(``resident``) or read from host memory into a pinned buffer and copied with
+``non_blocking=True``. The order of an epoch is a pure function of ``(seed, epoch)``, so a run
+resumed at ``start_batch`` sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of ``indices`` for one epoch: a permutation seeded by ``(seed, epoch)``."""
+    indices = np.asarray(indices, np.int64)
+    if not shuffle:
+        return indices
+    return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+
+
+class BatchLoader:
+    """Yields ``(x_uint8 (B, 3, H, W), y (B,), idx (B,))`` on ``device``.
+
+    ``x`` is a channels-last view (``permute`` of the NHWC store), which is what the models want.
+
+    Args:
+        images: uint8 ``(N, H, W, 3)`` numpy array / memory map or torch tensor.
+        labels: store-wide integer labels ``(N,)``.
+        indices: the store rows this loader walks over (a split, maybe undersampled).
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
+        seed: order seed.
+        device: where batches are delivered.
+        drop_last: drop a final short batch.
+        resident: keep the uint8 array on ``device`` (default: yes for a CUDA device when the
+            array takes less than half of the free memory; always for CPU).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
+        indices: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        drop_last: bool = False,
+        resident: bool | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.device = torch.device(device)
+        self.indices = np.asarray(indices, np.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.epoch = 0
+        self.start_batch = 0  # consumed by the next iteration, then reset to 0
+        host = images if isinstance(images, torch.Tensor) else _to_tensor(images)
+        if host.dtype != torch.uint8 or host.ndim != 4 or host.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {host.dtype} {tuple(host.shape)}")
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= host.shape[0]):
+            raise ValueError("indices out of range for the image array")
+        cuda = self.device.type == "cuda"
+        if resident is None:
+            resident = not cuda or host.numel() < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+        self.resident = resident
+        self.images = host.to(self.device) if resident else host
+        y = (
+            labels
+            if isinstance(labels, torch.Tensor)
+            else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        )
+        self.labels = y.to(self.device, torch.int64)
+        self._pin = cuda and not resident
+        self._buffers: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = [None, None]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order; ``start_batch`` skips that many batches (exact resume)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        """Batches in a full epoch (``start_batch`` not subtracted)."""
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _host_batch(self, sel: torch.Tensor, slot: int) -> torch.Tensor:
+        # gather into one of two pinned buffers; wait until its previous copy has finished
+        b = sel.numel()
+        if len(self._buffers) < 2:
+            shape = (self.batch_size, *self.images.shape[1:])
+            self._buffers = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        buf = self._buffers[slot][:b]
+        torch.index_select(self.images, 0, sel, out=buf)
+        x = buf.to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._events[slot] = ev
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = torch.from_numpy(
+            epoch_order(self.indices, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        )
+        start, self.start_batch = self.start_batch, 0
+        order_dev = order.to(self.device)
+        for b in range(start, len(self)):
+            sel = order[b * self.batch_size : (b + 1) * self.batch_size]
+            sel_dev = order_dev[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.resident:
+                x = self.images.index_select(0, sel_dev)
+            elif self._pin:
+                x = self._host_batch(sel, b % 2)
+            else:
+                x = self.images.index_select(0, sel)
+            # (B, H, W, 3) -> (B, 3, H, W) as a channels-last view, no copy
+            yield x.permute(0, 3, 1, 2), self.labels.index_select(0, sel_dev), sel_dev
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Wrap a numpy array / read-only memory map without copying (it is never written to)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "array is not writable"
+        return torch.from_numpy(images)
