@@ -1,16 +1,67 @@
-"""`cmafnet wsi` (placeholder: replaced by the module that implements it)."""
+"""`cmafnet wsi`: tile a whole-slide image, classify its tissue and write a heatmap and GeoJSON."""
 
 from __future__ import annotations
 
 import argparse
 
-from cmafnet.errors import CmafnetError
+from cmafnet.cli._common import add_device_arg
+
+EPILOG = """\
+scale: by default tiles are cut at the model's patch scale in microns per pixel (run.json patch_mpp,
+else 4.0 um/px = the IDC patches' ~2.5x) with --tile pixels (run.json patch_px, else 50); this needs
+the slide to state its mpp. --level L instead reads --tile-pixel tiles at pyramid level L as they are.
+
+outputs in DIR: tiles.csv (col, row, x, y, size0 = level-0 footprint, level, read_px, tile_px,
+thumb_tissue, tissue_fraction, pen_fraction, status, prob_<class>, decision, flags), heatmap.png,
+thumbnail.png, mask.png (tissue), positive.geojson (level-0 pixel coordinates, tiles at/above the
+threshold merged into regions; opens in QuPath) and summary.json.
+
+exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --mpp);
+3 slide not found, unsupported slide format, no mpp stated without --level, slide smaller than a
+tile; 4 run folder without config/run.json/model.safetensors; 1 runtime failure.
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("wsi", help="(not yet available)")
+    p = sub.add_parser(
+        "wsi", help="whole-slide heatmap, per-tile CSV and GeoJSON of positive regions",
+        description="Tile a whole-slide image (OpenSlide), classify the tissue tiles with a run, "
+        "and write a heatmap overlay, per-tile CSV and GeoJSON.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "slide", metavar="SLIDE", help="a slide OpenSlide can read (.svs, .ndpi, .mrxs, tiled .tif, ...)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--level", type=int, default=None, metavar="L", help="pyramid level to tile")
+    g.add_argument(
+        "--mpp", type=float, default=None, metavar="M", help="target microns per pixel (default 4.0)"
+    )
+    p.add_argument("--tile", type=int, default=None, metavar="PX", help="tile edge in pixels (default 50)")
+    p.add_argument("--batch", type=int, default=64, metavar="N")
+    p.add_argument("--threshold", type=float, default=None, metavar="X",
+                   help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
+    add_device_arg(p)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CmafnetError("'cmafnet wsi' is not implemented yet")
+    from cmafnet.inference.wsi import predict_slide
+
+    s = predict_slide(
+        args.run_dir, args.slide, args.out, level=args.level, mpp=args.mpp, tile=args.tile,
+        batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
+    )  # fmt: skip
+    plan = s.plan
+    print(
+        f"{s.slide}: {s.dimensions[0]}x{s.dimensions[1]} px, {plan['cols']}x{plan['rows']} tiles of "
+        f"{plan['tile_px']} px (level {plan['level']}, {plan['size0']} level-0 px"
+        + (f", {plan['mpp']:.3g} um/px" if plan["mpp"] else "")
+        + f"); {s.n_tissue} on tissue, {s.n_classified} classified, {s.n_not_assessable} not assessable, "
+        f"{s.n_positive} positive in {s.n_regions} regions (threshold {s.threshold:.4g} from {s.threshold_source})"
+    )
+    print(f"outputs: {s.out_dir}/heatmap.png tiles.csv positive.geojson thumbnail.png mask.png summary.json")
+    return 0

@@ -1,0 +1,156 @@
+"""Per-image explanation overlays.
+
+* CMAF-Net runs: the cross-modal attention and the gate, from ``model(x, return_aux=True)``:
+  - attention map = ``ModelOutput.attn`` ``(B, H, N_s, N_t)`` averaged over heads, then summed over
+    the spatial queries: how much attention each contextual location *receives* from the spatial
+    grid (``(B, N_t)``, reshaped to the fusion grid ``f_t``'s ``h x w``);
+  - gate map = ``ModelOutput.gate`` ``(B, D, h, w)`` averaged over channels: where the fused feature
+    takes the attended (contextual) path (g -> 1) rather than the spatial residual (g -> 0).
+* Other models (baselines): Grad-CAM (``pytorch_grad_cam``, the grad-cam package) on the last
+  convolution, for the positive class of a binary run or the predicted class otherwise.
+
+Each map is min-max scaled per image, upsampled bilinearly to the displayed image and blended with
+a colour map; one PNG per image (image | map(s)) is written to the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from cmafnet.inference.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+DISPLAY_MAX = 256  # displayed image edge cap (pixels)
+
+
+def _grid_shape(n: int, ref: torch.Tensor | None) -> tuple[int, int]:
+    if ref is not None and ref.ndim == 4 and ref.shape[-2] * ref.shape[-1] == n:
+        return int(ref.shape[-2]), int(ref.shape[-1])
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"cannot lay {n} tokens on a square grid")
+    return side, side
+
+
+def cmaf_maps(out: object) -> dict[str, torch.Tensor]:
+    """``{"attention": (B, h, w), "gate": (B, h, w)}`` from a :class:`ModelOutput` (absent parts skipped)."""
+    maps: dict[str, torch.Tensor] = {}
+    attn = getattr(out, "attn", None)
+    if attn is not None:
+        received = attn.float().mean(1).sum(1)  # (B, H, Ns, Nt) -> (B, Ns, Nt) -> (B, Nt)
+        h, w = _grid_shape(received.shape[1], getattr(out, "f_t", None))
+        maps["attention"] = received.view(-1, h, w)
+    gate = getattr(out, "gate", None)
+    if gate is not None:
+        maps["gate"] = gate.float().mean(1)  # (B, D, h, w) -> (B, h, w)
+    return maps
+
+
+def last_conv(model: nn.Module) -> nn.Module | None:
+    """The last ``nn.Conv2d`` in module order (Grad-CAM's usual target layer for CNNs)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a ``[0, 1]`` map (any size) over an RGB uint8 image with the jet colour map."""
+    import matplotlib
+
+    h, w = image.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
+    heat = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    colour = matplotlib.colormaps["jet"](heat)[..., :3]  # (h, w, 3) in [0, 1]
+    return ((1 - alpha) * image / 255.0 + alpha * colour).clip(0, 1).__mul__(255).astype(np.uint8)
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = min(1.0, DISPLAY_MAX / max(h, w)) if max(h, w) > DISPLAY_MAX else max(1.0, 128 / max(h, w))
+    if scale == 1.0:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+
+
+class Explainer:
+    """Writes one overlay PNG per image for the predictor's model."""
+
+    def __init__(self, predictor: Predictor, out_dir: str | Path) -> None:
+        self.predictor = predictor
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+        self.kind: str | None = None  # "cmaf" | "gradcam", decided on the first batch
+        self._cam = None
+
+    def _name(self, path: Path) -> Path:
+        self.count += 1
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:80]
+        return self.out_dir / f"{self.count:05d}_{stem}.png"
+
+    def _maps(self, x: torch.Tensor) -> tuple[list[str], list[np.ndarray]]:
+        model = self.predictor.model
+        if self.kind in (None, "cmaf"):
+            with torch.inference_mode():
+                out = model(x, return_aux=True)
+            maps = cmaf_maps(out)
+            if maps:
+                self.kind = "cmaf"
+                names = list(maps)
+                return names, [
+                    torch.stack([maps[k][i] for k in names]).cpu().numpy() for i in range(x.shape[0])
+                ]
+            self.kind = "gradcam"
+        return ["grad-cam"], [m[None] for m in self._gradcam(x)]
+
+    def _gradcam(self, x: torch.Tensor) -> np.ndarray:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        model = self.predictor.model
+        if self._cam is None:
+            layer = last_conv(model)
+            if layer is None:
+                raise RuntimeError("Grad-CAM needs a convolution layer; this model has none")
+            self._cam = GradCAM(model=model, target_layers=[layer])
+        targets = [ClassifierOutputTarget(1)] * x.shape[0] if len(self.predictor.classes) == 2 else None
+        with torch.enable_grad():
+            cams = self._cam(input_tensor=x.detach().clone(), targets=targets)  # (B, S, S) in [0, 1]
+        return np.asarray(cams)
+
+    def explain(self, images: list[np.ndarray], paths: list[Path]) -> list[Path]:
+        """Write overlays for a batch of same-size uint8 RGB images; returns the PNG paths."""
+        from PIL import Image
+
+        x = self.predictor.to_input(images)
+        try:
+            names, maps = self._maps(x)
+        except Exception as err:  # an explanation must never stop prediction
+            log.warning("explanation failed for a batch (%s: %s)", type(err).__name__, err)
+            return []
+        written = []
+        for img, path, m in zip(images, paths, maps):
+            disp = _display(img)
+            panels = [disp] + [overlay(disp, m[k]) for k in range(len(names))]
+            canvas = np.concatenate(panels, axis=1)
+            target = self._name(path)
+            Image.fromarray(canvas).save(target)
+            written.append(target)
+        if self.count == len(written):
+            log.info("explanations (%s: %s) -> %s", self.kind, " | ".join(["image", *names]), self.out_dir)
+        return written

@@ -1,0 +1,179 @@
+"""Export the plain inference path (normalised image -> class probabilities) to ONNX or TorchScript.
+
+The exported graph takes the *preprocessed* input ``(B, 3, S, S)`` float (ImageNet mean/std at the
+model's ``img_size``, i.e. what ``GPUPreprocess(train=False)`` produces) and returns softmax
+probabilities ``(B, C)``; the batch axis is dynamic. After export the file is reloaded and compared
+with PyTorch on CPU (onnxruntime for ONNX): the maximum absolute difference of the probabilities must
+be at most ``tolerance`` (1e-4), otherwise :class:`ParityError` is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmafnet.errors import CmafnetError, ConfigError
+from cmafnet.run import load_run
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ParityError(CmafnetError):
+    """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
+
+
+class ProbabilityModel(nn.Module):
+    """``model(x)`` logits -> softmax probabilities; the deployable inference path."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x).float(), dim=1)  # (B, C)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    max_abs_diff: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+    opset: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations, onnxscript notes)
+        prog = torch.onnx.export(
+            wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probs"],
+            dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
+        )  # fmt: skip
+    prog.save(str(path))
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: x})[0]
+
+
+def export_model(
+    model: nn.Module,
+    img_size: int,
+    out: str | Path,
+    fmt: str = "onnx",
+    *,
+    opset: int = 18,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_batch_sizes: tuple[int, ...] = (1, 3),
+    seed: int = 0,
+) -> ExportResult:
+    """Export ``model`` (CPU, eval) and check parity on random inputs at several batch sizes.
+
+    Raises:
+        ConfigError: unknown format.
+        CmafnetError: the exporter failed (message says which stage).
+        ParityError: the reloaded model disagrees with PyTorch by more than ``tolerance``.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ProbabilityModel(model.cpu().eval()).eval()
+    gen = torch.Generator().manual_seed(seed)
+    # Inputs in the normalised range the model sees (roughly N(0, 1) per channel).
+    examples = [torch.randn(b, 3, img_size, img_size, generator=gen) for b in check_batch_sizes]
+    with torch.inference_mode():
+        refs = [wrapper(x).numpy() for x in examples]
+    try:
+        if fmt == "onnx":
+            _export_onnx(wrapper, examples[-1], out, opset)
+        else:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still shipped
+                scripted = torch.jit.trace(wrapper, examples[-1], check_trace=False)
+            scripted.save(str(out))
+    except Exception as err:
+        raise CmafnetError(
+            f"{fmt} export failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}"
+        ) from err
+    diffs = []
+    for x, ref in zip(examples, refs):
+        if fmt == "onnx":
+            got = _run_onnx(out, x.numpy())
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                loaded = torch.jit.load(str(out), map_location="cpu").eval()
+            with torch.inference_mode():
+                got = loaded(x).numpy()
+        if got.shape != ref.shape:
+            raise ParityError(
+                f"exported model returned shape {got.shape} for input batch {x.shape[0]}, expected {ref.shape}"
+            )
+        diffs.append(float(np.abs(got - ref).max()))
+    result = ExportResult(
+        out, fmt, max(diffs), tolerance, tuple(check_batch_sizes), opset if fmt == "onnx" else None
+    )
+    return result
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    opset: int = 18,
+) -> ExportResult:
+    """Export a run folder's model; writes ``<out>`` and ``<out>.json`` (classes, img_size, mean/std,
+    threshold, parity). Raises :class:`ParityError` if the parity check fails (the file is kept for
+    inspection)."""
+    from cmafnet.inference.predict import run_classes, run_threshold
+
+    run = load_run(run_dir, device="cpu")
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    out = Path(out) if out is not None else Path(run_dir) / f"model{suffix}"
+    img_size = run.config.model.img_size
+    res = export_model(run.model, img_size, out, fmt, opset=opset, tolerance=tolerance)
+    threshold, source = run_threshold(run.meta)
+    sidecar = {
+        "format": fmt, "input": {"name": "input", "shape": ["batch", 3, img_size, img_size],
+        "dtype": "float32", "mean": list(run.config.data.mean), "std": list(run.config.data.std),
+        "stain_normalisation": run.config.data.stain.model_dump(), "stain_reference": run.meta.get("stain_reference")},
+        "output": {"name": "probs", "classes": run_classes(run)}, "threshold": threshold,
+        "threshold_source": source, "parity": {"max_abs_diff": res.max_abs_diff, "tolerance": tolerance,
+        "batch_sizes": list(res.batch_sizes), "passed": res.passed}, "opset": res.opset,
+    }  # fmt: skip
+    from cmafnet.run import write_json
+
+    write_json(out.with_name(out.name + ".json"), sidecar)
+    if not res.passed:
+        raise ParityError(
+            f"{out}: parity check FAILED: max |p_export - p_torch| = {res.max_abs_diff:.3g} > {tolerance:g}"
+        )
+    log.info("exported %s (%s), parity max abs diff %.3g", out, fmt, res.max_abs_diff)
+    return res
+
+
+def describe(res: ExportResult) -> str:
+    return json.dumps({"path": str(res.path), "format": res.format, "max_abs_diff": res.max_abs_diff})

@@ -1,0 +1,307 @@
+"""Patch / image-folder prediction with a trained run.
+
+:class:`Predictor` wraps a loaded run: the run's evaluation preprocessing (stain normalisation,
+resize to the model's ``img_size``, mean/std), batched softmax probabilities and the decision at
+the run's operating threshold. :func:`predict_files` streams image files through it and writes one
+CSV row per input, in input order, with a per-item error or "not assessable" flag where it applies.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmafnet.errors import InputDataError
+from cmafnet.inference.io import InputItem, discover_inputs, iter_images
+from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
+from cmafnet.run import LoadedRun, load_run
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when available, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_classes(run: LoadedRun) -> list[str]:
+    """Class names from run.json, else ``class_0..``."""
+    classes = run.meta.get("classes")
+    n = run.config.model.num_classes
+    if isinstance(classes, (list, tuple)) and len(classes) == n:
+        return [str(c) for c in classes]
+    return [f"class_{i}" for i in range(n)]
+
+
+def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str]:
+    """The operating threshold on the positive-class probability and where it came from.
+
+    Order: the ``--threshold`` argument, run.json ``threshold`` (chosen on validation for the
+    target sensitivity), run.json ``operating_threshold``, then 0.5 (``default``).
+    """
+    if override is not None:
+        if not 0.0 <= override <= 1.0:
+            raise InputDataError(f"--threshold must be in [0, 1], got {override}")
+        return float(override), "argument"
+    for key in ("threshold", "operating_threshold"):
+        value = meta.get(key)
+        if isinstance(value, dict):  # tolerate {"value": t, ...}
+            value = value.get("value")
+        if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
+            return float(value), f"run.json:{key}"
+    return DEFAULT_THRESHOLD, "default"
+
+
+def build_preprocess(
+    run: LoadedRun, device: torch.device
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The run's evaluation preprocessing: uint8 ``(B, 3, H, W)`` -> normalised float at ``img_size``.
+
+    Uses the data package's ``GPUPreprocess(train=False)`` (Macenko with the run's stain reference,
+    resize, mean/std) when it is installed; otherwise resize + mean/std only, and says so.
+    Returns the callable and a short description for the log / summary.
+    """
+    cfg = run.config
+    img_size = cfg.model.img_size
+    try:
+        from cmafnet.data.transforms import GPUPreprocess
+    except ImportError:
+        GPUPreprocess = None
+    if GPUPreprocess is not None:
+        pre = GPUPreprocess(cfg.data, img_size, train=False)
+        ref = run.meta.get("stain_reference")
+        if ref is not None:
+            for setter in ("set_stain_reference", "set_reference", "load_reference"):
+                if hasattr(pre, setter):
+                    getattr(pre, setter)(ref)
+                    break
+        if hasattr(pre, "to"):
+            pre = pre.to(device)
+        if hasattr(pre, "eval"):
+            pre.eval()
+        return pre, "GPUPreprocess(train=False)"
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    mode = cfg.data.interpolation
+
+    def fallback(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        if x.shape[-2:] != (img_size, img_size):
+            x = F.interpolate(x, size=(img_size, img_size), mode=mode, align_corners=False, antialias=True)
+        return (x.clamp_(0, 1) - mean) / std
+
+    what = "resize+normalise (cmafnet.data.transforms missing"
+    what += ", NO stain normalisation)" if cfg.data.stain.enabled else ")"
+    log.warning("preprocessing: %s", what)
+    return fallback, what
+
+
+class Predictor:
+    """Batched probabilities from a run; holds the model, preprocessing and operating threshold."""
+
+    def __init__(
+        self, run: LoadedRun, device: str | torch.device | None = "auto", threshold: float | None = None
+    ):
+        self.run = run
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = run.model.to(self.device).eval()
+        self.classes = run_classes(run)
+        self.img_size = run.config.model.img_size
+        self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
+        if len(self.classes) != 2:
+            self.threshold_source = "argmax"  # multi-class: no single operating threshold
+        self.preprocess, self.preprocess_desc = build_preprocess(run, self.device)
+
+    @classmethod
+    def from_run_dir(
+        cls, run_dir: str | Path, device: str | None = "auto", threshold: float | None = None
+    ) -> Predictor:
+        dev = resolve_device(device)
+        return cls(load_run(run_dir, device=str(dev)), dev, threshold)
+
+    def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Same-size uint8 ``(H, W, 3)`` images -> normalised model input ``(B, 3, S, S)``."""
+        x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).contiguous()  # (B,3,H,W)
+        with torch.no_grad():
+            return self.preprocess(x)
+
+    @torch.inference_mode()
+    def probs_from_input(self, x: torch.Tensor) -> np.ndarray:
+        logits = self.model(x)  # (B, C)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        """Probabilities ``(B, C)`` for same-size uint8 RGB images."""
+        return self.probs_from_input(self.to_input(images))
+
+    def decide(self, probs: np.ndarray) -> list[str]:
+        """Class name per row: positive (index 1) when ``p1 >= threshold`` (binary), else argmax."""
+        if len(self.classes) == 2:
+            return [self.classes[int(p[1] >= self.threshold)] for p in probs]
+        return [self.classes[int(i)] for i in probs.argmax(1)]
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    n_inputs: int = 0
+    n_predicted: int = 0
+    n_not_assessable: int = 0
+    n_errors: int = 0
+    threshold: float = DEFAULT_THRESHOLD
+    threshold_source: str = "default"
+    preprocess: str = ""
+    explain_dir: Path | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["out"] = str(self.out)
+        d["explain_dir"] = str(self.explain_dir) if self.explain_dir else None
+        return d
+
+
+def _columns(classes: list[str]) -> list[str]:
+    return [
+        "path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
+        "tissue_fraction", "pen_fraction", "flags", "error",
+    ]  # fmt: skip
+
+
+def predict_files(
+    run_dir: str | Path,
+    inputs: list[str | Path],
+    out_csv: str | Path,
+    *,
+    batch_size: int = 64,
+    device: str | None = "auto",
+    threshold: float | None = None,
+    tissue_check: bool = True,
+    tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
+    explain_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every image in ``inputs`` and write ``out_csv`` (one row per input, input order).
+
+    Images are decoded one at a time and grouped by size into batches (the model's resize happens
+    inside the preprocessing, as in training), so memory stays bounded by a few batches.
+
+    Raises:
+        InputDataError: no inputs at all (empty folder), or not a single decodable image.
+        RunFolderError: the run folder lacks a config, metadata or model weights.
+    """
+    if batch_size < 1:
+        raise InputDataError(f"--batch must be >= 1, got {batch_size}")
+    items = discover_inputs(inputs)
+    if not items:
+        raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
+    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold)
+    explainer = None
+    if explain_dir is not None:
+        from cmafnet.inference.explain import Explainer
+
+        explainer = Explainer(predictor, explain_dir)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary(
+        out=out_csv, n_inputs=len(items), threshold=predictor.threshold,
+        threshold_source=predictor.threshold_source, preprocess=predictor.preprocess_desc,
+        explain_dir=Path(explain_dir) if explain_dir else None,
+    )  # fmt: skip
+    classes = predictor.classes
+    tmp = out_csv.with_name(f".{out_csv.name}.partial")
+    rows: dict[int, dict[str, Any]] = {}  # finished rows waiting for earlier ones (input order)
+    next_row = 0
+    groups: dict[tuple[int, int], list[tuple[int, InputItem, np.ndarray]]] = {}
+    max_pending = 4 * batch_size  # bound on decoded images held across size groups
+
+    def base_row(item: InputItem) -> dict[str, Any]:
+        return {
+            "path": str(item.path), "status": "", "decision": "", "threshold": predictor.threshold,
+            "threshold_source": predictor.threshold_source, "flags": "", "error": "",
+        }  # fmt: skip
+
+    def run_group(key: tuple[int, int]) -> None:
+        batch = groups.pop(key)
+        probs = predictor.predict_arrays([img for _, _, img in batch])
+        decisions = predictor.decide(probs)
+        for (i, _item, _img), p, dec in zip(batch, probs, decisions):
+            row = rows[i]
+            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
+            row["decision"], row["status"] = dec, "ok"
+            summary.n_predicted += 1
+        if explainer is not None:
+            explainer.explain([img for _, _, img in batch], [item.path for _, item, _ in batch])
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress) if tqdm else None
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
+        writer.writeheader()
+
+        def flush_ready() -> None:
+            nonlocal next_row
+            while next_row in rows and rows[next_row]["status"]:
+                writer.writerow(rows.pop(next_row))
+                next_row += 1
+
+        for i, (item, img, err) in enumerate(iter_images(items)):
+            row = rows[i] = base_row(item)
+            if img is None:
+                row["status"], row["error"] = "error", err
+                summary.n_errors += 1
+                if len(summary.errors) < 20:
+                    summary.errors.append((str(item.path), err))
+            else:
+                if tissue_check:
+                    tc = check_tile(img, tissue_thresholds)
+                    row["tissue_fraction"] = f"{tc.tissue_fraction:.4f}"
+                    row["pen_fraction"] = f"{tc.pen_fraction:.4f}"
+                    row["flags"] = ";".join(tc.flags)
+                    if tc.flags:
+                        row["status"], row["decision"] = NOT_ASSESSABLE, NOT_ASSESSABLE
+                        summary.n_not_assessable += 1
+                if not row["status"]:
+                    key = img.shape[:2]
+                    groups.setdefault(key, []).append((i, item, img))
+                    if len(groups[key]) >= batch_size:
+                        run_group(key)
+                    elif sum(len(g) for g in groups.values()) >= max_pending:
+                        run_group(max(groups, key=lambda k: len(groups[k])))
+            flush_ready()
+            if bar is not None:
+                bar.update(1)
+        for key in list(groups):
+            run_group(key)
+        flush_ready()
+    if bar is not None:
+        bar.close()
+    os.replace(tmp, out_csv)
+    log.info(
+        "wrote %s: %d predicted, %d not assessable, %d errors (threshold %.4g from %s)",
+        out_csv, summary.n_predicted, summary.n_not_assessable, summary.n_errors,
+        summary.threshold, summary.threshold_source,
+    )  # fmt: skip
+    if summary.n_predicted + summary.n_not_assessable == 0:
+        raise InputDataError(
+            f"none of the {len(items)} inputs could be read (reasons per file in {out_csv}; "
+            f"first: {summary.errors[0][0]}: {summary.errors[0][1]})"
+        )
+    return summary

@@ -1,0 +1,364 @@
+"""Whole-slide inference: tissue mask, tiling at the model's patch scale, heatmap and GeoJSON.
+
+Scale: the model was trained on patches of ``tile`` pixels at ``mpp`` microns per pixel. For IDC
+(Janowczyk & Madabhushi 2016) the 50x50 patches were cut from 40x slides (~0.25 um/px) downsampled
+16x, i.e. ~4 um/px (a "2.5x" view): the default is ``mpp = 4.0``, ``tile = 50``, unless run.json
+states ``patch_mpp`` / ``patch_px``. With ``--level`` the slide's own pyramid level is used as is
+(no microns needed), tiles of ``--tile`` pixels at that level.
+
+Each grid cell (non-overlapping; partial edge cells are skipped) is read at the pyramid level whose
+resolution is the closest finer one, resized to ``tile`` pixels (area averaging), tissue-checked and,
+when assessable, classified in batches with the run's preprocessing.
+
+Outputs (in ``out_dir``): ``tiles.csv``, ``heatmap.png`` (positive-class probability over the
+thumbnail), ``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (level-0 pixel
+coordinates; tiles at or above the threshold merged into regions) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmafnet.errors import ConfigError, InputDataError
+from cmafnet.inference.predict import Predictor
+from cmafnet.inference.tissue import (
+    DEFAULT_THRESHOLDS,
+    NOT_ASSESSABLE,
+    TissueThresholds,
+    check_tile,
+    tissue_mask,
+)
+from cmafnet.run import atomic_write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+IDC_PATCH_MPP = 4.0  # ~0.25 um/px (40x) x 16 downsampling
+IDC_PATCH_PX = 50
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a slide is cut: level-0 footprint per tile, the level read, the pixel size fed on."""
+
+    level: int  # pyramid level read
+    read_px: int  # tile edge in pixels at ``level``
+    tile_px: int  # tile edge after resizing (what the predictor gets)
+    size0: int  # tile edge in level-0 pixels (grid step)
+    cols: int
+    rows: int
+    mpp: float | None  # microns per pixel of the tiles fed to the model (None if the slide states none)
+    source: str  # "mpp" | "level"
+
+
+def open_slide(path: str | Path) -> Any:
+    """Open a slide with OpenSlide; unsupported or missing files raise :class:`InputDataError`."""
+    try:
+        import openslide
+    except ImportError as err:  # pragma: no cover - wsi extra missing
+        raise ConfigError(f"whole-slide inference needs openslide-python and openslide-bin ({err})") from None
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"{path}: slide not found")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise InputDataError(
+            f"{path}: unsupported slide format (OpenSlide reads Aperio .svs, Hamamatsu .ndpi/.vms, Leica .scn, "
+            "MIRAX .mrxs, Philips TIFF, Sakura .svslide, Ventana .bif, generic tiled TIFF, DICOM; "
+            "for a plain image of patches use 'cmafnet predict')"
+        ) from None
+    except openslide.OpenSlideError as err:
+        raise InputDataError(f"{path}: slide cannot be read ({err})") from None
+
+
+def slide_mpp(slide: Any) -> float | None:
+    """Level-0 microns per pixel (mean of x and y) if the slide states it."""
+    import openslide
+
+    try:
+        x = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+        y = float(slide.properties[openslide.PROPERTY_NAME_MPP_Y])
+    except (KeyError, ValueError):
+        return None
+    return (x + y) / 2 if x > 0 and y > 0 else None
+
+
+def plan_tiling(
+    slide: Any,
+    *,
+    level: int | None = None,
+    mpp: float | None = None,
+    tile: int | None = None,
+    meta: dict | None = None,
+) -> TilePlan:
+    """Choose the tiling; ``level`` and ``mpp`` are exclusive (``mpp`` is the default path)."""
+    meta = meta or {}
+    w0, h0 = slide.dimensions
+    if level is not None and mpp is not None:
+        raise ConfigError("give either --level or --mpp, not both")
+    if tile is not None and tile < 8:
+        raise ConfigError(f"--tile must be >= 8 pixels, got {tile}")
+    base_mpp = slide_mpp(slide)
+    if level is not None:
+        if not 0 <= level < slide.level_count:
+            raise ConfigError(f"--level {level}: the slide has levels 0..{slide.level_count - 1}")
+        tile_px = tile or int(meta.get("patch_px", IDC_PATCH_PX))
+        ds = float(slide.level_downsamples[level])
+        size0 = round(tile_px * ds)
+        eff_mpp = base_mpp * ds if base_mpp else None
+        plan = TilePlan(level, tile_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, "level")
+    else:
+        target = float(mpp if mpp is not None else meta.get("patch_mpp", IDC_PATCH_MPP))
+        if target <= 0:
+            raise ConfigError(f"--mpp must be > 0, got {target}")
+        if base_mpp is None:
+            raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
+        tile_px = tile or int(meta.get("patch_px", IDC_PATCH_PX))
+        ds_target = target / base_mpp  # level-0 pixels per model pixel
+        if ds_target < 1 - 1e-6:
+            log.warning(
+                "target %.3g um/px is finer than the slide's %.3g um/px: tiles will be upsampled",
+                target,
+                base_mpp,
+            )
+        size0 = max(1, round(tile_px * ds_target))
+        lvl = slide.get_best_level_for_downsample(max(ds_target, 1.0))
+        read_px = max(1, round(size0 / float(slide.level_downsamples[lvl])))
+        plan = TilePlan(lvl, read_px, tile_px, size0, w0 // size0, h0 // size0, target, "mpp")
+    if plan.cols == 0 or plan.rows == 0:
+        raise InputDataError(
+            f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --mpp or --level"
+        )
+    return plan
+
+
+def _read_tile(slide: Any, plan: TilePlan, col: int, row: int) -> np.ndarray:
+    """RGB uint8 ``(tile_px, tile_px, 3)`` of one grid cell."""
+    from PIL import Image
+
+    region = slide.read_region((col * plan.size0, row * plan.size0), plan.level, (plan.read_px, plan.read_px))
+    # OpenSlide returns premultiplied RGBA; outside-scan areas are transparent: paint them white (glass).
+    bg = Image.new("RGB", region.size, (255, 255, 255))
+    bg.paste(region, mask=region.split()[3])
+    if plan.read_px != plan.tile_px:
+        bg = bg.resize(
+            (plan.tile_px, plan.tile_px),
+            Image.Resampling.BOX if plan.read_px > plan.tile_px else Image.Resampling.BICUBIC,
+        )
+    return np.asarray(bg)
+
+
+def _thumbnail(slide: Any, plan: TilePlan, max_side: int = 1024) -> tuple[np.ndarray, float]:
+    """Thumbnail (RGB uint8) and its downsample from level 0 (at least 4 thumbnail px per tile)."""
+    from PIL import Image
+
+    w0, h0 = slide.dimensions
+    ds = max(1.0, min(max(w0, h0) / max_side, plan.size0 / 4))
+    size = (max(1, round(w0 / ds)), max(1, round(h0 / ds)))
+    thumb = slide.get_thumbnail(size).convert("RGBA")
+    bg = Image.new("RGB", thumb.size, (255, 255, 255))
+    bg.paste(thumb, mask=thumb.split()[3])
+    arr = np.asarray(bg)
+    return arr, w0 / arr.shape[1]
+
+
+def _regions_geojson(rows: list[dict], plan: TilePlan, positive: str, prob_key: str) -> dict:
+    """FeatureCollection of positive regions (level-0 px): merged tiles (shapely) or one square each."""
+    pos = [r for r in rows if r["decision"] == positive]
+    boxes = [(r["x"], r["y"], r["x"] + plan.size0, r["y"] + plan.size0, float(r[prob_key])) for r in pos]
+    features = []
+    try:
+        from shapely.geometry import box, mapping
+        from shapely.ops import unary_union
+    except ImportError:  # pragma: no cover - shapely is in the wsi extra
+        for x0, y0, x1, y1, p in boxes:
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                             "properties": {"classification": {"name": positive}, "n_tiles": 1, "mean_prob": p, "max_prob": p}})  # fmt: skip
+        return {"type": "FeatureCollection", "features": features}
+    if boxes:
+        merged = unary_union([box(x0, y0, x1, y1) for x0, y0, x1, y1, _ in boxes])
+        polys = list(getattr(merged, "geoms", [merged]))
+        for poly in polys:
+            ps = [p for x0, y0, x1, y1, p in boxes if poly.contains(box(x0, y0, x1, y1).centroid)]
+            features.append({
+                "type": "Feature", "geometry": mapping(poly),
+                "properties": {"classification": {"name": positive}, "n_tiles": len(ps),
+                               "mean_prob": float(np.mean(ps)), "max_prob": float(np.max(ps)),
+                               "area_px0": float(poly.area)},
+            })  # fmt: skip
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _heatmap_png(thumb: np.ndarray, grid: np.ndarray, plan: TilePlan, thumb_ds: float) -> np.ndarray:
+    """Blend the positive-probability grid (rows, cols; NaN = not classified) over the thumbnail."""
+    import matplotlib
+    from PIL import Image
+
+    cmap = matplotlib.colormaps["jet"]
+    h, w = thumb.shape[:2]
+    rgba = cmap(np.nan_to_num(grid, nan=0.0))  # (rows, cols, 4) in [0, 1]
+    rgba[..., 3] = np.where(np.isnan(grid), 0.0, 0.45)
+    # Upsample the grid to the covered thumbnail area with nearest neighbour (one colour per tile).
+    cov_w, cov_h = round(plan.cols * plan.size0 / thumb_ds), round(plan.rows * plan.size0 / thumb_ds)
+    over = Image.fromarray((rgba * 255).astype(np.uint8), "RGBA").resize(
+        (max(cov_w, 1), max(cov_h, 1)), Image.Resampling.NEAREST
+    )
+    base = Image.fromarray(thumb).convert("RGBA")
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    layer.paste(over, (0, 0))
+    return np.asarray(Image.alpha_composite(base, layer).convert("RGB"))
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class WSISummary:
+    slide: str
+    out_dir: str
+    dimensions: tuple[int, int]
+    slide_mpp: float | None
+    plan: dict
+    n_tiles: int
+    n_tissue: int
+    n_classified: int
+    n_not_assessable: int
+    n_positive: int
+    n_regions: int
+    threshold: float
+    threshold_source: str
+    preprocess: str
+
+
+def predict_slide(
+    run_dir: str | Path,
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    level: int | None = None,
+    mpp: float | None = None,
+    tile: int | None = None,
+    batch_size: int = 64,
+    device: str | None = "auto",
+    threshold: float | None = None,
+    tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
+    progress: bool = True,
+) -> WSISummary:
+    """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks."""
+    slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
+    if batch_size < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
+    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold)
+    if len(predictor.classes) != 2:
+        raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
+    plan = plan_tiling(slide, level=level, mpp=mpp, tile=tile, meta=predictor.run.meta)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thumb, tds = _thumbnail(slide, plan)
+    mask = tissue_mask(thumb, tissue_thresholds)  # (h, w) bool
+    positive = predictor.classes[1]
+    prob_key = f"prob_{positive}"
+
+    rows: list[dict[str, Any]] = []
+    for r in range(plan.rows):
+        for c in range(plan.cols):
+            x, y = c * plan.size0, r * plan.size0
+            # Tissue fraction of the cell on the thumbnail mask: cheap pre-filter, no slide read.
+            ys, ye = int(y / tds), max(int(y / tds) + 1, math.ceil((y + plan.size0) / tds))
+            xs, xe = int(x / tds), max(int(x / tds) + 1, math.ceil((x + plan.size0) / tds))
+            frac = float(mask[ys:ye, xs:xe].mean()) if mask[ys:ye, xs:xe].size else 0.0
+            rows.append({"col": c, "row": r, "x": x, "y": y, "size0": plan.size0, "level": plan.level,
+                         "read_px": plan.read_px, "tile_px": plan.tile_px, "thumb_tissue": round(frac, 4),
+                         "status": "", "decision": "", "flags": ""})  # fmt: skip
+    todo = []
+    for row in rows:
+        if row["thumb_tissue"] < tissue_thresholds.background_fraction:
+            row["status"], row["decision"], row["flags"] = (
+                NOT_ASSESSABLE,
+                NOT_ASSESSABLE,
+                f"{NOT_ASSESSABLE}:background",
+            )
+        else:
+            todo.append(row)
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress) if tqdm else None
+    batch_imgs: list[np.ndarray] = []
+    batch_rows: list[dict] = []
+
+    def flush() -> None:
+        if not batch_imgs:
+            return
+        probs = predictor.predict_arrays(batch_imgs)
+        for row, p, dec in zip(batch_rows, probs, predictor.decide(probs)):
+            row.update({f"prob_{k}": round(float(v), 6) for k, v in zip(predictor.classes, p)})
+            row["status"], row["decision"] = "ok", dec
+        batch_imgs.clear()
+        batch_rows.clear()
+
+    for row in todo:
+        img = _read_tile(slide, plan, row["col"], row["row"])
+        tc = check_tile(img, tissue_thresholds)
+        row["tissue_fraction"], row["pen_fraction"] = round(tc.tissue_fraction, 4), round(tc.pen_fraction, 4)
+        if tc.flags:
+            row["status"], row["decision"], row["flags"] = NOT_ASSESSABLE, NOT_ASSESSABLE, ";".join(tc.flags)
+        else:
+            batch_imgs.append(img)
+            batch_rows.append(row)
+            if len(batch_imgs) >= batch_size:
+                flush()
+        if bar is not None:
+            bar.update(1)
+    flush()
+    if bar is not None:
+        bar.close()
+
+    grid = np.full((plan.rows, plan.cols), np.nan)
+    for row in rows:
+        if row["status"] == "ok":
+            grid[row["row"], row["col"]] = row[prob_key]
+    cols = ["col", "row", "x", "y", "size0", "level", "read_px", "tile_px", "thumb_tissue", "tissue_fraction",
+            "pen_fraction", "status", *[f"prob_{k}" for k in predictor.classes], "decision", "flags"]  # fmt: skip
+    tiles_csv = out_dir / "tiles.csv"
+    tmp = tiles_csv.with_name(".tiles.csv.partial")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(tiles_csv)
+    atomic_write_bytes(out_dir / "thumbnail.png", _png_bytes(thumb))
+    atomic_write_bytes(out_dir / "mask.png", _png_bytes((mask * 255).astype(np.uint8)))
+    atomic_write_bytes(out_dir / "heatmap.png", _png_bytes(_heatmap_png(thumb, grid, plan, tds)))
+    geo = _regions_geojson([r for r in rows if r["status"] == "ok"], plan, positive, prob_key)
+    atomic_write_bytes(out_dir / "positive.geojson", (json.dumps(geo) + "\n").encode())
+    summary = WSISummary(
+        slide=str(slide_path), out_dir=str(out_dir), dimensions=tuple(slide.dimensions), slide_mpp=slide_mpp(slide),
+        plan=asdict(plan), n_tiles=len(rows), n_tissue=len(todo),
+        n_classified=sum(r["status"] == "ok" for r in rows),
+        n_not_assessable=sum(r["status"] == NOT_ASSESSABLE for r in rows),
+        n_positive=sum(r["decision"] == positive for r in rows), n_regions=len(geo["features"]),
+        threshold=predictor.threshold, threshold_source=predictor.threshold_source,
+        preprocess=predictor.preprocess_desc,
+    )  # fmt: skip
+    write_json(out_dir / "summary.json", asdict(summary))
+    slide.close()
+    return summary
