@@ -1,0 +1,138 @@
+"""One optimiser update: autocast forward, (SAM) backward passes, clipping, non-finite skip.
+
+The order of operations under a ``GradScaler`` (fp16) is the delicate part::
+
+    pass 1   scaled backward -> unscale by hand -> finite? -> SAM perturb (w + e)
+    pass 2   scaled backward at w + e -> restore w -> scaler.unscale_ -> clip -> finite? -> step
+    scaler.update()   (backs the scale off when either pass overflowed)
+
+Both passes skip consistently: a non-finite gradient in either pass leaves the weights, the
+optimiser moments and the clipping history untouched and counts as one skipped step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cmafnet.training.clipping import GradClipper
+from cmafnet.training.sam import SAM, grads_finite, unscale_grads
+
+LossFn = Callable[[object, Tensor], tuple[Tensor, dict]]
+
+
+@dataclass
+class StepResult:
+    skipped: bool
+    loss: float  # the loss of pass 1 (NaN when skipped because of it)
+    terms: dict[str, float]
+    grad_norm: float  # total norm before clipping (pass 2 with SAM)
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for the device type; a no-op context for ``amp: none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
+    """Restrict ``scaled_dot_product_attention`` to one backend; ``auto`` lets torch choose."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel(kinds[backend])
+
+
+def _to_floats(terms: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in terms.items()}
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """With DDP, a step is skipped on every rank when it must be skipped on any."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def train_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    *,
+    clipper: GradClipper,
+    scaler: torch.amp.GradScaler | None = None,
+    sam: SAM | None = None,
+    amp: str = "none",
+    sdpa_backend: str = "auto",
+) -> StepResult:
+    """One update of ``params`` on the batch ``(x, y)``; see the module docstring for the order.
+
+    Args:
+        model: the module to call (possibly DDP-wrapped or compiled); called as
+            ``model(x, return_aux=True)`` and the output passed to ``loss_fn(out, y)``.
+        params: the trainable parameters (what ``optimizer`` updates).
+        scaler: an enabled GradScaler for fp16, else ``None``.
+        sam: the SAM helper, or ``None`` for a plain step.
+    """
+    device = x.device
+    use_scaler = scaler is not None and scaler.is_enabled()
+
+    def forward_backward() -> tuple[Tensor, dict]:
+        with autocast_context(device, amp), sdpa_context(sdpa_backend):
+            out = model(x, return_aux=True)
+            loss, terms = loss_fn(out, y)
+        (scaler.scale(loss) if use_scaler else loss).backward()
+        return loss, terms
+
+    optimizer.zero_grad(set_to_none=True)
+    loss, terms = forward_backward()
+    loss_value = float(loss.detach())
+
+    if sam is not None and sam.rho > 0:
+        unscale_grads(params, scaler)
+        bad = _agree(not (grads_finite(params) and torch.isfinite(loss.detach()).item()), device)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            if use_scaler:  # no unscale_ was recorded: back the scale off explicitly
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            return StepResult(True, loss_value, _to_floats(terms), float("nan"))
+        sam.perturb()
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            forward_backward()
+        finally:
+            sam.restore()  # back to w, keeping the gradient taken at w + e
+
+    if use_scaler:
+        scaler.unscale_(optimizer)
+    norm = clipper(params)
+    bad = _agree(not (torch.isfinite(norm).item() and torch.isfinite(loss.detach()).item()), device)
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        if use_scaler:
+            scaler.update()  # sees the inf recorded by unscale_ (or none: then the scale stays)
+        return StepResult(True, loss_value, _to_floats(terms), float(norm))
+    if use_scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(False, loss_value, _to_floats(terms), float(norm))
