@@ -1,16 +1,120 @@
-"""`cmafnet experiment` (placeholder: replaced by the module that implements it)."""
+"""`cmafnet experiment`: reproduce one of the paper's tables (train, evaluate, aggregate), resumably."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cmafnet.errors import CmafnetError
+from cmafnet.errors import ConfigError
+
+TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="(not yet available)")
+    p = sub.add_parser(
+        "experiment",
+        help="run a paper table (table1..table8): train, evaluate, aggregate beside the paper's numbers",
+        description="Expand a paper table into independent runs, do this shard's runs (finished ones are "
+        "skipped, unfinished ones resumed), then aggregate every finished run into the paper's layout "
+        "(mean ± std over seeds, ours beside the paper's) with its figure. Rerun the same command after "
+        "an interruption. See docs/experiments.md.",
+    )
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(TABLE_NAMES)}")
+    p.add_argument("--list", action="store_true", help="list the tables, their runs and GPU cost, then exit")
+    p.add_argument("--store", type=Path, help="IDC store (from 'cmafnet ingest')")
+    p.add_argument("--split", type=Path, help="IDC split file (default: made once under --out, seed 0)")
+    p.add_argument("--breakhis-store", type=Path, help="BreakHis store (Tables 3-5)")
+    p.add_argument("--breakhis-split", type=Path, help="BreakHis split file (default: made once, by subtype)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5, as the paper)")
+    p.add_argument("--shard", help="i/n: do only runs with index = i mod n (0-based) of the sorted run list")
+    p.add_argument(
+        "--scale", choices=("smoke", "paper"), default="paper", help="paper (default) or smoke (tiny)"
+    )
+    p.add_argument(
+        "--only", nargs="+", metavar="GLOB", help="only runs whose id or row matches (e.g. 'resnet50*')"
+    )
+    p.add_argument(
+        "--out", type=Path, help="experiment folder (runs are shared between tables in one folder)"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
+    p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
     p.set_defaults(func=run)
 
 
+def _list(seeds: int) -> int:
+    from cmafnet.experiments.cost import anchor_rates, table_cost
+    from cmafnet.experiments.tables import TABLES, expand
+
+    rates, source = anchor_rates()
+    print(f"{'table':<8} {'runs':>5}  {'x seeds':>8}  {'GPU-h (1 GPU)':>13}  title")
+    total = 0.0
+    every = []
+    for name, t in TABLES.items():
+        specs = expand(name, seeds, "paper")
+        every += specs
+        n_rows = len({s.config_key for s in specs})
+        hours = table_cost(specs, rates)
+        total += hours
+        seeds_txt = f"x{seeds}" if t.seeded else "x1"
+        print(f"{name:<8} {n_rows:>5}  {seeds_txt + ' = ' + str(len(specs)):>8}  {hours:>13.1f}  {t.title}")
+    print(
+        f"sum of tables: {total:.1f} GPU-h (runs shared between tables are counted in each; run them in one --out)"
+    )
+    print(
+        f"Assumptions: throughputs from {source}; 100 epochs per run (no early stopping), one validation pass "
+        "per epoch; IDC 194k train / 28k val / 56k test images; CMAF-Net at half the naive dual-branch proxy "
+        "speed (SAM: two passes); TransFuse/MMTM/HRFNet estimated from their parts. --scale smoke runs take "
+        "seconds to minutes on a CPU."
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    raise CmafnetError("'cmafnet experiment' is not implemented yet")
+    from cmafnet.experiments.spec import parse_shard
+
+    if args.list:
+        return _list(args.seeds)
+    if not args.name:
+        raise ConfigError("name a table (table1..table8) or pass --list")
+    if args.name not in TABLE_NAMES:
+        from cmafnet.registry import suggest
+
+        raise ConfigError(f"unknown table '{args.name}'.{suggest(args.name, list(TABLE_NAMES))}")
+    if args.out is None:
+        raise ConfigError("--out is required (the experiment folder)")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    shard = parse_shard(args.shard)
+
+    from cmafnet.experiments.aggregate import aggregate
+    from cmafnet.experiments.runner import Context, run_table
+
+    ctx = Context(
+        out=args.out,
+        store=args.store,
+        split=args.split,
+        breakhis_store=args.breakhis_store,
+        breakhis_split=args.breakhis_split,
+        device=args.device,
+        scale=args.scale,
+    )
+    if not args.aggregate_only:
+        s = run_table(args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run)
+        print(
+            f"{args.name}: {s.total} runs in the table, {s.selected} in shard {shard[0]}/{shard[1]}: "
+            f"{len(s.trained)} trained, {len(s.resumed)} resumed, {len(s.skipped)} already finished, "
+            f"{len(s.evaluated)} evaluated"
+        )
+        for line in s.planned:
+            print(f"  would {line}")
+        if args.dry_run:
+            return 0
+    if args.no_aggregate:
+        return 0
+    table, paths = aggregate(args.name, args.out, seeds=args.seeds, scale=args.scale)
+    print(table.markdown())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

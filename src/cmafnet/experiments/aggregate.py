@@ -1,0 +1,446 @@
+"""Aggregate finished runs into the paper's layout: mean ± std over seeds, ours beside the paper's.
+
+Each table becomes ``<out>/<table>/table.md`` (human), ``table.csv`` (one line per cell, ours and
+paper as numbers), ``table.json`` and ``figure.png``. Cells with fewer finished seeds than planned
+say so (``n=3/5``); cells without any finished run print ``…``. Our metrics are fractions; they are
+printed in the paper's unit (percent or fraction, from ``paper_numbers.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmafnet.evaluation.paper import find_row, format_paper_cell, paper_table
+from cmafnet.experiments.runner import load_results
+from cmafnet.experiments.spec import RunSpec, Scale
+from cmafnet.experiments.tables import get_table
+from cmafnet.run import atomic_write_bytes, write_json
+
+MAGS = ("40X", "100X", "200X", "400X")
+
+
+@dataclass
+class Cell:
+    values: list[float]  # one per finished seed, in the column's display unit
+    planned: int
+    paper: Any = None  # the paper's cell as stored (number, {mean, std} or None)
+    digits: int = 2
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
+
+    def text(self) -> str:
+        if not self.values:
+            return "…"
+        s = f"{self.mean:.{self.digits}f}"
+        if self.std is not None:
+            s += f" ± {self.std:.{self.digits}f}"
+        if len(self.values) < self.planned:
+            s += f" (n={len(self.values)}/{self.planned})"
+        return s
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    row_header: str
+    columns: list[tuple[str, str]]  # (key, header)
+    rows: list[tuple[str, dict[str, Cell]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        head = [self.row_header]
+        for _, h in self.columns:
+            head += [f"{h} (ours)", f"{h} (paper)"]
+        lines = [
+            f"## {self.name}: {self.title}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for label, cells in self.rows:
+            out = [label]
+            for key, _ in self.columns:
+                c = cells.get(key)
+                out += [c.text() if c else "", format_paper_cell(c.paper) if c else ""]
+            lines.append("| " + " | ".join(out) + " |")
+        if self.notes:
+            lines += ["", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
+    def records(self) -> list[dict]:
+        recs = []
+        for label, cells in self.rows:
+            for key, header in self.columns:
+                c = cells.get(key)
+                if c is None:
+                    continue
+                paper = c.paper.get("mean") if isinstance(c.paper, dict) else c.paper
+                recs.append(
+                    {
+                        "row": label,
+                        "column": key,
+                        "header": header,
+                        "ours_mean": c.mean,
+                        "ours_std": c.std,
+                        "n": len(c.values),
+                        "planned": c.planned,
+                        "paper": paper if isinstance(paper, (int, float)) else None,
+                    }
+                )
+        return recs
+
+
+def _scale(unit: str) -> float:
+    return 100.0 if unit == "percent" else 1.0
+
+
+def _digits(unit: str) -> int:
+    return 2 if unit in ("percent", "millions", "epochs") else 3
+
+
+def _group(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str, str | None], list[dict]]:
+    """(row key, column) -> finished result documents (one per seed); planned counts alongside."""
+    out: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
+    for spec, res in results:
+        out[(spec.row, spec.column)]
+        if res is not None:
+            out[(spec.row, spec.column)].append(res)
+    return out
+
+
+def _planned(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str, str | None], int]:
+    cnt: dict[tuple[str, str | None], int] = defaultdict(int)
+    for spec, _ in results:
+        cnt[(spec.row, spec.column)] += 1
+    return cnt
+
+
+def _get(doc: dict, path: str) -> Any:
+    cur: Any = doc
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _cell(docs: list[dict], path: str | Callable[[dict], Any], planned: int, unit: str, paper: Any) -> Cell:
+    vals = []
+    for d in docs:
+        v = path(d) if callable(path) else _get(d, path)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+            vals.append(float(v) * (_scale(unit) if unit in ("percent",) else 1.0))
+    return Cell(vals, planned, paper, _digits(unit))
+
+
+def _paper_row(table: str, **match: str) -> dict:
+    try:
+        return find_row(table, **match) or {}
+    except Exception:  # the paper table may lack this row (e.g. a row we added)
+        return {}
+
+
+# ----------------------------------------------------------------------------------------- tables
+def _rows_by_method(
+    name: str, seeds: int, scale: Scale, out: Path, metrics: list[tuple[str, str, str]]
+) -> Table:
+    """Tables 1, 6: one row per method/ablation, one column per metric."""
+    t = get_table(name)
+    pt = paper_table(name)
+    units = pt["units"]
+    header = dict(zip(pt["columns"], pt["header"][1:], strict=False))
+    results = load_results(name, out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    label_field = "configuration" if name == "table6" else "method"
+    table = Table(name, t.title, "Configuration" if name == "table6" else "Method", [])
+    table.columns = [(k, header.get(k, k)) for k, _, _ in metrics]
+    for row in t.rows:
+        prow = _paper_row(name, **{label_field: row.paper_label or row.name})
+        cells = {}
+        for key, path, unit_key in metrics:
+            cells[key] = _cell(
+                groups[(row.key, None)],
+                path,
+                planned[(row.key, None)],
+                units.get(unit_key, "fraction"),
+                prow.get(key),
+            )
+        table.rows.append((row.name, cells))
+    return table
+
+
+def table1(seeds: int, scale: Scale, out: Path) -> Table:
+    m = [
+        (k, f"metrics.{k}", k)
+        for k in ("sensitivity", "specificity", "balanced_accuracy", "auprc", "mcc", "f1")
+    ]
+    m.append(("params_m", "params_m", "params_m"))
+    tab = _rows_by_method("table1", seeds, scale, out, m)
+    tab.notes.append("Metrics on the IDC test split at threshold 0.5 (argmax).")
+    return tab
+
+
+def table6(seeds: int, scale: Scale, out: Path) -> Table:
+    m = [(k, f"metrics.{k}", k) for k in ("sensitivity", "specificity", "balanced_accuracy", "auprc")]
+    tab = _rows_by_method("table6", seeds, scale, out, m)
+    full = tab.rows[0][1]["sensitivity"].mean
+    for label, cells in tab.rows:
+        prow = _paper_row("table6", configuration=label)
+        s = cells["sensitivity"].mean
+        delta = [] if (s is None or full is None or label == tab.rows[0][0]) else [s - full]
+        cells["delta_sensitivity"] = Cell(delta, 1, prow.get("delta_sensitivity"), 2)
+    tab.columns.append(("delta_sensitivity", "Δ Sens"))
+    tab.notes.append("Δ Sens: difference of mean sensitivities to the Full row (percentage points).")
+    return tab
+
+
+def table2(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table2")
+    pt = paper_table("table2")
+    results = load_results("table2", out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    cols = [("70:30" if c is None else c, "70:30 (original)" if c is None else c) for c in t.columns]
+    tab = Table("table2", t.title, "Method", cols)
+    for row in t.rows:
+        prow = _paper_row("table2", method=row.paper_label or row.name)
+        cells = {
+            key: _cell(
+                groups[(row.key, col)],
+                "metrics.sensitivity",
+                planned[(row.key, col)],
+                "percent",
+                prow.get(key),
+            )
+            for (key, _), col in zip(cols, t.columns, strict=True)
+        }
+        tab.rows.append((row.name, cells))
+    # relative retention of CMAF-Net (last row), as in the paper
+    last = tab.rows[-1][1]
+    base = last["70:30"].mean
+    prow = _paper_row("table2", method="Relative Retention (%)")
+    ret = {
+        k: Cell(
+            [] if (base is None or last[k].mean is None) else [100 * last[k].mean / base], 1, prow.get(k), 1
+        )
+        for k, _ in cols
+    }
+    tab.rows.append(("Relative retention of CMAF-Net (%)", ret))
+    tab.notes.append(f"Sensitivity (%) on the natural-ratio test split; paper caption: {pt['caption']}")
+    return tab
+
+
+def table3(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table3")
+    results = load_results("table3", out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    cols = [(m, m.replace("X", "×")) for m in MAGS] + [("average", "Average"), ("std_dev", "Std Dev")]
+    tab = Table("table3", t.title, "Method", cols)
+    for row in t.rows:
+        prow = _paper_row("table3", method=row.paper_label or row.name)
+        docs, n = groups[(row.key, None)], planned[(row.key, None)]
+        cells = {m: _cell(docs, f"by_magnification.{m}.sensitivity", n, "percent", prow.get(m)) for m in MAGS}
+        means = [cells[m].mean for m in MAGS if cells[m].mean is not None]
+        cells["average"] = Cell([float(np.mean(means))] if means else [], 1, prow.get("average"))
+        cells["std_dev"] = Cell(
+            [float(np.std(means, ddof=1))] if len(means) > 1 else [], 1, prow.get("std_dev")
+        )
+        tab.rows.append((row.name, cells))
+    tab.notes.append(
+        "Sensitivity (%) of the IDC-trained runs applied to every BreakHis image (binary benign/malignant); "
+        "the paper's Fig. 5 gives these values as sensitivities. Average / Std Dev are over magnifications."
+    )
+    return tab
+
+
+def table4(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table4")
+    pt = paper_table("table4")
+    units = pt["units"]
+    results = load_results("table4", out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    keys = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc")
+    tab = Table(
+        "table4",
+        t.title,
+        "Method / magnification",
+        [(k, h) for k, h in zip(keys, pt["header"][2:], strict=False)],
+    )
+    for row in t.rows:
+        docs, n = groups[(row.key, None)], planned[(row.key, None)]
+        for m in MAGS:
+            prow = _paper_row("table4", method=row.paper_label or row.name, magnification=m)
+            cells = {
+                k: _cell(docs, f"by_magnification.{m}.{k}", n, units.get(k, "fraction"), prow.get(k))
+                for k in keys
+            }
+            tab.rows.append((f"{row.name} {m.replace('X', '×')}", cells))
+    tab.notes.append(
+        "One 8-class model per method and seed on all magnifications, evaluated per magnification."
+    )
+    return tab
+
+
+def _recall_of(doc: dict, code: str, name: str) -> float | None:
+    pcr = _get(doc, "metrics.per_class_recall")
+    classes = [str(c) for c in doc.get("classes") or []]
+    wanted = {code.lower(), name.lower(), name.lower().replace(" ", "_")}
+    if isinstance(pcr, dict):
+        for k, v in pcr.items():
+            if str(k).lower() in wanted:
+                return v
+    elif isinstance(pcr, list) and len(pcr) == len(classes):
+        for c, v in zip(classes, pcr, strict=True):
+            if c.lower() in wanted:
+                return v
+    return None
+
+
+def table5(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table5")
+    pt = paper_table("table5")
+    results = load_results("table5", out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    cols = [(r.paper_label or r.name, r.name) for r in t.rows]
+    tab = Table("table5", t.title, "Subtype", cols)
+    for prow in pt["rows"]:
+        code, sname = prow["subtype"], prow["subtype_name"]
+        cells = {}
+        for (key, _), row in zip(cols, t.rows, strict=True):
+            cells[key] = _cell(
+                groups[(row.key, None)],
+                lambda d, c=code, s=sname: _recall_of(d, c, s),
+                planned[(row.key, None)],
+                "percent",
+                prow.get(key),
+            )
+        tab.rows.append((f"{sname} ({code})", cells))
+    tab.notes.append("Recall (%) per subtype on the BreakHis test split (all magnifications).")
+    return tab
+
+
+def table7(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table7")
+    results = load_results("table7", out, seeds, scale)
+    groups, planned = _group(results), _planned(results)
+    cols = [
+        ("convergence_epoch", "Conv. epoch"),
+        ("sensitivity", "Sensitivity"),
+        ("balanced_accuracy", "Balanced Acc."),
+        ("stability_sd", "Stability (sd)"),
+    ]
+    tab = Table("table7", t.title, "Initialization", cols)
+    for row in t.rows:
+        prow = _paper_row("table7", initialization=row.name)
+        docs, n = groups[(row.key, None)], planned[(row.key, None)]
+        cells = {
+            "convergence_epoch": _cell(docs, "convergence.epoch", n, "epochs", prow.get("convergence_epoch")),
+            "sensitivity": _cell(docs, "metrics.sensitivity", n, "percent", prow.get("sensitivity")),
+            "balanced_accuracy": _cell(
+                docs, "metrics.balanced_accuracy", n, "percent", prow.get("balanced_accuracy")
+            ),
+        }
+        stab = [v for v in (_get(d, "convergence.stability") for d in docs) if isinstance(v, (int, float))]
+        cells["stability_sd"] = Cell([float(np.mean(stab))] if stab else [], 1, prow.get("stability_sd"))
+        tab.rows.append((row.name, cells))
+    tab.notes.append(
+        "Conv. epoch: first epoch (over all stages) whose validation balanced accuracy reaches 90% of the final "
+        "epoch's, mean ± std over seeds. Stability: std (points) of validation balanced accuracy over the last "
+        "10 epochs, mean over seeds (the paper does not define its column)."
+    )
+    return tab
+
+
+def table8(seeds: int, scale: Scale, out: Path) -> Table:
+    t = get_table("table8")
+    results = load_results("table8", out, 1, scale)
+    groups, planned = _group(results), _planned(results)
+    cols = [
+        ("params_m", "Params (M)"),
+        ("flops_g", "GMACs"),
+        ("memory_gb", "Peak train memory (GiB)"),
+        ("train_img_s", "Train img/s"),
+        ("infer_img_s", "Infer img/s"),
+        ("fps", "Batch-1 FPS"),
+    ]
+    tab = Table("table8", t.title, "Method", cols)
+    for row in t.rows:
+        prow = _paper_row("table8", method=row.name)
+        docs, n = groups[(row.key, None)], planned[(row.key, None)]
+
+        def fps(d: dict) -> float | None:
+            lat = _get(d, "bench.latency_ms")
+            return 1000.0 / lat if isinstance(lat, (int, float)) and lat > 0 else None
+
+        cells = {
+            "params_m": _cell(docs, "bench.params_M", n, "millions", prow.get("params_m")),
+            "flops_g": _cell(docs, "bench.gmacs", n, "fraction", prow.get("flops_g")),
+            "memory_gb": _cell(docs, "bench.train_peak_GiB", n, "fraction", prow.get("memory_gb")),
+            "train_img_s": _cell(docs, "bench.train_img_s", n, "millions", None),
+            "infer_img_s": _cell(docs, "bench.infer_img_s", n, "millions", None),
+            "fps": _cell(docs, fps, n, "millions", prow.get("fps")),
+        }
+        tab.rows.append((row.name, cells))
+    dev = next((d.get("device") for docs in groups.values() for d in docs), None)
+    tab.notes.append(
+        f"Measured on {dev or '?'} by cmafnet.analysis.profiling. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
+        "the paper's FPS matches batch-1 latency (SPEC §7), compare it with our Batch-1 FPS."
+    )
+    return tab
+
+
+AGGREGATORS: dict[str, Callable[[int, Scale, Path], Table]] = {
+    "table1": table1,
+    "table2": table2,
+    "table3": table3,
+    "table4": table4,
+    "table5": table5,
+    "table6": table6,
+    "table7": table7,
+    "table8": table8,
+}
+
+
+def aggregate(name: str, out: Path, *, seeds: int, scale: Scale) -> tuple[Table, dict[str, Path]]:
+    """Build table ``name`` from the runs under ``out`` and write ``table.md/csv/json`` and ``figure.png``."""
+    from cmafnet.experiments.figures import FIGURES
+
+    table = AGGREGATORS[name](seeds, scale, Path(out))
+    folder = Path(out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": folder / "table.md", "csv": folder / "table.csv", "json": folder / "table.json"}
+    atomic_write_bytes(paths["markdown"], table.markdown().encode())
+    recs = table.records()
+    buf = io.StringIO()
+    w = csv.DictWriter(
+        buf, fieldnames=["row", "column", "header", "ours_mean", "ours_std", "n", "planned", "paper"]
+    )
+    w.writeheader()
+    w.writerows(recs)
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    write_json(
+        paths["json"], {"table": name, "title": table.title, "scale": scale, "seeds": seeds, "cells": recs}
+    )
+    fig = FIGURES[name](table, folder / "figure.png")
+    if fig is not None:
+        paths["figure"] = fig
+    return table, paths
+
+
+def dumps(table: Table) -> str:  # pragma: no cover - convenience
+    return json.dumps(table.records(), indent=2)

@@ -1,0 +1,121 @@
+"""Rough GPU cost of each table at paper scale, from measured anchor throughputs.
+
+Assumptions (printed by ``cmafnet experiment --list``):
+
+* throughputs: ``shared/anchors/gpu_anchor_h200.json`` (one H200, bf16, eager, 224 px, batch 128) when
+  present, else the copy of those numbers below; models without an anchor are estimated from their
+  parts (TransFuse ~ ResNet-50 + DeiT-S in series, MMTM ~ ResNet-18 + DeiT-S, HRFNet ~ 0.7 x
+  ResNet-50); CMAF-Net ~ the naive ResNet-18 + MobileViT-S + cross-attention proxy at half speed
+  because SAM does two forward/backward passes per step;
+* every run goes the full 100 epochs (early stopping can only make it cheaper), one validation pass
+  per epoch, one test pass; data loading hidden behind compute;
+* IDC: 277,524 patches, 28.4% IDC-positive, patient split 70/10/20 -> 194,267 train / 27,752 val /
+  55,505 test; controlled ratios undersample the training minority only; BreakHis: 7,909 images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cmafnet.config import parse_ratio
+from cmafnet.experiments.spec import RunSpec
+
+# (train img/s, infer img/s) on one H200 from gpu_anchor_h200.json, used when the file is absent.
+_FALLBACK = {
+    "resnet18": (10054, 40094),
+    "resnet50": (4031, 15718),
+    "densenet121": (1841, 9599),
+    "efficientnet_b3": (1848, 11300),
+    "convnext_tiny": (2803, 8372),
+    "vit_small_patch16_224": (3751, 21039),
+    "swin_tiny_patch4_window7_224": (1940, 5866),
+    "deit_small_patch16_224": (3417, 21002),
+    "dual_proxy_s": (2148, 6467),
+}
+_TIMM = {
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+    "efficientnet_b3": "efficientnet_b3",
+    "convnext_tiny": "convnext_tiny",
+    "vit_s16": "vit_small_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "deit_s": "deit_small_patch16_224",
+}
+IDC_TOTAL, IDC_POS_FRAC, BREAKHIS_TOTAL = 277_524, 78_786 / 277_524, 7_909
+EPOCHS = 100
+PROFILE_S = 120.0  # Table 8: about two minutes of benchmarking per model
+
+
+def anchor_rates(path: str | Path | None = None) -> tuple[dict[str, tuple[float, float]], str]:
+    """Anchor (train, infer) img/s per model name, and where they came from."""
+    candidates = (
+        [path]
+        if path
+        else [os.environ.get("CMAFNET_GPU_ANCHOR"), "/work/shared/anchors/gpu_anchor_h200.json"]
+    )
+    for c in candidates:
+        if c and Path(c).exists():
+            doc = json.loads(Path(c).read_text())
+            rates = {
+                k: (float(v["train_img_s"]), float(v["infer_img_s"]))
+                for k, v in doc.items()
+                if isinstance(v, dict) and "train_img_s" in v and "infer_img_s" in v
+            }
+            return rates, f"{c} ({doc.get('gpu', '?')})"
+    return dict(_FALLBACK), "built-in copy of the H200 anchors"
+
+
+def _series(*rates: tuple[float, float]) -> tuple[float, float]:
+    """Throughput of models run one after the other on the same images."""
+    return tuple(1.0 / sum(1.0 / r[i] for r in rates) for i in (0, 1))  # type: ignore[return-value]
+
+
+def method_rate(model: str, rates: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(train, infer) img/s estimate for a registry model name."""
+    r = {**_FALLBACK, **rates}
+    if model in _TIMM:
+        return r[_TIMM[model]]
+    if model == "transfuse":
+        return _series(r["resnet50"], r["deit_small_patch16_224"])
+    if model == "mmtm":
+        return _series(r["resnet18"], r["deit_small_patch16_224"])
+    if model == "hrfnet":
+        return (0.7 * r["resnet50"][0], 0.7 * r["resnet50"][1])
+    if model == "resnet18":
+        return r["resnet18"]
+    tr, inf = r["dual_proxy_s"]  # cmafnet
+    return (tr / 2.0, inf)
+
+
+def _idc_sizes(ratio: str | None) -> tuple[float, float, float]:
+    train, val, test = 0.7 * IDC_TOTAL, 0.1 * IDC_TOTAL, 0.2 * IDC_TOTAL
+    if ratio:
+        maj, mino = parse_ratio(ratio)
+        n0 = train * (1 - IDC_POS_FRAC)
+        n1 = min(train * IDC_POS_FRAC, n0 * mino / maj)
+        train = n0 + n1
+    return train, val, test
+
+
+def run_seconds(spec: RunSpec, rates: dict[str, tuple[float, float]]) -> float:
+    """Estimated seconds of one run on one GPU (paper scale)."""
+    if spec.evaluation == "profile":
+        return PROFILE_S
+    model = next((o.split("=", 1)[1] for o in spec.overrides if o.startswith("model.name=")), "cmafnet")
+    tr, inf = method_rate(model, rates)
+    if spec.dataset == "breakhis":
+        train, val, test = 0.7 * BREAKHIS_TOTAL, 0.1 * BREAKHIS_TOTAL, 0.2 * BREAKHIS_TOTAL
+    else:
+        train, val, test = _idc_sizes(spec.column)
+    extra = BREAKHIS_TOTAL / inf if spec.evaluation == "zeroshot" else 0.0
+    return EPOCHS * (train / tr + val / inf) + test / inf + extra
+
+
+def table_cost(specs: list[RunSpec], rates: dict[str, tuple[float, float]]) -> float:
+    """GPU-hours of a table's distinct runs."""
+    seen: dict[str, float] = {}
+    for s in specs:
+        seen.setdefault(s.run_id, run_seconds(s, rates))
+    return sum(seen.values()) / 3600.0

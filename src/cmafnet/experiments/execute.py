@@ -1,0 +1,223 @@
+"""The default work behind one run: train (``cmafnet.training.fit``), evaluate, profile.
+
+Kept apart from the runner so tests can substitute fakes for the expensive parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+from cmafnet.config import load_config
+from cmafnet.errors import InputDataError, RunFolderError
+from cmafnet.experiments.spec import RunSpec
+from cmafnet.run import METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(table: str, ctx: Any, *, need_training: bool) -> None:
+    """Fail early, with the flag to pass, when a table's data is missing."""
+    from cmafnet.experiments.tables import get_table
+
+    t = get_table(table)
+    if not need_training:
+        return
+    if t.dataset == "idc" and ctx.store is None:
+        raise InputDataError(f"{table} trains on IDC: pass --store (a store from 'cmafnet ingest')")
+    if (t.dataset == "breakhis" or t.evaluation == "zeroshot") and ctx.breakhis_store is None:
+        raise InputDataError(f"{table} needs the BreakHis store: pass --breakhis-store")
+    if t.evaluation == "zeroshot" and ctx.store is None:
+        raise InputDataError(f"{table} trains on IDC before the zero-shot test: pass --store")
+    for p in (ctx.store, ctx.breakhis_store):
+        if p is not None and not Path(p).exists():
+            raise InputDataError(f"store not found: {p}")
+
+
+def ensure_split(ctx: Any, dataset: str) -> Path:
+    """The split file for a dataset: the one given, else one made once under ``--out`` (seed 0, 70/10/20).
+
+    BreakHis (Tables 4-5) is split by patient stratified on the subtype, and the split records
+    ``label_kind='subtype'`` so training uses the 8 subtypes as targets.
+    """
+    from cmafnet.data.splits import save_split, split_store
+    from cmafnet.data.store import PatchStore
+
+    given = ctx.split if dataset == "idc" else ctx.breakhis_split
+    if given is not None:
+        return Path(given)
+    store_path = ctx.store if dataset == "idc" else ctx.breakhis_store
+    path = Path(ctx.out) / f"split_{dataset}.json"
+    if not path.exists():
+        store = PatchStore.open(store_path)
+        kind = "label" if dataset == "idc" else "subtype"
+        save_split(split_store(store, seed=0, label_kind=kind), path)
+    return path
+
+
+def train_run(spec: RunSpec, run_dir: Path, ctx: Any, resume: bool) -> None:
+    """Train (or resume) one run with the project's trainer."""
+    from cmafnet.training import fit
+
+    overrides = [*spec.overrides]
+    if ctx.device != "auto":
+        overrides.append(f"train.device={ctx.device}")
+    cfg = load_config(spec.base, overrides)
+    store = ctx.store if spec.dataset == "idc" else ctx.breakhis_store
+    fit(cfg, store, ensure_split(ctx, spec.dataset), run_dir, resume=resume)
+
+
+def _params_m(run_dir: Path) -> float | None:
+    from cmafnet.models import create_model
+
+    cfg = load_config(run_dir / "config.yaml")
+    model = create_model(cfg.model)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _mag_key(value: Any) -> str:
+    """'40', '40X', 40 -> '40X' (the paper's column names)."""
+    return str(value).strip().upper().rstrip("X") + "X"
+
+
+def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
+    """Evaluate a finished run the way its table needs; returns the result document."""
+    from cmafnet.evaluation import evaluate_run
+
+    device = ctx.device
+    bootstrap = 0  # CIs per run are not needed for mean ± std over seeds (cmafnet evaluate has them)
+    out: dict[str, Any] = {"convergence": convergence(run_dir)}
+    if spec.evaluation == "test":
+        doc = evaluate_run(
+            run_dir,
+            ctx.store,
+            split_path=ensure_split(ctx, "idc"),
+            split="test",
+            device=device,
+            bootstrap=bootstrap,
+        )
+        out["metrics"] = doc["metrics"]
+        out["params_m"] = _params_m(run_dir)
+    elif spec.evaluation == "zeroshot":
+        doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, device=device, bootstrap=bootstrap)
+        out["metrics"] = doc["metrics"]
+        out["by_magnification"] = {
+            _mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()
+        }
+    elif spec.evaluation == "subtype":
+        doc = evaluate_run(
+            run_dir,
+            ctx.breakhis_store,
+            split_path=ensure_split(ctx, "breakhis"),
+            split="test",
+            device=device,
+            bootstrap=bootstrap,
+        )
+        out["metrics"] = doc["metrics"]
+        out["classes"] = doc["classes"]
+        out["by_magnification"] = {
+            _mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()
+        }
+    else:  # pragma: no cover - profile runs do not come here
+        raise ValueError(spec.evaluation)
+    return out
+
+
+def _read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _val_bacc_column(header: list[str]) -> str | None:
+    for name in ("val_balanced_accuracy", "val/balanced_accuracy", "val_bacc", "balanced_accuracy"):
+        if name in header:
+            return name
+    cands = [h for h in header if "val" in h and "balanced" in h]
+    return cands[0] if cands else None
+
+
+def convergence(run_dir: Path, fraction: float = 0.9, last: int = 10) -> dict[str, Any]:
+    """Convergence epoch (paper §6.8) and curve stability from ``metrics.csv``.
+
+    Convergence epoch: the first epoch (1-based, counted over all stages) whose validation balanced
+    accuracy reaches ``fraction`` of the final epoch's. Stability: std (percentage points) of the
+    validation balanced accuracy over the last ``last`` epochs.
+    """
+
+    rows = _read_metrics_csv(run_dir)
+    if not rows:
+        return {"epoch": None, "stability": None, "note": f"{METRICS_FILE} missing or empty"}
+    col = _val_bacc_column(list(rows[0]))
+    if col is None:
+        return {"epoch": None, "stability": None, "note": "no validation balanced-accuracy column"}
+    vals = []
+    for r in rows:
+        try:
+            vals.append(float(r[col]))
+        except (TypeError, ValueError):
+            continue
+    return convergence_from_curve(vals, fraction, last) | {"column": col}
+
+
+def convergence_from_curve(vals: list[float], fraction: float = 0.9, last: int = 10) -> dict[str, Any]:
+    """See :func:`convergence`; ``vals`` is the per-epoch validation balanced accuracy (fraction)."""
+    import numpy as np
+
+    v = np.asarray([x for x in vals if np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return {"epoch": None, "stability": None, "note": "no finite values"}
+    target = fraction * v[-1]
+    epoch = int(np.argmax(v >= target)) + 1  # v[-1] >= target, so argmax finds a hit
+    tail = v[-last:]
+    return {
+        "epoch": epoch,
+        "stability": float(np.std(tail, ddof=1) * 100) if tail.size > 1 else 0.0,
+        "epochs": int(v.size),
+    }
+
+
+def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
+    """Table 8 for one model: params, forward GMACs, peak training memory, throughput, batch-1 latency.
+
+    Uses the benchmark module (``cmafnet.analysis.profiling``) at the config's image size; the
+    paper's "FLOPs (G)" are reported as MACs (FLOPs / 2), see docs/decisions/experiments.md.
+    """
+    import torch
+
+    from cmafnet.analysis.profiling import ModelBench, Timing, bench_model
+    from cmafnet.models import create_model
+
+    cfg = load_config(spec.base, list(spec.overrides))
+    dev = ctx.device if ctx.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev)
+    smoke = ctx.scale == "smoke"
+    timing = Timing(
+        device=device,
+        steps=2 if smoke else 20,
+        warmup=1 if smoke else 5,
+        amp=cfg.train.amp if device.type == "cuda" else "none",
+        latency_steps=3 if smoke else 50,
+    )
+    batch = 4 if smoke else cfg.train.batch_size
+    rec = bench_model(
+        ModelBench(name=spec.row, build=lambda: create_model(cfg.model), channels_last=device.type == "cuda"),
+        timing,
+        size=cfg.model.img_size,
+        batch=batch,
+        infer_batch=batch if smoke else cfg.train.eval_batch_size,
+        num_classes=cfg.model.num_classes,
+    )
+    if "build" in rec.get("errors", {}):
+        raise RunFolderError(f"{spec.run_id}: model build failed: {rec['errors']['build']}")
+    return {
+        "spec": spec.to_dict(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "img_size": cfg.model.img_size,
+        "batch": batch,
+        "bench": rec,
+    }

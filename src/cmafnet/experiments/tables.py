@@ -1,0 +1,276 @@
+"""The paper's Tables 1-8 as data: methods (recipes), rows, columns and how each is evaluated.
+
+Every row is a base config plus ``--set`` overrides, so any row can also be trained by hand:
+``cmafnet train --config baseline_paper --set model.name=resnet50 --set loss.name=focal``.
+The same method in two tables (e.g. ResNet-50 in Tables 1, 2, 3) has the same run folder, so it
+is trained once and reused.
+"""
+
+from __future__ import annotations
+
+from cmafnet.errors import ConfigError
+from cmafnet.experiments.spec import Recipe, Row, RunSpec, Scale, TableDef, base_config_name
+
+SEEDS_DEFAULT = 5
+IMBALANCE_RATIOS: tuple[str | None, ...] = (None, "80:20", "90:10", "95:5", "99:1")  # None = original 70:30
+
+
+def _baseline(key: str, label: str, *extra: str) -> Recipe:
+    return Recipe(key, label, "baseline", (f"model.name={key.split('-')[0]}", *extra))
+
+
+# ------------------------------------------------------------------------------------------ methods
+R = {
+    r.key: r
+    for r in (
+        _baseline("resnet50", "ResNet-50"),
+        _baseline("densenet121", "DenseNet-121"),
+        _baseline("efficientnet_b3", "EfficientNet-B3"),
+        _baseline("convnext_tiny", "ConvNeXt-T"),
+        _baseline("vit_s16", "ViT-S/16"),
+        _baseline("swin_t", "Swin-T"),
+        _baseline("deit_s", "DeiT-S"),
+        _baseline("transfuse", "TransFuse"),
+        _baseline("hrfnet", "HRFNet"),
+        _baseline("mmtm", "MMTM"),
+        _baseline("resnet50-focal", "ResNet-50 + Focal", "loss.name=focal"),
+        _baseline("resnet50-cb", "ResNet-50 + CB", "loss.name=cb"),
+        # LDAM-DRW needs the normalised (cosine) classifier of Cao et al.
+        _baseline(
+            "efficientnet_b3-ldam", "EfficientNet-B3 + LDAM", "loss.name=ldam", "model.head.normalized=true"
+        ),
+        _baseline("transfuse-bsm", "TransFuse + BalancedSoftmax", "loss.name=balanced_softmax"),
+        Recipe("cmafnet", "CMAF-Net", "cmafnet"),
+    )
+}
+
+# One-stage schedule ("w/o progressive training"): the three stages' total length in one stage,
+# everything trained with the full objective from the start.
+ONE_STAGE = {
+    "paper": "train.stages=[{name: single, epochs: 100, lr: 1.0e-4, schedule: warmup_cosine, "
+    "warmup_epochs: 2, train: all, loss: objective}]",
+    "smoke": "train.stages=[{name: single, epochs: 3, lr: 1.0e-3, schedule: cosine, train: all, loss: objective}]",
+}
+ONE_STAGE_TOKEN = "@one_stage"  # replaced per scale at expansion
+
+
+def _row(key: str, label: str | None = None, paper: str | None = None, **kw) -> Row:
+    return Row(R[key], label=label, paper_label=paper, **kw)
+
+
+def _ablation(suffix: str, label: str, group: str, *overrides: str) -> Row:
+    return Row(
+        R["cmafnet"], label=label, paper_label=label, key_suffix=suffix, overrides=overrides, group=group
+    )
+
+
+ARCH, IB, LOSS, TRAIN = (
+    "Architecture Components",
+    "Information Bottleneck Components",
+    "Loss Function Components",
+    "Training Strategy",
+)
+
+TABLES: dict[str, TableDef] = {
+    "table1": TableDef(
+        "table1",
+        "Performance comparison on IDC (natural imbalance), mean ± std over seeds",
+        tuple(
+            [
+                _row(k, group="CNN Baselines")
+                for k in ("resnet50", "densenet121", "efficientnet_b3", "convnext_tiny")
+            ]
+            + [_row(k, group="Vision Transformers") for k in ("vit_s16", "swin_t", "deit_s")]
+            + [_row(k, group="Fusion Methods") for k in ("transfuse", "hrfnet", "mmtm")]
+            + [
+                _row(k, group="With Imbalance Methods")
+                for k in ("resnet50-focal", "resnet50-cb", "efficientnet_b3-ldam", "transfuse-bsm")
+            ]
+            + [_row("cmafnet", "CMAF-Net (Ours)", group="Ours")]
+        ),
+    ),
+    "table2": TableDef(
+        "table2",
+        "Sensitivity under controlled imbalance (minority undersampled in the training split)",
+        tuple(
+            _row(k)
+            for k in ("resnet50", "densenet121", "efficientnet_b3", "transfuse", "transfuse-bsm", "cmafnet")
+        ),
+        columns=IMBALANCE_RATIOS,
+    ),
+    "table3": TableDef(
+        "table3",
+        "Zero-shot BreakHis (binary) per magnification: IDC-trained models, sensitivity",
+        tuple(_row(k) for k in ("resnet50", "efficientnet_b3", "transfuse", "cmafnet")),
+        evaluation="zeroshot",
+    ),
+    "table4": TableDef(
+        "table4",
+        "8-class BreakHis per magnification (trained on BreakHis subtypes)",
+        tuple(
+            _row(k, paper=p)
+            for k, p in (
+                ("resnet50", None),
+                ("efficientnet_b3", None),
+                ("vit_s16", "ViT S/16"),
+                ("transfuse", None),
+                ("cmafnet", None),
+            )
+        ),
+        dataset="breakhis",
+        evaluation="subtype",
+    ),
+    "table5": TableDef(
+        "table5",
+        "Per-class recall on BreakHis 8-class (same runs as Table 4)",
+        tuple(_row(k) for k in ("resnet50", "transfuse", "cmafnet")),
+        dataset="breakhis",
+        evaluation="subtype",
+    ),
+    "table6": TableDef(
+        "table6",
+        "Ablations of CMAF-Net on IDC (each row = config overrides of the paper config)",
+        (
+            _ablation("", "CMAF-Net (Full)", "Full"),
+            _ablation(
+                "no_contextual", "w/o Contextual branch (CNN only)", ARCH, "model.contextual.enabled=false"
+            ),
+            _ablation("no_spatial", "w/o Spatial branch (ViT only)", ARCH, "model.spatial.enabled=false"),
+            _ablation("concat", "Simple concatenation", ARCH, "model.fusion.kind=concat"),
+            _ablation(
+                "no_temp",
+                "w/o Temperature learning",
+                ARCH,
+                "model.fusion.learn_temperature=false",
+                "model.fusion.tau_init.kind=fixed",
+                "model.fusion.tau_init.a=1.0",
+            ),
+            _ablation("single_head", "w/o Multi-head attention", ARCH, "model.fusion.heads=1"),
+            _ablation("no_gate", "w/o Gating mechanism", ARCH, "model.fusion.gate=false"),
+            _ablation("beta2_0", "w/o IB regularization (β₂ = 0)", IB, "regularizers.beta2=0"),
+            _ablation("no_diversity", "w/o Diversity loss", IB, "regularizers.diversity=0"),
+            _ablation("no_entropy", "w/o Entropy regularization", IB, "regularizers.entropy=0"),
+            _ablation("fixed_beta", "Fixed β (no scheduling)", IB, "regularizers.beta_schedule=fixed"),
+            _ablation("ce", "Standard Cross-Entropy", LOSS, "loss.name=ce"),
+            _ablation("focal", "Standard Focal Loss", LOSS, "loss.name=focal"),
+            _ablation("cb", "CB Loss", LOSS, "loss.name=cb"),
+            _ablation("no_cdg", "A-CBFL w/o class-dependent γ", LOSS, "loss.class_dependent_gamma=false"),
+            _ablation("no_dyn", "A-CBFL w/o dynamic weighting", LOSS, "loss.dynamic_alpha=false"),
+            _ablation("one_stage", "w/o Progressive training", TRAIN, ONE_STAGE_TOKEN),
+            _ablation("no_sam", "w/o SAM optimization", TRAIN, "train.sam.enabled=false"),
+            _ablation("no_aug", "w/o Domain augmentation", TRAIN, "data.augment.enabled=false"),
+        ),
+    ),
+    "table7": TableDef(
+        "table7",
+        "Temperature initialisation: convergence epoch (first epoch at 90% of final val balanced accuracy)",
+        (
+            _ablation(
+                "tau_fixed1",
+                "Fixed (τ=1.0)",
+                "",
+                "model.fusion.tau_init.kind=fixed",
+                "model.fusion.tau_init.a=1.0",
+            ),
+            _ablation(
+                "tau_fixed05",
+                "Fixed (τ=0.5)",
+                "",
+                "model.fusion.tau_init.kind=fixed",
+                "model.fusion.tau_init.a=0.5",
+            ),
+            _ablation(
+                "tau_uniform",
+                "Uniform(0.5, 1.5)",
+                "",
+                "model.fusion.tau_init.kind=uniform",
+                "model.fusion.tau_init.a=0.5",
+                "model.fusion.tau_init.b=1.5",
+            ),
+            _ablation(
+                "tau_normal",
+                "Normal(1.0, 0.1)",
+                "",
+                "model.fusion.tau_init.kind=normal",
+                "model.fusion.tau_init.a=1.0",
+                "model.fusion.tau_init.b=0.1",
+            ),
+            # the paper config's default (lognormal(0, 0.1)): the same run as CMAF-Net elsewhere
+            _ablation("", "LogNormal(0, 0.1)", ""),
+            _ablation(
+                "tau_lognormal05",
+                "LogNormal(0, 0.5)",
+                "",
+                "model.fusion.tau_init.kind=lognormal",
+                "model.fusion.tau_init.a=0.0",
+                "model.fusion.tau_init.b=0.5",
+            ),
+            _ablation(
+                "tau_lognormal1",
+                "LogNormal(0, 1.0)",
+                "",
+                "model.fusion.tau_init.kind=lognormal",
+                "model.fusion.tau_init.a=0.0",
+                "model.fusion.tau_init.b=1.0",
+            ),
+        ),
+    ),
+    "table8": TableDef(
+        "table8",
+        "Efficiency: params, forward GMACs, peak training memory, throughput, batch-1 latency",
+        tuple(_row(k) for k in ("resnet50", "efficientnet_b3", "transfuse", "cmafnet")),
+        evaluation="profile",
+        seeded=False,
+    ),
+}
+
+
+def get_table(name: str) -> TableDef:
+    if name not in TABLES:
+        from cmafnet.registry import suggest
+
+        raise ConfigError(
+            f"unknown experiment '{name}'.{suggest(name, list(TABLES))} Known: {', '.join(TABLES)}"
+        )
+    return TABLES[name]
+
+
+def _resolve(overrides: tuple[str, ...], scale: Scale) -> tuple[str, ...]:
+    return tuple(ONE_STAGE[scale] if o == ONE_STAGE_TOKEN else o for o in overrides)
+
+
+def expand(name: str, seeds: int = SEEDS_DEFAULT, scale: Scale = "paper") -> list[RunSpec]:
+    """All runs of a table (rows x columns x seeds), in table order.
+
+    Args:
+        name: ``table1`` ... ``table8``.
+        seeds: number of seeds (0 .. seeds-1); ignored for unseeded tables (Table 8).
+        scale: ``paper`` (paper.yaml / baseline_paper.yaml) or ``smoke`` (tiny, for tests and demos).
+    """
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    table = get_table(name)
+    out = []
+    for row in table.rows:
+        for col in table.columns:
+            for seed in range(seeds if table.seeded else 1):
+                ov = (*row.recipe.overrides, *_resolve(row.overrides, scale))
+                if col is not None:
+                    ov = (*ov, f"data.imbalance={col}")
+                if table.dataset == "breakhis":
+                    ov = (*ov, "model.num_classes=8")
+                ov = (*ov, f"train.seed={seed}")
+                out.append(
+                    RunSpec(
+                        table=name,
+                        row=row.key,
+                        label=row.name,
+                        column=col,
+                        seed=seed,
+                        dataset=table.dataset,
+                        evaluation=table.evaluation,
+                        base=base_config_name(row.recipe.base, scale),
+                        overrides=ov,
+                    )
+                )
+    return out
