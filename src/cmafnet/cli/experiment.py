@@ -60,7 +60,8 @@ def _list(seeds: int) -> int:
         seeds_txt = f"x{seeds}" if t.seeded else "x1"
         print(f"{name:<8} {n_rows:>5}  {seeds_txt + ' = ' + str(len(specs)):>8}  {hours:>13.1f}  {t.title}")
     print(
-        f"sum of tables: {total:.1f} GPU-h (runs shared between tables are counted in each; run them in one --out)"
+        f"sum of tables: {total:.1f} GPU-h; all eight in one --out (shared runs trained once): "
+        f"{table_cost(every, rates):.1f} GPU-h ({len({s.run_id for s in every})} distinct runs)"
     )
     print(
         f"Assumptions: throughputs from {source}; 100 epochs per run (no early stopping), one validation pass "
