@@ -52,12 +52,14 @@ def resolve_targets(
             raise RunFolderError(
                 f"--zero-shot needs a store with a binary label; store classes are {store_classes}"
             )
-        return np.asarray(store.targets("label"), dtype=np.int64), list(run_classes), "label"
-    if _norm(store_classes) == _norm(run_classes):
-        return np.asarray(store.targets("label"), dtype=np.int64), list(run_classes), "label"
+        return np.asarray(store.targets("label")[0], dtype=np.int64), list(run_classes), "label"
+    for kind, names in (("label", store_classes), ("subtype", _subtype_classes(store))):
+        if names is not None and sorted(_norm(names)) == sorted(_norm(run_classes)):
+            y_store = np.asarray(store.targets(kind)[0], dtype=np.int64)
+            # Same class set, possibly another order: map store indices to the run's by name.
+            to_run = np.array([_norm(run_classes).index(n) for n in _norm(names)], dtype=np.int64)
+            return to_run[y_store], list(run_classes), kind
     sub_names = _subtype_classes(store)
-    if sub_names is not None and _norm(sub_names) == _norm(run_classes):
-        return np.asarray(store.targets("subtype"), dtype=np.int64), list(run_classes), "subtype"
     hint = ""
     if len(run_classes) == 2 and len(store_classes) == 2:
         hint = " (to apply a binary run to another dataset's benign/malignant labels, pass --zero-shot)"
@@ -71,11 +73,8 @@ def resolve_targets(
 
 def _subtype_classes(store: Any) -> list[str] | None:
     """The store's subtype class names in the order of ``store.targets('subtype')``, if it has any."""
-    for attr in ("subtype_classes", "subtypes"):
-        names = getattr(store, attr, None)
-        if names is not None and not callable(names) and len(names) > 0:
-            return [str(n) for n in names]
-    return None
+    names = getattr(store, "subtype_classes", None)
+    return [str(n) for n in names] if names else None
 
 
 def _resolve_device(device: str | None) -> str:
@@ -89,7 +88,10 @@ def _resolve_device(device: str | None) -> str:
 def predict_store(
     predictor: Any, store: Any, indices: np.ndarray, labels: np.ndarray, *, batch_size: int = 256
 ) -> np.ndarray:
-    """Class probabilities ``(len(indices), C)`` in ``indices`` order, through the data contract."""
+    """Class probabilities ``(len(indices), C)`` in ``indices`` order, through the data contract.
+
+    ``labels`` are store-wide ``(N,)`` (the loader indexes them with ``indices``).
+    """
     import torch
 
     from cmafnet.data.loader import BatchLoader
@@ -209,7 +211,7 @@ def evaluate_run(
     rows = _select(split, split_obj, len(y_all))
     name = ("zeroshot_" if zero_shot else "") + split
 
-    probs = predict_store(predictor, store, rows, y_all[rows], batch_size=batch_size)
+    probs = predict_store(predictor, store, rows, y_all, batch_size=batch_size)
     y = y_all[rows]
     n_bins = cfg.eval.ece_bins
     doc: dict[str, Any] = {
@@ -292,7 +294,7 @@ def _operating_threshold(
         if split == "val":
             p_val, y_val = probs[:, 1], y
         else:
-            p_val = predict_store(predictor, store, val, y_all[val], batch_size=batch_size)[:, 1]
+            p_val = predict_store(predictor, store, val, y_all, batch_size=batch_size)[:, 1]
             y_val = y_all[val]
         if not (y_val == 1).any():
             log.warning("validation split has no positive sample: no operating threshold chosen")

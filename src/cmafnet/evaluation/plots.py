@@ -1,0 +1,258 @@
+"""Figures for reports and experiments (matplotlib, Agg backend: no display needed).
+
+Every function returns a :class:`matplotlib.figure.Figure`; :func:`figure_png` turns one into
+PNG bytes (the report embeds them as base64 ``data:`` URIs).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must precede pyplot
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+_COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """PNG bytes of ``fig``; the figure is closed afterwards (no leak across many reports)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _value(v: Any) -> tuple[float | None, float | None]:
+    """(mean, std) from a number, ``(mean, std)`` tuple or ``{"mean", "std"}`` dict."""
+    if isinstance(v, Mapping):
+        return v.get("mean"), v.get("std")
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return v[0], v[1]
+    if isinstance(v, (int, float)):
+        return float(v), None
+    return None, None
+
+
+def plot_roc_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
+    """ROC and precision-recall curves, one line per entry ``name -> (y_true, p_positive)``."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for k, (name, (y, s)) in enumerate(curves.items()):
+        y = np.asarray(y)
+        s = np.asarray(s)
+        color = _COLORS[k % len(_COLORS)]
+        if len(np.unique(y)) < 2:
+            continue  # ROC/PR undefined with one class; the metrics table says so
+        fpr, tpr, _ = roc_curve(y, s)
+        ax_roc.plot(fpr, tpr, color=color, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+        prec, rec, _ = precision_recall_curve(y, s)
+        ax_pr.plot(rec, prec, color=color, label=f"{name} (AP {average_precision_score(y, s):.3f})")
+        ax_pr.axhline(float(np.mean(y)), color=color, lw=0.6, ls=":")
+    ax_roc.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+    ax_roc.set(
+        xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title="ROC", xlim=(0, 1), ylim=(0, 1.01)
+    )
+    ax_pr.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        title="Precision-recall",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(
+    cm: Sequence[Sequence[float]], class_names: Sequence[str], *, normalize: bool = False, title: str = ""
+) -> Figure:
+    """Confusion matrix heat map (rows = true class), counts or row-normalised (Fig. 5 / Fig. 6 style)."""
+    m = np.asarray(cm, dtype=np.float64)
+    if normalize:
+        rows = m.sum(axis=1, keepdims=True)
+        m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    n = len(class_names)
+    size = max(3.6, 0.65 * n + 1.6)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(m.max(), 1))
+    ax.set_xticks(
+        range(n), labels=list(class_names), rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center"
+    )
+    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set(xlabel="predicted", ylabel="true")
+    thresh = (1 if normalize else m.max()) / 2
+    for i in range(n):
+        for j in range(n):
+            text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 4 else 10,
+                    color="white" if m[i, j] > thresh else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(df: Any, title: str = "") -> Figure | None:
+    """Loss terms, validation metrics and learning rate per epoch from a run's ``metrics.csv``.
+
+    Columns are found by name: ``*loss*`` and loss-term columns (``train_*``), ``val_*``, ``lr*``.
+    Returns ``None`` when there is nothing to plot.
+    """
+    if df is None or len(df) == 0:
+        return None
+    x_col = next((c for c in ("epoch", "global_epoch", "step") if c in df.columns), None)
+    x = df[x_col].to_numpy() if x_col else np.arange(len(df))
+    numeric = [c for c in df.columns if c != x_col and np.issubdtype(df[c].dtype, np.number)]
+    losses = [c for c in numeric if "loss" in c or c.startswith("train_") or c.startswith("term_")]
+    vals = [c for c in numeric if c.startswith("val_") and "loss" not in c]
+    lrs = [c for c in numeric if c == "lr" or c.startswith("lr_") or c.endswith("_lr")]
+    panels = [
+        (n, cols)
+        for n, cols in (("loss terms", losses), ("validation", vals), ("learning rate", lrs))
+        if cols
+    ]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, cols) in zip(axes[0], panels):
+        for c in cols[:12]:  # more lines are unreadable
+            ax.plot(x, df[c].to_numpy(dtype=float), label=c, marker="." if len(x) < 30 else None)
+        ax.set(xlabel=x_col or "row", title=name)
+        if name == "learning rate":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if "stage" in df.columns:  # stage boundaries as vertical lines
+        st = df["stage"].to_numpy()
+        for i in np.flatnonzero(st[1:] != st[:-1]):
+            for ax in axes[0]:
+                ax.axvline(x[i + 1], color="0.5", lw=0.8, ls="--")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _head_columns(columns: Sequence[str], prefix: str) -> list[tuple[int, str]]:
+    """``(head, column)`` for columns like ``attn_entropy_h0`` / ``tau_h3`` / ``tau_3`` / ``tau/3``."""
+    out = []
+    for c in columns:
+        m = re.fullmatch(rf"{prefix}[_/]?h?(\d+)", c)
+        if m:
+            out.append((int(m.group(1)), c))
+    return sorted(out)
+
+
+def plot_attention_heads(df: Any, title: str = "") -> Figure | None:
+    """Fig. 4: per-head attention entropy and temperature (last epoch), and their evolution.
+
+    Reads ``attn_entropy_h<i>`` / ``entropy_h<i>`` and ``tau_h<i>`` columns; tolerant of either
+    being absent. Returns ``None`` when neither exists.
+    """
+    if df is None or len(df) == 0:
+        return None
+    cols = list(df.columns)
+    ent = _head_columns(cols, "attn_entropy") or _head_columns(cols, "entropy")
+    tau = _head_columns(cols, "tau") or _head_columns(cols, "temperature")
+    if not ent and not tau:
+        return None
+    x_col = "epoch" if "epoch" in df.columns else None
+    x = df[x_col].to_numpy() if x_col else np.arange(len(df))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
+    last = df.iloc[-1]
+    if ent:
+        heads = [h for h, _ in ent]
+        ax0.plot(heads, [float(last[c]) for _, c in ent], "o-", color="tab:blue", label="attention entropy")
+        ax0.set_ylabel("mean attention entropy (nats)", color="tab:blue")
+    if tau:
+        axt = ax0.twinx()
+        heads = [h for h, _ in tau]
+        axt.plot(heads, [float(last[c]) for _, c in tau], "s-", color="tab:orange", label="temperature τ")
+        axt.set_ylabel("temperature τ", color="tab:orange")
+    ax0.set(xlabel="head", title="per head (last epoch)")
+    ax0.grid(alpha=0.3)
+    for h, c in tau or ent:
+        ax1.plot(x, df[c].to_numpy(dtype=float), label=f"h{h}")
+    ax1.set(xlabel=x_col or "row", title=("τ" if tau else "entropy") + " per head over training")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_imbalance_degradation(table: Mapping[str, Mapping[str, Any]], metric: str = "sensitivity") -> Figure:
+    """Fig. 3: a metric against the training imbalance ratio, one line per method.
+
+    Args:
+        table: ``{method: {ratio: value}}`` where ratio is e.g. ``"70:30"`` and value a number,
+            ``(mean, std)`` or ``{"mean", "std"}`` (error bars). Values as fractions or percent.
+        metric: y-axis label.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ratios: list[str] = []
+    for row in table.values():
+        for r in row:
+            if r not in ratios:
+                ratios.append(r)
+    pos = {r: i for i, r in enumerate(ratios)}
+    for k, (method, row) in enumerate(table.items()):
+        xs, ms, ss = [], [], []
+        for r, v in row.items():
+            m, s = _value(v)
+            if m is not None:
+                xs.append(pos[r])
+                ms.append(m)
+                ss.append(s or 0.0)
+        if xs:
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=method, color=_COLORS[k % len(_COLORS)])
+    ax.set_xticks(range(len(ratios)), labels=ratios)
+    ax.set(
+        xlabel="training imbalance (majority:minority)",
+        ylabel=metric,
+        title=f"{metric} under class imbalance",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_method_comparison(
+    table: Mapping[str, Mapping[str, Any]],
+    metrics: Sequence[str] = ("sensitivity", "balanced_accuracy", "auprc"),
+) -> Figure:
+    """Fig. 2: grouped bars of a few metrics per method (``{method: {metric: value}}``, error bars)."""
+    methods = list(table)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods) + 2), 4.2))
+    width = 0.8 / max(1, len(metrics))
+    for j, metric in enumerate(metrics):
+        ms, ss = [], []
+        for method in methods:
+            m, s = _value(table[method].get(metric))
+            ms.append(np.nan if m is None else m)
+            ss.append(s or 0.0)
+        xs = np.arange(len(methods)) + (j - (len(metrics) - 1) / 2) * width
+        ax.bar(xs, ms, width, yerr=ss, capsize=2, label=metric, color=_COLORS[j % len(_COLORS)])
+    ax.set_xticks(range(len(methods)), labels=methods, rotation=30, ha="right")
+    ax.set(ylabel="value", title="method comparison")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,578 @@
+"""One self-contained report over one or more run folders: HTML, Markdown and JSON.
+
+``write_report(run_dirs, out_dir)`` reads what training and ``cmafnet evaluate`` left in each run
+folder (``run.json``, ``config.yaml``, ``metrics.csv``, ``metrics_<name>.json``,
+``predictions_<name>.csv``) and writes::
+
+    report.html   every figure embedded as a base64 PNG data: URI, inline CSS, no external URL
+    report.md     the same tables; figures as PNG files in figures/
+    report.json   the numbers behind every table (for scripts)
+
+Sections: summary metrics (0.5 and operating threshold), mean ± std across the given runs, the
+paper's numbers beside ours where a run matches a paper row, ROC/PR curves, confusion matrices,
+per-magnification results, training curves, per-head attention entropy / temperature (Fig. 4),
+exact McNemar tests between runs evaluated on the same images, and extra tables / figures passed
+in by experiments.
+
+A run is matched to a paper row by ``run.json`` ``"paper": {"table": "table1", "row": "<method>"}``
+(written by the experiment runners); a CMAF-Net run evaluated on an IDC test split without that key
+is shown beside Table 1's "CMAF-Net (Ours)".
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import itertools
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmafnet.errors import RunFolderError
+from cmafnet.evaluation import plots
+from cmafnet.evaluation.metrics import format_metric
+from cmafnet.evaluation.paper import format_paper_cell, paper_table, paper_value
+from cmafnet.evaluation.stats import aggregate_seeds, format_mean_std, mcnemar
+from cmafnet.run import METRICS_FILE, atomic_write_bytes, read_meta, write_json
+
+log = logging.getLogger(__name__)
+
+BINARY_COLUMNS = ("sensitivity", "specificity", "balanced_accuracy", "auprc", "auroc", "mcc", "f1", "ece")
+MULTI_COLUMNS = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy", "ece")
+# Metrics that the paper prints as fractions rather than percent (Tables 1, 4, 6).
+FRACTION_METRICS = ("auprc", "auroc", "mcc", "f1", "ece")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;line-height:1.4;padding:0 1em}
+h1{border-bottom:2px solid #345;padding-bottom:.2em}h2{margin-top:1.8em;color:#234}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#eef2f6}
+td:first-child,th:first-child{text-align:left}tr:nth-child(even) td{background:#fafafa}
+img{max-width:100%;border:1px solid #ddd;margin:.4em 0}.note{color:#555;font-size:.9em}
+figure{margin:1em 0}figcaption{font-size:.9em;color:#444}
+"""
+
+
+@dataclass
+class RunInfo:
+    """What a report needs from one run folder."""
+
+    path: Path
+    name: str
+    meta: dict
+    config: dict
+    evaluations: dict[str, dict] = field(default_factory=dict)  # name -> metrics_<name>.json
+    predictions: dict[str, Path] = field(default_factory=dict)  # name -> predictions_<name>.csv
+    history: Any = None  # DataFrame of metrics.csv or None
+
+
+def collect_run(run_dir: str | Path) -> RunInfo:
+    """Read a run folder's metadata, evaluations and training history (tolerant of missing parts)."""
+    import pandas as pd
+
+    from cmafnet.config import yaml_load
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: run folder not found")
+    meta = read_meta(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    config = (yaml_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
+    info = RunInfo(path=run_dir, name=str(meta.get("name") or run_dir.name), meta=meta, config=config)
+    for p in sorted(run_dir.glob("metrics_*.json")):
+        try:
+            info.evaluations[p.stem[len("metrics_") :]] = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            log.warning("%s: unreadable (%s); skipped", p, err)
+    for p in sorted(run_dir.glob("predictions_*.csv")):
+        info.predictions[p.stem[len("predictions_") :]] = p
+    hist = run_dir / METRICS_FILE
+    if hist.exists():
+        try:
+            info.history = pd.read_csv(hist)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as err:
+            log.warning("%s: unreadable (%s); no training curves", hist, err)
+    return info
+
+
+# ------------------------------------------------------------------------------------- tables
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _table_from_any(title: str, data: Any) -> Table:
+    """A :class:`Table` from a DataFrame, a list of dicts, or ``(columns, rows)``."""
+    if isinstance(data, Table):
+        return data
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):
+        cols = [str(c) for c in data.columns]
+        return Table(title, cols, [list(r) for r in data.itertuples(index=False)])
+    if isinstance(data, Sequence) and data and isinstance(data[0], Mapping):
+        cols: list[str] = []
+        for r in data:
+            cols += [c for c in r if c not in cols]
+        return Table(title, cols, [[r.get(c) for c in cols] for r in data])
+    if isinstance(data, tuple) and len(data) == 2:
+        return Table(title, list(data[0]), [list(r) for r in data[1]])
+    raise TypeError(f"extra table '{title}': expected a DataFrame, list of dicts or (columns, rows)")
+
+
+def _columns_for(classes: Sequence[str]) -> tuple[str, ...]:
+    return BINARY_COLUMNS if len(classes) == 2 else MULTI_COLUMNS
+
+
+def _metric_cell(key: str, value: Any) -> str:
+    return format_metric(value, 3, percent=False) if key in FRACTION_METRICS else format_metric(value)
+
+
+def summary_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
+    """One table per evaluation kind (binary / multi-class): a row per run x evaluation."""
+    data: dict[str, list[dict]] = {}
+    tables: dict[str, Table] = {}
+    for run in runs:
+        for name, ev in run.evaluations.items():
+            classes = ev.get("classes") or []
+            cols = _columns_for(classes)
+            kind = "binary" if len(classes) == 2 else "multi-class"
+            if kind not in tables:
+                head = ["run", "evaluation", "n", "threshold", *cols]
+                note = (
+                    "percent except " + ", ".join(c for c in cols if c in FRACTION_METRICS) + " (fractions)"
+                )
+                tables[kind] = Table(f"Summary ({kind})", head, [], note)
+            points = [(0.5, ev.get("metrics", {}))]
+            if "operating_point" in ev:
+                points.append((ev["operating_point"].get("value"), ev["operating_point"].get("metrics", {})))
+            for thr, m in points:
+                thr_txt = "argmax" if kind == "multi-class" else (f"{thr:.4f}" if thr is not None else "n/a")
+                tables[kind].rows.append(
+                    [run.name, name, ev.get("n"), thr_txt, *(_metric_cell(c, m.get(c)) for c in cols)]
+                )
+                data.setdefault(kind, []).append(
+                    {"run": run.name, "evaluation": name, "threshold": thr, **{c: m.get(c) for c in cols}}
+                )
+            if kind == "multi-class":
+                recall = ev.get("metrics", {}).get("per_class_recall") or {}
+                t = Table(
+                    f"Per-class recall (%) — {run.name} / {name}",
+                    ["class", "support", "recall"],
+                    [
+                        [c, (ev["metrics"].get("support") or {}).get(c), format_metric(r)]
+                        for c, r in recall.items()
+                    ],
+                )
+                tables[f"recall:{run.name}:{name}"] = t
+    return list(tables.values()), data
+
+
+def magnification_tables(runs: Sequence[RunInfo]) -> list[Table]:
+    out = []
+    for run in runs:
+        for name, ev in run.evaluations.items():
+            by_mag = ev.get("by_magnification")
+            if not by_mag:
+                continue
+            cols = _columns_for(ev.get("classes") or [])
+            rows = [
+                [mag, e.get("n"), *(_metric_cell(c, e["metrics"].get(c)) for c in cols)]
+                for mag, e in by_mag.items()
+            ]
+            rows.append(["overall", ev.get("n"), *(_metric_cell(c, ev["metrics"].get(c)) for c in cols)])
+            out.append(
+                Table(
+                    f"Per magnification — {run.name} / {name} (threshold 0.5)",
+                    ["magnification", "n", *cols],
+                    rows,
+                )
+            )
+    return out
+
+
+def seed_aggregate(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
+    """Mean ± std (ddof=1) per evaluation name over every run that has it (e.g. 5 seeds)."""
+    tables, data = [], {}
+    names = sorted({n for r in runs for n in r.evaluations})
+    for name in names:
+        evs = [r.evaluations[name] for r in runs if name in r.evaluations]
+        if len(evs) < 2:
+            continue
+        cols = _columns_for(evs[0].get("classes") or [])
+        agg = aggregate_seeds([e.get("metrics", {}) for e in evs], keys=list(cols))
+        data[name] = agg
+        row = [name, len(evs)]
+        for c in cols:
+            v = [e.get("metrics", {}).get(c) for e in evs]
+            row.append(
+                format_mean_std(v, 3 if c in FRACTION_METRICS else 2, percent=c not in FRACTION_METRICS)
+            )
+        tables.append(Table(f"Mean ± std across runs — {name}", ["evaluation", "runs", *cols], [row]))
+    return tables, data
+
+
+def _paper_match(run: RunInfo) -> tuple[str, str] | None:
+    tag = run.meta.get("paper")
+    if isinstance(tag, Mapping) and tag.get("table") and tag.get("row"):
+        return str(tag["table"]), str(tag["row"])
+    model = (run.config.get("model") or {}).get("name", run.meta.get("model"))
+    test = run.evaluations.get("test") or {}
+    if (
+        model == "cmafnet"
+        and run.meta.get("dataset") in (None, "idc")
+        and len(test.get("classes") or []) == 2
+    ):
+        return "table1", "CMAF-Net (Ours)"
+    return None
+
+
+def paper_comparison(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
+    """Ours beside the paper's for runs that match a paper row (Tables 1, 6 style metrics)."""
+    rows, data = [], []
+    for run in runs:
+        match = _paper_match(run)
+        if match is None:
+            continue
+        table_name, row_name = match
+        try:
+            table = paper_table(table_name)
+        except Exception as err:  # unknown table name in run.json
+            log.warning("%s: %s", run.path, err)
+            continue
+        key = next(
+            (k for k in ("method", "configuration", "initialization", "subtype") if k in table["rows"][0]),
+            "method",
+        )
+        prow = next((r for r in table["rows"] if str(r.get(key, "")).lower() == row_name.lower()), None)
+        ev_name = "test" if "test" in run.evaluations else next(iter(run.evaluations), None)
+        if prow is None or ev_name is None:
+            continue
+        ours = run.evaluations[ev_name].get("metrics", {})
+        for col in table["columns"]:
+            if col not in ours:
+                continue
+            unit = table["units"].get(col, "percent")
+            theirs = paper_value(prow.get(col), unit)
+            mine = ours.get(col)
+            delta = None if (theirs is None or mine is None) else mine - theirs
+            pct = unit == "percent"
+            rows.append([
+                run.name, f"{table_name}: {row_name}", col, format_paper_cell(prow.get(col)),
+                format_metric(mine, 2 if pct else 3, percent=pct), format_metric(delta, 2 if pct else 3, percent=pct),
+            ])  # fmt: skip
+            data.append(
+                {
+                    "run": run.name,
+                    "table": table_name,
+                    "row": row_name,
+                    "metric": col,
+                    "paper": theirs,
+                    "ours": mine,
+                }
+            )
+    if not rows:
+        return [], []
+    note = (
+        "Paper values as printed (mean ± std over 5 seeds); ours on this run's evaluation at threshold 0.5."
+    )
+    return [
+        Table(
+            "Ours beside the paper",
+            ["run", "paper row", "metric", "paper", "ours", "ours − paper"],
+            rows,
+            note,
+        )
+    ], data
+
+
+def mcnemar_tests(
+    runs: Sequence[RunInfo], pairs: Sequence[tuple[str, str]] | None = None
+) -> tuple[list[Table], list[dict]]:
+    """Exact McNemar between every pair of runs evaluated on the same images (same ids, same labels).
+
+    Predictions at 0.5 (binary) / argmax (multi-class), so every run is compared at the same rule.
+    """
+    from cmafnet.evaluation.evaluate import load_predictions
+
+    by_name = {r.name: r for r in runs}
+    if pairs:
+        for a, b in pairs:
+            for n in (a, b):
+                if n not in by_name:
+                    raise RunFolderError(
+                        f"--compare: '{n}' is not one of the report's runs {sorted(by_name)}"
+                    )
+        todo = [(by_name[a], by_name[b]) for a, b in pairs]
+    else:
+        todo = list(itertools.combinations(runs, 2))
+    rows, data = [], []
+    for ra, rb in todo:
+        for ev in sorted(set(ra.predictions) & set(rb.predictions)):
+            da, ca = load_predictions(ra.predictions[ev])
+            db, cb = load_predictions(rb.predictions[ev])
+            key = "id" if "id" in da.columns and da["id"].notna().all() else "row"
+            if ca != cb or len(da) != len(db) or set(da[key]) != set(db[key]):
+                continue  # not the same test set
+            merged = da.merge(db, on=key, suffixes=("_a", "_b"))
+            if not (merged["label_a"] == merged["label_b"]).all():
+                continue
+            y = merged["label_a"].to_numpy()
+            pa = _decide(merged, ca, "_a")
+            pb = _decide(merged, cb, "_b")
+            r = mcnemar(y, pa, pb)
+            rows.append(
+                [
+                    ra.name,
+                    rb.name,
+                    ev,
+                    r["n"],
+                    format_metric(r["acc_a"]),
+                    format_metric(r["acc_b"]),
+                    r["b"],
+                    r["c"],
+                    f"{r['pvalue']:.3g}",
+                ]
+            )
+            data.append({"run_a": ra.name, "run_b": rb.name, "evaluation": ev, **r})
+    if not rows:
+        return [], []
+    note = "b = A right & B wrong, c = A wrong & B right; two-sided exact binomial test on b of b + c (scipy binomtest)."
+    return [
+        Table(
+            "Exact McNemar tests (paired predictions)",
+            ["run A", "run B", "evaluation", "n", "acc A (%)", "acc B (%)", "b", "c", "p-value"],
+            rows,
+            note,
+        )
+    ], data
+
+
+def _decide(df: Any, classes: list[str], suffix: str) -> np.ndarray:
+    probs = np.stack([df[f"prob_{c}{suffix}"].to_numpy(dtype=float) for c in classes], axis=1)
+    if len(classes) == 2:
+        return (probs[:, 1] >= 0.5).astype(int)
+    return probs.argmax(1)
+
+
+# ------------------------------------------------------------------------------------ figures
+def run_figures(run: RunInfo) -> list[tuple[str, bytes]]:
+    """(caption, PNG) for one run: ROC/PR, confusion matrices, training curves, attention heads."""
+    from cmafnet.evaluation.evaluate import load_predictions
+
+    figs: list[tuple[str, bytes]] = []
+    curves = {}
+    for ev_name, path in run.predictions.items():
+        try:
+            df, classes = load_predictions(path)
+        except RunFolderError as err:
+            log.warning("%s", err)
+            continue
+        if len(classes) == 2:
+            curves[ev_name] = (df["label"].to_numpy(), df[f"prob_{classes[1]}"].to_numpy(dtype=float))
+    if curves:
+        figs.append(
+            (f"{run.name}: ROC and precision-recall curves", plots.figure_png(plots.plot_roc_pr(curves)))
+        )
+    for ev_name, ev in run.evaluations.items():
+        m = ev.get("metrics", {})
+        classes = ev.get("classes") or []
+        if "confusion" not in m:
+            continue
+        if len(classes) == 2:
+            thr = ev.get("operating_point", {})
+            cm = thr.get("metrics", {}).get("confusion", m["confusion"]) if thr else m["confusion"]
+            t = f"threshold {thr['value']:.3f}" if thr else "threshold 0.5"
+            fig = plots.plot_confusion(cm, classes, title=f"{run.name} / {ev_name} ({t})")
+            figs.append(
+                (f"{run.name}: confusion matrix, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
+            )
+            for mag, e in (ev.get("by_magnification") or {}).items():
+                fig = plots.plot_confusion(e["metrics"]["confusion"], classes, title=f"{ev_name} {mag}")
+                figs.append(
+                    (f"{run.name}: confusion matrix, {ev_name}, {mag} (threshold 0.5)", plots.figure_png(fig))
+                )
+        else:
+            fig = plots.plot_confusion(
+                m["confusion"], classes, normalize=True, title=f"{run.name} / {ev_name}"
+            )
+            figs.append(
+                (f"{run.name}: normalised confusion matrix, {ev_name} (Fig. 6 style)", plots.figure_png(fig))
+            )
+    fig = plots.plot_training_curves(run.history, title=run.name)
+    if fig is not None:
+        figs.append((f"{run.name}: training curves (metrics.csv)", plots.figure_png(fig)))
+    fig = plots.plot_attention_heads(run.history, title=run.name)
+    if fig is not None:
+        figs.append(
+            (f"{run.name}: per-head attention entropy and temperature (Fig. 4)", plots.figure_png(fig))
+        )
+    return figs
+
+
+def _as_png(fig: Any) -> bytes:
+    if isinstance(fig, bytes):
+        return fig
+    if isinstance(fig, (str, Path)):
+        return Path(fig).read_bytes()
+    return plots.figure_png(fig)
+
+
+# ------------------------------------------------------------------------------------ writers
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in t.rows)
+    note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
+    return f"<h3>{html.escape(t.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+def _md_table(t: Table) -> str:
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|")
+
+    lines = [f"### {t.title}", "", "| " + " | ".join(cell(c) for c in t.columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in t.columns) + "|")
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in t.rows]
+    if t.note:
+        lines += ["", f"_{t.note}_"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str = "cmafnet report",
+    extra_tables: Mapping[str, Any] | None = None,
+    extra_figures: Mapping[str, Any] | None = None,
+    compare: Sequence[tuple[str, str]] | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``report.html`` (self-contained), ``report.md`` (+ ``figures/``) and ``report.json``.
+
+    Args:
+        run_dirs: run folders (may be empty when only extra tables / figures are reported).
+        out_dir: output folder.
+        title: report title.
+        extra_tables: ``{title: DataFrame | list of dicts | (columns, rows)}`` from experiments.
+        extra_figures: ``{caption: Figure | PNG bytes | PNG path}``.
+        compare: run-name pairs for McNemar; default every pair evaluated on the same images.
+        notes: paragraphs shown under the title.
+
+    Returns:
+        Path of ``report.html``.
+    """
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    runs = [collect_run(d) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for r in runs:  # unique display names
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}#{seen[r.name]}"
+        else:
+            seen[r.name] = 0
+
+    sections: list[tuple[str, list[Table], list[tuple[str, bytes]]]] = []
+    summary, summary_data = summary_tables(runs)
+    sections.append(("Metrics", summary + magnification_tables(runs), []))
+    agg_tables, agg_data = seed_aggregate(runs)
+    if agg_tables:
+        sections.append(("Mean ± std across runs (seeds)", agg_tables, []))
+    paper_tables, paper_data = paper_comparison(runs)
+    if paper_tables:
+        sections.append(("Comparison with the paper", paper_tables, []))
+    mc_tables, mc_data = mcnemar_tests(runs, compare)
+    if mc_tables:
+        sections.append(("Statistical tests", mc_tables, []))
+    if extra_tables:
+        sections.append(("Experiment tables", [_table_from_any(k, v) for k, v in extra_tables.items()], []))
+    if extra_figures:
+        sections.append(("Experiment figures", [], [(k, _as_png(v)) for k, v in extra_figures.items()]))
+    for r in runs:
+        figs = run_figures(r)
+        if figs:
+            sections.append((f"Figures — {r.name}", [], figs))
+
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from cmafnet import __version__
+
+    run_lines = [
+        f"{r.name}: {r.path} (model {(r.config.get('model') or {}).get('name', '?')}, "
+        f"evaluations: {', '.join(r.evaluations) or 'none — run cmafnet evaluate'})"
+        for r in runs
+    ]
+
+    # HTML
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>cmafnet {html.escape(__version__)}, {created}</p>",
+    ]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    if run_lines:
+        parts.append("<h2>Runs</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in run_lines) + "</ul>")
+    md = [f"# {title}", "", f"cmafnet {__version__}, {created}", ""] + [f"{n}\n" for n in notes]
+    if run_lines:
+        md += ["## Runs", ""] + [f"- {x}" for x in run_lines] + [""]
+    fig_index: list[dict] = []
+    for sec_title, tables, figs in sections:
+        parts.append(f"<h2>{html.escape(sec_title)}</h2>")
+        md += [f"## {sec_title}", ""]
+        for t in tables:
+            parts.append(_html_table(t))
+            md.append(_md_table(t))
+        for caption, png in figs:
+            k = len(fig_index)
+            fname = f"figures/fig{k:02d}.png"
+            atomic_write_bytes(out / fname, png)
+            b64 = base64.b64encode(png).decode("ascii")
+            parts.append(
+                f"<figure><img alt='{html.escape(caption, quote=True)}' src='data:image/png;base64,{b64}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+            md += [f"![{caption}]({fname})", ""]
+            fig_index.append({"caption": caption, "file": fname})
+    parts.append("</body></html>")
+    html_path = out / "report.html"
+    atomic_write_bytes(html_path, "\n".join(parts).encode("utf-8"))
+    atomic_write_bytes(out / "report.md", "\n".join(md).encode("utf-8"))
+    write_json(
+        out / "report.json",
+        {
+            "title": title,
+            "created": created,
+            "version": __version__,
+            "runs": [
+                {"name": r.name, "path": str(r.path), "meta": r.meta, "evaluations": r.evaluations}
+                for r in runs
+            ],
+            "summary": summary_data,
+            "across_runs": agg_data,
+            "paper_comparison": paper_data,
+            "mcnemar": mc_data,
+            "extra_tables": {
+                k: {"columns": t.columns, "rows": t.rows}
+                for k, t in ((k, _table_from_any(k, v)) for k, v in (extra_tables or {}).items())
+            },
+            "figures": fig_index,
+        },
+    )
+    return html_path
