@@ -349,7 +349,7 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
             f"opaque alpha dropped: {meta.get('alpha_dropped', 0)}"
         )
     diffs = meta.get("differences_from_published") or []
-    if meta.get("published"):
+    if meta.get("published") and not meta.get("synthetic"):
         lines.append(
             "matches the published counts" if not diffs else "differences from the published dataset:"
         )

@@ -98,14 +98,18 @@ class PatchStore:
         except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as err:
             raise RunFolderError(f"{path}: corrupt store ({err})") from None
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise RunFolderError(f"{path}: {IMAGES_FILE} is {images.dtype} {images.shape}, expected uint8 (N,H,W,3)")
+            raise RunFolderError(
+                f"{path}: {IMAGES_FILE} is {images.dtype} {images.shape}, expected uint8 (N,H,W,3)"
+            )
         if len(index) != images.shape[0]:
             raise RunFolderError(f"{path}: index has {len(index)} rows but images has {images.shape[0]}")
         missing = [c for c in INDEX_COLUMNS if c not in index.columns]
         if missing or "store_hash" not in meta or "classes" not in meta:
             raise RunFolderError(f"{path}: corrupt store (index columns {missing} / meta keys missing)")
         if verify and compute_store_hash(index_bytes, images.shape) != meta["store_hash"]:
-            raise RunFolderError(f"{path}: store hash mismatch (index.csv or images.npy changed after ingest)")
+            raise RunFolderError(
+                f"{path}: store hash mismatch (index.csv or images.npy changed after ingest)"
+            )
         return cls(path, images, index, meta)
 
     def __len__(self) -> int:
