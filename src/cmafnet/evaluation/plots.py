@@ -20,6 +20,18 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
+# Validation metrics worth a curve (not counts, thresholds or Brier).
+VAL_CURVES = (
+    "balanced_accuracy",
+    "auprc",
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "mcc",
+    "macro_f1",
+    "ece",
+)
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -108,9 +120,10 @@ def plot_confusion(
 
 
 def plot_training_curves(df: Any, title: str = "") -> Figure | None:
-    """Loss terms, validation metrics and learning rate per epoch from a run's ``metrics.csv``.
+    """Loss terms, validation metrics, information monitors and learning rate per epoch (``metrics.csv``).
 
-    Columns are found by name: ``*loss*`` and loss-term columns (``train_*``), ``val_*``, ``lr*``.
+    Columns are found by name: ``*loss*`` and loss-term columns (``train_*``), ``val_<metric>``
+    for the metrics in ``VAL_CURVES``, ``mi_*`` / ``i_*`` information monitors, ``lr*``.
     Returns ``None`` when there is nothing to plot.
     """
     if df is None or len(df) == 0:
@@ -118,12 +131,18 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
     x_col = next((c for c in ("epoch", "global_epoch", "step") if c in df.columns), None)
     x = df[x_col].to_numpy() if x_col else np.arange(len(df))
     numeric = [c for c in df.columns if c != x_col and np.issubdtype(df[c].dtype, np.number)]
-    losses = [c for c in numeric if "loss" in c or c.startswith("train_") or c.startswith("term_")]
-    vals = [c for c in numeric if c.startswith("val_") and "loss" not in c]
+    losses = [c for c in numeric if "loss" in c or (c.startswith("train_") and not c.endswith("_n"))]
+    vals = [c for c in numeric if c.startswith("val_") and c[4:] in VAL_CURVES]
+    info = [c for c in numeric if c.startswith("mi_") or c.startswith("i_")]
     lrs = [c for c in numeric if c == "lr" or c.startswith("lr_") or c.endswith("_lr")]
     panels = [
         (n, cols)
-        for n, cols in (("loss terms", losses), ("validation", vals), ("learning rate", lrs))
+        for n, cols in (
+            ("loss terms", losses),
+            ("validation", vals),
+            ("information monitors", info),
+            ("learning rate", lrs),
+        )
         if cols
     ]
     if not panels:

@@ -210,21 +210,23 @@ def magnification_tables(runs: Sequence[RunInfo]) -> list[Table]:
 def seed_aggregate(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
     """Mean ± std (ddof=1) per evaluation name over every run that has it (e.g. 5 seeds)."""
     tables, data = [], {}
-    names = sorted({n for r in runs for n in r.evaluations})
-    for name in names:
-        evs = [r.evaluations[name] for r in runs if name in r.evaluations]
+    groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
+    for r in runs:  # only runs with the same evaluation name and the same classes are pooled
+        for name, ev in r.evaluations.items():
+            groups.setdefault((name, tuple(ev.get("classes") or [])), []).append(ev)
+    for (name, classes), evs in sorted(groups.items()):
         if len(evs) < 2:
             continue
-        cols = _columns_for(evs[0].get("classes") or [])
-        agg = aggregate_seeds([e.get("metrics", {}) for e in evs], keys=list(cols))
-        data[name] = agg
-        row = [name, len(evs)]
+        cols = _columns_for(classes)
+        key = name if sum(k[0] == name for k in groups) == 1 else f"{name} [{', '.join(classes)}]"
+        data[key] = aggregate_seeds([e.get("metrics", {}) for e in evs], keys=list(cols))
+        row = [key, len(evs)]
         for c in cols:
             v = [e.get("metrics", {}).get(c) for e in evs]
             row.append(
                 format_mean_std(v, 3 if c in FRACTION_METRICS else 2, percent=c not in FRACTION_METRICS)
             )
-        tables.append(Table(f"Mean ± std across runs — {name}", ["evaluation", "runs", *cols], [row]))
+        tables.append(Table(f"Mean ± std across runs — {key}", ["evaluation", "runs", *cols], [row]))
     return tables, data
 
 
