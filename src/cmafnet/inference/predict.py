@@ -82,18 +82,15 @@ def build_preprocess(
     except ImportError:
         GPUPreprocess = None
     if GPUPreprocess is not None:
-        pre = GPUPreprocess(cfg.data, img_size, train=False)
         ref = run.meta.get("stain_reference")
-        if ref is not None:
-            for setter in ("set_stain_reference", "set_reference", "load_reference"):
-                if hasattr(pre, setter):
-                    getattr(pre, setter)(ref)
-                    break
-        if hasattr(pre, "to"):
-            pre = pre.to(device)
-        if hasattr(pre, "eval"):
-            pre.eval()
-        return pre, "GPUPreprocess(train=False)"
+        pre = GPUPreprocess(cfg.data, img_size, train=False, stain_reference=ref).to(device).eval()
+        if not cfg.data.stain.enabled:
+            what = "GPUPreprocess(train=False), stain normalisation off (as in training)"
+        elif ref:
+            what = f"GPUPreprocess(train=False), Macenko with the run's stain reference ({ref.get('source', 'run.json')})"
+        else:
+            what = "GPUPreprocess(train=False), Macenko with the standard H&E reference (run.json has none)"
+        return pre, what
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
     mode = cfg.data.interpolation
@@ -147,6 +144,12 @@ class Predictor:
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities ``(B, C)`` for same-size uint8 RGB images."""
         return self.probs_from_input(self.to_input(images))
+
+    def stain_fallback(self) -> np.ndarray | None:
+        """(B,) bool of the last preprocessed batch: images left without stain normalisation
+        (too little tissue for Macenko), or None when there is no stain step."""
+        fb = getattr(self.preprocess, "last_fallback", None)
+        return None if fb is None else fb.detach().cpu().numpy().astype(bool)
 
     def decide(self, probs: np.ndarray) -> list[str]:
         """Class name per row: positive (index 1) when ``p1 >= threshold`` (binary), else argmax."""
@@ -239,8 +242,12 @@ def predict_files(
         batch = groups.pop(key)
         probs = predictor.predict_arrays([img for _, _, img in batch])
         decisions = predictor.decide(probs)
-        for (i, _item, _img), p, dec in zip(batch, probs, decisions):
+        fallback = predictor.stain_fallback()
+        for k, ((i, _item, _img), p, dec) in enumerate(zip(batch, probs, decisions)):
             row = rows[i]
+            if fallback is not None and fallback[k]:
+                # Informational: classified, but Macenko fell back to the raw colours.
+                row["flags"] = ";".join(f for f in (row["flags"], "stain_fallback") if f)
             row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
             row["decision"], row["status"] = dec, "ok"
             summary.n_predicted += 1

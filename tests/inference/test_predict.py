@@ -1,0 +1,202 @@
+"""`cmafnet predict` on real tiles, BreakHis images, CSV lists and deliberately bad files."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cmafnet.cli import build_parser, main
+from cmafnet.inference.io import discover_inputs, load_rgb
+from cmafnet.inference.predict import Predictor, predict_files, run_threshold
+
+CLASSES = ["no_idc", "idc"]  # as written by the run_factory fixture
+TILES = "unlabeled_he/histolab_he_tiles"
+BREAKHIS = "breakhis/BreaKHis_v1"
+
+
+def _png16(path: Path) -> None:
+    """A valid 16-bit RGB PNG (PIL cannot write one)."""
+    raw = b"".join(b"\x00" + b"\x12\x34" * 3 * 4 for _ in range(4))
+    ihdr = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory, sample_data) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.png").write_bytes(b"")
+    good = (sample_data / TILES / "tissue-level0-7352-11762-7864-12274.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[: len(good) // 3])
+    (d / "not_an_image.png").write_bytes(b"hello, this is text")
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(d / "gray.png")
+    rgba = np.full((40, 40, 4), 200, np.uint8)
+    rgba[..., 3] = 100
+    Image.fromarray(rgba, "RGBA").save(d / "transparent.png")
+    _png16(d / "sixteen.png")
+    return d
+
+
+def test_help_documents_exit_codes():
+    p = build_parser()
+    sub = next(a for a in p._actions if a.dest == "command")
+    for cmd in ("predict", "wsi", "export"):
+        assert "exit codes" in sub.choices[cmd].epilog
+
+
+def test_predict_real_tiles_breakhis_and_bad_files(baseline_run, sample_data, bad_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    csv_list = tmp_path / "list.csv"
+    breakhis = sorted((sample_data / BREAKHIS).rglob("*.png"))[:4]
+    pd.DataFrame({"path": [str(p) for p in breakhis]}).to_csv(csv_list, index=False)
+    tiles = sample_data / TILES
+    rc = main(["predict", str(baseline_run), str(tiles), str(csv_list), str(bad_dir),
+               "--out", str(out), "--batch", "4", "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    n_tiles = len(list(tiles.glob("*.png")))
+    assert len(df) == n_tiles + len(breakhis) + 6  # one row per input, none dropped
+    # Input order is kept: folder (sorted), CSV list, bad folder (sorted).
+    assert list(df.path[:n_tiles]) == [str(p) for p in sorted(tiles.glob("*.png"))]
+    assert list(df.path[n_tiles : n_tiles + len(breakhis)]) == [str(p) for p in breakhis]
+
+    errors = df[df.status == "error"].set_index(df[df.status == "error"].path.map(lambda p: Path(p).stem))
+    assert set(errors.index) == {"empty", "truncated", "not_an_image", "gray", "transparent", "sixteen"}
+    assert errors.error["empty"].startswith("zero bytes")
+    assert errors.error["gray"].startswith("grayscale")
+    assert errors.error["sixteen"].startswith("16-bit")
+    assert errors.error["transparent"].startswith("RGBA with transparency")
+    assert errors.error["truncated"].startswith("truncated")
+    assert errors.error["not_an_image"].startswith("not an image")
+    assert (errors.decision == "").all()
+
+    ok = df[df.status == "ok"]
+    probs = ok[[f"prob_{c}" for c in CLASSES]].astype(float).to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (ok.threshold_source == "run.json:threshold").all() and (ok.threshold.astype(float) == 0.3).all()
+    expected = np.where(probs[:, 1] >= 0.3, CLASSES[1], CLASSES[0])
+    assert list(ok.decision) == list(expected)
+    # Every BreakHis image is tissue and gets a prediction.
+    assert set(map(str, breakhis)) <= set(ok.path)
+
+    na = df[df.status == "not_assessable"].set_index(
+        df[df.status == "not_assessable"].path.map(lambda p: Path(p).stem)
+    )
+    assert {"no-tissue", "almost-white-1", "no-tissue-green-pen", "no-tissue-red-pen"} <= set(na.index)
+    assert na["flags"]["no-tissue"] == "not_assessable:background"
+    assert "not_assessable:pen" in na["flags"]["no-tissue-red-pen"]
+    assert (na[[f"prob_{c}" for c in CLASSES]] == "").all().all()  # not classified
+
+
+def test_batch_size_and_grouping_do_not_change_results(baseline_run, sample_data, tmp_path):
+    # Mixed sizes (512, 956x779, 700x460) exercise the per-size grouping and the in-order writer.
+    files = [
+        *sorted((sample_data / TILES).glob("tissue-level2-*.png"))[:2],
+        sample_data / TILES / "high-nuclei-score-level0.png",
+        *sorted((sample_data / BREAKHIS).rglob("*.png"))[:1],
+    ]
+    a = predict_files(baseline_run, files, tmp_path / "a.csv", batch_size=1, device="cpu", progress=False)
+    b = predict_files(baseline_run, files, tmp_path / "b.csv", batch_size=3, device="cpu", progress=False)
+    assert a.n_predicted == b.n_predicted == len(files)
+    da, db = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert list(da.path) == list(db.path) == [str(f) for f in files]
+    np.testing.assert_allclose(da.prob_idc, db.prob_idc, atol=1e-5)
+
+
+def test_no_tissue_check_classifies_blank_tiles(baseline_run, sample_data, tmp_path):
+    s = predict_files(baseline_run, [sample_data / TILES / "no-tissue.png"], tmp_path / "p.csv",
+                      device="cpu", progress=False, tissue_check=False, threshold=0.9)  # fmt: skip
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert s.n_predicted == 1 and df.status[0] == "ok" and df.threshold_source[0] == "argument"
+
+
+def test_threshold_fallback():
+    assert run_threshold({}) == (0.5, "default")
+    assert run_threshold({"threshold": 0.12}) == (0.12, "run.json:threshold")
+    assert run_threshold({"threshold": 0.12}, 0.7) == (0.7, "argument")
+    assert run_threshold({"threshold": float("nan")}) == (0.5, "default")
+
+
+def test_empty_folder_exit_3(baseline_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["predict", str(baseline_run), str(tmp_path / "empty"), "--out", str(tmp_path / "p.csv")])
+    assert rc == 3
+    assert "no image files found" in capsys.readouterr().err
+
+
+def test_all_inputs_bad_exit_3_with_reasons(baseline_run, bad_dir, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    rc = main(
+        ["predict", str(baseline_run), str(bad_dir), "--out", str(out), "--device", "cpu", "--no-progress"]
+    )
+    assert rc == 3
+    assert "could be read" in capsys.readouterr().err
+    assert (pd.read_csv(out).status == "error").all()  # the reasons are still written
+
+
+def test_missing_input_and_bad_csv(baseline_run, tmp_path):
+    assert main(["predict", str(baseline_run), str(tmp_path / "nope"), "--out", str(tmp_path / "p.csv")]) == 3
+    (tmp_path / "l.csv").write_text("file\nx.png\n")
+    with pytest.raises(Exception, match="'path' column"):
+        discover_inputs([tmp_path / "l.csv"])
+
+
+def test_run_without_model_exit_4(run_factory, sample_data, tmp_path, capsys):
+    run = run_factory(tmp_path / "nomodel", weights=False)
+    rc = main(
+        ["predict", str(run), str(sample_data / TILES / "no-tissue.png"), "--out", str(tmp_path / "p.csv")]
+    )
+    assert rc == 4
+    assert "model.safetensors missing" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "not_a_run"),
+                str(sample_data / TILES),
+                "--out",
+                str(tmp_path / "q.csv"),
+            ]
+        )
+        == 4
+    )
+
+
+def test_predictor_api_shapes(baseline_run):
+    pred = Predictor.from_run_dir(baseline_run, device="cpu")
+    imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
+    p = pred.predict_arrays(imgs)
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-6)
+    assert pred.to_input(imgs).shape == (2, 3, 32, 32)
+
+
+def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_path):
+    from cmafnet.data.stain import MacenkoNormalizer
+
+    ref = MacenkoNormalizer(240.0, 1.0, 0.15).to_dict()
+    ref["he_ref"] = [[0.6, 0.1], [0.7, 0.8], [0.4, 0.6]]  # a distinctive (made-up) target matrix
+    ref["source"] = "test-reference"
+    run = run_factory(tmp_path / "stain", stain=True, stain_reference=ref)
+    pred = Predictor.from_run_dir(run, device="cpu")
+    assert "test-reference" in pred.preprocess_desc
+    np.testing.assert_allclose(pred.preprocess.stain.he_ref.numpy(), np.array(ref["he_ref"]), atol=1e-6)
+    img = load_rgb(sample_data / TILES / "tissue-level0-7352-11762-7864-12274.png")
+    blank = np.full_like(img, 250)
+    x = pred.to_input([img, blank])
+    assert x.shape == (2, 3, 64, 64)
+    assert pred.stain_fallback().tolist() == [False, True]  # blank: too little tissue for Macenko
+    off = Predictor.from_run_dir(run_factory(tmp_path / "nostain"), device="cpu")
+    assert not np.allclose(off.to_input([img]).numpy(), x[:1].numpy(), atol=1e-3)  # stain step changed it
