@@ -85,6 +85,7 @@ class Progress:
     nonfinite_run: int = 0  # consecutive
     epoch_sums: dict = field(default_factory=dict)  # running sums of the current epoch's terms
     epoch_count: int = 0
+    lr: float = 0.0  # of the last step (logged)
 
 
 class Trainer:
@@ -123,7 +124,6 @@ class Trainer:
         amp = self.tc.amp
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self._stop_signal: int | None = None
-        self.lr = 0.0
         # set per stage by _enter_stage
         self.optimizer: torch.optim.Optimizer | None = None
         self.trainable: list[nn.Parameter] = []
@@ -160,9 +160,9 @@ class Trainer:
         total = stage.epochs * self.steps_per_epoch
         step = self.p.epoch * self.steps_per_epoch + self.p.step_in_epoch
         warm = round(stage.warmup_epochs * self.steps_per_epoch)
-        self.lr = stage.lr * lr_factor(stage.schedule, step, total, warmup=warm, cycles=stage.cyclic_cycles)
+        self.p.lr = stage.lr * lr_factor(stage.schedule, step, total, warmup=warm, cycles=stage.cyclic_cycles)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr
+            g["lr"] = self.p.lr
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -240,7 +240,7 @@ class Trainer:
                 bar.update(1)
                 if p.global_step % tc.log_every == 0 or i + 1 == self.steps_per_epoch:
                     n = max(p.epoch_count, 1)
-                    bar.set_postfix(loss=f"{p.epoch_sums.get('loss', 0.0) / n:.4f}", lr=f"{self.lr:.2e}",
+                    bar.set_postfix(loss=f"{p.epoch_sums.get('loss', 0.0) / n:.4f}", lr=f"{p.lr:.2e}",
                                     skipped=p.nonfinite_total)  # fmt: skip
             status = self._check_stop()
             if status != "ok":
@@ -319,6 +319,9 @@ class Trainer:
         if not ys:
             return {}, {}
         y_all, p_all = torch.cat(ys).numpy(), torch.cat(probs).numpy()
+        if not np.isfinite(p_all).all():
+            log.warning("validation predictions are not finite: no validation metrics this epoch")
+            return {"nonfinite_predictions": 1.0}, acc.result()
         m = classification_metrics(y_all, p_all)
         metrics = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if C > 2:  # macro one-vs-rest average precision: the multi-class best-model criterion
@@ -345,7 +348,7 @@ class Trainer:
         n = max(p.epoch_count, 1)
         row: dict[str, Any] = {
             "stage": p.stage, "stage_name": stage.name, "epoch": p.global_epoch + 1, "epoch_in_stage": p.epoch + 1,
-            "step": p.global_step, "lr": self.lr, "nonfinite_steps": p.nonfinite_total,
+            "step": p.global_step, "lr": p.lr, "nonfinite_steps": p.nonfinite_total,
             "time_s": round(getattr(self, "_epoch_time", float("nan")), 3),
         }  # fmt: skip
         row.update({f"train_{k}": distr.all_mean(v / n, self.info) for k, v in sorted(p.epoch_sums.items())})

@@ -102,6 +102,17 @@ def train_step(
         (scaler.scale(loss) if use_scaler else loss).backward()
         return loss, terms
 
+    # A skipped step must not leave its trace in BatchNorm running statistics either.
+    buffers = [b for b in model.buffers() if b.numel()]
+    saved = [b.detach().clone() for b in buffers]
+
+    def skip(loss_value: float, terms: dict, norm: float) -> StepResult:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, v in zip(buffers, saved, strict=True):
+                b.copy_(v)
+        return StepResult(True, loss_value, _to_floats(terms), norm)
+
     optimizer.zero_grad(set_to_none=True)
     loss, terms = forward_backward()
     loss_value = float(loss.detach())
@@ -110,10 +121,9 @@ def train_step(
         unscale_grads(params, scaler)
         bad = _agree(not (grads_finite(params) and torch.isfinite(loss.detach()).item()), device)
         if bad:
-            optimizer.zero_grad(set_to_none=True)
             if use_scaler:  # no unscale_ was recorded: back the scale off explicitly
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-            return StepResult(True, loss_value, _to_floats(terms), float("nan"))
+            return skip(loss_value, terms, float("nan"))
         sam.perturb()
         optimizer.zero_grad(set_to_none=True)
         try:
@@ -126,10 +136,9 @@ def train_step(
     norm = clipper(params)
     bad = _agree(not (torch.isfinite(norm).item() and torch.isfinite(loss.detach()).item()), device)
     if bad:
-        optimizer.zero_grad(set_to_none=True)
         if use_scaler:
             scaler.update()  # sees the inf recorded by unscale_ (or none: then the scale stays)
-        return StepResult(True, loss_value, _to_floats(terms), float(norm))
+        return skip(loss_value, terms, float(norm))
     if use_scaler:
         scaler.step(optimizer)
         scaler.update()
