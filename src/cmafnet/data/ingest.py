@@ -277,6 +277,12 @@ def ingest(
     atomic_write_bytes(out / INDEX_FILE, index_bytes)
     shape = (len(valid), h, w, 3)
 
+    orig = list(zip(index["orig_h"], index["orig_w"]))
+    if policy.resize_any:
+        n_padded, n_resized = 0, sum(o != policy.out_hw for o in orig)
+    else:
+        n_padded = sum(o != policy.canvas_hw and o != policy.out_hw for o in orig)
+        n_resized = sum(o != policy.out_hw for o in orig) if policy.out_hw != policy.canvas_hw else 0
     per_patient = {
         str(p): {str(k): int(v) for k, v in g["label_name"].value_counts().items()}
         for p, g in index.groupby("patient", sort=True)
@@ -297,12 +303,8 @@ def ingest(
         "per_magnification": {
             str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0
         },
-        "padded": int(
-            ((index["orig_h"] < policy.canvas_hw[0]) | (index["orig_w"] < policy.canvas_hw[1])).sum()
-        )
-        if not policy.resize_any
-        else 0,
-        "resized": len(index) if policy.out_hw != policy.canvas_hw or policy.resize_any else 0,
+        "padded": n_padded,
+        "resized": n_resized,
         "alpha_dropped": int(dropped_alpha),
         "duplicate_sha256": int(index["sha256"].duplicated().sum()),
         "n_files": len(files),

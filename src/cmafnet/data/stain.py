@@ -86,6 +86,7 @@ class MacenkoNormalizer(nn.Module):
         d = (od - mean) * w
         cov = d.transpose(1, 2) @ d / (nf - 1)  # (B, 3, 3)
         eye = torch.eye(3, device=od.device, dtype=od.dtype).expand(b, 3, 3)
+        ok = ok & (cov.diagonal(dim1=1, dim2=2).sum(-1) > 1e-6)  # flat images have no stain axes
         cov = torch.where(ok.view(b, 1, 1), cov, eye)  # keep eigh well-posed for fallbacks
         _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
         e1, e2 = vecs[..., 1], vecs[..., 2]  # (B, 3): second largest, largest
@@ -96,6 +97,7 @@ class MacenkoNormalizer(nn.Module):
         phi = torch.where(ok.view(b, 1), phi, torch.zeros_like(phi))  # no all-NaN rows
         lo = _quantile(phi, self.alpha / 100, nan=True).unsqueeze(-1)  # (B, 1)
         hi = _quantile(phi, 1 - self.alpha / 100, nan=True).unsqueeze(-1)
+        ok = ok & ((hi - lo).squeeze(-1) > 1e-3)  # one colour only: the two stains coincide
         v_min = e1 * torch.cos(lo) + e2 * torch.sin(lo)  # (B, 3)
         v_max = e1 * torch.cos(hi) + e2 * torch.sin(hi)
         h_first = (v_min[:, 0] > v_max[:, 0]).view(b, 1)
@@ -134,7 +136,7 @@ class MacenkoNormalizer(nn.Module):
         Raises:
             ValueError: the image has too little tissue to define stains.
         """
-        t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+        t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
         if t.ndim == 3 and t.shape[-1] in (3, 4) and t.shape[0] not in (3, 4):
             t = t[..., :3].permute(2, 0, 1)
         od = self._od(t[:3].unsqueeze(0).to(self.he_ref.device))
@@ -151,8 +153,8 @@ class MacenkoNormalizer(nn.Module):
         return {
             "method": "macenko",
             "Io": self.Io, "alpha": self.alpha, "beta": self.beta, "min_tissue_frac": self.min_tissue_frac,
-            "he_ref": [[round(float(v), 6) for v in row] for row in self.he_ref.cpu().tolist()],
-            "max_c_ref": [round(float(v), 6) for v in self.max_c_ref.cpu().tolist()],
+            "he_ref": self.he_ref.cpu().tolist(),
+            "max_c_ref": self.max_c_ref.cpu().tolist(),
             "source": self.reference_source,
         }  # fmt: skip
 
