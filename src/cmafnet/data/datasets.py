@@ -260,6 +260,11 @@ class Folder(Dataset):
             if missing:
                 raise InputDataError(f"{self.root}: manifest lacks column(s) {sorted(missing)}")
             df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"]]
+            dup = df["abspath"][df["abspath"].duplicated()]
+            if len(dup):
+                raise InputDataError(
+                    f"{self.root}: {len(dup)} duplicate path(s) in the manifest, e.g. {dup.iloc[0]}"
+                )
             self.manifest = df.set_index("abspath")
             self.CLASSES = tuple(sorted(df["label"].dropna().unique()))
         else:

@@ -85,8 +85,11 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 def _fingerprint(ds: Dataset, files: list[Path], policy: SizePolicy) -> str:
     h = hashlib.sha256(f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}".encode())
     for p in files:
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:  # a manifest entry that does not exist: rejected by decode later
+            h.update(f"{p}|missing\n".encode())
     return h.hexdigest()
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+NOT_FOUND = "file not found"
 ZERO_BYTES = "zero bytes"
 NOT_IMAGE = "not an image"
 TRUNCATED = "truncated or corrupt"
@@ -36,7 +37,7 @@ BAD_NAME = "name does not parse"
 LABEL_MISMATCH = "label folder disagrees with name"
 
 REASONS = (
-    ZERO_BYTES, NOT_IMAGE, TRUNCATED, GRAYSCALE, TRANSPARENT, BIT16,
+    NOT_FOUND, ZERO_BYTES, NOT_IMAGE, TRUNCATED, GRAYSCALE, TRANSPARENT, BIT16,
     UNSUPPORTED_MODE, BAD_SIZE, BAD_NAME, LABEL_MISMATCH,
 )  # fmt: skip
 
@@ -114,6 +115,8 @@ def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> D
     """Read, check and decode one file into an RGB uint8 array (placed per ``policy``)."""
     try:
         data = open(path, "rb").read()  # noqa: SIM115 - one read, closed by refcount
+    except FileNotFoundError:
+        return Decoded(None, NOT_FOUND)
     except OSError as err:
         return Decoded(None, NOT_IMAGE, f"unreadable: {err}")
     if not data:
