@@ -102,4 +102,5 @@ def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factor
     assert (run / "predictions_zeroshot_all.csv").exists()
     # CLI and report over the evaluated run.
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
-    assert "zeroshot_all" in (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "zeroshot_all" in html and "Zero-shot BreakHis (Table 3 layout)" in html

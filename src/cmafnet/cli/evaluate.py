@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cmafnet.evaluation.evaluate import evaluate_run
-    from cmafnet.evaluation.metrics import format_metric
+    from cmafnet.evaluation.metrics import format_metric_for
 
     doc = evaluate_run(
         args.run_dir,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         choose_threshold=not args.no_threshold,
     )
-    print(summary_lines(doc, format_metric))
+    print(summary_lines(doc, format_metric_for))
     return 0
 
 
@@ -64,13 +64,13 @@ def summary_lines(doc: dict, fmt) -> str:
     lines = [f"{doc['name']}: {doc['n']} images, classes {doc['classes']}"]
 
     def row(label: str, m: dict) -> str:
-        return f"  {label:<22}" + "  ".join(f"{k}={fmt(m.get(k))}" for k in keys)
+        return f"  {label:<22}" + "  ".join(f"{k}={fmt(k, m.get(k))}" for k in keys)
 
     lines.append(row("threshold 0.5", doc["metrics"]))
     if "operating_point" in doc:
         op = doc["operating_point"]
         lines.append(row(f"threshold {op['value']:.4f}", op["metrics"]))
     for mag, e in doc.get("by_magnification", {}).items():
-        lines.append(row(f"{mag}", e["metrics"]))
+        lines.append(row(f"{mag} @ 0.5", e["metrics"]))
     lines.append(f"  wrote {doc['paths']['predictions']} and {doc['paths']['metrics']}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ float, read by ``cmafnet predict``) with the details under ``threshold_info``.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, update_meta, write_
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+CI_KEYS_BINARY = ("sensitivity", "specificity", "balanced_accuracy", "auprc", "auroc", "mcc", "f1")
+CI_KEYS_MULTI = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc")
 
 
 def _norm(names: list[str]) -> list[str]:
@@ -98,7 +101,7 @@ def predict_store(
 
     loader = BatchLoader(
         store.images,
-        torch.as_tensor(labels),
+        torch.tensor(np.asarray(labels), dtype=torch.int64),  # a copy: store arrays may be read-only
         np.asarray(indices),
         batch_size,
         shuffle=False,
@@ -127,12 +130,18 @@ def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
     return idx
 
 
+def _natural_key(text: str) -> tuple:
+    """'40X' < '100X' < '200X' (numbers compared as numbers)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
 def _groups(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
     if column not in index.columns:
         return {}
     values = index[column].to_numpy()[rows]
     out = {}
-    for v in sorted({str(x) for x in values if x is not None and str(x) not in ("", "nan", "None")}):
+    present = {str(x) for x in values if x is not None and str(x) not in ("", "nan", "None")}
+    for v in sorted(present, key=_natural_key):
         out[v] = np.flatnonzero(values.astype(str) == v)
     return out
 
@@ -257,9 +266,10 @@ def evaluate_run(
         doc["by_magnification"] = by_mag
 
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
-    if n_boot > 0 and binary:
+    if n_boot > 0:
         patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
-        doc["ci"] = metric_cis(y, probs, groups=patients, n_boot=n_boot, seed=0)
+        keys = CI_KEYS_BINARY if binary else CI_KEYS_MULTI
+        doc["ci"] = metric_cis(y, probs, keys=keys, groups=patients, n_boot=n_boot, seed=0)
 
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)

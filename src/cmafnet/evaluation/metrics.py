@@ -264,6 +264,17 @@ def sensitivity_at_specificity(y_true: np.ndarray, p_pos: np.ndarray, specificit
     return float(tpr[ok].max()) if ok.any() else None
 
 
+# Metrics shown as fractions (as the paper prints AUPRC, MCC and F1); the rest as percentages.
+FRACTION_METRICS = ("auprc", "auroc", "mcc", "f1", "ece", "brier")
+
+
+def format_metric_for(key: str, value: Any) -> str:
+    """``format_metric`` with the display convention of ``key``: percent (2 d.p.) or fraction (3 d.p.)."""
+    if key in FRACTION_METRICS:
+        return format_metric(value, 3, percent=False)
+    return format_metric(value, 2, percent=True)
+
+
 def format_metric(value: Any, digits: int = 2, percent: bool = True) -> str:
     """A metric for a table: ``None`` -> ``"n/a"``, else a percentage (or plain) with ``digits``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

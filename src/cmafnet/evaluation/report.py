@@ -36,17 +36,15 @@ import numpy as np
 
 from cmafnet.errors import RunFolderError
 from cmafnet.evaluation import plots
-from cmafnet.evaluation.metrics import format_metric
+from cmafnet.evaluation.metrics import FRACTION_METRICS, format_metric, format_metric_for
 from cmafnet.evaluation.paper import format_paper_cell, paper_table, paper_value
-from cmafnet.evaluation.stats import aggregate_seeds, format_mean_std, mcnemar
+from cmafnet.evaluation.stats import aggregate_seeds, format_mean_std, mcnemar, mean_std
 from cmafnet.run import METRICS_FILE, atomic_write_bytes, read_meta, write_json
 
 log = logging.getLogger(__name__)
 
 BINARY_COLUMNS = ("sensitivity", "specificity", "balanced_accuracy", "auprc", "auroc", "mcc", "f1", "ece")
 MULTI_COLUMNS = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy", "ece")
-# Metrics that the paper prints as fractions rather than percent (Tables 1, 4, 6).
-FRACTION_METRICS = ("auprc", "auroc", "mcc", "f1", "ece")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
@@ -141,7 +139,7 @@ def _columns_for(classes: Sequence[str]) -> tuple[str, ...]:
 
 
 def _metric_cell(key: str, value: Any) -> str:
-    return format_metric(value, 3, percent=False) if key in FRACTION_METRICS else format_metric(value)
+    return format_metric_for(key, value)
 
 
 def summary_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
@@ -182,6 +180,57 @@ def summary_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
                 )
                 tables[f"recall:{run.name}:{name}"] = t
     return list(tables.values()), data
+
+
+def ci_tables(runs: Sequence[RunInfo]) -> list[Table]:
+    """Bootstrap confidence intervals written by ``cmafnet evaluate`` (threshold 0.5)."""
+    rows = []
+    for run in runs:
+        for name, ev in run.evaluations.items():
+            for metric, ci in (ev.get("ci") or {}).items():
+                pct = metric not in FRACTION_METRICS
+                f = lambda v, pct=pct: format_metric(v, 2 if pct else 3, percent=pct)  # noqa: E731
+                rows.append([run.name, name, metric, f(ci.get("point")), f(ci.get("low")), f(ci.get("high")),
+                             ci.get("by"), f"{ci.get('n_valid')}/{ci.get('n_boot')}"])  # fmt: skip
+    if not rows:
+        return []
+    cols = ["run", "evaluation", "metric", "point", "low", "high", "resampled by", "valid resamples"]
+    return [Table("Bootstrap 95% confidence intervals (percentile)", cols, rows)]
+
+
+def zero_shot_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
+    """Table 3 layout: zero-shot sensitivity per magnification, average and std (ddof=1), paper beside.
+
+    Table 3 does not name its metric; Fig. 5 and Section 6.4 quote its CMAF-Net values as
+    sensitivity, so sensitivity is shown (see docs/decisions/evaluation.md).
+    """
+    paper = paper_table("table3")
+    mags = ["40X", "100X", "200X", "400X"]
+    rows, data = [], []
+    for run in runs:
+        for name, ev in run.evaluations.items():
+            by_mag = ev.get("by_magnification") or {}
+            if not ev.get("zero_shot") or not by_mag:
+                continue
+            cols = [m for m in mags if m in by_mag] + [m for m in by_mag if m not in mags]
+            for label, key in (("0.5", "metrics"), ("operating", "operating_metrics")):
+                vals = [(by_mag[m].get(key) or {}).get("sensitivity") for m in cols]
+                if all(v is None for v in vals):
+                    continue
+                mean, std, _ = mean_std(vals)
+                rows.append([f"{run.name} / {name} @ {label}", *(format_metric(v) for v in vals),
+                             format_metric(mean), format_metric(std)])  # fmt: skip
+                data.append({"run": run.name, "evaluation": name, "threshold": label, **dict(zip(cols, vals)),
+                             "average": mean, "std": std})  # fmt: skip
+    if not rows:
+        return [], []
+    for prow in paper["rows"]:
+        if not prow.get("derived"):
+            cells = [format_paper_cell(prow.get(m)) for m in mags]
+            rows.append([f"paper: {prow['method']}", *cells, format_paper_cell(prow.get("average")),
+                         format_paper_cell(prow.get("std_dev"))])  # fmt: skip
+    note = "Sensitivity (%) per magnification; std over magnifications (ddof=1). Paper rows from Table 3."
+    return [Table("Zero-shot BreakHis (Table 3 layout)", ["run", *mags, "average", "std"], rows, note)], data
 
 
 def magnification_tables(runs: Sequence[RunInfo]) -> list[Table]:
@@ -493,11 +542,13 @@ def write_report(
 
     sections: list[tuple[str, list[Table], list[tuple[str, bytes]]]] = []
     summary, summary_data = summary_tables(runs)
-    sections.append(("Metrics", summary + magnification_tables(runs), []))
+    sections.append(("Metrics", summary + magnification_tables(runs) + ci_tables(runs), []))
     agg_tables, agg_data = seed_aggregate(runs)
     if agg_tables:
         sections.append(("Mean ± std across runs (seeds)", agg_tables, []))
     paper_tables, paper_data = paper_comparison(runs)
+    zs_tables, zs_data = zero_shot_tables(runs)
+    paper_tables += zs_tables
     if paper_tables:
         sections.append(("Comparison with the paper", paper_tables, []))
     mc_tables, mc_data = mcnemar_tests(runs, compare)
@@ -569,6 +620,7 @@ def write_report(
             "summary": summary_data,
             "across_runs": agg_data,
             "paper_comparison": paper_data,
+            "zero_shot": zs_data,
             "mcnemar": mc_data,
             "extra_tables": {
                 k: {"columns": t.columns, "rows": t.rows}
