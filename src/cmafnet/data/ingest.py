@@ -263,8 +263,9 @@ def ingest(
             out / ".images.tmp.npy", mode="w+", dtype=np.uint8, shape=(len(valid), h, w, 3)
         )
         sel = np.asarray(valid)
-        for i in range(0, len(sel), 4096):  # bounded memory for 700x460 images
-            dst[i : i + 4096] = src_mm[sel[i : i + 4096]]
+        step = max(1, (256 << 20) // (h * w * 3))  # ~256 MiB at a time (700x460 images are ~1 MB)
+        for i in range(0, len(sel), step):
+            dst[i : i + step] = src_mm[sel[i : i + step]]
         dst.flush()
         del dst, src_mm
         os.replace(out / ".images.tmp.npy", out / IMAGES_FILE)
