@@ -1,0 +1,169 @@
+"""The contextual branch: equivalence with timm's MobileViT, Nystrom attention, the paper's modifications."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cmafnet.errors import ConfigError
+from cmafnet.models.attention import ATTENTION, SelfAttention, full_attention, nystrom_attention
+from cmafnet.models.mobilevit import MobileViT, MobileViTOptions, gradient_magnitude
+from cmafnet.models.weights import load_branch_weights
+
+ALL_ON = {"attention": "nystrom", "num_landmarks": 4, "scale_aware_pos": True, "learned_pos": True}
+
+
+@pytest.mark.parametrize(("variant", "size"), [("xxs", 96), ("xs", 64), ("s", 64)])
+def test_matches_timm_with_modifications_off(variant: str, size: int) -> None:
+    torch.manual_seed(0)
+    ref = timm.create_model(f"mobilevit_{variant}", pretrained=False, num_classes=0).eval()
+    ours = MobileViT(variant, MobileViTOptions()).eval()  # every modification off
+    ours.load_timm_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = ref.forward_features(x)
+        got = ours(x)
+    assert got.shape == expected.shape == (2, ours.num_features, size // 32, size // 32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_modifications_change_outputs_but_start_at_timm() -> None:
+    """Zero-initialised embeddings reproduce timm at load time; once trained they act."""
+    torch.manual_seed(0)
+    ref = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0).eval()
+    ours = MobileViT("xxs", MobileViTOptions(scale_aware_pos=True, learned_pos=True, img_size=64)).eval()
+    ours.load_timm_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+        # (a channel-uniform shift would be removed by the LayerNorms, hence random weights)
+        ours.stages[2][1].scale_embed.weight.normal_()
+        assert not torch.allclose(ours(x), ref.forward_features(x), atol=1e-3)
+
+
+def test_timm_weights_file_loads_into_branch(tmp_path) -> None:
+    torch.manual_seed(0)
+    ref = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval()  # head dropped
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "mvit.safetensors"))
+    ours = MobileViT("xxs", MobileViTOptions(**ALL_ON)).eval()
+    load_branch_weights(ours, tmp_path / "mvit.safetensors", "contextual")
+    torch.testing.assert_close(ours.stem.conv.weight, ref.stem.conv.weight)
+    torch.testing.assert_close(
+        ours.stages[4][1].transformer[2].attn.qkv.weight, ref.stages[4][1].transformer[2].attn.qkv.weight
+    )
+    # Weights of another variant are refused with the config key named.
+    xs = timm.create_model("mobilevit_xs", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in xs.state_dict().items()}, str(tmp_path / "xs.safetensors"))
+    with pytest.raises(ConfigError, match=r"contextual\.weights"):
+        load_branch_weights(ours, tmp_path / "xs.safetensors", "contextual")
+
+
+def test_nystrom_equals_exact_when_landmarks_equal_tokens() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8, dtype=torch.float64).float() for _ in range(3))
+    exact = full_attention(q, k, v, scale=8**-0.5)
+    torch.testing.assert_close(
+        nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=12), exact, rtol=1e-4, atol=1e-4
+    )
+    # More landmarks than tokens is clamped to the token count: still exact.
+    torch.testing.assert_close(
+        nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=50), exact, rtol=1e-4, atol=1e-4
+    )
+
+
+def _smooth_tokens(n: int) -> torch.Tensor:
+    """(2, 3, n, 8) tokens varying smoothly along the sequence (what segment means summarise well)."""
+    anchors = torch.randn(6, 8, 4)
+    return (
+        torch.nn.functional.interpolate(anchors, size=n, mode="linear", align_corners=True)
+        .reshape(2, 3, 8, n)
+        .transpose(-1, -2)
+    )
+
+
+def test_nystrom_approximates_with_few_landmarks() -> None:
+    torch.manual_seed(0)
+    q, k, v = _smooth_tokens(64), _smooth_tokens(64), torch.randn(2, 3, 64, 8)
+    exact = full_attention(q, k, v, scale=8**-0.5)
+    err = {
+        m: (nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=m) - exact).abs().mean().item()
+        for m in (4, 16)
+    }
+    assert err[4] > 1e-4  # an approximation, not a copy of exact attention
+    assert err[16] < err[4] < 0.1 * exact.abs().mean().item()
+
+
+def test_nystrom_uneven_segments_and_layer() -> None:
+    torch.manual_seed(0)
+    attn_full = SelfAttention(16, 2, kind="full").eval()
+    attn_ny = SelfAttention(16, 2, kind="nystrom", num_landmarks=20).eval()
+    attn_ny.load_state_dict(attn_full.state_dict())
+    x = torch.randn(2, 20, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(attn_ny(x), attn_full(x), rtol=1e-4, atol=1e-4)
+    attn_ny.num_landmarks = 6  # 20 tokens into 6 uneven segments
+    out = attn_ny(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert set(ATTENTION.names()) >= {"full", "nystrom"}
+    with pytest.raises(ConfigError, match="unknown attention"):
+        SelfAttention(16, 2, kind="linformer")
+
+
+def test_nystrom_under_autocast() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nystrom_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=8**-0.5, num_landmarks=4)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("patch", [1, 2, 3, 4])
+def test_unfold_fold_roundtrip(patch: int) -> None:
+    """With an identity transformer the block's unfold/fold returns the token map unchanged."""
+    torch.manual_seed(0)
+    m = MobileViT("xxs", MobileViTOptions(patch_size=patch)).eval()
+    blk = m.stages[2][1]
+    blk.transformer = torch.nn.Identity()
+    blk.norm = torch.nn.Identity()
+    seen = {}
+    blk.conv_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("folded", a[0]))
+    blk.conv_1x1.register_forward_hook(lambda _m, _a, out: seen.setdefault("tokens", out))
+    with torch.no_grad():
+        blk(torch.randn(1, 48, 8, 8))
+    if 8 % patch == 0:  # no resize needed: exact round trip
+        torch.testing.assert_close(seen["folded"], seen["tokens"])
+    else:  # resized to a multiple of the patch and back (timm's behaviour): same shape
+        assert seen["folded"].shape == seen["tokens"].shape
+
+
+@pytest.mark.parametrize("variant", ["xxs", "xs", "s"])
+def test_variants_forward_backward_with_modifications(variant: str) -> None:
+    torch.manual_seed(0)
+    m = MobileViT(variant, MobileViTOptions(**ALL_ON, img_size=64)).train()
+    out = m(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, {"xxs": 320, "xs": 384, "s": 640}[variant], 2, 2)
+    out.square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.added_parameter_names()  # pos / scale embeddings exist and were trained above
+
+
+def test_learned_pos_interpolates_to_other_sizes() -> None:
+    m = MobileViT("xxs", MobileViTOptions(learned_pos=True, img_size=64)).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 96, 96)).shape == (1, 320, 3, 3)
+
+
+def test_gradient_magnitude_is_sobel() -> None:
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8:] = 1.0  # a vertical edge
+    g = gradient_magnitude(x)
+    assert g.shape == (1, 1, 16, 16)
+    assert g[0, 0, 4, 7:9].min() > 0.1 and g[0, 0, 4, :5].max() < 1e-2
+
+
+def test_unknown_variant() -> None:
+    with pytest.raises(ConfigError, match="variant"):
+        MobileViT("xl")
