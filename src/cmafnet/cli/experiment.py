@@ -36,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, help="experiment folder (runs are shared between tables in one folder)"
     )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for every run of the table (recorded in each run's fingerprint; repeatable)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
@@ -100,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         breakhis_split=args.breakhis_split,
         device=args.device,
         scale=args.scale,
+        overrides=tuple(args.overrides),
     )
     if not args.aggregate_only:
         s = run_table(args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run)
@@ -114,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.no_aggregate:
         return 0
-    table, paths = aggregate(args.name, args.out, seeds=args.seeds, scale=args.scale)
+    table, paths = aggregate(
+        args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides)
+    )
     print(table.markdown())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -158,14 +158,19 @@ def _paper_row(table: str, **match: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- tables
 def _rows_by_method(
-    name: str, seeds: int, scale: Scale, out: Path, metrics: list[tuple[str, str, str]]
+    name: str,
+    seeds: int,
+    scale: Scale,
+    out: Path,
+    metrics: list[tuple[str, str, str]],
+    overrides: tuple[str, ...],
 ) -> Table:
     """Tables 1, 6: one row per method/ablation, one column per metric."""
     t = get_table(name)
     pt = paper_table(name)
     units = pt["units"]
     header = dict(zip(pt["columns"], pt["header"][1:], strict=False))
-    results = load_results(name, out, seeds, scale)
+    results = load_results(name, out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     label_field = "configuration" if name == "table6" else "method"
     table = Table(name, t.title, "Configuration" if name == "table6" else "Method", [])
@@ -185,20 +190,20 @@ def _rows_by_method(
     return table
 
 
-def table1(seeds: int, scale: Scale, out: Path) -> Table:
+def table1(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     m = [
         (k, f"metrics.{k}", k)
         for k in ("sensitivity", "specificity", "balanced_accuracy", "auprc", "mcc", "f1")
     ]
     m.append(("params_m", "params_m", "params_m"))
-    tab = _rows_by_method("table1", seeds, scale, out, m)
+    tab = _rows_by_method("table1", seeds, scale, out, m, overrides)
     tab.notes.append("Metrics on the IDC test split at threshold 0.5 (argmax).")
     return tab
 
 
-def table6(seeds: int, scale: Scale, out: Path) -> Table:
+def table6(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     m = [(k, f"metrics.{k}", k) for k in ("sensitivity", "specificity", "balanced_accuracy", "auprc")]
-    tab = _rows_by_method("table6", seeds, scale, out, m)
+    tab = _rows_by_method("table6", seeds, scale, out, m, overrides)
     full = tab.rows[0][1]["sensitivity"].mean
     for label, cells in tab.rows:
         prow = _paper_row("table6", configuration=label)
@@ -210,10 +215,10 @@ def table6(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-def table2(seeds: int, scale: Scale, out: Path) -> Table:
+def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table2")
     pt = paper_table("table2")
-    results = load_results("table2", out, seeds, scale)
+    results = load_results("table2", out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     cols = [("70:30" if c is None else c, "70:30 (original)" if c is None else c) for c in t.columns]
     tab = Table("table2", t.title, "Method", cols)
@@ -245,9 +250,9 @@ def table2(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-def table3(seeds: int, scale: Scale, out: Path) -> Table:
+def table3(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table3")
-    results = load_results("table3", out, seeds, scale)
+    results = load_results("table3", out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     cols = [(m, m.replace("X", "×")) for m in MAGS] + [("average", "Average"), ("std_dev", "Std Dev")]
     tab = Table("table3", t.title, "Method", cols)
@@ -268,11 +273,11 @@ def table3(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-def table4(seeds: int, scale: Scale, out: Path) -> Table:
+def table4(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table4")
     pt = paper_table("table4")
     units = pt["units"]
-    results = load_results("table4", out, seeds, scale)
+    results = load_results("table4", out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     keys = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc")
     tab = Table(
@@ -311,10 +316,10 @@ def _recall_of(doc: dict, code: str, name: str) -> float | None:
     return None
 
 
-def table5(seeds: int, scale: Scale, out: Path) -> Table:
+def table5(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table5")
     pt = paper_table("table5")
-    results = load_results("table5", out, seeds, scale)
+    results = load_results("table5", out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     cols = [(r.paper_label or r.name, r.name) for r in t.rows]
     tab = Table("table5", t.title, "Subtype", cols)
@@ -334,9 +339,9 @@ def table5(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-def table7(seeds: int, scale: Scale, out: Path) -> Table:
+def table7(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table7")
-    results = load_results("table7", out, seeds, scale)
+    results = load_results("table7", out, seeds, scale, overrides)
     groups, planned = _group(results), _planned(results)
     cols = [
         ("convergence_epoch", "Conv. epoch"),
@@ -366,9 +371,9 @@ def table7(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-def table8(seeds: int, scale: Scale, out: Path) -> Table:
+def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table8")
-    results = load_results("table8", out, 1, scale)
+    results = load_results("table8", out, 1, scale, overrides)
     groups, planned = _group(results), _planned(results)
     cols = [
         ("params_m", "Params (M)"),
@@ -404,7 +409,7 @@ def table8(seeds: int, scale: Scale, out: Path) -> Table:
     return tab
 
 
-AGGREGATORS: dict[str, Callable[[int, Scale, Path], Table]] = {
+AGGREGATORS: dict[str, Callable[..., Table]] = {
     "table1": table1,
     "table2": table2,
     "table3": table3,
@@ -416,11 +421,13 @@ AGGREGATORS: dict[str, Callable[[int, Scale, Path], Table]] = {
 }
 
 
-def aggregate(name: str, out: Path, *, seeds: int, scale: Scale) -> tuple[Table, dict[str, Path]]:
+def aggregate(
+    name: str, out: Path, *, seeds: int, scale: Scale, overrides: tuple[str, ...] = ()
+) -> tuple[Table, dict[str, Path]]:
     """Build table ``name`` from the runs under ``out`` and write ``table.md/csv/json`` and ``figure.png``."""
     from cmafnet.experiments.figures import FIGURES
 
-    table = AGGREGATORS[name](seeds, scale, Path(out))
+    table = AGGREGATORS[name](seeds, scale, Path(out), tuple(overrides))
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "table.md", "csv": folder / "table.csv", "json": folder / "table.json"}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.experiments.tables import expand, get_table
-from cmafnet.run import LAST_CHECKPOINT, META_FILE, write_json
+from cmafnet.run import CONFIG_FILE, LAST_CHECKPOINT, META_FILE, METRICS_FILE, SPLIT_FILE, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Context:
     breakhis_split: Path | None = None
     device: str = "auto"
     scale: Scale = "paper"
+    overrides: tuple[str, ...] = ()  # --set for every run (part of each run's fingerprint)
 
 
 TrainFn = Callable[[RunSpec, Path, Context, bool], None]  # (spec, run_dir, ctx, resume)
@@ -84,6 +85,14 @@ def training_status(run_dir: Path) -> str:
     return "partial" if (run_dir / LAST_CHECKPOINT).exists() else "missing"
 
 
+def _clear_unstarted(run_dir: Path) -> None:
+    """A run killed before its first checkpoint: remove its start files so training starts afresh."""
+    for name in (META_FILE, CONFIG_FILE, SPLIT_FILE, METRICS_FILE):
+        if (run_dir / name).exists():
+            log.warning("%s: no checkpoint to resume; starting the run again", run_dir)
+            (run_dir / name).unlink()
+
+
 def _claim(run_dir: Path, spec: RunSpec) -> None:
     """Write or check ``experiment.json`` so a folder is never reused for a different training."""
     path = run_dir / EXPERIMENT_FILE
@@ -99,9 +108,15 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
     write_json(path, spec.to_dict())
 
 
-def table_specs(name: str, seeds: int, scale: Scale, only: list[str] | None = None) -> list[RunSpec]:
-    """All runs of a table, optionally filtered by glob patterns on the run id (``resnet50*``)."""
-    specs = expand(name, seeds, scale)
+def table_specs(
+    name: str, seeds: int, scale: Scale, only: list[str] | None = None, overrides: tuple[str, ...] = ()
+) -> list[RunSpec]:
+    """All runs of a table, optionally filtered by glob patterns on the run id (``resnet50*``).
+
+    ``overrides`` (``--set``) are appended to every run's overrides, so they are validated with
+    the run's config and change its fingerprint (a folder trained without them is not reused).
+    """
+    specs = [replace(s, overrides=(*s.overrides, *overrides)) for s in expand(name, seeds, scale)]
     if only:
         specs = [s for s in specs if any(fnmatch(s.run_id, p) or fnmatch(s.row, p) for p in only)]
         if not specs:
@@ -133,7 +148,7 @@ def run_table(
     eval_fn = eval_fn or execute.evaluate_spec
     profile_fn = profile_fn or execute.profile_spec
     get_table(name)
-    specs = table_specs(name, seeds, ctx.scale, only)
+    specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides)
     mine = select_shard(specs, shard)
     summary = Summary(name, len({s.run_id for s in specs}), len(mine))
     if not dry_run:
@@ -162,7 +177,9 @@ def run_table(
             continue
         _claim(run_dir, spec)
         if status != "finished":
-            resume = status == "partial"
+            resume = (run_dir / LAST_CHECKPOINT).exists()
+            if not resume:
+                _clear_unstarted(run_dir)
             log.info("%s %s", "resuming" if resume else "training", spec.run_id)
             train_fn(spec, run_dir, ctx, resume)
             (summary.resumed if resume else summary.trained).append(spec.run_id)
@@ -173,10 +190,18 @@ def run_table(
     return summary
 
 
-def load_results(name: str, out: Path, seeds: int, scale: Scale) -> list[tuple[RunSpec, dict | None]]:
-    """Every run of the table with its result document (``None`` while not done)."""
+def load_results(
+    name: str, out: Path, seeds: int, scale: Scale, overrides: tuple[str, ...] = ()
+) -> list[tuple[RunSpec, dict | None]]:
+    """Every run of the table with its result document (``None`` while not done).
+
+    A result whose fingerprint differs (another ``--set``) counts as not done.
+    """
     rows: list[tuple[RunSpec, Any]] = []
-    for spec in expand(name, seeds, scale):
+    for spec in table_specs(name, seeds, scale, None, overrides):
         p = result_path(run_dir_of(out, spec), spec)
-        rows.append((spec, json.loads(p.read_text()) if p.exists() else None))
+        doc = json.loads(p.read_text()) if p.exists() else None
+        if doc is not None and doc.get("spec", {}).get("fingerprint") not in (None, spec.fingerprint):
+            doc = None
+        rows.append((spec, doc))
     return rows
