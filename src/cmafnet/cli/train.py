@@ -1,16 +1,61 @@
-"""`cmafnet train` (placeholder: replaced by the module that implements it)."""
+"""`cmafnet train --config FILE [--set k=v ...] --store STORE --split SPLIT --out RUN_DIR [--resume]`.
+
+Multi-GPU / multi-node: launch the same command with ``torchrun --nproc_per_node N -m cmafnet train ...``
+(or ``torchrun ... $(which cmafnet) train ...``); ``train.batch_size`` is the global batch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from cmafnet.errors import CmafnetError
+from cmafnet.cli._common import add_config_args, add_device_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="(not yet available)")
+    p = sub.add_parser(
+        "train",
+        help="train a model through the configured stages into a run folder",
+        description="Run the config's stage list (CMAF-Net: branches -> fusion -> end-to-end) on a store and "
+        "split, writing config.yaml, split.json, run.json, metrics.csv, model.safetensors (best by "
+        "validation AUPRC) and checkpoints/last.pt. Ctrl-C / SIGTERM saves a checkpoint; --resume continues "
+        "exactly. Under torchrun it trains with DDP (train.batch_size is the global batch).",
+    )
+    add_config_args(p)
+    p.add_argument("--store", required=True, help="store folder made by 'cmafnet ingest'")
+    p.add_argument("--split", required=True, help="split file made by 'cmafnet split'")
+    p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from RUN_DIR/checkpoints/last.pt (config defaults to RUN_DIR/config.yaml)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="save a checkpoint and stop after N optimiser steps (resume later)")  # fmt: skip
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CmafnetError("'cmafnet train' is not implemented yet")
+    from cmafnet.config import load_config
+    from cmafnet.errors import ConfigError
+    from cmafnet.run import CONFIG_FILE
+    from cmafnet.training import fit
+
+    config = args.config
+    if config is None:
+        if not args.resume:
+            raise ConfigError("--config is required (a YAML file or a shipped name: paper, smoke, ...)")
+        config = Path(args.out) / CONFIG_FILE
+    cfg = load_config(config, args.overrides)
+    device = None if args.device == "auto" else args.device
+    summary = fit(
+        cfg, args.store, args.split, args.out, resume=args.resume, progress=not args.no_progress,
+        stop_after_steps=args.stop_after_steps, device=device,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2, default=str))
+    if summary["status"] == "interrupted":
+        print(f"interrupted: checkpoint saved; continue with: cmafnet train --out {args.out} --resume ...")
+        return 130
+    return 0

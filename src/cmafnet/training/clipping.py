@@ -29,7 +29,8 @@ class GradClipper:
         self.history: deque[float] = deque(maxlen=cfg.history)
 
     def __call__(self, params: Sequence[nn.Parameter]) -> Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
         if not grads:
             return torch.zeros(())
         total = torch.nn.utils.get_total_norm(grads)
@@ -40,13 +41,13 @@ class GradClipper:
         if kind == "autoclip":
             self.history.append(norm)
             threshold = float(np.percentile(np.asarray(self.history), self.cfg.percentile))
-            torch.nn.utils.clip_grads_with_norm_(grads, threshold, total)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, threshold, total)
         elif kind == "norm":
-            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.max_norm, total)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_norm, total)
         elif kind == "agc":
             from timm.utils import adaptive_clip_grad
 
-            adaptive_clip_grad([p for p in params if p.grad is not None], clip_factor=self.cfg.agc_clip)
+            adaptive_clip_grad(with_grad, clip_factor=self.cfg.agc_clip)
         return total
 
     def state_dict(self) -> dict:

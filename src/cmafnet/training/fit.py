@@ -42,10 +42,12 @@ def set_deterministic(enabled: bool) -> bool:
     return prev
 
 
-def _preprocess(data_cfg: Any, img_size: int, train: bool, device: torch.device) -> Any:
+def _preprocess(
+    data_cfg: Any, img_size: int, train: bool, device: torch.device, reference: Any = None
+) -> Any:
     from cmafnet.data.transforms import GPUPreprocess
 
-    pre = GPUPreprocess(data_cfg, img_size, train=train)
+    pre = GPUPreprocess(data_cfg, img_size, train=train, stain_reference=reference)
     return pre.to(device) if isinstance(pre, nn.Module) else pre
 
 
@@ -113,7 +115,7 @@ def prepare_data(
         return loader
 
     pre_train = _preprocess(cfg.data, cfg.model.img_size, True, device)
-    pre_eval = _preprocess(cfg.data, cfg.model.img_size, False, device)
+    pre_eval = _preprocess(cfg.data, cfg.model.img_size, False, device, _stain_reference(pre_train))
     split_bytes = Path(split_path).read_bytes()
     meta = {
         "store_hash": store.store_hash,

@@ -38,7 +38,7 @@ from cmafnet.training.monitors import per_class_grad_norms
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM
 from cmafnet.training.schedules import lr_factor
-from cmafnet.training.stages import configure_trainable, freeze_eval, stage_loss, uses_ramp
+from cmafnet.training.stages import configure_trainable, freeze_eval, initial_roles, stage_loss, uses_ramp
 from cmafnet.training.step import autocast_context, train_step
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class Trainer:
         self.show_progress = progress and self.info.is_main
         self.stop_after_steps = stop_after_steps
         self.callbacks = list(callbacks)
+        self.roles = initial_roles(model)  # before any stage freezes anything
         self.p = Progress()
         self.rows: list[dict] = []
         self.local_batch = distr.per_rank_batch(self.tc.batch_size, self.info)
@@ -133,7 +134,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ stages
     def _enter_stage(self, stage: StageConfig) -> None:
-        named = configure_trainable(self.model, stage)
+        named = configure_trainable(self.model, stage, self.roles)
         uses_objective = stage.loss == "objective"
         for p in self.objective.parameters():
             p.requires_grad_(uses_objective)
@@ -335,7 +336,8 @@ class Trainer:
             )
         monitors = acc.result()
         with torch.enable_grad():
-            monitors.update(per_class_grad_norms(self.model, first[0], first[1], C))
+            head = self.roles.get("head") or list(self.model.parameters())[-2:]
+            monitors.update(per_class_grad_norms(self.model, first[0], first[1], C, head))
         if hasattr(self.objective, "entropy_weights"):
             for h, w in enumerate(self.objective.entropy_weights.float().cpu().tolist()):
                 monitors[f"entropy_weight_h{h}"] = w

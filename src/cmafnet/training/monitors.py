@@ -7,15 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def per_class_grad_norms(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
+def per_class_grad_norms(
+    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, head: list[nn.Parameter]
+) -> dict[str, float]:
     """L2 norm of the gradient of each class's mean cross-entropy w.r.t. the head parameters.
 
     Computed on one batch in eval mode (no dropout, no reparameterisation noise, no RNG drawn) so it
-    neither perturbs training nor a resumed run; shows whether the minority class still pulls on the
+    neither perturbs training nor a resumed run. ``head``: the classifier's parameters. Shows whether the minority class still pulls on the
     classifier (Fig. 4-style curves).
     """
-    roles = model.param_groups_by_role() if hasattr(model, "param_groups_by_role") else {}
-    head = roles.get("head") or [p for p in model.parameters()][-2:]
     was_training = model.training
     flags = [p.requires_grad for p in head]
     for p in head:

@@ -6,7 +6,7 @@ One SAM update::
     loss(w).backward()            # pass 1: g = grad L(w)
     sam.perturb()                 # w <- w + e(w),  e = rho * g / ||g||   (ASAM: rho * w^2 g / ||w g||)
     zero_grad(); loss(w + e).backward()   # pass 2: grad L(w + e)
-    sam.restore()                 # w <- w - e, keeping the pass-2 gradient
+    sam.restore()                 # back to w, keeping the pass-2 gradient
     base_optimizer.step()
 
 The perturbation needs the *unscaled* gradient of pass 1; the caller unscales it (``unscale_grads``)
@@ -38,7 +38,7 @@ class SAM:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
         self.params = [p for p in params if p.requires_grad]
         self.rho, self.adaptive, self.eps = rho, adaptive, eps
-        self._e: list[tuple[nn.Parameter, Tensor]] = []
+        self._e: list[tuple[nn.Parameter, Tensor]] = []  # (parameter, its unperturbed copy)
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -59,16 +59,15 @@ class SAM:
             e = p.grad.float() * scale
             if self.adaptive:
                 e = e * p.float().pow(2)
-            e = e.to(p.dtype)
-            p.add_(e)
-            self._e.append((p, e))
+            self._e.append((p, p.detach().clone()))  # restore copies w back: exact, unlike w + e - e
+            p.add_(e.to(p.dtype))
         return norm
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo :meth:`perturb` (``w <- w - e``); safe to call when nothing is perturbed."""
-        for p, e in self._e:
-            p.sub_(e)
+        """Undo :meth:`perturb` (back to exactly ``w``); safe to call when nothing is perturbed."""
+        for p, w in self._e:
+            p.copy_(w)
         self._e = []
 
     def _with_grad(self) -> list[nn.Parameter]:

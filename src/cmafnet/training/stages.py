@@ -29,23 +29,23 @@ TRAINED_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
-def configure_trainable(model: nn.Module, stage: StageConfig) -> list[tuple[str, nn.Parameter]]:
+def configure_trainable(
+    model: nn.Module, stage: StageConfig, roles: dict[str, list[nn.Parameter]]
+) -> list[tuple[str, nn.Parameter]]:
     """Set ``requires_grad`` for ``stage`` and return the trainable ``(name, parameter)`` pairs.
 
-    Parameters the model assigns to no role are trained with ``fusion`` (they sit between the
-    extractors and the head); parameters the model keeps frozen by config are in no role and stay
-    frozen.
+    ``roles`` is ``model.param_groups_by_role()`` taken once before any stage froze anything (models
+    leave parameters frozen by their config, e.g. a fixed tau, out of every role). Parameters the
+    model assigns to no role but that were trainable at the start are trained with ``fusion``.
 
     Raises:
         ConfigError: the model has none of the roles the stage trains.
     """
-    roles = model.param_groups_by_role()
     wanted = TRAINED_ROLES[stage.train]
     trainable = {id(p) for r in wanted for p in roles.get(r, [])}
-    in_role = {id(p) for ps in roles.values() for p in ps}
     named = list(model.named_parameters())
     if "fusion" in wanted:
-        trainable |= {id(p) for _, p in named if id(p) not in in_role and p.requires_grad}
+        trainable |= {id(p) for p in roles.get("_unassigned", [])}
     if not trainable:
         raise ConfigError(
             f"train.stages: stage '{stage.name}' trains {list(wanted)} but the model has none of these roles "
@@ -54,6 +54,14 @@ def configure_trainable(model: nn.Module, stage: StageConfig) -> list[tuple[str,
     for _, p in named:
         p.requires_grad_(id(p) in trainable)
     return [(n, p) for n, p in named if p.requires_grad]
+
+
+def initial_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The model's roles before training, plus ``_unassigned``: trainable parameters in no role."""
+    roles = {k: list(v) for k, v in model.param_groups_by_role().items()}
+    in_role = {id(p) for ps in roles.values() for p in ps}
+    roles["_unassigned"] = [p for p in model.parameters() if p.requires_grad and id(p) not in in_role]
+    return roles
 
 
 def freeze_eval(module: nn.Module) -> None:

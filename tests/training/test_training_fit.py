@@ -1,0 +1,79 @@
+"""End to end: the shipped smoke config trains CMAF-Net through all three stages on a generated store,
+through the ``cmafnet train`` command, and resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from cmafnet.cli import main
+from cmafnet.config import load_config
+from cmafnet.data.ingest import ingest
+from cmafnet.data.splits import save_split, split_store
+from cmafnet.data.store import PatchStore
+from cmafnet.data.synthetic import write_idc_like
+from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.run import load_run
+from cmafnet.training import fit
+
+FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.max_steps_per_epoch=2"]
+
+
+@pytest.fixture(scope="module")
+def store_and_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    write_idc_like(root / "raw", n_patients=6, patches_per_patient=16, minority_frac=0.3, seed=0)
+    ingest("idc", root / "raw", root / "store", workers=1, progress=False)
+    store = PatchStore.open(root / "store")
+    save_split(split_store(store, ratios=(0.6, 0.2, 0.2), seed=0), root / "split.json")
+    return root / "store", root / "split.json"
+
+
+def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
+    store, split = store_and_split
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    sets = [arg for s in FAST for arg in ("--set", s)]
+    rc = main(["train", "--config", "smoke", *sets, "--store", str(store), "--split", str(split),
+               "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "finished" and summary["epochs"] == 3 and summary["global_step"] == 6
+    assert elapsed < 60, f"smoke training took {elapsed:.1f}s"
+    rows = pd.read_csv(out / "metrics.csv")
+    assert list(rows["stage_name"]) == ["branches", "fusion", "end_to_end"]
+    for col in ("train_ce_spatial", "train_cls", "train_kl_s", "train_redundancy", "val_auprc", "mi_zs_x",
+                "mi_zt_x", "mi_zs_zt", "mi_zfused_y_lb", "attn_entropy_h0", "tau_h7", "gate_mean", "gate_std",
+                "grad_norm_c0", "grad_norm_c1", "margin_c0", "lr"):  # fmt: skip
+        assert col in rows.columns, col
+    assert rows["mi_zs_x"].notna().all() and rows["tau_h0"].gt(0).all()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["img_size"] == 64 and meta["classes"]
+    assert meta["stain_reference"] is not None and meta["effective_batch_size"] == 16
+    loaded = load_run(out)  # the run folder is what evaluation/inference read
+    assert loaded.model.training is False
+    # a finished run refuses to be overwritten and resumes to a no-op
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        fit(load_config("smoke", FAST), store, split, out, progress=False, device="cpu")
+    again = fit(load_config("smoke", FAST), store, split, out, resume=True, progress=False, device="cpu")
+    assert again["status"] == "finished" and again["global_step"] == 6
+
+
+def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
+    store, split = store_and_split
+    cfg = load_config("smoke", [*FAST, "train.sam.enabled=false", "model.head.dropout=0.0"])
+    out = tmp_path / "run"
+    s = fit(cfg, store, split, out, progress=False, stop_after_steps=1, device="cpu")
+    assert s["status"] == "stopped" and s["global_step"] == 1
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+    with pytest.raises(ConfigError, match="config differs"):
+        fit(load_config("smoke", FAST), store, split, out, resume=True, progress=False, device="cpu")
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        fit(cfg, store, split, tmp_path / "empty", resume=True, progress=False, device="cpu")
+    with pytest.raises(ConfigError, match="batch_size"):
+        fit(load_config("smoke", ["train.batch_size=4096"]), store, split, tmp_path / "big", progress=False,
+            device="cpu")  # fmt: skip
