@@ -69,6 +69,11 @@ class GPUPreprocess(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W), got {tuple(x.shape)}")
+        # float32 throughout, even when called inside a bf16/fp16 autocast region (eigh, log/exp)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.stain is not None:
             x = self.stain(x)
