@@ -122,14 +122,18 @@ def make_train_step(
     timing: Timing,
     *,
     sam_rho: float | None = None,
+    sam: Any = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """One optimiser step on a batch: forward + loss under autocast, backward, (SAM), AdamW.
 
     With ``sam_rho`` the step is SAM (Foret et al., 2021): after the first backward the weights move
     by ``rho * g / ||g||``, a second forward/backward at the perturbed weights gives the gradient the
-    optimiser uses, and the weights move back before ``optimizer.step()``. fp16 uses a GradScaler.
+    optimiser uses, and the weights move back before ``optimizer.step()``. ``sam`` may be an object
+    with ``perturb()`` / ``restore()`` (``cmafnet.training.sam.SAM``); without it an inline version
+    with ``torch._foreach`` kernels is used. fp16 uses a GradScaler; ``g / ||g||`` does not depend on
+    the loss scale, so the inline version needs no unscale before the perturbation.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     scaler = torch.amp.GradScaler(timing.device.type) if timing.amp == "fp16" else None
 
     def loss_of(x: Tensor, y: Tensor) -> Tensor:
@@ -139,22 +143,36 @@ def make_train_step(
     def backward(loss: Tensor) -> None:
         (scaler.scale(loss) if scaler else loss).backward()
 
+    @torch.no_grad()
+    def inline_perturb() -> list[Tensor]:
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        eps = torch._foreach_mul(grads, sam_rho / (norm + 1e-12))
+        torch._foreach_add_(with_grad, eps)  # w + e(w)
+        return [with_grad, eps]
+
     def step(x: Tensor, y: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(x, y)
         backward(loss)
         if sam_rho:
-            # g / ||g|| does not depend on the loss scale, so fp16 needs no unscale here
-            with_grad = [p for p in params if p.grad is not None]
-            grads = [p.grad for p in with_grad]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            eps = torch._foreach_mul(grads, sam_rho / (norm + 1e-12))
-            with torch.no_grad():
-                torch._foreach_add_(with_grad, eps)  # w + e(w)
+            if sam is not None:
+                if scaler:  # the project's SAM wants the true gradient (its contract)
+                    with torch.no_grad():
+                        torch._foreach_mul_(
+                            [p.grad for p in params if p.grad is not None], 1 / scaler.get_scale()
+                        )
+                sam.perturb()
+            else:
+                moved, eps = inline_perturb()
             optimizer.zero_grad(set_to_none=True)
             backward(loss_of(x, y))
-            with torch.no_grad():
-                torch._foreach_sub_(with_grad, eps)  # back to w
+            if sam is not None:
+                sam.restore()
+            else:
+                with torch.no_grad():
+                    torch._foreach_sub_(moved, eps)  # back to w
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -217,6 +235,9 @@ class ModelBench:
     aux_infer: bool = False  # also time ``forward(x, return_aux=True)`` inference
     compile: bool = False
     fused_adamw: bool = True
+    # optimizer(model, fused) -> Optimizer; None = AdamW over the model's trainable parameters
+    optimizer: Callable[[nn.Module, bool], torch.optim.Optimizer] | None = None
+    sam: Callable[[torch.optim.Optimizer], Any] | None = None  # SAM object factory; None = inline
     train: bool = True
     infer: bool = True
     latency: bool = True
@@ -282,11 +303,18 @@ def bench_model(
 
     if spec.train:
         x, y = _inputs(batch, size, num_classes, timing, spec.channels_last)
-        opt = make_optimizer(model, fused=rec["fused_adamw"])
+        opt = (
+            spec.optimizer(model, rec["fused_adamw"])
+            if spec.optimizer
+            else make_optimizer(model, fused=rec["fused_adamw"])
+        )
+        if spec.sam_rho:
+            rec["sam_impl"] = "project" if spec.sam else "inline_foreach"
 
-        def time_train(sam: float | None) -> float:
+        def time_train(rho: float | None) -> float:
             model.train()
-            step = make_train_step(run_model, spec.loss_fn, opt, timing, sam_rho=sam)
+            sam = spec.sam(opt) if rho and spec.sam else None
+            step = make_train_step(run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam)
             reset_peak_memory(dev)
             return time_per_step(lambda: step(x, y), timing)
 

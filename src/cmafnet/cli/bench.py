@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-size", type=int, default=IDC_SIZE, help=f"generated patches (default {IDC_SIZE})")
     p.add_argument("--epoch-fraction", type=float, default=1.0,
                    help="fraction of an epoch of the generated store to time (0 < f <= 1)")  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
     p.set_defaults(func=run, config="paper")
 
@@ -107,6 +110,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.latency_steps is None or args.latency_steps >= 1, "--latency-steps must be >= 1"),
         (0 < args.epoch_fraction <= 1, "--epoch-fraction must be in (0, 1]"),
         (args.store_size >= 1, "--store-size must be >= 1"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -152,8 +156,13 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
     return env
 
 
-def _cmaf_parts(cfg: Any, dev: Any, size: int) -> tuple[Any, Any]:
-    """CMAF-Net builder and its stage-3 loss (objective with every regulariser at full weight)."""
+def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
+    """CMAF-Net's builder, stage-3 loss, optimiser and SAM, as the trainer makes them.
+
+    The loss is the objective with every regulariser at full weight (past the beta ramp); the
+    optimiser is the trainer's AdamW (weights-only decay) over the model and the objective's own
+    parameters; SAM is ``cmafnet.training.sam.SAM`` when that module is importable.
+    """
     import torch
 
     from cmafnet.losses import Objective
@@ -161,12 +170,10 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> tuple[Any, Any]:
 
     n = cfg.model.num_classes
     counts = list(IDC_CLASS_COUNTS) if n == 2 else [1000 * (i + 1) for i in range(n)]
-    objective = Objective(cfg.loss, cfg.regularizers, counts)
-    if isinstance(objective, torch.nn.Module):
-        objective = objective.to(dev)
-    if hasattr(objective, "set_beta_progress"):  # past the ramp: beta1, beta2 at full weight
-        objective.set_beta_progress(float(cfg.regularizers.ramp_epochs) + 1.0)
+    objective = Objective(cfg.loss, cfg.regularizers, counts, num_heads=cfg.model.fusion.heads).to(dev)
+    objective.set_beta_progress(float(cfg.regularizers.ramp_epochs) + 1.0)
     stage3_epoch = float(sum(s.epochs for s in cfg.train.stages[:-1]))  # first stage-3 epoch
+    parts: dict[str, Any] = {"optimizer": None, "sam": None}
 
     def build() -> torch.nn.Module:
         return create_model(cfg.model, img_size=size)
@@ -176,10 +183,29 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> tuple[Any, Any]:
         total, _ = objective(out, y, epoch=stage3_epoch, use_regularizers=True)
         return total
 
-    return build, loss_fn
+    parts.update(build=build, loss_fn=loss_fn)
+    try:
+        from cmafnet.training.optim import build_adamw, param_groups
+        from cmafnet.training.sam import SAM
+    except ImportError as err:  # the trainer's pieces are missing: the generic ones are used
+        log.warning("cmafnet.training not importable (%s): generic AdamW and inline SAM", err)
+        return parts
+
+    def optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+        groups = param_groups(model.named_parameters(), cfg.train.weight_decay, objective.parameters())
+        return build_adamw(groups, cfg.train.stages[-1].lr, fused=fused, device=dev)
+
+    def sam(opt: torch.optim.Optimizer) -> Any:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return SAM(params, rho=cfg.train.sam.rho or 0.05, adaptive=cfg.train.sam.adaptive)
+
+    parts.update(optimizer=optimizer, sam=sam)
+    return parts
 
 
 def _specs(cfg: Any, dev: Any, size: int, names: list[str], compile_: bool) -> dict[str, Any]:
+    from dataclasses import replace
+
     import timm
 
     from cmafnet.analysis.naive_reference import create_naive_reference
@@ -190,17 +216,18 @@ def _specs(cfg: Any, dev: Any, size: int, names: list[str], compile_: bool) -> d
     specs: dict[str, ModelBench] = {}
     if "cmafnet" in names:
         try:
-            build, loss_fn = _cmaf_parts(cfg, dev, size)
+            parts = _cmaf_parts(cfg, dev, size)
         except Exception as err:  # the model or objective is not importable: report, go on
             msg = f"{type(err).__name__}: {err}"
 
-            def build(msg: str = msg) -> Any:
+            def unavailable(msg: str = msg) -> Any:
                 raise RuntimeError(f"CMAF-Net unavailable ({msg})")
 
-            loss_fn = None
+            parts = {"build": unavailable, "loss_fn": None, "optimizer": None, "sam": None}
         specs["cmafnet"] = ModelBench(
-            "cmafnet", build, loss_fn=loss_fn, channels_last=cfg.train.channels_last,
+            "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
             sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
+            optimizer=parts["optimizer"], sam=parts["sam"],
         )  # fmt: skip
     if "naive" in names:
         specs["naive"] = ModelBench(
@@ -216,11 +243,9 @@ def _specs(cfg: Any, dev: Any, size: int, names: list[str], compile_: bool) -> d
     if compile_:
         for key in ("cmafnet", "naive"):
             if key in specs:
-                base = specs[key]
-                specs[f"{key}+compile"] = ModelBench(
-                    f"{key}+compile", base.build, loss_fn=base.loss_fn, channels_last=base.channels_last,
-                    sam_rho=base.sam_rho, fused_adamw=base.fused_adamw, compile=True, gmacs=False,
-                )  # fmt: skip
+                specs[f"{key}+compile"] = replace(
+                    specs[key], name=f"{key}+compile", compile=True, gmacs=False
+                )
     return specs
 
 
@@ -234,9 +259,11 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
         s = replace(spec, latency=False, gmacs=False, sam_rho=None, aux_infer=False)
         return bench(s, t)
 
-    def pair(on: dict, off: dict) -> dict:
+    def pair(on: dict, off: dict, metrics: tuple[str, ...] = ("train_img_s", "infer_img_s")) -> dict:
         out: dict[str, Any] = {}
-        for m in ("train_img_s", "infer_img_s"):
+        for m in metrics:
+            if m not in on and m not in off:
+                continue
             a, b = on.get(m), off.get(m)
             out[m] = {"on": a, "off": b, "speedup": (a / b) if a and b else None}
         if on.get("errors") or off.get("errors"):
@@ -261,6 +288,9 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
             other = flipped(replace(spec, fused_adamw=not spec.fused_adamw))
             on, off = (models["cmafnet"], other) if spec.fused_adamw else (other, models["cmafnet"])
             res["fused_adamw"] = {"cmafnet": pair(on, off)}
+        if spec.sam is not None and spec.sam_rho:  # the trainer's SAM against the inline foreach one
+            inline = bench(replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False))
+            res["sam_inline_foreach"] = {"cmafnet": pair(inline, models["cmafnet"], ("train_sam_img_s",))}
         m = models["cmafnet"]
         if m.get("infer_img_s") and m.get("infer_aux_img_s"):
             res["return_aux_off"] = {"cmafnet": {
@@ -330,14 +360,15 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
     if isinstance(prep, torch.nn.Module):
         prep = prep.to(dev)
     rec["loader_setup_s"] = time.perf_counter() - t0
-    build, loss_fn = _cmaf_parts(cfg, dev, size)
-    model = build().to(dev)
+    parts = _cmaf_parts(cfg, dev, size)
+    model = parts["build"]().to(dev)
     cl = cfg.train.channels_last
     if cl:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    step = make_train_step(model, loss_fn, make_optimizer(model, fused=cfg.train.fused_adamw and dev.type == "cuda"),
-                           timing)  # fmt: skip
+    fused = cfg.train.fused_adamw and dev.type == "cuda"
+    opt = parts["optimizer"](model, fused) if parts["optimizer"] else make_optimizer(model, fused=fused)
+    step = make_train_step(model, parts["loss_fn"], opt, timing)
 
     def preprocess(xb: torch.Tensor) -> torch.Tensor:
         x = prep(xb)
@@ -450,7 +481,7 @@ def format_report(result: dict[str, Any]) -> str:
                     for m, v in e.items()
                     if isinstance(v, dict) and v.get("speedup")
                 ]
-                lines.append(f"  {sw:<16}{who:<16}{', '.join(parts) or 'n/a'}")
+                lines.append(f"  {sw:<20}{who:<13}{', '.join(parts) or 'n/a'}")
     d = result.get("data_path")
     if d:
         lines += ["", "data path:"]
@@ -490,6 +521,8 @@ def run(args: argparse.Namespace) -> int:
     names = _parse_models(args.models)
     cfg = load_config(args.config, args.overrides)
     dev = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = dev.type == "cuda"
     size = args.size or cfg.model.img_size
     batch = args.batch or cfg.train.batch_size

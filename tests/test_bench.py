@@ -1,0 +1,150 @@
+"""`cmafnet bench` on CPU at tiny size: it runs and writes its JSON. Speed is never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cmafnet.analysis.naive_reference import NaiveDualBranch
+from cmafnet.analysis.profiling import Timing, make_optimizer, make_train_step
+from cmafnet.cli import main
+from cmafnet.cli.bench import _targets, count_errors, make_store
+
+TINY = ["--config", "smoke", "--device", "cpu", "--size", "64", "--batch", "2", "--infer-batch", "2",
+        "--steps", "1", "--warmup", "0", "--latency-steps", "1", "--threads", "1"]  # fmt: skip
+DATA_PATH_READY = all(importlib.util.find_spec(m) for m in ("cmafnet.data.loader", "cmafnet.data.transforms"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes 2 threads ~50x slower."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", *TINY, "--models", "cmafnet,naive", "--data-path", "--store-size", "8",
+               "--json", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    env = res["environment"]
+    assert env["device"] == "cpu" and env["size"] == 64 and env["batch"] == 2 and env["amp"] == "none"
+    assert {"torch", "timm", "device_name"} <= set(env)
+    assert set(res["models"]) == {"cmafnet", "naive"}
+    for name in ("cmafnet", "naive"):
+        m = res["models"][name]
+        assert not m.get("errors"), m.get("errors")
+        for key in ("train_img_s", "train_step_ms", "infer_img_s", "latency_ms", "params_M", "gmacs"):
+            assert m[key] > 0, (name, key)
+        assert m["train_peak_GiB"] is None  # no device memory counter on CPU
+    c = res["models"]["cmafnet"]
+    assert (
+        c["sam_step_ms"] > 0 and c["infer_aux_img_s"] > 0 and c["sam_impl"] in ("project", "inline_foreach")
+    )
+    # the switches flip one thing each against the main measurement
+    assert {"channels_last", "sdpa", "return_aux_off"} <= set(res["switches"])
+    assert res["switches"]["sdpa"]["naive"]["train_img_s"]["speedup"] > 0
+    r = res["ratios"]
+    assert r["train_vs_naive"] == pytest.approx(c["train_img_s"] / res["models"]["naive"]["train_img_s"])
+    assert r["sam_vs_plain"] == pytest.approx(c["sam_step_ms"] / c["train_step_ms"])
+    assert [t["name"] for t in res["targets"]] == [
+        "train_vs_naive", "infer_vs_naive_eager", "data_overhead_pct", "sam_vs_plain", "batch1_latency_ms",
+    ]  # fmt: skip
+    assert all(t["passed"] in (True, False) for t in res["targets"] if t["value"] is not None)
+    d = res["data_path"]
+    if DATA_PATH_READY:
+        assert not d.get("errors"), d.get("errors")
+        assert d["steps"] == 4 and d["end_to_end_step_ms"] > 0 and d["premade_step_ms"] > 0
+        assert d["overhead_pct"] == pytest.approx(
+            100 * (d["end_to_end_step_ms"] - d["premade_step_ms"]) / d["premade_step_ms"]
+        )
+        assert rc == 0
+    else:  # documented degradation: the data path is reported as not measured, and the exit code says so
+        assert "not measured" in d["errors"]["import"]
+        assert rc == 1 and res["errors"] == count_errors(res) >= 1
+    assert "targets:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--models", "resnet50"], ["--epoch-fraction", "0"], ["--size", "16"], ["--steps", "0"],
+     ["--config", "no_such_config"]],
+)  # fmt: skip
+def test_bench_bad_arguments_exit_2(args, capsys):
+    assert main(["bench", "--device", "cpu", *args]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bench_cuda_requested_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    assert main(["bench", "--device", "cuda", "--models", "naive"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_naive_reference_sdpa_matches_explicit_attention(one_thread):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = NaiveDualBranch("xxs", dim=64, heads=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+        model.materialize_attention = True
+        slow = model(x)
+    assert fast.shape == (2, 2)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_step(sam: object | None, rho: float | None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = make_optimizer(model, lr=0.1, fused=False)
+    step = make_train_step(
+        model,
+        lambda m, x, y: nn.functional.cross_entropy(m(x), y),
+        opt,
+        Timing(torch.device("cpu"), amp="none"),
+        sam_rho=rho,
+        sam=sam(opt) if sam else None,
+    )
+    g = torch.Generator().manual_seed(1)
+    step(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_inline_sam_step_equals_the_trainers_sam_and_differs_from_plain():
+    sam_mod = pytest.importorskip("cmafnet.training.sam", reason="the trainer's SAM is not in this tree")
+    inline = _tiny_step(None, 0.5)
+    project = _tiny_step(
+        lambda opt: sam_mod.SAM([p for g in opt.param_groups for p in g["params"]], rho=0.5), 0.5
+    )
+    plain = _tiny_step(None, None)
+    for a, b in zip(inline, project):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(inline, plain))
+
+
+def test_targets_pass_fail_and_missing():
+    ratios = {
+        "train_vs_naive": 1.5,
+        "infer_vs_naive_eager": 1.9,
+        "data_overhead_pct": 10.0,
+        "sam_vs_plain": None,
+    }
+    got = {t["name"]: t["passed"] for t in _targets(ratios)}
+    assert got == {
+        "train_vs_naive": True, "infer_vs_naive_eager": False, "data_overhead_pct": True,
+        "sam_vs_plain": None, "batch1_latency_ms": None,
+    }  # fmt: skip
+
+
+def test_generated_store_shape_and_class_share():
+    images, labels = make_store(3000, seed=0, bank=16)
+    assert images.shape == (3000, 50, 50, 3) and images.dtype.name == "uint8"
+    assert labels.shape == (3000,) and 0.24 < labels.mean() < 0.33  # IDC: 28.4% positive
+    assert images[..., 0].mean() > images[..., 1].mean()  # H&E-coloured: red above green
