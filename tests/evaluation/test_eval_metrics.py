@@ -150,3 +150,37 @@ def test_threshold_for_sensitivity(binary_data):
             assert np.mean(p[y == 1, 1] >= higher.min()) < target
     with pytest.raises(ValueError, match="no positive"):
         threshold_for_sensitivity(np.zeros(4, int), np.ones(4) * 0.3, 0.9)
+
+
+@pytest.mark.parametrize("case", ["random", "one_class", "none_predicted", "multiclass"])
+def test_selected_metrics_match_full_metrics(case):
+    from cmafnet.evaluation.metrics import selected_metrics
+
+    rng = np.random.default_rng(5)
+    if case == "multiclass":
+        y = rng.integers(0, 3, 40)
+        p = rng.dirichlet(np.ones(4), 40)
+        keys = ["macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy", "ece"]
+    else:
+        y = {
+            "random": rng.integers(0, 2, 40),
+            "one_class": np.zeros(40, int),
+            "none_predicted": np.arange(40) % 2,
+        }[case]
+        s = rng.random(40) * (0.4 if case == "none_predicted" else 1.0)
+        p = np.stack([1 - s, s], 1)
+        keys = [
+            "sensitivity",
+            "specificity",
+            "balanced_accuracy",
+            "auprc",
+            "auroc",
+            "mcc",
+            "f1",
+            "accuracy",
+            "ece",
+        ]
+    full = classification_metrics(y, p, 0.5)
+    fast = selected_metrics(y, p, keys, 0.5)
+    for k in keys:
+        assert fast[k] == pytest.approx(full[k]) if full[k] is not None else fast[k] is None, k

@@ -280,3 +280,47 @@ def format_metric(value: Any, digits: int = 2, percent: bool = True) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{100 * value:.{digits}f}" if percent else f"{value:.{digits}f}"
+
+
+@_quiet
+def selected_metrics(
+    y_true: np.ndarray, probs: np.ndarray, keys: Sequence[str], threshold: float = 0.5
+) -> dict:
+    """Only ``keys`` of :func:`classification_metrics`, with the same definitions and ``None`` rules.
+
+    The bootstrap calls this thousands of times: it skips input checks and everything not asked
+    for. Keys outside the fast set fall back to :func:`classification_metrics`.
+    """
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    binary = p.shape[1] == 2
+    pred = (p[:, 1] >= threshold).astype(np.int64) if binary else p.argmax(1)
+    has_pos, has_neg = bool((y == 1).any()), bool((y == 0).any())
+    both = len(np.unique(y)) >= 2
+    out: dict[str, float | None] = {}
+    full = None
+    for k in keys:
+        if binary and k == "sensitivity":
+            out[k] = float(recall_score(y, pred, pos_label=1, zero_division=0)) if has_pos else None
+        elif binary and k == "specificity":
+            out[k] = float(recall_score(y, pred, pos_label=0, zero_division=0)) if has_neg else None
+        elif binary and k == "balanced_accuracy":
+            out[k] = float(balanced_accuracy_score(y, pred)) if both else None
+        elif binary and k == "auroc":
+            out[k] = float(roc_auc_score(y, p[:, 1])) if both else None
+        elif binary and k == "auprc":
+            out[k] = float(average_precision_score(y, p[:, 1])) if has_pos else None
+        elif binary and k == "f1":
+            out[k] = float(f1_score(y, pred, zero_division=0)) if (has_pos or pred.any()) else None
+        elif k == "mcc":
+            out[k] = float(matthews_corrcoef(y, pred))
+        elif k == "accuracy":
+            out[k] = float(accuracy_score(y, pred))
+        elif not binary and k == "balanced_accuracy":
+            out[k] = float(balanced_accuracy_score(y, pred))
+        elif not binary and k in ("macro_f1", "weighted_f1"):
+            out[k] = float(f1_score(y, pred, average=k.split("_")[0], zero_division=0))
+        else:
+            full = full or classification_metrics(y, p, threshold)
+            out[k] = full.get(k)
+    return {k: _clean(v) for k, v in out.items()}

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import sklearn
 from scipy.stats import binomtest
 
 
@@ -133,15 +134,20 @@ def metric_cis(
     seed: int = 0,
 ) -> dict[str, dict]:
     """Bootstrap CIs for several :func:`classification_metrics` keys from one set of resamples."""
-    from cmafnet.evaluation.metrics import classification_metrics
+    from cmafnet.evaluation.metrics import classification_metrics, selected_metrics
 
     y = np.asarray(y_true)
     p = np.asarray(probs)
     _check_ci_args(len(y), alpha)
     point = classification_metrics(y, p, threshold)
     values: dict[str, list[float]] = {k: [] for k in keys}
-    for idx in _resamples(len(y), groups, n_boot, seed):
-        m = classification_metrics(y[idx], p[idx], threshold)
+    # The inputs were validated once above; skip sklearn's per-call checks (most of the cost).
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        resampled = [
+            selected_metrics(y[idx], p[idx], keys, threshold)
+            for idx in _resamples(len(y), groups, n_boot, seed)
+        ]
+    for m in resampled:
         for k in keys:
             v = m.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):
