@@ -143,3 +143,15 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert not torch.equal(ref[k], init[k]), f"{k} did not train"
     for k in ref:
         torch.testing.assert_close(ddp[k], ref[k], atol=1e-5, rtol=0)
+
+
+def test_switches_bf16_channels_last_sdpa(tmp_path):
+    cfg = toy_config(
+        amp="bf16", channels_last=True, sdpa_backend="math", clip={"kind": "agc"},
+        stages=[{"name": "all", "epochs": 1, "lr": 1e-2, "train": "all"}],
+    )  # fmt: skip
+    tr = make_trainer(tmp_path, cfg)
+    before = _state(tr)
+    s = tr.run()
+    assert s["status"] == "finished" and s["nonfinite_steps"] == 0
+    assert not torch.equal(before["head.weight"], tr.model.state_dict()["head.weight"])
