@@ -253,9 +253,11 @@ def test_folder_layout_and_manifest(tmp_path: Path) -> None:
         for i in range(3):
             _png(tmp_path / "f" / c / f"{c}{i}.png", _rgb(rng, 32, 32))
     _png(tmp_path / "f" / "tumour" / "odd.png", _rgb(rng, 40, 32))
+    _png(tmp_path / "f" / "tumour" / "PX" / "nested.png", _rgb(rng, 32, 32))  # <class>/<patient>/<image>
     ingest("folder", tmp_path / "f", tmp_path / "s1", workers=1, progress=False)
     s1 = PatchStore.open(tmp_path / "s1")
-    assert s1.classes == ["normal", "tumour"] and len(s1) == 6 and s1.image_size == (32, 32)
+    assert s1.classes == ["normal", "tumour"] and len(s1) == 7 and s1.image_size == (32, 32)
+    assert s1.index.set_index("source").loc["tumour/PX/nested.png", "patient"] == "PX"
     assert (tmp_path / "s1" / "rejected.csv").read_text().count(V.BAD_SIZE) == 1
     rows = ["path,label,patient"] + [
         f"f/{c}/{c}{i}.png,{c},P{i}" for c in ("normal", "tumour") for i in range(3)

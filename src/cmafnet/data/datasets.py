@@ -239,10 +239,11 @@ class BreakHis(Dataset):
 
 # ---------------------------------------------------------------------------------------- folder
 class Folder(Dataset):
-    """User data: ``<root>/<class>/<images>`` or a CSV manifest ``path,label[,patient]``.
+    """User data: ``<root>/<class>/[<patient>/]<images>`` or a CSV manifest ``path,label[,patient]``.
 
     Classes are the sorted class folder names (or sorted distinct manifest labels). Without a
-    patient column every image is its own patient (patient-level splits are then image-level).
+    patient folder or column every image is its own patient (patient-level splits are then
+    image-level).
     The store size is ``--size`` (every image resized to it) or the most common image size (other
     sizes rejected as unexpected).
     """
@@ -292,9 +293,10 @@ class Folder(Dataset):
             patient = patient if isinstance(patient, str) and patient else self._extract_patient_id(path)
         else:
             rel = path.relative_to(self.root)
-            if len(rel.parts) != 2:
-                return BAD_NAME, "expected <class>/<image>"
-            name, patient = rel.parts[0], self._extract_patient_id(path)
+            if len(rel.parts) not in (2, 3):
+                return BAD_NAME, "expected <class>/<image> or <class>/<patient>/<image>"
+            name = rel.parts[0]
+            patient = rel.parts[1] if len(rel.parts) == 3 else self._extract_patient_id(path)
         if name not in self.CLASSES:
             return BAD_NAME, f"label {name!r} not among {list(self.CLASSES)}"
         return {
