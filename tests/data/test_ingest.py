@@ -267,3 +267,20 @@ def test_folder_layout_and_manifest(tmp_path: Path) -> None:
     s2 = PatchStore.open(tmp_path / "s2")
     assert s2.image_size == (24, 24) and sorted(set(s2.index.patient)) == ["P0", "P1", "P2"]
     assert s2.index.label.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_breakhis_456_rows_padded_and_size_option(sample_data: Path, tmp_path: Path) -> None:
+    src = next((sample_data / "breakhis").rglob("SOB_B_F-14-9133-40-001.png"))
+    rel = src.relative_to(sample_data / "breakhis")
+    arr = np.asarray(Image.open(src))
+    _png(tmp_path / "bh" / rel, arr[:456])  # the 700x456 variant
+    other = rel.parent / "SOB_B_F-14-9133-40-002.png"
+    _png(tmp_path / "bh" / other, arr)
+    meta = ingest("breakhis", tmp_path / "bh", tmp_path / "s", workers=1, progress=False)
+    store = PatchStore.open(tmp_path / "s")
+    assert meta["padded"] == 1 and store.image_size == (460, 700)
+    row = store.index[store.index.orig_h == 456].iloc[0]
+    assert (store.images[row.id][456:] == V.PAD_VALUE).all()
+    np.testing.assert_array_equal(store.images[row.id][:456], arr[:456])
+    meta = ingest("breakhis", tmp_path / "bh", tmp_path / "small", workers=1, progress=False, size=(115, 175))
+    assert PatchStore.open(tmp_path / "small").image_size == (115, 175) and meta["resized"] == 2
