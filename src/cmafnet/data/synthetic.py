@@ -51,8 +51,12 @@ def render(
     h: int,
     w: int,
     stain: tuple[np.ndarray, np.ndarray, float],
+    density: float = 1.0,
 ) -> np.ndarray:
-    """Render ``len(malignant)`` RGB uint8 patches ``(n, h, w, 3)`` for one patient's stain."""
+    """Render ``len(malignant)`` RGB uint8 patches ``(n, h, w, 3)`` for one patient's stain.
+
+    ``density`` scales the number of nuclei (used to give the BreakHis-like subtypes their own look).
+    """
     n = len(malignant)
     hv, ev, gain = stain
     scale = min(h, w) / 50.0
@@ -61,7 +65,7 @@ def render(
     eos = np.where(lumen, eos * 0.15, eos)
     # nuclei of all patches at once, each drawn in its own (2R+1)^2 window and scattered with
     # bincount (overlaps add up, like stacked nuclei)
-    m_rate = 14 * scale * scale * max(1.0, w / h)
+    m_rate = 14 * density * scale * scale * max(1.0, w / h)
     k = np.maximum(1, rng.poisson(np.where(malignant, m_rate, m_rate * 5 / 14)))  # (n,)
     owner = np.repeat(np.arange(n), k)  # (K,)
     mal = np.asarray(malignant, bool)[owner]
@@ -176,6 +180,7 @@ def write_breakhis_like(
     for code in BreakHis.SUBTYPES:
         malignant = BreakHis.SUBTYPES.index(code) >= 4
         bm = "M" if malignant else "B"
+        density = 0.7 + 0.2 * (BreakHis.SUBTYPES.index(code) % 4)  # subtypes differ in nuclei density
         for _ in range(patients_per_subtype):
             patient = f"14-{90000 + serial}"  # numeric code as in BreakHis; 'syn' marks it in the root
             serial += 1
@@ -184,7 +189,7 @@ def write_breakhis_like(
             slide = slide / f"SOB_{bm}_{code}_{patient}"
             for mag in BreakHis.MAGNIFICATIONS:
                 (slide / f"{mag}X").mkdir(parents=True, exist_ok=True)
-                imgs = render(rng, np.full(images_per_magnification, malignant), h, w, stain)
+                imgs = render(rng, np.full(images_per_magnification, malignant), h, w, stain, density)
                 for i, img in enumerate(imgs, 1):
                     _write_png(slide / f"{mag}X" / f"SOB_{bm}_{code}-{patient}-{mag}-{i:03d}.png", img)
     return root
