@@ -17,14 +17,15 @@ from cmafnet.run import save_weights, write_json
 BREAKHIS_SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
 
 
-def _run_folder(path, store_path, *, classes=("non-IDC", "IDC"), with_model=True, num_classes=2):
+def _run_folder(path, store_path=None, *, classes=("non-IDC", "IDC"), with_model=True, num_classes=2):
     """A run folder in the run.py layout, with random-init smoke weights (no training needed)."""
     path.mkdir(parents=True)
     cfg = load_config("smoke", [f"model.num_classes={num_classes}"])
     (path / "config.yaml").write_text(dump_config(cfg))
     write_json(path / "run.json", {"classes": list(classes), "img_size": cfg.model.img_size})
-    store = PatchStore.open(store_path)
-    save_split(split_store(store, ratios=(0.5, 0.25, 0.25), seed=0), path / "split.json")
+    if store_path is not None:
+        store = PatchStore.open(store_path)
+        save_split(split_store(store, ratios=(0.5, 0.25, 0.25), seed=0), path / "split.json")
     if with_model:
         from cmafnet.models import create_model
 
@@ -104,3 +105,27 @@ def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factor
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "zeroshot_all" in html and "Zero-shot BreakHis (Table 3 layout)" in html
+
+
+@pytest.mark.slow
+def test_real_breakhis_samples_zero_shot_and_8_class(tmp_path, sample_data, store_factory):
+    """Real BreakHis files through ingest: zero-shot per magnification and an 8-class evaluation."""
+    from cmafnet.data.ingest import ingest
+
+    bh = tmp_path / "bh"
+    ingest("breakhis", sample_data / "breakhis", bh, workers=1, size=(64, 64), progress=False)
+    store = PatchStore.open(bh)
+    binary = _run_folder(tmp_path / "idc_run", store_factory("idc"))
+    zs = evaluate_run(binary, bh, zero_shot=True, bootstrap=0, batch_size=8, choose_threshold=False)
+    assert zs["n"] == len(store)
+    assert set(zs["by_magnification"]) >= {"40X"} and len(zs["by_magnification"]) == 4
+    assert sum(e["n"] for e in zs["by_magnification"].values()) == len(store)
+    json.dumps(zs, allow_nan=False)  # undefined metrics on tiny groups are None, never NaN
+
+    sub = _run_folder(
+        tmp_path / "sub_run", classes=store.subtype_classes, num_classes=len(store.subtype_classes)
+    )
+    doc = evaluate_run(sub, bh, split="all", bootstrap=5, batch_size=8)
+    assert doc["target"] == "subtype" and len(doc["metrics"]["confusion"]) == 8
+    assert set(doc["metrics"]["per_class_recall"]) == set(store.subtype_classes)
+    json.dumps(doc, allow_nan=False)

@@ -135,14 +135,25 @@ def _natural_key(text: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
+def mag_label(value: Any) -> str:
+    """A magnification as the paper writes it: 40, '40', 40.0, '40x', '40X' -> '40X'."""
+    text = str(value).strip().upper().rstrip("X")
+    try:
+        return f"{int(float(text))}X"
+    except ValueError:
+        return str(value)
+
+
 def _groups(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
+    """Row positions (into ``rows``) per value of ``column``; magnifications labelled '40X'."""
     if column not in index.columns:
         return {}
-    values = index[column].to_numpy()[rows]
+    raw = index[column].to_numpy()[rows]
+    ok = np.array([x is not None and str(x).strip() not in ("", "nan", "None") for x in raw], dtype=bool)
+    labels = np.array([mag_label(x) if column == "magnification" else str(x) for x in raw], dtype=object)
     out = {}
-    present = {str(x) for x in values if x is not None and str(x) not in ("", "nan", "None")}
-    for v in sorted(present, key=_natural_key):
-        out[v] = np.flatnonzero(values.astype(str) == v)
+    for v in sorted(set(labels[ok]), key=_natural_key):
+        out[v] = np.flatnonzero(ok & (labels == v))
     return out
 
 
