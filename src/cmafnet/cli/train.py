@@ -1,13 +1,15 @@
 """`cmafnet train --config FILE [--set k=v ...] --store STORE --split SPLIT --out RUN_DIR [--resume]`.
 
-Multi-GPU / multi-node: launch the same command with ``torchrun --nproc_per_node N -m cmafnet train ...``
-(or ``torchrun ... $(which cmafnet) train ...``); ``train.batch_size`` is the global batch.
+Multi-GPU / multi-node: launch the same command under torchrun, e.g.
+``torchrun --nproc_per_node 4 $(which cmafnet) train --config paper ...``; ``train.batch_size`` is the
+global batch (split evenly over the ranks); only rank 0 writes and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from cmafnet.cli._common import add_config_args, add_device_arg
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, args.store, args.split, args.out, resume=args.resume, progress=not args.no_progress,
         stop_after_steps=args.stop_after_steps, device=device,
     )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return 130 if summary["status"] == "interrupted" else 0
     print(json.dumps(summary, indent=2, default=str))
     if summary["status"] == "interrupted":
         print(f"interrupted: checkpoint saved; continue with: cmafnet train --out {args.out} --resume ...")

@@ -26,6 +26,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # setup() created the process group (and fit tears it down)
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +72,13 @@ def setup(device_spec: str) -> DistInfo:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     log.info("joined process group: rank %d of %d (%s)", rank, world, device)
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, owns_group=True)
+
+
+def teardown(info: DistInfo) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def per_rank_batch(global_batch: int, info: DistInfo) -> int:

@@ -226,6 +226,7 @@ def fit(
         return trainer.run()
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        distr.teardown(info)
 
 
 def _start_run_folder(
