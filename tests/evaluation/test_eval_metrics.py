@@ -184,3 +184,12 @@ def test_selected_metrics_match_full_metrics(case):
     fast = selected_metrics(y, p, keys, 0.5)
     for k in keys:
         assert fast[k] == pytest.approx(full[k]) if full[k] is not None else fast[k] is None, k
+
+
+def test_sensitivity_at_specificity_matches_roc_curve(binary_data):
+    from cmafnet.evaluation.metrics import sensitivity_at_specificity
+
+    y, p = binary_data
+    fpr, tpr, _ = skm.roc_curve(y, p[:, 1], drop_intermediate=False)
+    assert sensitivity_at_specificity(y, p[:, 1], 0.9) == pytest.approx(tpr[fpr <= 0.1 + 1e-12].max())
+    assert sensitivity_at_specificity(np.zeros(5, int), p[:5, 1], 0.9) is None

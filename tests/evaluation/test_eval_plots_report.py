@@ -1,5 +1,6 @@
 """Figures render headless; the report is self-contained; McNemar between runs is found."""
 
+import base64
 import json
 import re
 
@@ -71,6 +72,9 @@ def test_report_is_self_contained(evaluated_run_factory, tmp_path):
     imgs = re.findall(r"<img[^>]*>", text)
     assert len(imgs) >= 8
     assert all(re.search(r"src='data:image/png;base64,[A-Za-z0-9+/=]+'", i) for i in imgs)
+    assert "http://" not in text and "https://" not in text
+    for b64 in re.findall(r"base64,([A-Za-z0-9+/=]+)", text):  # every figure decodes to a PNG
+        assert base64.b64decode(b64).startswith(PNG)
     for name in (
         "run_a",
         "run_b",

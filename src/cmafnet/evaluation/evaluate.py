@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.evaluation.metrics import classification_metrics, threshold_for_sensitivity
+from cmafnet.evaluation.metrics import (
+    classification_metrics,
+    sensitivity_at_specificity,
+    threshold_for_sensitivity,
+)
 from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, update_meta, write_json
 
 log = logging.getLogger(__name__)
@@ -247,6 +251,11 @@ def evaluate_run(
         "n": len(rows),
         "metrics": classification_metrics(y, probs, 0.5, classes, n_bins=n_bins),
     }
+
+    if binary:  # the clinical reading of a ROC curve: sensitivity at a fixed high specificity
+        doc["sensitivity_at_specificity"] = {
+            f"{spec:.2f}": sensitivity_at_specificity(y, probs[:, 1], spec) for spec in (0.90, 0.95, 0.99)
+        }
 
     # Operating threshold: chosen on validation of the run's own split, reused for zero-shot.
     if binary:
