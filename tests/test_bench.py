@@ -73,7 +73,7 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
 @pytest.mark.parametrize(
     "args",
     [["--models", "resnet50"], ["--epoch-fraction", "0"], ["--size", "16"], ["--steps", "0"],
-     ["--config", "no_such_config"]],
+     ["--config", "no_such_config"], ["--data-path", "--store-size", "1"], ["--threads", "0"]],
 )  # fmt: skip
 def test_bench_bad_arguments_exit_2(args, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2

@@ -338,8 +338,6 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
         rec["errors"] = {"import": rec["note"]}
         return rec
     steps_per_epoch = args.store_size // batch
-    if steps_per_epoch < 1:
-        raise ConfigError(f"--store-size ({args.store_size}) must hold at least one batch ({batch})")
     steps = max(1, round(args.epoch_fraction * steps_per_epoch))
     t0 = time.perf_counter()
     images, labels = make_store(args.store_size, seed=cfg.train.seed)
@@ -527,6 +525,8 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or cfg.model.img_size
     batch = args.batch or cfg.train.batch_size
     amp = args.amp if args.amp != "auto" else ("bf16" if cuda else "none")
+    if args.data_path and args.store_size < batch:
+        raise ConfigError(f"--store-size ({args.store_size}) must hold at least one batch ({batch})")
     timing = Timing(
         dev,
         steps=args.steps or (20 if cuda else 2),
@@ -552,7 +552,19 @@ def run(args: argparse.Namespace) -> int:
         return bench_model(spec, t, size=size, batch=batch, infer_batch=args.infer_batch,
                            num_classes=cfg.model.num_classes)  # fmt: skip
 
+    def save(complete: bool) -> None:
+        """Ratios and targets of what is measured so far; the JSON is rewritten after every part, so
+        a run stopped by a time limit still leaves its numbers."""
+        result["ratios"] = _ratios(result["models"], result.get("data_path"))
+        result["targets"] = _targets(result["ratios"])
+        result["wall_s"] = time.perf_counter() - t_start
+        result["errors"] = count_errors(result)
+        result["complete"] = complete
+        if args.json:
+            write_json(args.json, result)
+
     models: dict[str, dict] = {}
+    result["models"] = models
     for key, spec in specs.items():
         t0 = time.perf_counter()
         log.info("timing %s", key)
@@ -561,27 +573,20 @@ def run(args: argparse.Namespace) -> int:
         log.info(
             "%s: %s", key, json.dumps({k: v for k, v in models[key].items() if k != "errors"}, default=str)
         )
-    result["models"] = models
-    if args.switches:
-        log.info("timing fast-path switches")
-        result["switches"] = _switches(specs, models, bench, timing)
-    data = None
+        save(False)
     if args.data_path:
         log.info("timing the data path on a generated store of %d patches", args.store_size)
         try:
-            data = _data_path(cfg, args, timing, size, batch)
-        except ConfigError:
-            raise
-        except Exception as err:
-            data = {"errors": {"data_path": f"{type(err).__name__}: {err}"}}
-        result["data_path"] = data
-    result["ratios"] = _ratios(models, data)
-    result["targets"] = _targets(result["ratios"])
-    result["wall_s"] = time.perf_counter() - t_start
-    result["errors"] = count_errors(result)
+            result["data_path"] = _data_path(cfg, args, timing, size, batch)
+        except Exception as err:  # reported, not fatal: the model numbers stand on their own
+            result["data_path"] = {"errors": {"data_path": f"{type(err).__name__}: {err}"}}
+        save(False)
+    if args.switches:
+        log.info("timing fast-path switches")
+        result["switches"] = _switches(specs, models, bench, timing)
+    save(True)
     print(format_report(result))
     if args.json:
-        write_json(args.json, result)
         print(f"\nwrote {args.json}")
     sys.stdout.flush()
     return 1 if result["errors"] else 0
