@@ -96,7 +96,7 @@ def prepare_data(
     if device.type == "cuda":
         fits = store.images.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
         if cfg.data.device_cache and fits:
-            images = torch.from_numpy(np.ascontiguousarray(store.images)).to(device)
+            images = torch.from_numpy(np.array(store.images)).to(device)  # one host copy, then on the GPU
         resident = bool(cfg.data.device_cache and fits)
     tc = cfg.train
     train_loader = BatchLoader(

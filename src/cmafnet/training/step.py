@@ -13,6 +13,7 @@ optimiser moments and the clipping history untouched and counts as one skipped s
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,8 +57,13 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(kinds[backend])
 
 
-def _to_floats(terms: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in terms.items()}
+def _to_floats(loss: Tensor, terms: dict) -> tuple[float, dict[str, float]]:
+    """The loss and every term as Python floats with one device sync (not one per term)."""
+    keys = list(terms)
+    vals = [loss.detach().float().reshape(())]
+    vals += [torch.as_tensor(terms[k], dtype=torch.float32, device=loss.device).reshape(()) for k in keys]
+    out = torch.stack(vals).tolist()
+    return out[0], dict(zip(keys, out[1:], strict=True))
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -106,24 +112,25 @@ def train_step(
     buffers = [b for b in model.buffers() if b.numel()]
     saved = [b.detach().clone() for b in buffers]
 
-    def skip(loss_value: float, terms: dict, norm: float) -> StepResult:
+    def skip(norm: float) -> StepResult:
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for b, v in zip(buffers, saved, strict=True):
                 b.copy_(v)
-        return StepResult(True, loss_value, _to_floats(terms), norm)
+        return StepResult(True, loss_value, term_values, norm)
 
     optimizer.zero_grad(set_to_none=True)
     loss, terms = forward_backward()
-    loss_value = float(loss.detach())
+    loss_value, term_values = _to_floats(loss, terms)
+    loss_finite = math.isfinite(loss_value)
 
     if sam is not None and sam.rho > 0:
         unscale_grads(params, scaler)
-        bad = _agree(not (grads_finite(params) and torch.isfinite(loss.detach()).item()), device)
+        bad = _agree(not (loss_finite and grads_finite(params)), device)
         if bad:
             if use_scaler:  # no unscale_ was recorded: back the scale off explicitly
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-            return skip(loss_value, terms, float("nan"))
+            return skip(float("nan"))
         sam.perturb()
         optimizer.zero_grad(set_to_none=True)
         try:
@@ -134,14 +141,15 @@ def train_step(
     if use_scaler:
         scaler.unscale_(optimizer)
     norm = clipper(params)
-    bad = _agree(not (torch.isfinite(norm).item() and torch.isfinite(loss.detach()).item()), device)
+    norm_value = float(norm)
+    bad = _agree(not (loss_finite and math.isfinite(norm_value)), device)
     if bad:
         if use_scaler:
             scaler.update()  # sees the inf recorded by unscale_ (or none: then the scale stays)
-        return skip(loss_value, terms, float(norm))
+        return skip(norm_value)
     if use_scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(False, loss_value, _to_floats(terms), float(norm))
+    return StepResult(False, loss_value, term_values, norm_value)
