@@ -63,7 +63,9 @@ def toy_config(**train: object) -> Config:
     return config_from_dict({"model": {"fusion": {"heads": 1, "dim": 8}}, "train": t, "loss": loss})
 
 
-def toy_data(n: int = 40, noise: float = 0.05, nan_steps: set[int] | None = None, seed: int = 0) -> TrainData:
+def toy_data(
+    n: int = 40, noise: float = 0.05, nan_steps: set[int] | None = None, seed: int = 0, device: str = "cpu"
+) -> TrainData:
     """Random 8x8 uint8 images whose label is visible in the red channel; 32 train, 8 val (with the default n).
 
     ``noise`` adds N(0, noise) from the global torch RNG in the training preprocessing (exercises RNG
@@ -77,7 +79,9 @@ def toy_data(n: int = 40, noise: float = 0.05, nan_steps: set[int] | None = None
     calls = {"n": 0}
 
     def make_loader(indices, bs, shuffle, drop_last, epoch, start):
-        loader = BatchLoader(images, labels, indices, bs, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        loader = BatchLoader(
+            images, labels, indices, bs, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device
+        )
         loader.set_epoch(epoch, start)
         return loader
 

@@ -12,6 +12,7 @@ everything that changes, so a resumed run replays exactly the remaining steps of
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -145,6 +146,8 @@ class Trainer:
         self.sam = SAM(self.trainable, self.tc.sam.rho, self.tc.sam.adaptive) if self.tc.sam.enabled else None
         self.clipper = GradClipper(self.tc.clip)  # gradient scales differ between stages
         m: nn.Module = self.model
+        self.train_model = m
+        gc.collect()  # free the previous stage's DDP wrapper (its reducer hooks go with it)
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
