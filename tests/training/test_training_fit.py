@@ -77,3 +77,23 @@ def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         fit(load_config("smoke", ["train.batch_size=4096"]), store, split, tmp_path / "big", progress=False,
             device="cpu")  # fmt: skip
+
+
+def test_imbalance_applies_to_training_indices_only(store_and_split):
+    import numpy as np
+
+    from cmafnet.training import prepare_data
+
+    store, split = store_and_split
+    natural = prepare_data(load_config("smoke"), store, split, torch_device())
+    data = prepare_data(load_config("smoke", ["data.imbalance=90:10"]), store, split, torch_device())
+    n0, n1 = data.class_counts
+    assert n0 == natural.class_counts[0] and n1 == round(n0 * 10 / 90)
+    assert np.array_equal(data.val_idx, natural.val_idx)  # validation keeps the natural ratio
+    assert data.meta["stain_reference"]["method"] == "macenko"
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
