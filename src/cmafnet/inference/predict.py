@@ -259,47 +259,52 @@ def predict_files(
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress) if tqdm else None
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
-        writer.writeheader()
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
+            writer.writeheader()
 
-        def flush_ready() -> None:
-            nonlocal next_row
-            while next_row in rows and rows[next_row]["status"]:
-                writer.writerow(rows.pop(next_row))
-                next_row += 1
+            def flush_ready() -> None:
+                nonlocal next_row
+                while next_row in rows and rows[next_row]["status"]:
+                    writer.writerow(rows.pop(next_row))
+                    next_row += 1
 
-        for i, (item, img, err) in enumerate(iter_images(items)):
-            row = rows[i] = base_row(item)
-            if img is None:
-                row["status"], row["error"] = "error", err
-                summary.n_errors += 1
-                if len(summary.errors) < 20:
-                    summary.errors.append((str(item.path), err))
-            else:
-                if tissue_check:
-                    tc = check_tile(img, tissue_thresholds)
-                    row["tissue_fraction"] = f"{tc.tissue_fraction:.4f}"
-                    row["pen_fraction"] = f"{tc.pen_fraction:.4f}"
-                    row["flags"] = ";".join(tc.flags)
-                    if tc.flags:
-                        row["status"], row["decision"] = NOT_ASSESSABLE, NOT_ASSESSABLE
-                        summary.n_not_assessable += 1
-                if not row["status"]:
-                    key = img.shape[:2]
-                    groups.setdefault(key, []).append((i, item, img))
-                    if len(groups[key]) >= batch_size:
-                        run_group(key)
-                    elif sum(len(g) for g in groups.values()) >= max_pending:
-                        run_group(max(groups, key=lambda k: len(groups[k])))
+            for i, (item, img, err) in enumerate(iter_images(items)):
+                row = rows[i] = base_row(item)
+                if img is None:
+                    row["status"], row["error"] = "error", err
+                    summary.n_errors += 1
+                    if len(summary.errors) < 20:
+                        summary.errors.append((str(item.path), err))
+                else:
+                    if tissue_check:
+                        tc = check_tile(img, tissue_thresholds)
+                        row["tissue_fraction"] = f"{tc.tissue_fraction:.4f}"
+                        row["pen_fraction"] = f"{tc.pen_fraction:.4f}"
+                        row["flags"] = ";".join(tc.flags)
+                        if tc.flags:
+                            row["status"], row["decision"] = NOT_ASSESSABLE, NOT_ASSESSABLE
+                            summary.n_not_assessable += 1
+                    if not row["status"]:
+                        key = img.shape[:2]
+                        groups.setdefault(key, []).append((i, item, img))
+                        if len(groups[key]) >= batch_size:
+                            run_group(key)
+                        elif sum(len(g) for g in groups.values()) >= max_pending:
+                            run_group(max(groups, key=lambda k: len(groups[k])))
+                flush_ready()
+                if bar is not None:
+                    bar.update(1)
+            for key in list(groups):
+                run_group(key)
             flush_ready()
-            if bar is not None:
-                bar.update(1)
-        for key in list(groups):
-            run_group(key)
-        flush_ready()
-    if bar is not None:
-        bar.close()
+    except BaseException:  # never leave a half-written CSV behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     os.replace(tmp, out_csv)
     log.info(
         "wrote %s: %d predicted, %d not assessable, %d errors (threshold %.4g from %s)",
