@@ -94,6 +94,7 @@ def build_evaluated_run(
     hist = {
         "epoch": epochs,
         "stage": [1, 1, 2, 2, 3, 3],
+        "stage_name": ["branches"] * 2 + ["fusion"] * 2 + ["end_to_end"] * 2,
         "train_loss": 1 / (epochs + 1),
         "val_balanced_accuracy": 0.5 + epochs / 20,
         "lr": 1e-3 * 0.5**epochs,

@@ -27,7 +27,7 @@ def test_each_plot_renders_png():
     y = rng.integers(0, 2, 50)
     s = rng.random(50)
     hist = pd.DataFrame({"epoch": range(4), "train_loss": [1, 0.8, 0.6, 0.5], "val_auprc": [0.5, 0.6, 0.7, 0.7],
-                         "lr": [1e-3, 5e-4, 2e-4, 1e-4], "attn_entropy_h0": [3, 2.9, 2.8, 2.8], "tau_h0": [1, 1, 1, 1.01]})  # fmt: skip
+                         "lr": [1e-3, 5e-4, 2e-4, 1e-4], "stage_name": ["a", "a", "b", "b"], "attn_entropy_h0": [3, 2.9, 2.8, 2.8], "tau_h0": [1, 1, 1, 1.01]})  # fmt: skip
     figs = [
         plots.plot_roc_pr({"a": (y, s), "one-class": (np.zeros(5), s[:5])}),
         plots.plot_confusion([[5, 1], [2, 7]], ["benign", "malignant"]),

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 # Validation metrics worth a curve (not counts, thresholds or Brier).
@@ -130,8 +132,10 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
         return None
     x_col = next((c for c in ("epoch", "global_epoch", "step") if c in df.columns), None)
     x = df[x_col].to_numpy() if x_col else np.arange(len(df))
-    numeric = [c for c in df.columns if c != x_col and np.issubdtype(df[c].dtype, np.number)]
-    losses = [c for c in numeric if "loss" in c or (c.startswith("train_") and not c.endswith("_n"))]
+    numeric = [c for c in df.columns if c != x_col and is_numeric_dtype(df[c]) and not is_bool_dtype(df[c])]
+    losses = [
+        c for c in numeric if "loss" in c or (c.startswith("train_") and not c.endswith(("_n", "grad_norm")))
+    ]
     vals = [c for c in numeric if c.startswith("val_") and c[4:] in VAL_CURVES]
     info = [c for c in numeric if c.startswith("mi_") or c.startswith("i_")]
     lrs = [c for c in numeric if c == "lr" or c.startswith("lr_") or c.endswith("_lr")]
@@ -152,8 +156,12 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
         for c in cols[:12]:  # more lines are unreadable
             ax.plot(x, df[c].to_numpy(dtype=float), label=c, marker="." if len(x) < 30 else None)
         ax.set(xlabel=x_col or "row", title=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if name == "learning rate":
             ax.set_yscale("log")
+        elif name in ("loss terms", "information monitors"):
+            # terms differ by orders of magnitude (KL vs. a 0.005-weighted redundancy) and may be < 0
+            ax.set_yscale("symlog", linthresh=1e-2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if "stage" in df.columns:  # stage boundaries as vertical lines
@@ -208,6 +216,7 @@ def plot_attention_heads(df: Any, title: str = "") -> Figure | None:
     for h, c in tau or ent:
         ax1.plot(x, df[c].to_numpy(dtype=float), label=f"h{h}")
     ax1.set(xlabel=x_col or "row", title=("τ" if tau else "entropy") + " per head over training")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7, ncol=2)
     if title:
