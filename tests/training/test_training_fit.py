@@ -97,3 +97,18 @@ def torch_device():
     import torch
 
     return torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_real_model_resume_is_bit_identical(store_and_split, tmp_path):
+    """CMAF-Net with augmentation, SAM, A-CBFL and all regularisers, stopped mid-run and resumed."""
+    import torch
+
+    store, split = store_and_split
+    cfg = load_config("smoke", ["train.batch_size=16", "train.max_steps_per_epoch=1"])
+    fit(cfg, store, split, tmp_path / "a", progress=False, device="cpu")
+    fit(cfg, store, split, tmp_path / "b", progress=False, device="cpu", stop_after_steps=2)
+    fit(cfg, store, split, tmp_path / "b", progress=False, device="cpu", resume=True)
+    a = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["model"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
