@@ -299,7 +299,9 @@ def bench_model(
     if spec.gmacs and not spec.compile:
         x1 = torch.randn(1, 3, size, size, device=dev)
         rec["gmacs"] = _attempt(rec, "gmacs", lambda: forward_gmacs(model, x1))
-    run_model = torch.compile(model) if spec.compile else model
+    run_model = (
+        torch.compile(model, dynamic=False) if spec.compile else model
+    )  # static shapes: B differs per measurement
 
     if spec.train:
         x, y = _inputs(batch, size, num_classes, timing, spec.channels_last)
@@ -365,13 +367,18 @@ def bench_model(
         if dev.type == "cuda" and not spec.compile:
             replay = _attempt(rec, "latency_cuda_graph", lambda: cuda_graph_forward(model, x1, timing))
             if replay is not None:
+                # the replayed graph must compute what eager does (same weights, same input)
+                with torch.inference_mode(), timing.autocast():
+                    ref = model(x1).float()
+                got = replay().float()
+                rec["cuda_graph_matches_eager"] = bool(torch.allclose(got, ref, rtol=2e-2, atol=2e-2))
                 lat = _attempt(rec, "latency_cuda_graph", lambda: latency_ms(replay, timing))
                 if lat:
                     rec["latency_cuda_graph_ms"] = lat["median"]
         if spec.compile:
             # "reduce-overhead" records CUDA graphs for the compiled graph (CUDA only)
             mode = "reduce-overhead" if dev.type == "cuda" else "default"
-            fast = torch.compile(model, mode=mode)
+            fast = torch.compile(model, mode=mode, dynamic=False)
 
             def compiled_latency() -> dict[str, float]:
                 with torch.inference_mode(), timing.autocast():
