@@ -69,12 +69,16 @@ def build_evaluated_run(
     n: int = 60,
     classes: tuple[str, ...] = ("non-IDC", "IDC"),
     quality: float = 1.5,
+    model: str = "cmafnet",
+    imbalance: str | None = None,
 ) -> Path:
     """A run folder as training + 'cmafnet evaluate' leave it, without weights (report input)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
-    write_json(path / "run.json", {"classes": list(classes), "img_size": 64, "seed": seed})
-    (path / "config.yaml").write_text("model:\n  name: cmafnet\n")
+    write_json(
+        path / "run.json", {"classes": list(classes), "img_size": 64, "seed": seed, "imbalance": imbalance}
+    )
+    (path / "config.yaml").write_text(f"model:\n  name: {model}\n")
     c = len(classes)
     y = np.arange(n) % c
     logits = rng.normal(size=(n, c)) + quality * np.eye(c)[y]

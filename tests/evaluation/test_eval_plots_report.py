@@ -121,3 +121,19 @@ def test_paper_tables_complete():
     assert cmaf["sensitivity"] == {"mean": 94.92, "std": 0.8} and cmaf["auprc"]["mean"] == 0.943
     assert paper_table("table5")["rows"][4] == {"subtype": "DC", "subtype_name": "Ductal Carcinoma", "samples": 864,
                                               "ResNet-50": 82.18, "TransFuse": 87.15, "CMAF-Net": 91.2}  # fmt: skip
+
+
+def test_cross_run_figures(evaluated_run_factory):
+    from cmafnet.evaluation.report import collect_run, cross_run_figures
+
+    runs = [
+        evaluated_run_factory("c0", seed=0),
+        evaluated_run_factory("c1", seed=1),
+        evaluated_run_factory("c9", seed=2, imbalance="90:10", quality=0.5),
+        evaluated_run_factory("r0", seed=3, model="resnet18"),
+    ]
+    figs = cross_run_figures([collect_run(r) for r in runs])
+    captions = [c for c, _ in figs]
+    assert any("Fig. 2" in c for c in captions) and any("Fig. 3" in c for c in captions)
+    assert all(png.startswith(PNG) for _, png in figs)
+    assert cross_run_figures([collect_run(runs[0])]) == []  # one method, one ratio: nothing to compare

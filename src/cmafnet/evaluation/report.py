@@ -362,7 +362,7 @@ def mcnemar_tests(
     """
     from cmafnet.evaluation.evaluate import load_predictions
 
-    by_name = {r.name: r for r in runs}
+    by_name = {r.path.name: r for r in runs} | {r.name: r for r in runs}  # display or folder name
     if pairs:
         for a, b in pairs:
             for n in (a, b):
@@ -477,6 +477,64 @@ def run_figures(run: RunInfo) -> list[tuple[str, bytes]]:
     return figs
 
 
+def method_label(run: RunInfo) -> str:
+    """A run's method for cross-run figures: the paper row it reproduces, else model (+ loss)."""
+    tag = run.meta.get("paper")
+    if isinstance(tag, Mapping) and tag.get("row"):
+        return str(tag["row"])
+    model = (run.config.get("model") or {}).get("name") or run.meta.get("model") or run.name
+    loss = (run.config.get("loss") or {}).get("name")
+    return f"{model} + {loss}" if loss else str(model)
+
+
+def cross_run_figures(runs: Sequence[RunInfo], evaluation: str = "test") -> list[tuple[str, bytes]]:
+    """Fig. 2 (method comparison) and Fig. 3 (imbalance degradation) when the runs allow them.
+
+    Runs are grouped by :func:`method_label`; seeds of one method give mean ± std error bars.
+    Fig. 2 needs at least two methods with a binary ``evaluation``; Fig. 3 a method trained at two
+    or more imbalance ratios (``run.json`` ``imbalance``; ``None`` = the natural ratio).
+    """
+    by_method: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        ev = r.evaluations.get(evaluation)
+        if not ev or len(ev.get("classes") or []) != 2:
+            continue
+        ratio = str(r.meta.get("imbalance") or "natural")
+        by_method.setdefault(method_label(r), {}).setdefault(ratio, []).append(ev.get("metrics", {}))
+    figs = []
+    keys = ("sensitivity", "balanced_accuracy", "auprc")
+    natural = {m: d["natural"] for m, d in by_method.items() if "natural" in d}
+    if len(natural) >= 2:
+        table = {}
+        for m, ms in natural.items():
+            table[m] = {}
+            for k in keys:
+                mean, std, _ = mean_std([x.get(k) for x in ms])
+                table[m][k] = (mean, std)
+        fig = plots.plot_method_comparison(table, keys)
+        figs.append(
+            (f"Method comparison on {evaluation} (Fig. 2 style; mean ± std over runs)", plots.figure_png(fig))
+        )
+    degr = {m: d for m, d in by_method.items() if len(d) >= 2}
+    if degr:
+
+        def order(ratio: str) -> float:  # natural first, then by minority share, decreasing
+            if ratio == "natural":
+                return -1.0
+            a, b = (float(x) for x in ratio.split(":"))
+            return a / (a + b)
+
+        table = {
+            m: {r: mean_std([x.get("sensitivity") for x in d[r]])[:2] for r in sorted(d, key=order)}
+            for m, d in degr.items()
+        }
+        fig = plots.plot_imbalance_degradation(table, "sensitivity")
+        figs.append(
+            (f"Sensitivity vs training imbalance on {evaluation} (Fig. 3 style)", plots.figure_png(fig))
+        )
+    return figs
+
+
 def _as_png(fig: Any) -> bytes:
     if isinstance(fig, bytes):
         return fig
@@ -558,6 +616,9 @@ def write_report(
         sections.append(("Experiment tables", [_table_from_any(k, v) for k, v in extra_tables.items()], []))
     if extra_figures:
         sections.append(("Experiment figures", [], [(k, _as_png(v)) for k, v in extra_figures.items()]))
+    cross = cross_run_figures(runs)
+    if cross:
+        sections.append(("Across runs", [], cross))
     for r in runs:
         figs = run_figures(r)
         if figs:
