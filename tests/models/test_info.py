@@ -10,6 +10,7 @@ import torch
 
 from cmafnet.cli import main
 from cmafnet.cli.info import model_info
+from cmafnet.config import list_configs, load_config
 
 
 def test_info_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,3 +61,13 @@ def test_bad_config_exits_2(override: str, capsys: pytest.CaptureFixture[str]) -
     assert main(["info", "--config", "smoke", "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmafnet info: error:") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_every_shipped_config_builds(name: str) -> None:
+    from cmafnet.models import create_model
+
+    cfg = load_config(name)
+    model = create_model(cfg.model)
+    assert model.num_classes == cfg.model.num_classes
+    assert model.img_size == cfg.model.img_size

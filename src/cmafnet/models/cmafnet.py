@@ -13,6 +13,8 @@ fused map is F_t), ``contextual.enabled=False`` (CNN only: F_s), ``fusion.kind=c
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -220,8 +222,8 @@ class CMAFNet(nn.Module):
         """Logits ``(B, C)``, or with ``return_aux`` the full :class:`ModelOutput`."""
         if not return_aux:
             return self.forward_head(self.forward_features(x))
-        fused, out = self._encode(x, return_aux=True)
-        assert out is not None  # for type checkers; _encode always returns one with return_aux
+        fused, maybe_out = self._encode(x, return_aux=True)
+        out = cast(ModelOutput, maybe_out)  # always set when return_aux
         out.pre_logits = self.forward_head(fused, pre_logits=True)
         out.logits = self.head(out.pre_logits)
         return out
