@@ -174,6 +174,9 @@ class Trainer:
         handlers = self._install_signal_handlers()
         try:
             status = self._run_stages()
+        except BaseException as err:  # the run folder must not claim "running" after a crash
+            self._write_meta(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+            raise
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
