@@ -253,6 +253,8 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
     """Each fast-path switch flipped alone against the main measurement (training + inference)."""
     from dataclasses import replace
 
+    import torch
+
     from cmafnet.analysis.profiling import Timing
 
     def flipped(spec: Any, t: Any = timing) -> dict:
@@ -281,6 +283,19 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
     res["channels_last"] = cl
     if "cmafnet" in specs and "train_img_s" in models.get("cmafnet", {}):
         spec = specs["cmafnet"]
+        build = spec.build
+
+        def spatial_nhwc() -> Any:
+            # NHWC weights make cuDNN run the ResNet convs channels-last while the MobileViT branch
+            # (NCHW weights, NCHW input) stays as it is: channels_last per branch, no model change
+            m = build()
+            if getattr(m, "spatial", None) is not None:
+                m.spatial.to(memory_format=torch.channels_last)
+            return m
+
+        per_branch = flipped(replace(spec, build=spatial_nhwc, channels_last=False))
+        # on = ResNet branch only NHWC, off = the main measurement (the config's global setting)
+        res["channels_last_spatial_only"] = {"cmafnet": pair(per_branch, models["cmafnet"])}
         if timing.amp != "none":
             fp32 = flipped(spec, Timing(timing.device, timing.steps, timing.warmup, "none"))
             res["autocast_" + timing.amp] = {"cmafnet": pair(models["cmafnet"], fp32)}
