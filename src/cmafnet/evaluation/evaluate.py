@@ -207,16 +207,15 @@ def evaluate_run(
     if not (run_dir / WEIGHTS_FILE).exists():
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing); train the run first")
     store = PatchStore.open(store_path)
-    n_classes_meta = meta.get("classes")
-
-    # Check the class set before building the model (cheap, and the most common mistake).
-    if isinstance(n_classes_meta, (list, tuple)) and n_classes_meta:
-        y_all, classes, kind = resolve_targets([str(c) for c in n_classes_meta], store, zero_shot=zero_shot)
-    run = load_run(run_dir, device=_resolve_device(device))
+    meta_classes = meta.get("classes")
+    if isinstance(meta_classes, (list, tuple)) and meta_classes:
+        # Check the class set before building the model: cheap, and the most common mistake.
+        y_all, classes, kind = resolve_targets([str(c) for c in meta_classes], store, zero_shot=zero_shot)
+        run = load_run(run_dir, device=_resolve_device(device))
+    else:  # older run.json without classes: names from the config
+        run = load_run(run_dir, device=_resolve_device(device))
+        y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    classes_from_run = run_classes(run)
-    if not (isinstance(n_classes_meta, (list, tuple)) and n_classes_meta):
-        y_all, classes, kind = resolve_targets(classes_from_run, store, zero_shot=zero_shot)
     predictor = Predictor(run, _resolve_device(device))
     binary = len(classes) == 2
 
@@ -248,6 +247,7 @@ def evaluate_run(
         "zero_shot": zero_shot,
         "target": kind,
         "classes": classes,
+        "store_classes": list(store.classes),
         "n": len(rows),
         "metrics": classification_metrics(y, probs, 0.5, classes, n_bins=n_bins),
     }
