@@ -25,22 +25,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cmafnet import __version__, run
-from cmafnet.analysis.information import MonitorAccumulator
 from cmafnet.config import Config, StageConfig, dump_config
 from cmafnet.errors import CmafnetError, ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cmafnet.training.clipping import GradClipper
-from cmafnet.training.monitors import per_class_grad_norms
+from cmafnet.training.monitors import validate
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM
 from cmafnet.training.schedules import lr_factor
 from cmafnet.training.stages import configure_trainable, freeze_eval, initial_roles, stage_loss, uses_ramp
-from cmafnet.training.step import autocast_context, train_step
+from cmafnet.training.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -300,54 +298,12 @@ class Trainer:
         return "stopped" if stop else "ok"
 
     # ------------------------------------------------------------------------------ epoch end
-    @torch.no_grad()
     def evaluate(self) -> tuple[dict, dict]:
-        """Validation metrics of the main logits and the information monitors (every rank, full set)."""
-        from cmafnet.evaluation.metrics import classification_metrics
-
-        C = len(self.data.classes)
-        loader = self.data.make_loader(self.data.val_idx, self.tc.eval_batch_size, False, False, 0, 0)
-        self.model.eval()
-        acc = MonitorAccumulator(C)
-        probs, ys = [], []
-        first = None
-        for x8, y, _ in loader:
-            x = self.data.preprocess_eval(x8)
-            if self.tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(self.device, self.tc.amp):
-                out = self.model(x, return_aux=True)
-            acc.update(out, y)
-            probs.append(F.softmax(out.logits.float(), 1).cpu())
-            ys.append(y.cpu())
-            if first is None:
-                first = (x[: self.tc.batch_size], y[: self.tc.batch_size])
-        self.model.train()
-        if not ys:
-            return {}, {}
-        y_all, p_all = torch.cat(ys).numpy(), torch.cat(probs).numpy()
-        if not np.isfinite(p_all).all():
-            log.warning("validation predictions are not finite: no validation metrics this epoch")
-            return {"nonfinite_predictions": 1.0}, acc.result()
-        m = classification_metrics(y_all, p_all)
-        metrics = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if C > 2:  # macro one-vs-rest average precision: the multi-class best-model criterion
-            from sklearn.metrics import average_precision_score
-            from sklearn.preprocessing import label_binarize
-
-            present = np.unique(y_all)
-            onehot = label_binarize(y_all, classes=list(range(C)))
-            metrics["auprc"] = float(
-                average_precision_score(onehot[:, present], p_all[:, present], average="macro")
-            )
-        monitors = acc.result()
-        with torch.enable_grad():
-            head = self.roles.get("head") or list(self.model.parameters())[-2:]
-            monitors.update(per_class_grad_norms(self.model, first[0], first[1], C, head))
-        if hasattr(self.objective, "entropy_weights"):
-            for h, w in enumerate(self.objective.entropy_weights.float().cpu().tolist()):
-                monitors[f"entropy_weight_h{h}"] = w
-        return metrics, monitors
+        """Validation metrics of the main logits and the monitors (every rank, whole split)."""
+        return validate(
+            self.model, self.data, self.tc, head=self.roles.get("head") or list(self.model.parameters())[-2:],
+            objective=self.objective, device=self.device,
+        )  # fmt: skip
 
     def _end_epoch(self, stage: StageConfig) -> bool:
         """Validate, record, keep the best model, early-stop check, checkpoint. True = end the stage."""

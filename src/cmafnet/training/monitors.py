@@ -1,10 +1,20 @@
-"""Per-epoch monitors that need gradients (the rest live in :mod:`cmafnet.analysis.information`)."""
+"""Per-epoch validation: metrics of the main logits plus the monitors of SPEC §3 (the information
+quantities themselves live in :mod:`cmafnet.analysis.information`)."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cmafnet.analysis.information import MonitorAccumulator
+from cmafnet.training.step import autocast_context
+
+log = logging.getLogger(__name__)
 
 
 def per_class_grad_norms(
@@ -38,3 +48,68 @@ def per_class_grad_norms(
             p.requires_grad_(f)
         model.train(was_training)
     return res
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    data: Any,
+    tc: Any,
+    *,
+    head: list[nn.Parameter],
+    objective: nn.Module,
+    device: torch.device,
+) -> tuple[dict, dict]:
+    """Metrics (``classification_metrics``; multi-class adds macro one-vs-rest AUPRC) and monitors.
+
+    Args:
+        model: the unwrapped model (put back in train mode afterwards).
+        data: a :class:`~cmafnet.training.loop.TrainData`.
+        tc: the ``train`` config section (eval batch, amp, channels_last).
+        head: the classifier parameters for the per-class gradient norms.
+        objective: for its learned per-head entropy weights, when it has them.
+    """
+    from cmafnet.evaluation.metrics import classification_metrics
+
+    C = len(data.classes)
+    loader = data.make_loader(data.val_idx, tc.eval_batch_size, False, False, 0, 0)
+    model.eval()
+    acc = MonitorAccumulator(C)
+    probs, ys = [], []
+    first = None
+    for x8, y, _ in loader:
+        x = data.preprocess_eval(x8)
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, tc.amp):
+            out = model(x, return_aux=True)
+        acc.update(out, y)
+        probs.append(F.softmax(out.logits.float(), 1).cpu())
+        ys.append(y.cpu())
+        if first is None:
+            first = (x[: tc.batch_size], y[: tc.batch_size])
+    model.train()
+    if not ys:
+        return {}, {}
+    y_all, p_all = torch.cat(ys).numpy(), torch.cat(probs).numpy()
+    if not np.isfinite(p_all).all():
+        log.warning("validation predictions are not finite: no validation metrics this epoch")
+        return {"nonfinite_predictions": 1.0}, acc.result()
+    m = classification_metrics(y_all, p_all)
+    metrics = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if C > 2:  # macro one-vs-rest average precision: the multi-class best-model criterion
+        from sklearn.metrics import average_precision_score
+        from sklearn.preprocessing import label_binarize
+
+        present = np.unique(y_all)
+        onehot = label_binarize(y_all, classes=list(range(C)))
+        metrics["auprc"] = float(
+            average_precision_score(onehot[:, present], p_all[:, present], average="macro")
+        )
+    monitors = acc.result()
+    with torch.enable_grad():
+        monitors.update(per_class_grad_norms(model, first[0], first[1], C, head))
+    if hasattr(objective, "entropy_weights"):
+        for h, w in enumerate(objective.entropy_weights.float().cpu().tolist()):
+            monitors[f"entropy_weight_h{h}"] = w
+    return metrics, monitors
