@@ -202,6 +202,10 @@ def test_tau_stays_positive_and_frozen_when_not_learned() -> None:
     assert model.frozen_parameter_names() == {"fusion.log_tau"}
     groups = model.param_groups_by_role()
     assert all(p is not model.fusion.log_tau for p in groups["fusion"])
+    # Stage freezing by the trainer does not change what counts as config-frozen.
+    model.spatial.requires_grad_(False)
+    assert model.frozen_parameter_names() == {"fusion.log_tau"}
+    assert len(model.param_groups_by_role()["spatial"]) == len(list(model.spatial.parameters()))
     torch.testing.assert_close(model.fusion.tau, torch.ones(4))
     learned = create_model(_cfg())
     with torch.no_grad():

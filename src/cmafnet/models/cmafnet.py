@@ -129,6 +129,9 @@ class CMAFNet(nn.Module):
         if self.contextual is not None:
             self.aux_heads["contextual"] = nn.Linear(self.contextual.num_features, cfg.num_classes)
 
+        # Fixed by the config (e.g. tau without temperature learning), recorded before any stage
+        # freezing so that later requires_grad changes by the trainer do not alter it.
+        self._config_frozen = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
         if sp.weights and self.spatial is not None:
@@ -147,7 +150,7 @@ class CMAFNet(nn.Module):
 
     def frozen_parameter_names(self) -> set[str]:
         """Parameters fixed by the config (e.g. tau without temperature learning); never trained."""
-        return {n for n, p in self.named_parameters() if not p.requires_grad}
+        return set(self._config_frozen)
 
     def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by role: spatial, contextual, fusion, head, aux_heads.
