@@ -3,6 +3,7 @@
 # a machine with one CUDA GPU; everything it produces goes to $OUT:
 #   bench.json          eager run: 4 models, switches, data path on a generated IDC-sized store
 #   bench_compile.json  torch.compile run of CMAF-Net and the naive reference (if time is left)
+#   profile_*.txt       torch.profiler op tables of CMAF-Net and naive training steps
 #   *.log, env.txt      full logs, nvidia-smi, versions
 # It installs nothing from the internet. Missing Python packages are installed from wheels carried
 # in the tree (`wheels/` or `.whl/`, e.g. run(carry=[".whl"]) for the ignored `.whl/` folder);
@@ -61,7 +62,7 @@ T=$(( $(left) - 150 ))
 [ "$T" -gt 300 ] && T=300
 echo "== eager bench (timeout ${T}s, $(left)s left)"
 timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
-  --data-path --store-size 277524 --epoch-fraction 0.05 --json "$OUT/bench.json" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
+  --data-path --store-size 277524 --epoch-fraction 0.05 --profile "$OUT" --json "$OUT/bench.json" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
 echo "eager bench exit ${PIPESTATUS[0]} (124 = time limit; the JSON holds what was measured)"
 
 # ---- 2. compiled run (CMAF-Net and the naive reference; eager re-measured in the same process)

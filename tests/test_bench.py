@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from cmafnet.analysis.naive_reference import NaiveDualBranch
-from cmafnet.analysis.profiling import Timing, make_optimizer, make_train_step
+from cmafnet.analysis.profiling import (
+    Timing,
+    cross_entropy_loss,
+    make_optimizer,
+    make_train_step,
+    profile_steps,
+    step_breakdown,
+)
 from cmafnet.cli import main
 from cmafnet.cli.bench import _targets, count_errors, make_store
 
@@ -43,6 +50,14 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
             assert m[key] > 0, (name, key)
         assert m["train_peak_GiB"] is None  # no device memory counter on CPU
     c = res["models"]["cmafnet"]
+    parts = c["breakdown_ms"]
+    assert {
+        "forward_backward_ce",
+        "forward_backward_loss",
+        "spatial_forward_backward",
+        "contextual_forward_backward",
+        "optimizer_step",
+    } <= set(parts) and min(parts.values()) > 0
     assert (
         c["sam_step_ms"] > 0 and c["infer_aux_img_s"] > 0 and c["sam_impl"] in ("project", "inline_foreach")
     )
@@ -127,6 +142,35 @@ def test_inline_sam_step_equals_the_trainers_sam_and_differs_from_plain():
     for a, b in zip(inline, project):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(inline, plain))
+
+
+class _TwoBranch(nn.Module):
+    """A toy with CMAF-Net's branch attribute names (one returns a timm-style feature list)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spatial = nn.Conv2d(3, 4, 3)
+        self.contextual = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.spatial(x).mean((2, 3)), self.contextual(x).mean(2)
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_step_breakdown_and_profile(tmp_path):
+    model = _TwoBranch()
+    opt = make_optimizer(model, fused=False)
+    timing = Timing(torch.device("cpu"), steps=1, warmup=0, amp="none")
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    parts = step_breakdown(model, cross_entropy_loss, opt, x, y, timing)
+    assert set(parts) == {"forward_backward_ce", "forward_backward_loss", "spatial_forward_backward",
+                          "contextual_forward_backward", "optimizer_step"}  # fmt: skip
+    assert min(parts.values()) > 0
+    step = make_train_step(model, cross_entropy_loss, opt, timing)
+    profile_steps(lambda: step(x, y), timing, str(tmp_path / "p" / "prof.txt"), steps=1)
+    text = (tmp_path / "p" / "prof.txt").read_text()
+    assert "self_cpu_time_total" in text and "aten::" in text
 
 
 def test_targets_pass_fail_and_missing():

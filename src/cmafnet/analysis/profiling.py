@@ -242,6 +242,71 @@ class ModelBench:
     infer: bool = True
     latency: bool = True
     gmacs: bool = True
+    breakdown: bool = False  # time the parts of a training step (branches, loss, optimiser)
+    profile_path: str | None = None  # write a torch.profiler op table of a few training steps here
+
+
+def step_breakdown(
+    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, timing: Timing
+) -> dict[str, float]:
+    """Where a training step's time goes, in ms per step (each part timed on its own, train mode).
+
+    ``forward_backward_ce``: plain ``model(x)`` + cross-entropy + backward (the model alone);
+    ``forward_backward_loss``: ``loss_fn`` (for CMAF-Net: ``return_aux=True`` + the objective) +
+    backward, so the difference is what the auxiliary outputs and regularisers cost;
+    ``<branch>_forward_backward``: each branch (``model.spatial`` / ``model.contextual`` when the
+    model has them) alone; ``optimizer_step``: the AdamW update alone.
+    """
+    inner = getattr(model, "_orig_mod", model)  # a compiled model's branches are the eager ones
+    model.train()
+
+    def fwd_bwd(fn: Callable[[], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with timing.autocast():
+                out = fn()
+            out.backward()
+
+        return run
+
+    def branch_scalar(branch: nn.Module) -> Tensor:
+        out = branch(x)
+        out = out[-1] if isinstance(out, (list, tuple)) else out  # timm features_only gives a list
+        return out.float().mean()
+
+    parts = {
+        "forward_backward_ce": time_per_step(fwd_bwd(lambda: F.cross_entropy(model(x), y)), timing),
+        "forward_backward_loss": time_per_step(fwd_bwd(lambda: loss_fn(model, x, y)), timing),
+    }
+    for name in ("spatial", "contextual"):
+        branch = getattr(inner, name, None)
+        if isinstance(branch, nn.Module):
+            parts[f"{name}_forward_backward"] = time_per_step(
+                fwd_bwd(lambda b=branch: branch_scalar(b)), timing
+            )
+    fwd_bwd(lambda: loss_fn(model, x, y))()  # gradients for every parameter the optimiser holds
+    parts["optimizer_step"] = time_per_step(optimizer.step, timing)
+    optimizer.zero_grad(set_to_none=True)
+    return {k: v * 1e3 for k, v in parts.items()}
+
+
+def profile_steps(fn: Callable[[], Any], timing: Timing, path: str, steps: int = 3) -> None:
+    """Run ``fn`` under ``torch.profiler`` and write the ops table (top 40 by self device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timing.device.type == "cuda" else [])
+    fn()
+    synchronize(timing.device)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(timing.device)
+    key = "self_cuda_time_total" if timing.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(f"{steps} training steps, sorted by {key}\n{table}\n")
 
 
 def _fmt_error(err: BaseException) -> str:
@@ -331,6 +396,15 @@ def bench_model(
                 rec["sam_step_ms"] = s * 1e3
                 rec["train_sam_img_s"] = batch / s
                 rec["train_sam_peak_GiB"] = peak_memory_gib(dev)
+        if spec.breakdown:
+            parts = _attempt(
+                rec, "breakdown", lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing)
+            )
+            if parts:
+                rec["breakdown_ms"] = parts
+        if spec.profile_path:
+            step = make_train_step(run_model, spec.loss_fn, opt, timing)
+            _attempt(rec, "profile", lambda: profile_steps(lambda: step(x, y), timing, spec.profile_path))
         del opt, x, y
 
     model.eval()

@@ -70,6 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="write torch.profiler op tables of CMAF-Net and naive training steps to DIR")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
     p.set_defaults(func=run, config="paper")
 
@@ -203,7 +205,9 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
     return parts
 
 
-def _specs(cfg: Any, dev: Any, size: int, names: list[str], compile_: bool) -> dict[str, Any]:
+def _specs(
+    cfg: Any, dev: Any, size: int, names: list[str], compile_: bool, profile: Path | None = None
+) -> dict[str, Any]:
     from dataclasses import replace
 
     import timm
@@ -227,12 +231,15 @@ def _specs(cfg: Any, dev: Any, size: int, names: list[str], compile_: bool) -> d
         specs["cmafnet"] = ModelBench(
             "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
             sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
-            optimizer=parts["optimizer"], sam=parts["sam"],
+            optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True,
+            profile_path=str(profile / "profile_cmafnet.txt") if profile else None,
         )  # fmt: skip
     if "naive" in names:
         specs["naive"] = ModelBench(
             "naive",
             lambda: create_naive_reference(variant, dim=fusion.dim, heads=fusion.heads, num_classes=nc),
+            breakdown=True,
+            profile_path=str(profile / "profile_naive.txt") if profile else None,
         )
     if "resnet18" in names:
         specs["resnet18"] = ModelBench("resnet18", lambda: timm.create_model("resnet18", num_classes=nc))
@@ -258,7 +265,15 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
     from cmafnet.analysis.profiling import Timing
 
     def flipped(spec: Any, t: Any = timing) -> dict:
-        s = replace(spec, latency=False, gmacs=False, sam_rho=None, aux_infer=False)
+        s = replace(
+            spec,
+            latency=False,
+            gmacs=False,
+            sam_rho=None,
+            aux_infer=False,
+            breakdown=False,
+            profile_path=None,
+        )
         return bench(s, t)
 
     def pair(on: dict, off: dict, metrics: tuple[str, ...] = ("train_img_s", "infer_img_s")) -> dict:
@@ -304,7 +319,10 @@ def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing
             on, off = (models["cmafnet"], other) if spec.fused_adamw else (other, models["cmafnet"])
             res["fused_adamw"] = {"cmafnet": pair(on, off)}
         if spec.sam is not None and spec.sam_rho:  # the trainer's SAM against the inline foreach one
-            inline = bench(replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False))
+            inline = bench(
+                replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False,
+                        breakdown=False, profile_path=None)
+            )  # fmt: skip
             res["sam_inline_foreach"] = {"cmafnet": pair(inline, models["cmafnet"], ("train_sam_img_s",))}
         m = models["cmafnet"]
         if m.get("infer_img_s") and m.get("infer_aux_img_s"):
@@ -483,6 +501,9 @@ def format_report(result: dict[str, Any]) -> str:
             f"{_num(m.get('latency_compiled_ms'), '{:.2f}'):>8}{_num(m.get('train_peak_GiB'), '{:.2f}'):>9}"
             f"{_num(m.get('params_M'), '{:.2f}'):>9}{_num(m.get('gmacs'), '{:.2f}'):>7}"
         )
+        if m.get("breakdown_ms"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in m["breakdown_ms"].items())
+            lines.append(f"  step parts, ms: {parts}")
         for k, e in m.get("errors", {}).items():
             lines.append(f"  ! {k}: {e}")
     if result.get("switches"):
@@ -561,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
     result["targets_definition"] = [
         {"name": n, "description": d, "op": o, "threshold": t} for n, d, o, t in TARGETS
     ]
-    specs = _specs(cfg, dev, size, names, args.compile)
+    specs = _specs(cfg, dev, size, names, args.compile, args.profile)
 
     def bench(spec: Any, t: Any = timing) -> dict:
         return bench_model(spec, t, size=size, batch=batch, infer_batch=args.infer_batch,
