@@ -151,7 +151,7 @@ def test_aggregate_partial_results_are_marked(tmp_path: Path) -> None:
         train_fn=work.train,
         eval_fn=work.evaluate,
     )
-    table, paths = aggregate("table2", ctx.out, seeds=2, scale="smoke")
+    _table, paths = aggregate("table2", ctx.out, seeds=2, scale="smoke")
     md = paths["markdown"].read_text()
     assert "(n=1/2)" in md and "…" in md
     assert "Relative retention" in md
