@@ -223,6 +223,8 @@ def _specs(
             parts = _cmaf_parts(cfg, dev, size)
         except Exception as err:  # the model or objective is not importable: report, go on
             msg = f"{type(err).__name__}: {err}"
+            if "kornia" in str(err):
+                msg += "; the model's Sobel filter imports kornia: install it (scripts/gpu_check.sh takes wheels/)"
 
             def unavailable(msg: str = msg) -> Any:
                 raise RuntimeError(f"CMAF-Net unavailable ({msg})")
@@ -515,7 +517,7 @@ def format_report(result: dict[str, Any]) -> str:
                     for m, v in e.items()
                     if isinstance(v, dict) and v.get("speedup")
                 ]
-                lines.append(f"  {sw:<20}{who:<13}{', '.join(parts) or 'n/a'}")
+                lines.append(f"  {sw:<28}{who:<13}{', '.join(parts) or 'n/a'}")
     d = result.get("data_path")
     if d:
         lines += ["", "data path:"]
