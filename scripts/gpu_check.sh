@@ -60,9 +60,10 @@ timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
 # ---- 1. eager run: all models, switches, 5% of an IDC-sized epoch (108 steps) through the real data path
 T=$(( $(left) - 150 ))
 [ "$T" -gt 300 ] && T=300
+[ "$T" -lt 60 ] && T=60
 echo "== eager bench (timeout ${T}s, $(left)s left)"
 timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
-  --data-path --store-size 277524 --epoch-fraction 0.05 --profile "$OUT" --json "$OUT/bench.json" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
+  --data-path --store-size 277524 --epoch-fraction 0.05 --profile "$OUT" --json "$OUT/bench.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench.log"
 echo "eager bench exit ${PIPESTATUS[0]} (124 = time limit; the JSON holds what was measured)"
 
 # ---- 2. compiled run (CMAF-Net and the naive reference; eager re-measured in the same process)
@@ -71,7 +72,7 @@ if [ "$T" -ge 90 ]; then
   echo "== compile bench (timeout ${T}s)"
   timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
     --models cmafnet naive --compile --no-switches --latency-steps 50 --json "$OUT/bench_compile.json" \
-    "${EXTRA[@]}" 2>&1 | tee "$OUT/bench_compile.log"
+    ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_compile.log"
   echo "compile bench exit ${PIPESTATUS[0]}"
 else
   echo "== compile bench skipped: only $(left)s left"
