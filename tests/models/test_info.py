@@ -20,7 +20,18 @@ def test_info_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     comps = info["components"]
     assert {"spatial", "contextual", "fusion", "head", "aux_heads"} <= set(comps)
     assert sum(c["params"] for c in comps.values()) == info["params_total"]
-    assert info["macs_per_image"] > comps["spatial"]["macs"] > 0
+    assert info["macs_per_image"] > comps["spatial"]["macs"] > comps["contextual"]["macs"] > 0
+    assert sum(c["macs"] for c in comps.values()) == info["macs_per_image"]
+
+
+def test_info_attributes_macs_of_children_called_indirectly() -> None:
+    """A child whose parent calls only its sub-modules (timm ``forward_features``) still gets its MACs."""
+    from cmafnet.models import create_model
+
+    info = model_info(create_model(load_config("baseline_smoke").model), 64, name="baseline")
+    assert info["model"] == "baseline"
+    assert sum(c["macs"] for c in info["components"].values()) == info["macs_per_image"] > 0
+    assert max(c["macs"] for c in info["components"].values()) > 0.9 * info["macs_per_image"]
 
 
 def test_macs_match_known_resnet18() -> None:

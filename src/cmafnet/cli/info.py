@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def model_info(model: Any, size: int) -> dict[str, Any]:
+def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]:
     """Parameters per role (or per top-level child) and MACs per image at ``size`` x ``size``."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,10 +36,10 @@ def model_info(model: Any, size: int) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Components: top-level children of the model, so params and MACs come from the same partition.
     components: dict[str, dict[str, float]] = {}
-    for name, child in model.named_children():
+    for cname, child in model.named_children():
         n = sum(p.numel() for p in child.parameters())
         if n:
-            components[name] = {"params": n, "macs": 0}
+            components[cname] = {"params": n, "macs": 0}
     own = sum(p.numel() for p in model.parameters(recurse=False))
     if own:
         components["(direct)"] = {"params": own, "macs": 0}
@@ -51,17 +51,29 @@ def model_info(model: Any, size: int) -> dict[str, Any]:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         model(x)
     model.train(was_training)
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+
+    def flops(module: Any, path: str) -> int:
+        # A module called directly is counted under its path; one whose parent called only its
+        # children (e.g. ``backbone.forward_features``) is the sum over those children.
+        if path in counts:
+            return counts[path]
+        return sum(flops(child, f"{path}.{n}") for n, child in module.named_children())
+
     root = type(model).__name__
-    for key, counts in counter.get_flop_counts().items():
-        parts = key.split(".")
-        if len(parts) == 2 and parts[0] == root and parts[1] in components:
-            components[parts[1]]["macs"] = sum(counts.values()) // 2
+    for cname, child in model.named_children():
+        if cname in components:
+            components[cname]["macs"] = flops(child, f"{root}.{cname}") // 2
+    total_macs = counter.get_total_flops() // 2
+    rest = total_macs - sum(c["macs"] for c in components.values())
+    if rest > 0:  # ops in the model's own forward outside any child module
+        components["(other ops)"] = {"params": 0, "macs": rest}
     return {
-        "model": getattr(model, "cfg", None).name if hasattr(model, "cfg") else root,
+        "model": name or root,
         "input_size": size,
         "params_total": total_params,
         "params_trainable": trainable,
-        "macs_per_image": counter.get_total_flops() // 2,
+        "macs_per_image": total_macs,
         "components": components,
         "note": "MACs = FlopCounterMode FLOPs / 2 (conv, linear, matmul; element-wise ops not counted)",
     }
@@ -87,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
     if size < 32:
         raise ConfigError(f"--size: must be >= 32 (got {size})")
     model = create_model(cfg.model)
-    info = model_info(model, size)
+    info = model_info(model, size, name=cfg.model.name)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0
