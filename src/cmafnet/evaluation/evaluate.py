@@ -45,7 +45,7 @@ def resolve_targets(
     """Labels of ``store`` in the run's class order, the class names, and the target kind.
 
     A binary run evaluated zero-shot uses the store's binary label (benign 0 / malignant 1)
-    whatever the class names are called. Otherwise the store's class set (its ``label`` classes,
+    whatever the run's classes are called, and reports under the store's class names. Otherwise the store's class set (its ``label`` classes,
     or its subtypes for a multi-class run) must equal the run's, else :class:`RunFolderError`.
     """
     store_classes = [str(c) for c in store.classes]
@@ -59,7 +59,8 @@ def resolve_targets(
             raise RunFolderError(
                 f"--zero-shot needs a store with a binary label; store classes are {store_classes}"
             )
-        return np.asarray(store.targets("label")[0], dtype=np.int64), list(run_classes), "label"
+        # The run's positive class (IDC) stands for the store's (malignant): name outputs by the store.
+        return np.asarray(store.targets("label")[0], dtype=np.int64), store_classes, "label"
     for kind, names in (("label", store_classes), ("subtype", _subtype_classes(store))):
         if names is not None and sorted(_norm(names)) == sorted(_norm(run_classes)):
             y_store = np.asarray(store.targets(kind)[0], dtype=np.int64)

@@ -91,17 +91,12 @@ def plot_roc_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str 
     return fig
 
 
-def plot_confusion(
-    cm: Sequence[Sequence[float]], class_names: Sequence[str], *, normalize: bool = False, title: str = ""
-) -> Figure:
-    """Confusion matrix heat map (rows = true class), counts or row-normalised (Fig. 5 / Fig. 6 style)."""
+def _draw_confusion(ax: Any, cm: Any, class_names: Sequence[str], normalize: bool) -> Any:
     m = np.asarray(cm, dtype=np.float64)
     if normalize:
         rows = m.sum(axis=1, keepdims=True)
         m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     n = len(class_names)
-    size = max(3.6, 0.65 * n + 1.6)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(m.max(), 1))
     ax.set_xticks(
         range(n), labels=list(class_names), rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center"
@@ -114,9 +109,36 @@ def plot_confusion(
             text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 4 else 10,
                     color="white" if m[i, j] > thresh else "black")  # fmt: skip
+    return im
+
+
+def plot_confusion(
+    cm: Sequence[Sequence[float]], class_names: Sequence[str], *, normalize: bool = False, title: str = ""
+) -> Figure:
+    """Confusion matrix heat map (rows = true class), counts or row-normalised (Fig. 6 style)."""
+    size = max(3.6, 0.65 * len(class_names) + 1.6)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = _draw_confusion(ax, cm, class_names, normalize)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_panel(
+    panels: Sequence[tuple[str, Sequence[Sequence[float]]]], class_names: Sequence[str], *, title: str = ""
+) -> Figure:
+    """Several count confusion matrices side by side, e.g. overall + each magnification (Fig. 5 style)."""
+    k = len(panels)
+    fig, axes = plt.subplots(1, k, figsize=(3.4 * k, 3.3), squeeze=False)
+    for ax, (name, cm) in zip(axes[0], panels):
+        _draw_confusion(ax, cm, class_names, normalize=False)
+        m = np.asarray(cm, dtype=np.float64)
+        sens = m[1, 1] / m[1].sum() if m.shape == (2, 2) and m[1].sum() else None
+        ax.set_title(name + (f"\nsensitivity {100 * sens:.2f}%" if sens is not None else ""), fontsize=10)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -447,18 +447,17 @@ def run_figures(run: RunInfo) -> list[tuple[str, bytes]]:
         if "confusion" not in m:
             continue
         if len(classes) == 2:
-            thr = ev.get("operating_point", {})
-            cm = thr.get("metrics", {}).get("confusion", m["confusion"]) if thr else m["confusion"]
-            t = f"threshold {thr['value']:.3f}" if thr else "threshold 0.5"
-            fig = plots.plot_confusion(cm, classes, title=f"{run.name} / {ev_name} ({t})")
-            figs.append(
-                (f"{run.name}: confusion matrix, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
-            )
+            # Fig. 5 style: overall plus each magnification, all at the operating threshold if any.
+            thr = ev.get("operating_point") or {}
+            key = "operating_metrics" if thr else "metrics"
+            panels = [(f"{ev_name} (all)", (thr.get("metrics") or m)["confusion"])]
             for mag, e in (ev.get("by_magnification") or {}).items():
-                fig = plots.plot_confusion(e["metrics"]["confusion"], classes, title=f"{ev_name} {mag}")
-                figs.append(
-                    (f"{run.name}: confusion matrix, {ev_name}, {mag} (threshold 0.5)", plots.figure_png(fig))
-                )
+                panels.append((mag, (e.get(key) or e["metrics"])["confusion"]))
+            t = f"threshold {thr['value']:.3f}" if thr else "threshold 0.5"
+            fig = plots.plot_confusion_panel(panels, classes, title=f"{run.name} / {ev_name} ({t})")
+            figs.append(
+                (f"{run.name}: confusion matrices, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
+            )
         else:
             fig = plots.plot_confusion(
                 m["confusion"], classes, normalize=True, title=f"{run.name} / {ev_name}"
