@@ -12,14 +12,16 @@ from torch import nn
 from cmafnet.analysis.naive_reference import NaiveDualBranch
 from cmafnet.analysis.profiling import (
     Timing,
+    check_targets,
+    count_errors,
     cross_entropy_loss,
     make_optimizer,
+    make_store,
     make_train_step,
     profile_steps,
     step_breakdown,
 )
 from cmafnet.cli import main
-from cmafnet.cli.bench import _targets, count_errors, make_store
 
 TINY = ["--config", "smoke", "--device", "cpu", "--size", "64", "--batch", "2", "--infer-batch", "2",
         "--steps", "1", "--warmup", "0", "--latency-steps", "1", "--threads", "1"]  # fmt: skip
@@ -180,7 +182,7 @@ def test_targets_pass_fail_and_missing():
         "data_overhead_pct": 10.0,
         "sam_vs_plain": None,
     }
-    got = {t["name"]: t["passed"] for t in _targets(ratios)}
+    got = {t["name"]: t["passed"] for t in check_targets(ratios)}
     assert got == {
         "train_vs_naive": True, "infer_vs_naive_eager": False, "data_overhead_pct": True,
         "sam_vs_plain": None, "batch1_latency_ms": None,

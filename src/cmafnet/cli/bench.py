@@ -27,17 +27,6 @@ from cmafnet.errors import ConfigError
 log = logging.getLogger("cmafnet.bench")
 
 MODEL_KEYS = ("cmafnet", "naive", "resnet18", "mobilevit_s")
-IDC_SIZE = 277_524
-IDC_CLASS_COUNTS = (198_738, 78_786)  # IDC negatives / positives (paper §5.1)
-
-# (name, description, value key, comparison, threshold); value keys are filled in _ratios()
-TARGETS = (
-    ("train_vs_naive", "CMAF-Net stage-3 train step throughput / naive reference", ">=", 1.4),
-    ("infer_vs_naive_eager", "CMAF-Net inference throughput / naive reference eager", ">=", 2.0),
-    ("data_overhead_pct", "real data path epoch vs pre-made tensors, overhead %", "<=", 10.0),
-    ("sam_vs_plain", "CMAF-Net SAM step time / plain step time", "<=", 2.1),
-    ("batch1_latency_ms", "CMAF-Net batch-1 latency (best of eager / CUDA graph / compiled), ms", "<=", 4.0),
-)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-switches", dest="switches", action="store_false",
                    help="skip the one-at-a-time fast-path switch measurements")  # fmt: skip
     p.add_argument("--data-path", action="store_true", help="time the real data path on a generated store")
-    p.add_argument("--store-size", type=int, default=IDC_SIZE, help=f"generated patches (default {IDC_SIZE})")
+    p.add_argument(
+        "--store-size", type=int, default=None, help="generated patches (default 277,524, IDC's size)"
+    )
     p.add_argument("--epoch-fraction", type=float, default=1.0,
                    help="fraction of an epoch of the generated store to time (0 < f <= 1)")  # fmt: skip
     p.add_argument(
@@ -111,7 +102,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
         (args.latency_steps is None or args.latency_steps >= 1, "--latency-steps must be >= 1"),
         (0 < args.epoch_fraction <= 1, "--epoch-fraction must be in (0, 1]"),
-        (args.store_size >= 1, "--store-size must be >= 1"),
+        (args.store_size is None or args.store_size >= 1, "--store-size must be >= 1"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]
     for ok, msg in checks:
@@ -171,6 +162,8 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
     from cmafnet.models import create_model
 
     n = cfg.model.num_classes
+    from cmafnet.analysis.profiling.data_path import IDC_CLASS_COUNTS
+
     counts = list(IDC_CLASS_COUNTS) if n == 2 else [1000 * (i + 1) for i in range(n)]
     objective = Objective(cfg.loss, cfg.regularizers, counts, num_heads=cfg.model.fusion.heads).to(dev)
     objective.set_beta_progress(float(cfg.regularizers.ramp_epochs) + 1.0)
@@ -213,7 +206,7 @@ def _specs(
     import timm
 
     from cmafnet.analysis.naive_reference import create_naive_reference
-    from cmafnet.analysis.profiling import ModelBench
+    from cmafnet.analysis.profiling.models import ModelBench
 
     nc = cfg.model.num_classes
     variant, fusion = cfg.model.contextual.variant, cfg.model.fusion
@@ -258,109 +251,14 @@ def _specs(
     return specs
 
 
-def _switches(specs: dict[str, Any], models: dict[str, dict], bench: Any, timing: Any) -> dict[str, Any]:
-    """Each fast-path switch flipped alone against the main measurement (training + inference)."""
-    from dataclasses import replace
-
-    import torch
-
-    from cmafnet.analysis.profiling import Timing
-
-    def flipped(spec: Any, t: Any = timing) -> dict:
-        s = replace(
-            spec,
-            latency=False,
-            gmacs=False,
-            sam_rho=None,
-            aux_infer=False,
-            breakdown=False,
-            profile_path=None,
-        )
-        return bench(s, t)
-
-    def pair(on: dict, off: dict, metrics: tuple[str, ...] = ("train_img_s", "infer_img_s")) -> dict:
-        out: dict[str, Any] = {}
-        for m in metrics:
-            if m not in on and m not in off:
-                continue
-            a, b = on.get(m), off.get(m)
-            out[m] = {"on": a, "off": b, "speedup": (a / b) if a and b else None}
-        if on.get("errors") or off.get("errors"):
-            out["errors"] = {**on.get("errors", {}), **off.get("errors", {})}
-        return out
-
-    res: dict[str, Any] = {}
-    cl: dict[str, Any] = {}
-    for key in ("resnet18", "mobilevit_s", "cmafnet"):
-        if key in specs and "train_img_s" in models.get(key, {}):
-            spec = specs[key]
-            other = flipped(replace(spec, channels_last=not spec.channels_last))
-            on, off = (models[key], other) if spec.channels_last else (other, models[key])
-            cl[key] = pair(on, off)
-    res["channels_last"] = cl
-    if "cmafnet" in specs and "train_img_s" in models.get("cmafnet", {}):
-        spec = specs["cmafnet"]
-        build = spec.build
-
-        def spatial_nhwc() -> Any:
-            # NHWC weights make cuDNN run the ResNet convs channels-last while the MobileViT branch
-            # (NCHW weights, NCHW input) stays as it is: channels_last per branch, no model change
-            m = build()
-            if getattr(m, "spatial", None) is not None:
-                m.spatial.to(memory_format=torch.channels_last)
-            return m
-
-        per_branch = flipped(replace(spec, build=spatial_nhwc, channels_last=False))
-        # on = ResNet branch only NHWC, off = the main measurement (the config's global setting)
-        res["channels_last_spatial_only"] = {"cmafnet": pair(per_branch, models["cmafnet"])}
-        if timing.amp != "none":
-            fp32 = flipped(spec, Timing(timing.device, timing.steps, timing.warmup, "none"))
-            res["autocast_" + timing.amp] = {"cmafnet": pair(models["cmafnet"], fp32)}
-        if timing.device.type == "cuda":  # fused AdamW is a CUDA kernel; CPU uses foreach either way
-            other = flipped(replace(spec, fused_adamw=not spec.fused_adamw))
-            on, off = (models["cmafnet"], other) if spec.fused_adamw else (other, models["cmafnet"])
-            res["fused_adamw"] = {"cmafnet": pair(on, off)}
-        if spec.sam is not None and spec.sam_rho:  # the trainer's SAM against the inline foreach one
-            inline = bench(
-                replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False,
-                        breakdown=False, profile_path=None)
-            )  # fmt: skip
-            res["sam_inline_foreach"] = {"cmafnet": pair(inline, models["cmafnet"], ("train_sam_img_s",))}
-        m = models["cmafnet"]
-        if m.get("infer_img_s") and m.get("infer_aux_img_s"):
-            res["return_aux_off"] = {"cmafnet": {
-                "infer_img_s": {"on": m["infer_img_s"], "off": m["infer_aux_img_s"],
-                                "speedup": m["infer_img_s"] / m["infer_aux_img_s"]},
-            }}  # fmt: skip
-    if "naive" in specs and "train_img_s" in models.get("naive", {}):
-        base = specs["naive"]
-        build = base.build
-
-        def materialized() -> Any:
-            m = build()
-            m.materialize_attention = True
-            return m
-
-        res["sdpa"] = {"naive": pair(models["naive"], flipped(replace(base, build=materialized)))}
-    for key in ("cmafnet", "naive"):
-        c = models.get(f"{key}+compile")
-        if c and models.get(key):
-            res.setdefault("compile", {})[key] = pair(c, models[key])
-    return res
-
-
 def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch: int) -> dict[str, Any]:
     """One (fraction of an) epoch of a generated IDC-sized store through BatchLoader + GPUPreprocess."""
     import numpy as np
     import torch
 
-    from cmafnet.analysis.profiling import (
-        _inputs,
-        cycle_batches,
-        make_optimizer,
-        make_train_step,
-        measure_data_path,
-    )
+    from cmafnet.analysis.profiling.data_path import cycle_batches, make_store, measure_data_path
+    from cmafnet.analysis.profiling.models import make_inputs
+    from cmafnet.analysis.profiling.steps import make_optimizer, make_train_step
 
     dev = timing.device
     rec: dict[str, Any] = {"store_size": args.store_size, "epoch_fraction": args.epoch_fraction}
@@ -407,7 +305,7 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
         x = prep(xb)
         return x.contiguous(memory_format=torch.channels_last) if cl else x
 
-    premade = _inputs(batch, size, cfg.model.num_classes, timing, cl)
+    premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
     rec.update(measure_data_path(cycle_batches(loader), preprocess, step, premade, timing, steps=steps))
     rec["epoch_steps"] = steps_per_epoch
     rec["epoch_estimate_s"] = rec["end_to_end_step_ms"] * steps_per_epoch / 1e3
@@ -415,145 +313,26 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
     return rec
 
 
-def make_store(n: int, *, seed: int = 0, size: int = 50, bank: int = 1024):
-    """``n`` generated H&E-coloured uint8 patches ``(n, size, size, 3)`` and labels (28.4% positive).
-
-    A bank of random patches (pink stroma / purple nuclei mixtures with noise, so Macenko sees a
-    two-stain image) is repeated to ``n``: the timing depends on the size, not on the content.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    bank = min(bank, n)
-    eosin, hema = np.array([230.0, 150.0, 190.0]), np.array([110.0, 60.0, 150.0])
-    mix = rng.random((bank, size, size, 1)) ** 2  # share of haematoxylin per pixel
-    img = (1 - mix) * eosin + mix * hema + rng.normal(0, 12, (bank, size, size, 3))
-    patches = np.clip(img, 0, 255).astype(np.uint8)
-    images = np.resize(patches, (n, size, size, 3))  # repeats the bank (a contiguous copy)
-    labels = (rng.random(n) < IDC_CLASS_COUNTS[1] / sum(IDC_CLASS_COUNTS)).astype(np.int64)
-    return images, labels
-
-
-def _best(*vals: float | None, low: bool = False) -> float | None:
-    vals_ = [v for v in vals if v is not None]
-    if not vals_:
-        return None
-    return min(vals_) if low else max(vals_)
-
-
-def _ratios(models: dict[str, dict], data: dict | None) -> dict[str, float | None]:
-    c, cc = models.get("cmafnet", {}), models.get("cmafnet+compile", {})
-    n = models.get("naive", {})
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a and b else None
-
-    return {
-        "train_vs_naive": ratio(_best(c.get("train_img_s"), cc.get("train_img_s")), n.get("train_img_s")),
-        "train_vs_naive_eager_only": ratio(c.get("train_img_s"), n.get("train_img_s")),
-        "infer_vs_naive_eager": ratio(
-            _best(c.get("infer_img_s"), cc.get("infer_img_s")), n.get("infer_img_s")
-        ),
-        "infer_vs_naive_eager_eager_only": ratio(c.get("infer_img_s"), n.get("infer_img_s")),
-        "sam_vs_plain": _best(
-            ratio(c.get("sam_step_ms"), c.get("train_step_ms")),
-            ratio(cc.get("sam_step_ms"), cc.get("train_step_ms")),
-            low=True,
-        ),
-        "batch1_latency_ms": _best(
-            c.get("latency_ms"), c.get("latency_cuda_graph_ms"), cc.get("latency_compiled_ms"), low=True
-        ),
-        "data_overhead_pct": (data or {}).get("overhead_pct"),
-        "train_vs_resnet18": ratio(c.get("train_img_s"), models.get("resnet18", {}).get("train_img_s")),
-        "train_vs_mobilevit_s": ratio(c.get("train_img_s"), models.get("mobilevit_s", {}).get("train_img_s")),
-    }
-
-
-def _targets(ratios: dict[str, float | None]) -> list[dict[str, Any]]:
-    out = []
-    for name, desc, op, thr in TARGETS:
-        v = ratios.get(name)
-        passed = None if v is None else (v >= thr if op == ">=" else v <= thr)
-        out.append(
-            {"name": name, "description": desc, "value": v, "op": op, "threshold": thr, "passed": passed}
-        )
-    return out
-
-
-def _num(v: Any, fmt: str = "{:,.0f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The human-readable table printed by the command."""
-    env = result["environment"]
-    lines = [
-        f"cmafnet bench on {env['device_name']} ({env['device']}), torch {env['torch']}, timm {env['timm']}, "
-        f"{env['size']} px, batch {env['batch']} (infer {env['infer_batch']}), amp {env['amp']}, "
-        f"{env['steps']} steps after {env['warmup']} warm-up",
-        "",
-        f"{'model':<17}{'train img/s':>12}{'SAM img/s':>11}{'infer img/s':>12}{'+aux':>9}{'lat ms':>8}"
-        f"{'graph ms':>9}{'comp ms':>8}{'peak GiB':>9}{'params M':>9}{'GMACs':>7}",
-    ]
-    for name, m in result["models"].items():
-        lines.append(
-            f"{name:<17}{_num(m.get('train_img_s')):>12}{_num(m.get('train_sam_img_s')):>11}"
-            f"{_num(m.get('infer_img_s')):>12}{_num(m.get('infer_aux_img_s')):>9}"
-            f"{_num(m.get('latency_ms'), '{:.2f}'):>8}{_num(m.get('latency_cuda_graph_ms'), '{:.2f}'):>9}"
-            f"{_num(m.get('latency_compiled_ms'), '{:.2f}'):>8}{_num(m.get('train_peak_GiB'), '{:.2f}'):>9}"
-            f"{_num(m.get('params_M'), '{:.2f}'):>9}{_num(m.get('gmacs'), '{:.2f}'):>7}"
-        )
-        if m.get("breakdown_ms"):
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in m["breakdown_ms"].items())
-            lines.append(f"  step parts, ms: {parts}")
-        for k, e in m.get("errors", {}).items():
-            lines.append(f"  ! {k}: {e}")
-    if result.get("switches"):
-        lines += ["", "fast-path switches (speed-up = with / without):"]
-        for sw, entries in result["switches"].items():
-            for who, e in entries.items():
-                parts = [
-                    f"{m.replace('_img_s', '')} x{v['speedup']:.2f}"
-                    for m, v in e.items()
-                    if isinstance(v, dict) and v.get("speedup")
-                ]
-                lines.append(f"  {sw:<28}{who:<13}{', '.join(parts) or 'n/a'}")
-    d = result.get("data_path")
-    if d:
-        lines += ["", "data path:"]
-        if "overhead_pct" in d:
-            lines.append(
-                f"  {d['steps']} steps of {d['epoch_steps']} ({d['store_size']:,} patches): end-to-end "
-                f"{d['end_to_end_step_ms']:.1f} ms/step, pre-made {d['premade_step_ms']:.1f} ms/step, "
-                f"overhead {d['overhead_pct']:.1f}%, input path alone {d['data_only_img_s']:,.0f} img/s, "
-                f"epoch ~{d['epoch_estimate_s']:.0f} s"
-            )
-        for k, e in d.get("errors", {}).items():
-            lines.append(f"  ! {k}: {e}")
-    lines += ["", "targets:"]
-    for t in result["targets"]:
-        state = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
-        v = "-" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"  {state}  {t['name']:<22}{v:>8} {t['op']} {t['threshold']}   {t['description']}")
-    return "\n".join(lines)
-
-
-def count_errors(obj: Any) -> int:
-    """Number of failed measurements anywhere in a result (entries of every ``errors`` dict)."""
-    if isinstance(obj, dict):
-        own = len(obj["errors"]) if isinstance(obj.get("errors"), dict) else 0
-        return own + sum(count_errors(v) for k, v in obj.items() if k != "errors")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cmafnet.analysis.profiling import Timing, bench_model
+    from cmafnet.analysis.profiling.data_path import IDC_SIZE
+    from cmafnet.analysis.profiling.models import bench_model
+    from cmafnet.analysis.profiling.report import (
+        TARGETS,
+        check_targets,
+        compute_ratios,
+        count_errors,
+        format_report,
+    )
+    from cmafnet.analysis.profiling.switches import run_switches
+    from cmafnet.analysis.profiling.timing import Timing
     from cmafnet.config import load_config
     from cmafnet.run import write_json
 
     _check_args(args)
+    if args.store_size is None:
+        args.store_size = IDC_SIZE
     names = _parse_models(args.models)
     cfg = load_config(args.config, args.overrides)
     dev = _resolve_device(args.device)
@@ -593,8 +372,8 @@ def run(args: argparse.Namespace) -> int:
     def save(complete: bool) -> None:
         """Ratios and targets of what is measured so far; the JSON is rewritten after every part, so
         a run stopped by a time limit still leaves its numbers."""
-        result["ratios"] = _ratios(result["models"], result.get("data_path"))
-        result["targets"] = _targets(result["ratios"])
+        result["ratios"] = compute_ratios(result["models"], result.get("data_path"))
+        result["targets"] = check_targets(result["ratios"])
         result["wall_s"] = time.perf_counter() - t_start
         result["errors"] = count_errors(result)
         result["complete"] = complete
@@ -621,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         save(False)
     if args.switches:
         log.info("timing fast-path switches")
-        result["switches"] = _switches(specs, models, bench, timing)
+        result["switches"] = run_switches(specs, models, bench, timing)
     save(True)
     print(format_report(result))
     if args.json:
