@@ -269,3 +269,17 @@ def test_spatial_branch_loads_timm_resnet18(tmp_path) -> None:
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ConfigError, match=r"spatial\.weights"):
         create_model(_cfg(spatial={"weights": str(tmp_path / "bad.pth")}))
+
+
+def test_branches_load_from_a_saved_cmafnet(tmp_path) -> None:
+    """Branch weight files may be a whole saved CMAF-Net: its spatial.body.* / contextual.* keys are used."""
+    torch.manual_seed(0)
+    a = create_model(_cfg())
+    save_weights(a, tmp_path / "run.safetensors")
+    torch.manual_seed(1)
+    path = str(tmp_path / "run.safetensors")
+    b = create_model(_cfg(spatial={"weights": path}, contextual={"weights": path}))
+    torch.testing.assert_close(b.spatial.body.conv1.weight, a.spatial.body.conv1.weight)
+    torch.testing.assert_close(b.contextual.stem.conv.weight, a.contextual.stem.conv.weight)
+    torch.testing.assert_close(b.contextual.stages[2][1].pos_embed, a.contextual.stages[2][1].pos_embed)
+    assert not torch.equal(b.head.fc.weight, a.head.fc.weight)  # only the branches were loaded
