@@ -22,6 +22,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from cmafnet.config import load_config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.experiments.tables import expand, get_table
@@ -151,6 +152,8 @@ def run_table(
     specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides)
     mine = select_shard(specs, shard)
     summary = Summary(name, len({s.run_id for s in specs}), len(mine))
+    for spec in mine:  # every config must validate before any work starts
+        load_config(spec.base, list(spec.overrides))
     if not dry_run:
         execute.check_inputs(name, ctx, need_training=any(s.evaluation != "profile" for s in mine))
     for spec in mine:

@@ -1,0 +1,63 @@
+"""`cmafnet experiment`: --list, --dry-run, shard flags and clear errors with exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cmafnet.cli import main
+from cmafnet.experiments.cost import anchor_rates, method_rate, run_seconds
+from cmafnet.experiments.tables import expand
+
+
+def test_list_prints_every_table_with_runs_and_cost(capsys: pytest.CaptureFixture) -> None:
+    assert main(["experiment", "--list"]) == 0
+    out = capsys.readouterr().out
+    for i, runs in zip(range(1, 9), (75, 150, 20, 25, 15, 95, 35, 4), strict=True):
+        line = next(x for x in out.splitlines() if x.startswith(f"table{i} "))
+        assert f"= {runs}" in line
+        assert float(line.split()[4]) > 0  # GPU-hours
+    assert "Assumptions" in out
+
+
+def test_cost_follows_throughput_and_data_size() -> None:
+    rates, _ = anchor_rates()
+    t1 = {s.row: run_seconds(s, rates) for s in expand("table1", 1)}
+    assert t1["densenet121"] > t1["resnet50"]  # slower model, same data
+    assert t1["cmafnet"] > t1["resnet50"]  # SAM doubles the step cost
+    t2 = {(s.row, s.column): run_seconds(s, rates) for s in expand("table2", 1)}
+    assert t2[("resnet50", "99:1")] < t2[("resnet50", "80:20")] < t2[("resnet50", None)]  # undersampling
+    tr, _ = method_rate("transfuse", rates)
+    assert tr < min(method_rate("resnet50", rates)[0], method_rate("deit_s", rates)[0])
+
+
+def test_dry_run_with_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["experiment", "table7", "--store", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "2"]
+    assert main([*args, "--dry-run", "--shard", "0/3"]) == 0
+    first = [x for x in capsys.readouterr().out.splitlines() if "would train" in x]
+    assert main([*args, "--dry-run", "--shard", "1/3"]) == 0
+    second = [x for x in capsys.readouterr().out.splitlines() if "would train" in x]
+    assert first and second and set(first).isdisjoint(second)
+    assert len(first) + len(second) < 14
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "msg"),
+    [
+        (["experiment"], 2, "--list"),
+        (["experiment", "tabel2", "--out", "x"], 2, "table2"),
+        (["experiment", "table1"], 2, "--out"),
+        (["experiment", "table1", "--out", "x", "--shard", "3/2"], 2, "--shard"),
+        (["experiment", "table1", "--out", "x", "--seeds", "0"], 2, "--seeds"),
+        (["experiment", "table1", "--out", "x", "--set", "model.nope=1", "--store", "."], 2, "nope"),
+        (["experiment", "table1", "--out", "x"], 3, "--store"),
+        (["experiment", "table4", "--out", "x", "--store", "."], 3, "--breakhis-store"),
+    ],
+)
+def test_errors(argv: list[str], code: int, msg: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == code
+    assert msg in capsys.readouterr().err
