@@ -401,9 +401,11 @@ def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
             "fps": _cell(docs, fps, n, "millions", prow.get("fps")),
         }
         tab.rows.append((row.name, cells))
-    dev = next((d.get("device") for docs in groups.values() for d in docs), None)
+    first = next((d for docs in groups.values() for d in docs), {})
+    dev, size, batch = first.get("device"), first.get("img_size"), first.get("batch")
     tab.notes.append(
-        f"Measured on {dev or '?'} by cmafnet.analysis.profiling. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
+        f"Measured on {dev or '?'} at {size} px, batch {batch} (train/infer), {_get(first, 'bench.amp')} autocast, "
+        "by cmafnet.analysis.profiling. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
         "the paper's FPS matches batch-1 latency (SPEC §7), compare it with our Batch-1 FPS."
     )
     return tab
