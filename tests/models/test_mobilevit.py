@@ -167,3 +167,13 @@ def test_gradient_magnitude_is_sobel() -> None:
 def test_unknown_variant() -> None:
     with pytest.raises(ConfigError, match="variant"):
         MobileViT("xl")
+
+
+def test_gradient_magnitude_matches_kornia_sobel():
+    import kornia
+
+    from cmafnet.models.mobilevit import gradient_magnitude
+
+    x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    ref = kornia.filters.sobel(x.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(gradient_magnitude(x), ref, rtol=1e-5, atol=1e-6)

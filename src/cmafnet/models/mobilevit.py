@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import kornia
 import timm
 import torch
 import torch.nn.functional as F
@@ -144,9 +143,20 @@ class MobileViTBlock(nn.Module):
         return x
 
 
-def gradient_magnitude(x: Tensor) -> Tensor:
-    """Sobel gradient magnitude of the channel-mean image: ``(B, 3, S, S) -> (B, 1, S, S)``."""
-    return kornia.filters.sobel(x.mean(dim=1, keepdim=True))
+# Normalised 3x3 Sobel kernels (sum of absolute weights 1), x then y: (2, 1, 3, 3).
+_SOBEL = torch.tensor([[[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]]) / 8.0
+_SOBEL = torch.stack((_SOBEL, _SOBEL.transpose(1, 2)))
+
+
+def gradient_magnitude(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Sobel gradient magnitude of the channel-mean image: ``(B, 3, S, S) -> (B, 1, S, S)``.
+
+    One fixed-kernel conv with replicate padding (the same numbers as ``kornia.filters.sobel``),
+    written out so the model path needs no kornia and stays a single fusible op under compile.
+    """
+    g = x.mean(dim=1, keepdim=True)  # (B, 1, S, S)
+    g = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), _SOBEL.to(dtype=g.dtype, device=g.device))
+    return torch.sqrt(g.square().sum(dim=1, keepdim=True) + eps)  # (B, 1, S, S)
 
 
 class MobileViT(nn.Module):
