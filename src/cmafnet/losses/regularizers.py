@@ -42,23 +42,40 @@ def _standardize(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x / (x.square().mean(dim=0, keepdim=True).sqrt() + eps)
 
 
-@torch.no_grad()
-def ledoit_wolf_shrinkage(x: Tensor) -> float:
-    """Ledoit-Wolf optimal shrinkage intensity of the covariance of centred ``x`` ``(n, d)``.
+def _ledoit_wolf_from_cov(x: Tensor, s: Tensor) -> Tensor:
+    """Ledoit-Wolf intensity from centred ``x`` ``(n, d)`` and its covariance ``s = x^T x / n`` ``(d, d)``.
 
-    The same formula as ``sklearn.covariance.ledoit_wolf_shrinkage`` (target ``mu * I``), in torch
-    so it runs on the device; cross-checked against sklearn in the tests.
+    A 0-d tensor on the device of ``x`` (no host sync, no graph break): ``0`` when the target
+    distance ``delta`` is 0, else ``min(beta, delta) / delta`` clamped to [0, 1].
     """
-    x = x.double()
     n, d = x.shape
     x2 = x.square()
-    mu = x2.sum() / (n * d)
-    s = x.T @ x / n  # (d, d) empirical covariance
+    mu = torch.diagonal(s).sum() / d  # = x2.sum() / (n d)
     delta_ = s.square().sum()
     beta_ = (x2.sum(dim=1).square().sum() / n - delta_) / (d * n)
     delta = (delta_ - 2.0 * mu * torch.diagonal(s).sum() + d * mu**2) / d
     beta = torch.minimum(beta_, delta)
-    return 0.0 if float(delta) == 0.0 else float((beta / delta).clamp(0.0, 1.0))
+    # delta == 0 would divide by zero; the where selects 0 there (the NaN branch is discarded).
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    return torch.where(delta == 0, torch.zeros_like(delta), (beta / safe).clamp(0.0, 1.0))
+
+
+@torch.no_grad()
+def ledoit_wolf_shrinkage(x: Tensor) -> Tensor:
+    """Ledoit-Wolf optimal shrinkage intensity of the covariance of centred ``x`` ``(n, d)``.
+
+    The same formula as ``sklearn.covariance.ledoit_wolf_shrinkage`` (target ``mu * I``), in torch
+    so it runs on the device; cross-checked against sklearn in the tests. Returns a 0-d tensor in
+    the dtype of ``x`` (at least float32) on its device: no ``.item()``, so no device-to-host sync
+    and no ``torch.compile`` graph break.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be (n, d), got shape {tuple(x.shape)}")
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    n = x.shape[0]
+    return _ledoit_wolf_from_cov(x, x.T @ x / n)
 
 
 def _logdet_pd(m: Tensor) -> Tensor:
@@ -83,6 +100,13 @@ def gaussian_mutual_information(
     without gradient) or a fixed ``lambda`` in [0, 1]; ``jitter`` is added to the diagonal for the
     Cholesky. Shrinkage biases the estimate toward 0 (it is a lower estimate of the Gaussian MI).
 
+    The correlation matrix and the Cholesky factorisations are float64 (a near-singular R loses
+    the log-determinant in float32, and TF32 matmuls would make it indefinite); the Ledoit-Wolf
+    intensity reuses that same matrix (no second ``x^T x``) and stays a device tensor, so the
+    whole estimate runs without a host sync. ``log det R_ss`` is read off the leading block of
+    the Cholesky factor of R (the leading block of a Cholesky factor is the factor of the leading
+    block), so two factorisations are done instead of three.
+
     Args:
         z_s: ``(B, d_s)`` samples of the first variable.
         z_t: ``(B, d_t)`` samples of the second variable.
@@ -104,11 +128,19 @@ def gaussian_mutual_information(
     d_s = z_s.shape[1]
     x = _standardize(torch.cat([z_s, z_t], dim=1).double())  # (B, d_s + d_t)
     n, d = x.shape
-    lam = ledoit_wolf_shrinkage(x) if shrinkage == "auto" else float(shrinkage)
-    mu = x.detach().square().sum() / (n * d)
+    s = x.T @ x / n  # (d, d) sample correlation, float64
+    with torch.no_grad():
+        s_ = s.detach()
+        lam: Tensor | float = (
+            _ledoit_wolf_from_cov(x.detach(), s_) if shrinkage == "auto" else float(shrinkage)
+        )
+        mu = torch.diagonal(s_).sum() / d  # = x.square().sum() / (n d)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    r = (1.0 - lam) * (x.T @ x / n) + (lam * mu + jitter) * eye  # (d, d)
-    mi = 0.5 * (_logdet_pd(r[:d_s, :d_s]) + _logdet_pd(r[d_s:, d_s:]) - _logdet_pd(r))
+    r = (1.0 - lam) * s + (lam * mu + jitter) * eye  # (d, d)
+    log_diag = torch.linalg.cholesky(r).diagonal().log()  # (d,)
+    # 1/2 [log det R_ss + log det R_tt - log det R] with log det R = 2 sum(log_diag) and
+    # log det R_ss = 2 sum(log_diag[:d_s]): the R_ss part cancels exactly.
+    mi = 0.5 * _logdet_pd(r[d_s:, d_s:]) - log_diag[d_s:].sum()
     # Fischer's inequality makes mi >= 0; clamp only float64 round-off.
     return mi.clamp_min(0.0).float()
 

@@ -54,8 +54,20 @@ def param_groups(
 
 
 def build_adamw(groups: list[dict], lr: float, *, fused: bool, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; the fused CUDA kernel when asked for and the parameters live on a CUDA device."""
+    """AdamW; the fused CUDA kernel when asked for and the parameters live on a CUDA device.
+
+    Otherwise (CPU, or ``fused=False``) the multi-tensor ``foreach`` implementation is requested
+    explicitly: torch's default picks it only for CUDA tensors and falls back to one update per
+    parameter tensor elsewhere. The two are mutually exclusive in torch.
+    """
     if not groups:
         raise ValueError("no trainable parameters for this stage")
     use_fused = bool(fused and device.type == "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=use_fused or None)
+    return torch.optim.AdamW(
+        groups,
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=True if use_fused else None,
+        foreach=None if use_fused else True,
+    )

@@ -21,8 +21,23 @@ import torch
 from torch import Tensor, nn
 
 
+def _as_float(ts: list[Tensor]) -> list[Tensor]:
+    """The tensors in float32 (the same objects when they already are: no copy, no kernel)."""
+    return [t if t.dtype == torch.float32 else t.float() for t in ts]
+
+
+def _stacked_norm(ts: list[Tensor]) -> Tensor:
+    """L2 norm of the concatenation of ``ts`` as a 0-d fp32 tensor: one ``_foreach_norm`` (a few
+    kernels for any number of tensors) and one norm over the stacked per-tensor norms."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(_as_float(ts))))
+
+
 class SAM:
     """Holds the perturbation between the two passes of one SAM step.
+
+    Every per-parameter operation (norm, perturbation, save, restore) is a ``torch._foreach_*``
+    call over the whole parameter list, so a SAM step adds a handful of kernel launches instead
+    of a few per parameter tensor (CMAF-Net has hundreds), and nothing syncs with the host.
 
     Args:
         params: the trainable parameters (those the base optimiser updates).
@@ -38,37 +53,57 @@ class SAM:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
         self.params = [p for p in params if p.requires_grad]
         self.rho, self.adaptive, self.eps = rho, adaptive, eps
-        self._e: list[tuple[nn.Parameter, Tensor]] = []  # (parameter, its unperturbed copy)
+        # The perturbed parameters and their unperturbed copies (restore copies w back: exact,
+        # unlike w + e - e).
+        self._perturbed: list[nn.Parameter] = []
+        self._saved: list[Tensor] = []
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """The (ASAM-weighted) L2 norm of the current gradients, as a 0-d fp32 tensor."""
-        norms = [((p.abs() if self.adaptive else 1.0) * p.grad).float().norm() for p in self._with_grad()]
-        if not norms:
+        params = self._with_grad()
+        if not params:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack(norms))
+        grads = _as_float([p.grad for p in params])
+        if self.adaptive:
+            # |w| * g, element-wise, in fp32 (new tensors: the gradients are left as they are).
+            grads = torch._foreach_mul(torch._foreach_abs(_as_float([p.detach() for p in params])), grads)
+        return _stacked_norm(grads)
 
     @torch.no_grad()
-    def perturb(self) -> Tensor:
-        """Move every parameter to ``w + e(w)``; returns the gradient norm used (non-finite = skip)."""
-        if self._e:
+    def perturb(self, norm: Tensor | None = None) -> Tensor:
+        """Move every parameter to ``w + e(w)``; returns the gradient norm used (non-finite = skip).
+
+        Args:
+            norm: the value of :meth:`grad_norm` for the current gradients when the caller already
+                computed it (e.g. for its finiteness check); computed here when ``None``.
+        """
+        if self._perturbed:
             raise RuntimeError("SAM.perturb called twice without restore")
-        norm = self.grad_norm()
-        scale = self.rho / (norm + self.eps)
-        for p in self._with_grad():
-            e = p.grad.float() * scale
-            if self.adaptive:
-                e = e * p.float().pow(2)
-            self._e.append((p, p.detach().clone()))  # restore copies w back: exact, unlike w + e - e
-            p.add_(e.to(p.dtype))
+        if norm is None:
+            norm = self.grad_norm()
+        params = self._with_grad()
+        if not params:
+            return norm
+        weights = [p.detach() for p in params]
+        saved = [torch.empty_like(w) for w in weights]
+        torch._foreach_copy_(saved, weights)
+        self._perturbed, self._saved = params, saved
+        scale = self.rho / (norm + self.eps)  # 0-d tensor: stays on the device
+        e = torch._foreach_mul(_as_float([p.grad for p in params]), scale.to(params[0].grad.device))
+        if self.adaptive:
+            w32 = _as_float(weights)
+            torch._foreach_mul_(e, torch._foreach_mul(w32, w32))  # e * w^2
+        e = [ei if ei.dtype == w.dtype else ei.to(w.dtype) for ei, w in zip(e, weights, strict=True)]
+        torch._foreach_add_(weights, e)
         return norm
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo :meth:`perturb` (back to exactly ``w``); safe to call when nothing is perturbed."""
-        for p, w in self._e:
-            p.copy_(w)
-        self._e = []
+        if self._perturbed:
+            torch._foreach_copy_([p.detach() for p in self._perturbed], self._saved)
+        self._perturbed, self._saved = [], []
 
     def _with_grad(self) -> list[nn.Parameter]:
         return [p for p in self.params if p.grad is not None]
@@ -86,8 +121,8 @@ def unscale_grads(params: Iterable[nn.Parameter], scaler: torch.amp.GradScaler |
 
 
 def grads_finite(params: Iterable[nn.Parameter]) -> bool:
-    """True when every gradient is finite (one device sync)."""
+    """True when every gradient is finite (one device sync, one ``_foreach_norm``)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item())
+    return bool(torch.isfinite(_stacked_norm(grads)).item())

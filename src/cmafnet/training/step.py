@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cmafnet.training.clipping import GradClipper
-from cmafnet.training.sam import SAM, grads_finite, unscale_grads
+from cmafnet.training.sam import SAM, unscale_grads
 
 LossFn = Callable[[object, Tensor], tuple[Tensor, dict]]
 
@@ -57,13 +57,27 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(kinds[backend])
 
 
-def _to_floats(loss: Tensor, terms: dict) -> tuple[float, dict[str, float]]:
-    """The loss and every term as Python floats with one device sync (not one per term)."""
+def _to_floats(loss: Tensor, terms: dict, *extra: Tensor) -> tuple[float, dict[str, float], list[float]]:
+    """The loss, every term and the ``extra`` 0-d tensors (gradient norms) as Python floats, with
+    one device sync for all of them (not one per value)."""
     keys = list(terms)
     vals = [loss.detach().float().reshape(())]
     vals += [torch.as_tensor(terms[k], dtype=torch.float32, device=loss.device).reshape(()) for k in keys]
+    vals += [e.detach().float().reshape(()).to(loss.device) for e in extra]
     out = torch.stack(vals).tolist()
-    return out[0], dict(zip(keys, out[1:], strict=True))
+    n = 1 + len(keys)
+    return out[0], dict(zip(keys, out[1:n], strict=True)), out[n:]
+
+
+def _total_grad_norm(params: list[nn.Parameter]) -> Tensor:
+    """Total L2 norm of the gradients (a 0-d tensor, no sync; the same value the clipper computes).
+
+    Non-finite exactly when some gradient is non-finite: the finiteness check of a step.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -121,32 +135,46 @@ def train_step(
 
     optimizer.zero_grad(set_to_none=True)
     loss, terms = forward_backward()
-    loss_value, term_values = _to_floats(loss, terms)
-    loss_finite = math.isfinite(loss_value)
+    use_sam = sam is not None and sam.rho > 0
 
-    if sam is not None and sam.rho > 0:
+    # Host syncs per step: one here (loss, terms and, with SAM, the pass-1 gradient norm, fetched
+    # together), one for the pass-2 norm with SAM, and the clipper's own (AutoClip needs the norm
+    # on the host). Nothing else in the step reads a device value.
+    if use_sam:
         unscale_grads(params, scaler)
-        bad = _agree(not (loss_finite and grads_finite(params)), device)
+        grad_norm1 = _total_grad_norm(params)
+        # SAM's direction uses its own (ASAM-weighted) norm; for plain SAM it is the same value.
+        sam_norm = sam.grad_norm() if sam.adaptive else grad_norm1
+        loss_value, term_values, (norm1_value,) = _to_floats(loss, terms, grad_norm1)
+        loss_finite = math.isfinite(loss_value)
+        bad = _agree(not (loss_finite and math.isfinite(norm1_value)), device)
         if bad:
             if use_scaler:  # no unscale_ was recorded: back the scale off explicitly
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             return skip(float("nan"))
-        sam.perturb()
+        sam.perturb(sam_norm)
         optimizer.zero_grad(set_to_none=True)
         try:
             forward_backward()
         finally:
             sam.restore()  # back to w, keeping the gradient taken at w + e
+        if use_scaler:
+            scaler.unscale_(optimizer)
+        norm_value = float(_total_grad_norm(params))
+    else:
+        if use_scaler:
+            scaler.unscale_(optimizer)
+        loss_value, term_values, (norm_value,) = _to_floats(loss, terms, _total_grad_norm(params))
+        loss_finite = math.isfinite(loss_value)
 
-    if use_scaler:
-        scaler.unscale_(optimizer)
-    norm = clipper(params)
-    norm_value = float(norm)
+    # A non-finite loss or gradient skips the step before the clipper sees it (its history and
+    # the gradients stay untouched).
     bad = _agree(not (loss_finite and math.isfinite(norm_value)), device)
     if bad:
         if use_scaler:
             scaler.update()  # sees the inf recorded by unscale_ (or none: then the scale stays)
         return skip(norm_value)
+    clipper(params)  # clips in place; its pre-clipping norm is ``norm_value`` (same gradients)
     if use_scaler:
         scaler.step(optimizer)
         scaler.update()
