@@ -117,7 +117,10 @@ def unscale_grads(params: Iterable[nn.Parameter], scaler: torch.amp.GradScaler |
         return
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        # scaler.scale(1) is the scale as a device tensor (get_scale() would read it on the host:
+        # a sync); the scale is a power of two, so its reciprocal is exact.
+        inv = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device)).reciprocal()
+        torch._foreach_mul_(grads, inv)
 
 
 def grads_finite(params: Iterable[nn.Parameter]) -> bool:

@@ -1,0 +1,223 @@
+"""The GPU fast path of the training step: foreach SAM, foreach AdamW, few host syncs per step."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cmafnet.config import ClipConfig
+from cmafnet.models.output import ModelOutput
+from cmafnet.training.clipping import GradClipper
+from cmafnet.training.optim import build_adamw, param_groups
+from cmafnet.training.sam import SAM, grads_finite, unscale_grads
+from cmafnet.training.step import train_step
+
+
+class _OpCounter(TorchDispatchMode):
+    """Records aten ops; ``.item()``/``float()``/``bool()`` dispatch to ``_local_scalar_dense``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_ops() -> Iterator[_OpCounter]:
+    """Counts aten ops and host reads (``.tolist()`` does not dispatch: it is patched)."""
+    counter = _OpCounter()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t: torch.Tensor):
+        counter.syncs += 1
+        return tolist(t)
+
+    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+
+
+class Deep(nn.Module):
+    """``depth`` linear layers (2 parameter tensors each)."""
+
+    def __init__(self, depth: int = 6, width: int = 8):
+        super().__init__()
+        self.layers = nn.Sequential(
+            *[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)]
+        )
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x, return_aux=False):
+        out = self.head(self.layers(x))
+        return ModelOutput(logits=out) if return_aux else out
+
+
+def _with_grads(seed: int = 0, depth: int = 6) -> Deep:
+    torch.manual_seed(seed)
+    model = Deep(depth)
+    F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+    model.layers[0][0].bias.grad = None  # a parameter without gradient is left alone
+    return model
+
+
+def _reference_perturb(model: nn.Module, rho: float, adaptive: bool) -> None:
+    """The per-parameter SAM perturbation (the loop the foreach version replaced)."""
+    ps = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(
+            torch.stack([((p.abs() if adaptive else 1.0) * p.grad).float().norm() for p in ps])
+        )
+        scale = rho / (norm + 1e-12)
+        for p in ps:
+            e = p.grad.float() * scale
+            if adaptive:
+                e = e * p.float().pow(2)
+            p.add_(e.to(p.dtype))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_foreach_sam_is_bitwise_the_per_parameter_loop_and_restores_exactly(adaptive: bool) -> None:
+    model = _with_grads()
+    ref = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    sam = SAM(model.parameters(), rho=0.3, adaptive=adaptive)
+    sam.perturb()
+    _reference_perturb(ref, 0.3, adaptive)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(model.head.weight, w0[-2])  # the perturbation did move the weights
+    sam.restore()
+    for p, w in zip(model.parameters(), w0, strict=True):
+        assert torch.equal(p.detach().view(torch.int32), w.view(torch.int32))  # bit-exact, -0.0 too
+    sam.restore()  # a second restore is a no-op
+    sam.perturb()  # and the helper is reusable
+    sam.restore()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_kernel_count_does_not_grow_with_the_number_of_parameter_tensors(adaptive: bool) -> None:
+    def compute_ops(depth: int) -> int:
+        model = _with_grads(depth=depth)
+        sam = SAM(model.parameters(), rho=0.1, adaptive=adaptive)
+        with count_ops() as c:
+            sam.perturb()
+            sam.restore()
+        assert c.syncs == 0
+        # allocation and views launch no kernel; everything else must be a multi-tensor op.
+        free = ("aten.empty_like", "aten.detach", "aten.alias")
+        return sum(not op.startswith(free) for op in c.ops)
+
+    small, large = compute_ops(2), compute_ops(20)
+    assert small == large, (small, large)
+
+
+def test_grads_finite_detects_inf_and_nan() -> None:
+    model = _with_grads()
+    assert grads_finite(model.parameters())
+    model.head.bias.grad[0] = float("nan")
+    assert not grads_finite(model.parameters())
+    model.head.bias.grad[0] = float("inf")
+    assert not grads_finite(model.parameters())
+
+
+def _step(model: nn.Module, *, sam: bool, loss_fn=None, clip: str = "none"):
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+
+    def ce(out, target):
+        loss = F.cross_entropy(out.logits.float(), target)
+        return loss, {"cls": loss.detach(), "total": loss.detach()}
+
+    clipper = GradClipper(ClipConfig(kind=clip, history=10))
+    res = train_step(
+        model,
+        x,
+        y,
+        loss_fn or ce,
+        torch.optim.SGD(params, lr=0.1),
+        params,
+        clipper=clipper,
+        sam=SAM(params, rho=0.1) if sam else None,
+    )
+    return res, clipper
+
+
+@pytest.mark.parametrize(("sam", "max_syncs"), [(False, 2), (True, 3)])
+def test_train_step_reads_the_device_at_most_once_per_pass_plus_the_clipper(
+    sam: bool, max_syncs: int
+) -> None:
+    """One read for loss + terms + gradient norm (per SAM pass) and the clipper's own (AutoClip's
+    history lives on the host); the per-parameter loops used to add one more each."""
+    model = Deep()
+    with count_ops() as c:
+        res, _ = _step(model, sam=sam)
+    assert not res.skipped
+    assert c.syncs <= max_syncs, c.syncs
+    assert set(res.terms) == {"cls", "total"} and res.grad_norm > 0
+
+
+def test_nonfinite_loss_with_finite_gradients_skips_before_the_clipper() -> None:
+    model = Deep()
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def inf_loss(out, target):
+        loss = F.cross_entropy(out.logits.float(), target) + torch.tensor(float("inf"))  # grads stay finite
+        return loss, {"total": loss.detach()}
+
+    for sam in (False, True):
+        res, clipper = _step(model, sam=sam, loss_fn=inf_loss, clip="autoclip")
+        assert res.skipped
+        assert len(clipper.history) == 0  # the clipping history is untouched
+        for p, w in zip(model.parameters(), w0, strict=True):
+            assert torch.equal(p.detach(), w)
+
+
+def test_adamw_uses_foreach_off_cuda_and_matches_the_per_parameter_update() -> None:
+    torch.manual_seed(0)
+    model = Deep(depth=3)
+    ref = copy.deepcopy(model)
+    opt = build_adamw(
+        param_groups(model.named_parameters(), 0.05), 1e-2, fused=True, device=torch.device("cpu")
+    )
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    ref_opt = torch.optim.AdamW(param_groups(ref.named_parameters(), 0.05), lr=1e-2, foreach=False)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for m, o in ((model, opt), (ref, ref_opt)):
+        for _ in range(3):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_unscale_grads_divides_by_the_scale_without_reading_it_on_the_host() -> None:
+    model = _with_grads()
+    expected = [p.grad / 1024.0 for p in model.parameters() if p.grad is not None]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scaler creates its scale tensor on first use
+    with count_ops() as c:
+        unscale_grads(model.parameters(), scaler)
+    assert c.syncs == 0
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
