@@ -95,3 +95,16 @@ def test_table8_efficiency(ctx: Context) -> None:
     assert cells[1] == "10.00" and cells[2] == "34.2"
     assert cells[-2] == "200.00"  # batch-1 FPS = 1000 / 5 ms
     assert paths["figure"].exists()
+
+
+def test_table2_retention_with_zero_original_sensitivity(ctx: Context) -> None:
+    """A collapsed CMAF-Net (sensitivity 0 at 70:30, seen in a GPU smoke run) must not crash aggregation."""
+
+    def zero(spec: RunSpec, run_dir: Path, c: Context) -> dict:
+        return {"metrics": {"sensitivity": 0.0}}
+
+    run_table("table2", ctx, seeds=1, only=["cmafnet*"], train_fn=_finish, eval_fn=zero)
+    _table, paths = aggregate("table2", ctx.out, seeds=1, scale="smoke")
+    cells = _row(paths["markdown"].read_text(), "Relative retention of CMAF-Net (%)")
+    assert cells[1] == "…" and cells[2] == "100"
+    assert _row(paths["markdown"].read_text(), "CMAF-Net")[1] == "0.00"

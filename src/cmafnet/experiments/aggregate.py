@@ -241,7 +241,7 @@ def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     prow = _paper_row("table2", method="Relative Retention (%)")
     ret = {
         k: Cell(
-            [] if (base is None or last[k].mean is None) else [100 * last[k].mean / base], 1, prow.get(k), 1
+            [] if (not base or last[k].mean is None) else [100 * last[k].mean / base], 1, prow.get(k), 1
         )
         for k, _ in cols
     }
