@@ -205,7 +205,13 @@ def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     )
     batch = 4 if smoke else cfg.train.batch_size
     rec = bench_model(
-        ModelBench(name=spec.row, build=lambda: create_model(cfg.model), channels_last=device.type == "cuda"),
+        ModelBench(
+            name=spec.row,
+            build=lambda: create_model(cfg.model),
+            channels_last=device.type == "cuda",
+            # the recipe's own optimiser step: CMAF-Net trains with SAM (two passes), baselines without
+            sam_rho=cfg.train.sam.rho if cfg.train.sam.enabled else None,
+        ),
         timing,
         size=cfg.model.img_size,
         batch=batch,
