@@ -221,3 +221,31 @@ def test_unscale_grads_divides_by_the_scale_without_reading_it_on_the_host() -> 
     got = [p.grad for p in model.parameters() if p.grad is not None]
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+def test_skipped_step_restores_batchnorm_buffers_of_every_dtype() -> None:
+    class BNNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, return_aux=False):
+            out = self.head(self.bn(x))
+            return ModelOutput(logits=out) if return_aux else out
+
+    model = BNNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_loss(out, target):
+        loss = F.cross_entropy(out.logits.float(), target) * float("nan")
+        return loss, {"total": loss.detach()}
+
+    for sam in (False, True):
+        res, _ = _step(model, sam=sam, loss_fn=nan_loss)
+        assert res.skipped
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k  # running_mean/var (fp32), num_batches_tracked (int64)
+    res, _ = _step(model, sam=False)  # a good step does update them (the check above can fail)
+    assert not res.skipped and model.bn.num_batches_tracked.item() == 1
+    assert not torch.equal(model.bn.running_mean, before["bn.running_mean"])
