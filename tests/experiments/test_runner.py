@@ -137,6 +137,7 @@ def test_aggregate_table1_mean_std_beside_paper(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| ResNet-50 |"))
     assert expected in row and "72.34 ± 2.1" in row  # ours beside the paper's
     assert paths["figure"].stat().st_size > 1000
+    assert paths["paper_figure"].name == "fig2.png" and paths["paper_figure"].stat().st_size > 1000
     assert len(table.rows) == 15
 
 
@@ -155,7 +156,7 @@ def test_aggregate_partial_results_are_marked(tmp_path: Path) -> None:
     md = paths["markdown"].read_text()
     assert "(n=1/2)" in md and "…" in md
     assert "Relative retention" in md
-    assert paths["figure"].exists()
+    assert paths["figure"].exists() and paths["paper_figure"].name == "fig3.png"
 
 
 def _specs(name: str, seeds: int) -> list[RunSpec]:

@@ -433,7 +433,7 @@ def aggregate(
     name: str, out: Path, *, seeds: int, scale: Scale, overrides: tuple[str, ...] = ()
 ) -> tuple[Table, dict[str, Path]]:
     """Build table ``name`` from the runs under ``out`` and write ``table.md/csv/json`` and ``figure.png``."""
-    from cmafnet.experiments.figures import FIGURES
+    from cmafnet.experiments.figures import FIGURES, paper_style_figure
 
     table = AGGREGATORS[name](seeds, scale, Path(out), tuple(overrides))
     folder = Path(out) / name
@@ -454,6 +454,11 @@ def aggregate(
     fig = FIGURES[name](table, folder / "figure.png")
     if fig is not None:
         paths["figure"] = fig
+    paper_fig = paper_style_figure(
+        table, folder / {"table1": "fig2.png", "table2": "fig3.png"}.get(name, "x.png")
+    )
+    if paper_fig is not None:
+        paths["paper_figure"] = paper_fig
     return table, paths
 
 

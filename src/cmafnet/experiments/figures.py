@@ -138,3 +138,39 @@ FIGURES: dict[str, Callable[[Any, Path], Path | None]] = {
     "table7": _fig7,
     "table8": _fig8,
 }
+
+
+def _cell_tuple(cell: Any, to_fraction: bool) -> tuple[float, float] | None:
+    if cell is None or cell.mean is None:
+        return None
+    k = 0.01 if to_fraction else 1.0
+    return (cell.mean * k, (cell.std or 0.0) * k)
+
+
+def paper_style_figure(table: Any, path: Path) -> Path | None:
+    """The paper's own figure for Tables 1 and 2 (Fig. 2, Fig. 3), drawn by ``cmafnet.evaluation.plots``.
+
+    Ours only (mean ± std over seeds), in the paper's style; ``figure.png`` has the comparison with
+    the paper's numbers.
+    """
+    from cmafnet.evaluation import plots
+
+    if table.name == "table1":
+        data = {}
+        for label, cells in table.rows:
+            row = {
+                "sensitivity": _cell_tuple(cells.get("sensitivity"), True),
+                "balanced_accuracy": _cell_tuple(cells.get("balanced_accuracy"), True),
+                "auprc": _cell_tuple(cells.get("auprc"), False),
+            }
+            data[label] = {k: v for k, v in row.items() if v is not None}
+        fig = plots.plot_method_comparison(data)
+    elif table.name == "table2":
+        data = {
+            label: {k: v for k, _ in table.columns if (v := _cell_tuple(cells.get(k), False)) is not None}
+            for label, cells in table.rows[:-1]  # without the retention row
+        }
+        fig = plots.plot_imbalance_degradation(data, metric="sensitivity (%)")
+    else:
+        return None
+    return _save(fig, path)
