@@ -10,143 +10,37 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmafnet.evaluation.paper import find_row, format_paper_cell, paper_table
+from cmafnet.evaluation.paper import find_row, paper_table
+from cmafnet.experiments.layout import (
+    Cell,
+    Table,
+    digits_for,
+    get_path,
+    group_results,
+    planned_counts,
+    unit_scale,
+)
 from cmafnet.experiments.runner import load_results
-from cmafnet.experiments.spec import RunSpec, Scale
+from cmafnet.experiments.spec import Scale
 from cmafnet.experiments.tables import get_table
 from cmafnet.run import atomic_write_bytes, write_json
 
 MAGS = ("40X", "100X", "200X", "400X")
 
 
-@dataclass
-class Cell:
-    values: list[float]  # one per finished seed, in the column's display unit
-    planned: int
-    paper: Any = None  # the paper's cell as stored (number, {mean, std} or None)
-    digits: int = 2
-
-    @property
-    def mean(self) -> float | None:
-        return float(np.mean(self.values)) if self.values else None
-
-    @property
-    def std(self) -> float | None:
-        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
-
-    def text(self) -> str:
-        if not self.values:
-            return "…"
-        s = f"{self.mean:.{self.digits}f}"
-        if self.std is not None:
-            s += f" ± {self.std:.{self.digits}f}"
-        if len(self.values) < self.planned:
-            s += f" (n={len(self.values)}/{self.planned})"
-        return s
-
-
-@dataclass
-class Table:
-    name: str
-    title: str
-    row_header: str
-    columns: list[tuple[str, str]]  # (key, header)
-    rows: list[tuple[str, dict[str, Cell]]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        head = [self.row_header]
-        for _, h in self.columns:
-            head += [f"{h} (ours)", f"{h} (paper)"]
-        lines = [
-            f"## {self.name}: {self.title}",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-        ]
-        for label, cells in self.rows:
-            out = [label]
-            for key, _ in self.columns:
-                c = cells.get(key)
-                out += [c.text() if c else "", format_paper_cell(c.paper) if c else ""]
-            lines.append("| " + " | ".join(out) + " |")
-        if self.notes:
-            lines += ["", *[f"- {n}" for n in self.notes]]
-        return "\n".join(lines) + "\n"
-
-    def records(self) -> list[dict]:
-        recs = []
-        for label, cells in self.rows:
-            for key, header in self.columns:
-                c = cells.get(key)
-                if c is None:
-                    continue
-                paper = c.paper.get("mean") if isinstance(c.paper, dict) else c.paper
-                recs.append(
-                    {
-                        "row": label,
-                        "column": key,
-                        "header": header,
-                        "ours_mean": c.mean,
-                        "ours_std": c.std,
-                        "n": len(c.values),
-                        "planned": c.planned,
-                        "paper": paper if isinstance(paper, (int, float)) else None,
-                    }
-                )
-        return recs
-
-
-def _scale(unit: str) -> float:
-    return 100.0 if unit == "percent" else 1.0
-
-
-def _digits(unit: str) -> int:
-    return 2 if unit in ("percent", "millions", "epochs") else 3
-
-
-def _group(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str, str | None], list[dict]]:
-    """(row key, column) -> finished result documents (one per seed); planned counts alongside."""
-    out: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
-    for spec, res in results:
-        out[(spec.row, spec.column)]
-        if res is not None:
-            out[(spec.row, spec.column)].append(res)
-    return out
-
-
-def _planned(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str, str | None], int]:
-    cnt: dict[tuple[str, str | None], int] = defaultdict(int)
-    for spec, _ in results:
-        cnt[(spec.row, spec.column)] += 1
-    return cnt
-
-
-def _get(doc: dict, path: str) -> Any:
-    cur: Any = doc
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
 def _cell(docs: list[dict], path: str | Callable[[dict], Any], planned: int, unit: str, paper: Any) -> Cell:
     vals = []
     for d in docs:
-        v = path(d) if callable(path) else _get(d, path)
+        v = path(d) if callable(path) else get_path(d, path)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-            vals.append(float(v) * (_scale(unit) if unit in ("percent",) else 1.0))
-    return Cell(vals, planned, paper, _digits(unit))
+            vals.append(float(v) * (unit_scale(unit) if unit in ("percent",) else 1.0))
+    return Cell(vals, planned, paper, digits_for(unit))
 
 
 def _paper_row(table: str, **match: str) -> dict:
@@ -171,7 +65,7 @@ def _rows_by_method(
     units = pt["units"]
     header = dict(zip(pt["columns"], pt["header"][1:], strict=False))
     results = load_results(name, out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     label_field = "configuration" if name == "table6" else "method"
     table = Table(name, t.title, "Configuration" if name == "table6" else "Method", [])
     table.columns = [(k, header.get(k, k)) for k, _, _ in metrics]
@@ -219,7 +113,7 @@ def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     t = get_table("table2")
     pt = paper_table("table2")
     results = load_results("table2", out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     cols = [("70:30" if c is None else c, "70:30 (original)" if c is None else c) for c in t.columns]
     tab = Table("table2", t.title, "Method", cols)
     for row in t.rows:
@@ -251,7 +145,7 @@ def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
 def table3(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table3")
     results = load_results("table3", out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     cols = [(m, m.replace("X", "×")) for m in MAGS] + [("average", "Average"), ("std_dev", "Std Dev")]
     tab = Table("table3", t.title, "Method", cols)
     for row in t.rows:
@@ -276,7 +170,7 @@ def table4(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     pt = paper_table("table4")
     units = pt["units"]
     results = load_results("table4", out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     keys = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc")
     tab = Table(
         "table4",
@@ -300,7 +194,7 @@ def table4(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
 
 
 def _recall_of(doc: dict, code: str, name: str) -> float | None:
-    pcr = _get(doc, "metrics.per_class_recall")
+    pcr = get_path(doc, "metrics.per_class_recall")
     classes = [str(c) for c in doc.get("classes") or []]
     wanted = {code.lower(), name.lower(), name.lower().replace(" ", "_")}
     if isinstance(pcr, dict):
@@ -318,7 +212,7 @@ def table5(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     t = get_table("table5")
     pt = paper_table("table5")
     results = load_results("table5", out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     cols = [(r.paper_label or r.name, r.name) for r in t.rows]
     tab = Table("table5", t.title, "Subtype", cols)
     for prow in pt["rows"]:
@@ -340,7 +234,7 @@ def table5(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
 def table7(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table7")
     results = load_results("table7", out, seeds, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     cols = [
         ("convergence_epoch", "Conv. epoch"),
         ("sensitivity", "Sensitivity"),
@@ -358,7 +252,9 @@ def table7(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
                 docs, "metrics.balanced_accuracy", n, "percent", prow.get("balanced_accuracy")
             ),
         }
-        stab = [v for v in (_get(d, "convergence.stability") for d in docs) if isinstance(v, (int, float))]
+        stab = [
+            v for v in (get_path(d, "convergence.stability") for d in docs) if isinstance(v, (int, float))
+        ]
         cells["stability_sd"] = Cell([float(np.mean(stab))] if stab else [], 1, prow.get("stability_sd"))
         tab.rows.append((row.name, cells))
     tab.notes.append(
@@ -372,7 +268,7 @@ def table7(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
 def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
     t = get_table("table8")
     results = load_results("table8", out, 1, scale, overrides)
-    groups, planned = _group(results), _planned(results)
+    groups, planned = group_results(results), planned_counts(results)
     cols = [
         ("params_m", "Params (M)"),
         ("flops_g", "GMACs"),
@@ -387,7 +283,7 @@ def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
         docs, n = groups[(row.key, None)], planned[(row.key, None)]
 
         def fps(d: dict) -> float | None:
-            lat = _get(d, "bench.latency_ms")
+            lat = get_path(d, "bench.latency_ms")
             return 1000.0 / lat if isinstance(lat, (int, float)) and lat > 0 else None
 
         cells = {
@@ -396,7 +292,7 @@ def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
             "memory_gb": _cell(docs, "bench.train_peak_GiB", n, "fraction", prow.get("memory_gb")),
             "train_img_s": _cell(
                 docs,
-                lambda d: _get(d, "bench.train_sam_img_s") or _get(d, "bench.train_img_s"),
+                lambda d: get_path(d, "bench.train_sam_img_s") or get_path(d, "bench.train_img_s"),
                 n,
                 "millions",
                 None,
@@ -408,7 +304,7 @@ def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     first = next((d for docs in groups.values() for d in docs), {})
     dev, size, batch = first.get("device"), first.get("img_size"), first.get("batch")
     tab.notes.append(
-        f"Measured on {dev or '?'} at {size} px, batch {batch} (train/infer), {_get(first, 'bench.amp')} autocast, "
+        f"Measured on {dev or '?'} at {size} px, batch {batch} (train/infer), {get_path(first, 'bench.amp')} autocast, "
         "by cmafnet.analysis.profiling. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
         "the paper's FPS matches batch-1 latency (SPEC §7), compare it with our Batch-1 FPS. Train img/s is the "
         "training recipe's step: with SAM (two forward/backward passes) for CMAF-Net, plain AdamW for baselines; "
@@ -460,7 +356,3 @@ def aggregate(
     if paper_fig is not None:
         paths["paper_figure"] = paper_fig
     return table, paths
-
-
-def dumps(table: Table) -> str:  # pragma: no cover - convenience
-    return json.dumps(table.records(), indent=2)
