@@ -4,7 +4,8 @@
 * :mod:`~cmafnet.experiments.tables` -- Tables 1-8 as data, ``expand``;
 * :mod:`~cmafnet.experiments.runner` -- skip finished / resume unfinished / evaluate;
 * :mod:`~cmafnet.experiments.execute` -- the default training, evaluation and profiling of one run;
-* :mod:`~cmafnet.experiments.aggregate`, :mod:`~cmafnet.experiments.figures` -- the paper's layout;
+* :mod:`~cmafnet.experiments.aggregate`, :mod:`~cmafnet.experiments.layout`,
+  :mod:`~cmafnet.experiments.figures` -- the paper's layout and figures;
 * :mod:`~cmafnet.experiments.cost` -- GPU-hour estimates for ``--list``.
 """
 

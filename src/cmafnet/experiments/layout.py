@@ -91,10 +91,12 @@ class Table:
 
 
 def unit_scale(unit: str) -> float:
+    """Factor from our fractions to the paper's unit."""
     return 100.0 if unit == "percent" else 1.0
 
 
 def digits_for(unit: str) -> int:
+    """Decimals printed for a unit (percent 2, fractions 3)."""
     return 2 if unit in ("percent", "millions", "epochs") else 3
 
 
@@ -102,13 +104,14 @@ def group_results(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str,
     """(row key, column) -> finished result documents (one per seed); planned counts alongside."""
     out: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
     for spec, res in results:
-        out[(spec.row, spec.column)]
+        docs = out[(spec.row, spec.column)]  # the key exists even while no seed is finished
         if res is not None:
-            out[(spec.row, spec.column)].append(res)
+            docs.append(res)
     return out
 
 
 def planned_counts(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str, str | None], int]:
+    """(row key, column) -> number of planned runs (seeds)."""
     cnt: dict[tuple[str, str | None], int] = defaultdict(int)
     for spec, _ in results:
         cnt[(spec.row, spec.column)] += 1
@@ -116,6 +119,7 @@ def planned_counts(results: list[tuple[RunSpec, dict | None]]) -> dict[tuple[str
 
 
 def get_path(doc: dict, path: str) -> Any:
+    """``doc['a']['b']`` for ``'a.b'``, or None when any part is missing."""
     cur: Any = doc
     for part in path.split("."):
         if not isinstance(cur, dict) or part not in cur:
