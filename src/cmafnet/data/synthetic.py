@@ -52,11 +52,17 @@ def render(
     w: int,
     stain: tuple[np.ndarray, np.ndarray, float],
     density: float = 1.0,
+    difficulty: float = 0.0,
 ) -> np.ndarray:
     """Render ``len(malignant)`` RGB uint8 patches ``(n, h, w, 3)`` for one patient's stain.
 
     ``density`` scales the number of nuclei (used to give the BreakHis-like subtypes their own look).
+    ``difficulty`` in [0, 1) blends malignant patches toward benign ones: their nucleus count moves
+    toward the benign rate and each nucleus looks benign with that probability, so the classes
+    overlap and a classifier cannot be perfect (0 = clearly separable).
     """
+    if not 0.0 <= difficulty < 1.0:
+        raise ValueError(f"difficulty must be in [0, 1), got {difficulty}")
     n = len(malignant)
     hv, ev, gain = stain
     scale = min(h, w) / 50.0
@@ -66,10 +72,11 @@ def render(
     # nuclei of all patches at once, each drawn in its own (2R+1)^2 window and scattered with
     # bincount (overlaps add up, like stacked nuclei)
     m_rate = 14 * density * scale * scale * max(1.0, w / h)
-    k = np.maximum(1, rng.poisson(np.where(malignant, m_rate, m_rate * 5 / 14)))  # (n,)
+    b_rate = m_rate * 5 / 14
+    k = np.maximum(1, rng.poisson(np.where(malignant, m_rate + (b_rate - m_rate) * difficulty, b_rate)))  # (n,)
     owner = np.repeat(np.arange(n), k)  # (K,)
-    mal = np.asarray(malignant, bool)[owner]
     kk = len(owner)
+    mal = np.asarray(malignant, bool)[owner] & (rng.random(kk) >= difficulty)
     cy, cx = rng.uniform(0, h, kk), rng.uniform(0, w, kk)
     r = np.where(mal, rng.uniform(2.8, 4.5, kk), rng.uniform(1.8, 2.8, kk)) * scale
     ecc = np.where(mal, rng.uniform(1.0, 1.8, kk), rng.uniform(1.0, 1.2, kk))
@@ -122,6 +129,7 @@ def write_idc_like(
     patches_per_patient: int = 60,
     minority_frac: float = 0.1,
     seed: int = 0,
+    difficulty: float = 0.0,
 ) -> Path:
     """Write a SYNTHETIC dataset in the Kaggle IDC layout and return ``root``.
 
@@ -135,6 +143,7 @@ def write_idc_like(
         patches_per_patient: patches per patient (>= 2).
         minority_frac: overall fraction of class-1 (IDC-positive) patches, in (0, 1).
         seed: everything is a function of the seed.
+        difficulty: class overlap in [0, 1) (see :func:`render`); 0 keeps the classes separable.
     """
     if not 0 < minority_frac < 1 or patches_per_patient < 2 or n_patients < 1:
         raise ValueError("need 0 < minority_frac < 1, patches_per_patient >= 2, n_patients >= 1")
@@ -147,7 +156,7 @@ def write_idc_like(
         n1 = int(np.clip(round(frac * patches_per_patient), 1, patches_per_patient - 1))
         labels = np.zeros(patches_per_patient, bool)
         labels[rng.choice(patches_per_patient, n1, replace=False)] = True
-        imgs = render(rng, labels, 50, 50, _patient_stain(rng))
+        imgs = render(rng, labels, 50, 50, _patient_stain(rng), difficulty=difficulty)
         cols = int(np.ceil(np.sqrt(patches_per_patient)))
         for c in (0, 1):
             (root / pid / str(c)).mkdir(parents=True, exist_ok=True)

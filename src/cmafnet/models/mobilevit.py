@@ -148,14 +148,17 @@ _SOBEL = torch.tensor([[[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]]) 
 _SOBEL = torch.stack((_SOBEL, _SOBEL.transpose(1, 2)))
 
 
-def gradient_magnitude(x: Tensor, eps: float = 1e-6) -> Tensor:
+def gradient_magnitude(x: Tensor, kernel: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """Sobel gradient magnitude of the channel-mean image: ``(B, 3, S, S) -> (B, 1, S, S)``.
 
     One fixed-kernel conv with replicate padding (the same numbers as ``kornia.filters.sobel``),
     written out so the model path needs no kornia and stays a single fusible op under compile.
+    Pass ``kernel`` already on the input's device (a module buffer) to avoid a host-to-device copy
+    per call, which would also break CUDA-graph capture.
     """
     g = x.mean(dim=1, keepdim=True)  # (B, 1, S, S)
-    g = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), _SOBEL.to(dtype=g.dtype, device=g.device))
+    k = _SOBEL if kernel is None else kernel
+    g = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k.to(dtype=g.dtype, device=g.device))
     return torch.sqrt(g.square().sum(dim=1, keepdim=True) + eps)  # (B, 1, S, S)
 
 
@@ -175,6 +178,7 @@ class MobileViT(nn.Module):
         opts = opts or MobileViTOptions()
         self.variant = variant
         self.opts = opts
+        self.register_buffer("sobel", _SOBEL.clone(), persistent=False)  # (2, 1, 3, 3), not in state dicts
         net = timm.create_model(
             f"mobilevit_{variant}", pretrained=False, num_classes=0, drop_path_rate=drop_path
         )
@@ -197,7 +201,7 @@ class MobileViT(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        grad_mag = gradient_magnitude(x) if self.opts.scale_aware_pos else None
+        grad_mag = gradient_magnitude(x, self.sobel) if self.opts.scale_aware_pos else None
         x = self.stem(x)
         for stage in self.stages:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
