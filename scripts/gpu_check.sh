@@ -58,7 +58,7 @@ timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   || { echo "FATAL: cmafnet not importable"; exit 1; }
 
 # ---- 1. eager run: all models, switches, 5% of an IDC-sized epoch (108 steps) through the real data path
-T=$(( $(left) - 150 ))
+T=$(( $(left) - ${GPU_CHECK_COMPILE_RESERVE_S:-150} ))
 [ "$T" -gt 300 ] && T=300
 [ "$T" -lt 60 ] && T=60
 echo "== eager bench (timeout ${T}s, $(left)s left)"
