@@ -283,3 +283,48 @@ def test_branches_load_from_a_saved_cmafnet(tmp_path) -> None:
     torch.testing.assert_close(b.contextual.stem.conv.weight, a.contextual.stem.conv.weight)
     torch.testing.assert_close(b.contextual.stages[2][1].pos_embed, a.contextual.stages[2][1].pos_embed)
     assert not torch.equal(b.head.fc.weight, a.head.fc.weight)  # only the branches were loaded
+
+
+def test_grad_checkpointing_same_gradients_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU twin of the GPU test (paper model at 64 px): checkpointing on == off, in both branches.
+
+    Caught the spatial branch checkpointing the ResNet stem's ``ReLU(inplace=True)`` (timm 1.0.29's
+    FeatureListNet), whose in-place write invalidated the tensor saved for recompute.
+    """
+    import cmafnet.models.branches as branches_mod
+    import cmafnet.models.mobilevit as mobilevit_mod
+    from cmafnet.config import load_config
+
+    calls = {"spatial": 0, "contextual": 0}
+
+    def counting(key: str, real):  # wraps torch's checkpoint, counting calls per branch
+        def wrapped(*args, **kw):
+            calls[key] += 1
+            return real(*args, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(branches_mod, "checkpoint", counting("spatial", branches_mod.checkpoint))
+    monkeypatch.setattr(mobilevit_mod, "checkpoint", counting("contextual", mobilevit_mod.checkpoint))
+
+    torch.manual_seed(0)
+    cfg = load_config("paper", ["model.bottleneck=false", "model.head.dropout=0", "model.img_size=64"])
+    model = create_model(cfg.model).eval()  # eval: BN statistics fixed, no sampling
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls == {"spatial": 0, "contextual": 0}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    for m in (model.spatial, model.contextual):
+        m.train()  # checkpointing acts in training mode only
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.eval()
+    model(x).sum().backward()
+    # Only the residual stages are recomputed, never the stem (its in-place ReLU).
+    assert model.spatial.checkpointed_modules() == ["layer1", "layer2", "layer3", "layer4"]
+    assert calls == {"spatial": 4, "contextual": len(model.contextual.stages)}
+    assert set(ref) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, g in ref.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-4, msg=n)

@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cmafnet.errors import ConfigError
 
@@ -56,12 +57,41 @@ class SpatialBranch(nn.Module):
         self.num_features = chs[-1]
         self.skips = nn.ModuleList(nn.Conv2d(c, chs[-1], kernel_size=1) for c in chs[:-1])
         self.gate = SpatialAttentionGate() if spatial_gate else None
+        # Modules of ``body`` (in execution order) whose outputs are the returned features.
+        self._feature_names = frozenset(n.replace(".", "_") for n in self.body.feature_info.module_name())
+        # Grad checkpointing segments: the residual stages only (``nn.Sequential`` of blocks, i.e.
+        # ResNet ``layer1``..``layer4``), never the stem. timm's own FeatureListNet checkpointing
+        # (timm <= 1.0.29) wraps every module separately, including the stem's ``ReLU(inplace=True)``:
+        # that ReLU overwrites the tensor the checkpoint saved for recomputation, and backward fails
+        # ("modified by an inplace operation ... ReluBackward0"). A stage never modifies its input
+        # in place (blocks write only to their own intermediates), so checkpointing stages is safe
+        # and holds almost all the activation memory anyway.
+        self._ckpt_names = frozenset(
+            n for i, (n, m) in enumerate(self.body.items()) if i > 0 and isinstance(m, nn.Sequential)
+        )
+        self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.body.set_grad_checkpointing(enable)
+        """Recompute the residual stages in backward (training mode with grad enabled only)."""
+        self.grad_checkpointing = enable
+
+    def checkpointed_modules(self) -> list[str]:
+        """Names (under ``body``) of the modules recomputed in backward when checkpointing is on."""
+        return [n for n in self.body if n in self._ckpt_names]
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        """The backbone's feature maps, as ``body(x)`` returns them (strides 8, 16, 32 by default)."""
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.body(x)
+        feats = []
+        for name, module in self.body.items():
+            x = checkpoint(module, x, use_reentrant=False) if name in self._ckpt_names else module(x)
+            if name in self._feature_names:
+                feats.append(x)
+        return feats
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = self.body(x)
+        feats = self._features(x)
         out = feats[-1]  # (B, 512, h, w)
         for conv, f in zip(self.skips, feats[:-1], strict=True):
             out = out + conv(F.adaptive_avg_pool2d(f, out.shape[-2:]))
