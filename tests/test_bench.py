@@ -194,3 +194,85 @@ def test_generated_store_shape_and_class_share():
     assert images.shape == (3000, 50, 50, 3) and images.dtype.name == "uint8"
     assert labels.shape == (3000,) and 0.24 < labels.mean() < 0.33  # IDC: 28.4% positive
     assert images[..., 0].mean() > images[..., 1].mean()  # H&E-coloured: red above green
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on CPU: ``replay`` recomputes the captured forward."""
+
+    def __init__(
+        self, model: nn.Module, static_in: torch.Tensor, static_out: torch.Tensor, reads_input: bool
+    ):
+        self.model = model
+        self.static_in, self.static_out = static_in, static_out
+        self.reads_input = reads_input
+
+    def replay(self) -> None:
+        if self.reads_input:  # a broken graph (reads_input=False) keeps returning the captured output
+            with torch.no_grad():
+                self.static_out.copy_(self.model(self.static_in))
+
+
+def _graphed(model: nn.Module, x: torch.Tensor, reads_input: bool):
+    from cmafnet.analysis.profiling.timing import CudaGraphForward
+
+    static_in = x.clone()
+    with torch.no_grad():
+        static_out = model(static_in)
+    return CudaGraphForward(_FakeGraph(model, static_in, static_out, reads_input), static_in, static_out)
+
+
+def test_cuda_graph_forward_fills_its_static_input_and_check_detects_a_graph_ignoring_it():
+    from cmafnet.analysis.profiling.timing import check_cuda_graph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    ).eval()
+    x1, x2 = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    timing = Timing(device=torch.device("cpu"), amp="none")
+    good = _graphed(model, x1, reads_input=True)
+    out = good(x2)
+    torch.testing.assert_close(good.static_input, x2)  # the new input went into the graph's buffer
+    assert out is good.static_output
+    with pytest.raises(ValueError, match="captured for input"):
+        good(torch.randn(2, 3, 8, 8))
+    diff, ok = check_cuda_graph(model, good, [x1, x2], timing)
+    assert ok and diff == 0.0
+    # A graph that does not compute on the new input matches on the captured input only.
+    diff, ok = check_cuda_graph(model, _graphed(model, x1, reads_input=False), [x1, x2], timing)
+    assert not ok and diff > 0
+
+
+def test_outputs_match_tolerance_is_relative_to_the_output_scale():
+    from cmafnet.analysis.profiling.timing import outputs_match
+
+    torch.manual_seed(0)
+    ref = torch.randn(4, 2) * 0.05  # small random-init logits
+    diff, ok = outputs_match(ref.bfloat16(), ref, "bf16")  # bf16 rounding of the same numbers
+    assert ok and 0 < diff < 1e-3
+    other = torch.randn(4, 2) * 0.05  # another input's logits: within a fixed atol of 2e-2 of ref
+    diff, ok = outputs_match(other, ref, "bf16")
+    assert not ok and diff > 0.01
+    assert not outputs_match(torch.full((4, 2), float("nan")), ref, "bf16")[1]
+    with pytest.raises(ValueError, match="shapes differ"):
+        outputs_match(ref[:2], ref, "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_matches_eager_after_other_allocations():
+    """The replay must equal eager after the caller's own allocations (a freed input buffer would be reused)."""
+    import timm
+
+    from cmafnet.analysis.profiling.timing import check_cuda_graph, cuda_graph_forward
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = timm.create_model("resnet18", num_classes=2).to(dev).eval()
+    timing = Timing(device=dev, amp="bf16")
+    x1 = torch.randn(1, 3, 64, 64, device=dev)
+    graphed = cuda_graph_forward(model, x1, timing)
+    junk = [torch.full_like(x1, 1e4) for _ in range(8)]  # would land in a freed static input
+    diff, ok = check_cuda_graph(model, graphed, [x1, torch.randn_like(x1)], timing)
+    del junk
+    assert ok, diff

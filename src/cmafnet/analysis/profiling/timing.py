@@ -101,13 +101,46 @@ def forward_gmacs(model: nn.Module, x1: Tensor) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def cuda_graph_forward(model: nn.Module, x1: Tensor, timing: Timing) -> Callable[[], Tensor]:
-    """Capture one eval forward in a CUDA graph; the returned function replays it.
+# Largest |graph - eager| allowed, relative to max |eager output|, per autocast precision. Replay runs
+# the kernels eager ran, so the difference is normally 0; the margin only absorbs a different
+# kernel/algorithm choice, whose reordered reductions move the result by a few units in the last
+# place of the autocast dtype (bf16 has 8 significant bits, fp16 11; "none" may use TF32 matmuls).
+CUDA_GRAPH_RTOL = {"bf16": 5e-2, "fp16": 1e-2, "none": 2e-3}
+
+
+class CudaGraphForward:
+    """A captured eval forward: ``fn(x)`` copies ``x`` into the static input, replays, returns the output.
+
+    The object owns the graph's static input and output. Keeping the input alive is essential: the
+    graph reads the input's device address on every replay, and a freed input buffer goes back to
+    the caching allocator, whose next allocation (e.g. an eager forward) overwrites it, so replays
+    silently compute on garbage. ``fn()`` without an argument replays on the current static input.
+    The returned tensor is the graph's static output, overwritten by the next replay (clone it to keep).
+    """
+
+    def __init__(self, graph: Any, static_input: Tensor, static_output: Tensor) -> None:
+        self.graph = graph  # torch.cuda.CUDAGraph (anything with ``replay()``)
+        self.static_input = static_input
+        self.static_output = static_output
+
+    def __call__(self, x: Tensor | None = None) -> Tensor:
+        if x is not None:
+            if x.shape != self.static_input.shape:
+                raise ValueError(
+                    f"CUDA graph captured for input {tuple(self.static_input.shape)}, got {tuple(x.shape)}"
+                )
+            self.static_input.copy_(x)  # queued on the current stream, before the replay
+        self.graph.replay()
+        return self.static_output
+
+
+def cuda_graph_forward(model: nn.Module, x1: Tensor, timing: Timing) -> CudaGraphForward:
+    """Capture one eval forward of ``model`` on inputs shaped like ``x1`` in a CUDA graph.
 
     Warm-up runs on a side stream (as ``torch.cuda.graphs`` requires); autocast's weight-cast cache
     is disabled so the casts are part of the captured graph rather than stale tensors.
     """
-    static_x = x1.clone()
+    static_x = x1.clone()  # the graph's input buffer, owned (kept alive) by the returned object
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.inference_mode(), timing.autocast(cache_enabled=False):
@@ -117,12 +150,44 @@ def cuda_graph_forward(model: nn.Module, x1: Tensor, timing: Timing) -> Callable
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), timing.autocast(cache_enabled=False), torch.cuda.graph(graph):
         static_y = model(static_x)
+    return CudaGraphForward(graph, static_x, static_y)
 
-    def replay() -> Tensor:
-        graph.replay()
-        return static_y
 
-    return replay
+def outputs_match(got: Tensor, ref: Tensor, amp: str) -> tuple[float, bool]:
+    """``(max |got - ref|, within tolerance)``, compared in float32.
+
+    The tolerance is ``CUDA_GRAPH_RTOL[amp] * max |ref|`` (relative to the output's scale, so small
+    random-init logits do not hide a wrong result behind a fixed absolute tolerance).
+    """
+    if got.shape != ref.shape:
+        raise ValueError(f"output shapes differ: {tuple(got.shape)} vs {tuple(ref.shape)}")
+    got, ref = got.detach().float(), ref.detach().float()
+    diff = float((got - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    ok = bool(torch.isfinite(got).all()) and diff <= CUDA_GRAPH_RTOL[amp] * max(scale, 1e-6)
+    return diff, ok
+
+
+def check_cuda_graph(
+    model: nn.Module, graphed: Callable[[Tensor], Tensor], inputs: list[Tensor], timing: Timing
+) -> tuple[float, bool]:
+    """Replay ``graphed`` on each input and compare with an eager forward in the same precision.
+
+    Use at least one input other than the one captured: it shows the graph reads its input buffer.
+    The eager forward runs under the same autocast settings as the capture (weight-cast cache off).
+
+    Returns:
+        ``(max abs difference over the inputs, every input within tolerance)``.
+    """
+    worst, all_ok = 0.0, True
+    for x in inputs:
+        with torch.inference_mode(), timing.autocast(cache_enabled=False):
+            ref = model(x).float()
+        got = graphed(x).float()  # copied out of the static output before the next replay
+        synchronize(timing.device)
+        diff, ok = outputs_match(got, ref, timing.amp)
+        worst, all_ok = max(worst, diff), all_ok and ok
+    return worst, all_ok
 
 
 def profile_steps(fn: Callable[[], Any], timing: Timing, path: str, steps: int = 3) -> None:
