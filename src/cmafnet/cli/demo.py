@@ -14,6 +14,10 @@ from cmafnet.cli._common import add_device_arg
 
 DEMO_CONFIG = "demo"  # CMAF-Net, small, all three stages
 BASELINE_CONFIG = "demo_resnet18"  # ResNet-18 + cross-entropy, one stage
+SYNTHETIC_NOTE = (
+    "The images are SYNTHETIC (generated H&E-like patches with overlapping classes), so these numbers "
+    "show that the pipeline works, not how well either method detects cancer."
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--data", default=None, help="a real IDC root (Kaggle layout) instead of generated data")
-    p.add_argument("--patients", type=int, default=16, help="virtual patients to generate")
-    p.add_argument("--patches", type=int, default=80, help="patches per virtual patient")
+    p.add_argument("--patients", type=int, default=12, help="virtual patients to generate")
+    p.add_argument("--patches", type=int, default=60, help="patches per virtual patient")
+    p.add_argument(
+        "--difficulty", type=float, default=0.6,
+        help="class overlap of the generated patches in [0, 1) (0 = trivially separable)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if not (src.exists() and any(src.iterdir())):
             step(f"generating a synthetic IDC-like dataset in {src} ({args.patients} virtual patients)")
             write_idc_like(src, n_patients=args.patients, patches_per_patient=args.patches,
-                           minority_frac=0.1, seed=args.seed)  # fmt: skip
+                           minority_frac=0.1, seed=args.seed, difficulty=args.difficulty)  # fmt: skip
     store_dir = out / "store"
     step(f"ingesting into {store_dir}")
     meta = ingest("idc", src, store_dir, workers=None, progress=True)
@@ -83,13 +91,18 @@ def run(args: argparse.Namespace) -> int:
         save_split(split_store(store, ratios=(0.6, 0.2, 0.2), seed=args.seed), split_path)
     step(f"patient-level split written to {split_path}")
 
-    runs = {"cmafnet": (cfg_cmaf, out / "runs" / "cmafnet"), "resnet18": (cfg_base, out / "runs" / "resnet18")}
+    runs = {
+        "cmafnet": (cfg_cmaf, out / "runs" / "cmafnet"),
+        "resnet18": (cfg_base, out / "runs" / "resnet18"),
+    }
     for name, (cfg, run_dir) in runs.items():
         resume = (run_dir / "checkpoints" / "last.pt").exists()
         step(f"training {name} -> {run_dir}{' (resuming)' if resume else ''}")
         fit(cfg, store_dir, split_path, run_dir, resume=resume, device=args.device)
     for name, (_, run_dir) in runs.items():
-        res = evaluate_run(run_dir, store_dir, split_path=split_path, split="test", device=_device(args.device))
+        res = evaluate_run(
+            run_dir, store_dir, split_path=split_path, split="test", device=_device(args.device)
+        )
         m = res.get("metrics", res)
         step(
             f"{name}: test balanced accuracy {_pct(m.get('balanced_accuracy'))}, sensitivity "
@@ -100,10 +113,7 @@ def run(args: argparse.Namespace) -> int:
         out / "report",
         title="cmafnet demo: CMAF-Net vs ResNet-18" + (" on generated data" if not args.data else ""),
         compare=[("cmafnet", "resnet18")],
-        notes=(
-            ["The images are SYNTHETIC (generated H&E-like patches), so these numbers say the pipeline "
-             "works, not how well the method detects cancer."] if not args.data else []
-        ),  # fmt: skip
+        notes=[] if args.data else [SYNTHETIC_NOTE],
     )
     step(f"done. Report: {report}")
     return 0
