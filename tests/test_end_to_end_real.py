@@ -1,0 +1,165 @@
+"""End to end on the real samples (CMAFNET_SAMPLE_DATA): ingest -> patient split -> train -> evaluate.
+
+The IDC sample (5,697 real 50x50 patches, 11 patients) is ingested, split by patient, used to train
+the shipped ``smoke`` CMAF-Net config (all three stages, SAM, every regulariser) with more steps per
+epoch, evaluated on held-out patients and reported in HTML; the trained run is then applied zero-shot
+to the 14 real BreakHis images. One module-scoped fixture trains once; the tests read its outputs.
+
+The balanced-accuracy floor was set from measurement (docs/decisions/evaluation.md, "End-to-end
+floor on the real IDC sample"): this split (seed 0) with training seeds 0 / 1 / 2 gave test balanced
+accuracy 0.817 / 0.813 / 0.783 at the 0.5 threshold; other splits (seeds 1-4) gave 0.847 / 0.859 /
+0.676 / 0.791. The floor, 0.65, is below every measurement and far above chance (0.5) on ~1,270 images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmafnet.config import load_config
+from cmafnet.data.ingest import ingest
+from cmafnet.data.splits import load_split, save_split, split_store
+from cmafnet.data.store import PatchStore
+from cmafnet.evaluation.evaluate import evaluate_run
+from cmafnet.evaluation.report import write_report
+from cmafnet.training import fit
+
+IDC_SUBDIR = Path("idc") / "IDC_regular_ps50_idx5"
+BREAKHIS_SUBDIR = Path("breakhis") / "BreaKHis_v1"
+SEED = 0
+# (0.6, 0.2, 0.2): the split is stratified on each patient's majority class, so with 4 mostly-benign
+# and 7 IDC-only patients every split gets at least one patient of each majority class, hence both
+# classes (any seed works; seed 0 puts 8913 + 8917 in test: 873 benign, 397 IDC patches).
+RATIOS = (0.6, 0.2, 0.2)
+# The smoke config's 4 steps per epoch leave the model at chance at the 0.5 threshold (measured:
+# test balanced accuracy 0.50, AUROC 0.91, all predicted benign); 16 steps of 32 patches per stage
+# (48 in all, ~770 patches per stage) learn the task. Bootstrap CIs are not what this test checks.
+OVERRIDES = [
+    f"train.seed={SEED}",
+    "train.max_steps_per_epoch=16",
+    "train.device=cpu",
+    "eval.bootstrap=0",
+]
+# Set from measurement (module docstring): below the lowest of 7 runs (0.676, a harder split), well
+# above chance; an untrained or broken pipeline measured 0.50 here.
+BALANCED_ACCURACY_FLOOR = 0.65
+# BreakHis stored at half its native 460x700 (H x W): the aspect ratio is kept and the model resizes
+# to its 64 px input anyway, so the full size would only cost memory and time.
+BREAKHIS_SIZE = (230, 350)
+
+
+@pytest.fixture(scope="module")
+def trained(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Ingest the real IDC sample, split by patient, train the smoke config, evaluate and report."""
+    root = tmp_path_factory.mktemp("e2e_real")
+    store_dir = root / "idc_store"
+    meta = ingest("idc", sample_data / IDC_SUBDIR, store_dir, workers=1, progress=False)
+    store = PatchStore.open(store_dir)
+    split_path = root / "split.json"
+    save_split(split_store(store, ratios=RATIOS, seed=SEED), split_path)
+
+    run_dir = root / "run"
+    summary = fit(load_config("smoke", OVERRIDES), store_dir, split_path, run_dir, progress=False)
+    test_doc = evaluate_run(run_dir, store_dir, split_path=split_path, split="test", device="cpu")
+    report = write_report([run_dir], root / "report", title="end-to-end on the real IDC sample")
+    return {
+        "root": root, "meta": meta, "store": store, "store_dir": store_dir, "split_path": split_path,
+        "run_dir": run_dir, "summary": summary, "test": test_doc, "report": report,
+    }  # fmt: skip
+
+
+def _finite_or_explained(metrics: dict[str, Any], where: str) -> None:
+    """Every metric is a finite number, or None with the reason recorded under ``undefined``."""
+    undefined = metrics.get("undefined", {})
+    for key, value in metrics.items():
+        if key in ("undefined", "class_names"):
+            continue
+        if key == "confusion":
+            arr = np.asarray(value)
+            assert arr.shape == (2, 2) and (arr >= 0).all(), f"{where}: confusion {value}"
+            assert arr.sum() == metrics["n"], f"{where}: confusion total != n"
+        elif value is None:
+            assert key in undefined, f"{where}: {key} is None without a reason"
+        else:
+            assert isinstance(value, (int, float)) and math.isfinite(value), f"{where}: {key}={value!r}"
+
+
+def test_ingest_and_patient_split(trained: dict[str, Any]) -> None:
+    store: PatchStore = trained["store"]
+    assert len(store) + trained["meta"].get("n_rejected", 0) == 5_697
+    split = load_split(trained["split_path"], store)  # re-checks patient-disjointness and the hash
+    assert len(store.patients()) == len(store)
+    assert len({p for s in ("train", "val", "test") for p in split.patients[s]}) == 11
+    for s in ("train", "val", "test"):
+        counts = split.class_counts[s]
+        assert all(n > 0 for n in counts.values()), f"{s} lacks a class: {counts}"
+    assert not set(split.patients["test"]) & set(split.patients["train"])
+
+
+def test_training_finished(trained: dict[str, Any]) -> None:
+    summary = trained["summary"]
+    assert summary["status"] == "finished"
+    run_dir: Path = trained["run_dir"]
+    assert (run_dir / "model.safetensors").is_file()
+    log = pd.read_csv(run_dir / "metrics.csv")
+    assert list(log["stage_name"]) == ["branches", "fusion", "end_to_end"]
+    assert np.isfinite(log["train_loss"]).all()
+
+
+def test_held_out_balanced_accuracy_above_measured_floor(trained: dict[str, Any]) -> None:
+    doc = trained["test"]
+    split = load_split(trained["split_path"], trained["store"])
+    m = doc["metrics"]
+    assert doc["split"] == "test" and m["n"] == len(split.test)
+    assert m["n_pos"] > 0 and m["n_neg"] > 0
+    _finite_or_explained(m, "test")
+    # Headline balanced accuracy at the 0.5 threshold on patients never seen in training.
+    assert m["balanced_accuracy"] > BALANCED_ACCURACY_FLOOR, (
+        f"test balanced accuracy {m['balanced_accuracy']:.3f} <= floor {BALANCED_ACCURACY_FLOOR} "
+        f"(AUROC {m['auroc']:.3f})"
+    )
+    assert m["auroc"] > BALANCED_ACCURACY_FLOOR
+    preds = pd.read_csv(doc["paths"]["predictions"])
+    assert len(preds) == m["n"]
+    assert set(preds["patient"].astype(str)) == set(split.patients["test"])
+
+
+def test_report_written(trained: dict[str, Any]) -> None:
+    report: Path = trained["report"]
+    assert report.is_file() and report.name == "report.html"
+    html = report.read_text()
+    assert "<html" in html.lower() and "data:image/png;base64," in html
+    assert json.loads((report.parent / "report.json").read_text())
+
+
+def test_zero_shot_breakhis_per_magnification(trained: dict[str, Any], sample_data: Path) -> None:
+    src = sample_data / BREAKHIS_SUBDIR
+    files = sorted(src.rglob("*.png"))
+    # expected per-magnification counts from the file names, e.g. SOB_B_F-14-25197-100-001.png
+    mag_re = re.compile(r"-(\d+)-\d+\.png$")
+    expected = Counter(mag_re.search(f.name)[1] + "X" for f in files)
+    store_dir = trained["root"] / "breakhis_store"
+    ingest("breakhis", src, store_dir, workers=1, size=BREAKHIS_SIZE, strict=True, progress=False)
+    assert len(PatchStore.open(store_dir)) == len(files) == 14
+
+    doc = evaluate_run(trained["run_dir"], store_dir, split="all", zero_shot=True, device="cpu", bootstrap=0)
+    assert doc["zero_shot"] and doc["metrics"]["n"] == 14
+    _finite_or_explained(doc["metrics"], "zero-shot")
+    by_mag = doc["by_magnification"]
+    assert set(by_mag) == set(expected) == {"40X", "100X", "200X", "400X"}
+    for mag, entry in by_mag.items():
+        assert entry["n"] == expected[mag], mag
+        _finite_or_explained(entry["metrics"], f"zero-shot {mag}")
+        _finite_or_explained(entry["operating_metrics"], f"zero-shot {mag} (operating)")
+    preds = pd.read_csv(doc["paths"]["predictions"])
+    probs = preds[["prob_benign", "prob_malignant"]].to_numpy()
+    assert len(preds) == 14 and np.isfinite(probs).all() and (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
