@@ -73,7 +73,9 @@ def render(
     # bincount (overlaps add up, like stacked nuclei)
     m_rate = 14 * density * scale * scale * max(1.0, w / h)
     b_rate = m_rate * 5 / 14
-    k = np.maximum(1, rng.poisson(np.where(malignant, m_rate + (b_rate - m_rate) * difficulty, b_rate)))  # (n,)
+    k = np.maximum(
+        1, rng.poisson(np.where(malignant, m_rate + (b_rate - m_rate) * difficulty, b_rate))
+    )  # (n,)
     owner = np.repeat(np.arange(n), k)  # (K,)
     kk = len(owner)
     mal = np.asarray(malignant, bool)[owner] & (rng.random(kk) >= difficulty)

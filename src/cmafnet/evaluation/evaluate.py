@@ -154,7 +154,10 @@ def _groups(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
     if column not in index.columns:
         return {}
     raw = index[column].to_numpy()[rows]
-    ok = np.array([x is not None and str(x).strip() not in ("", "nan", "None") for x in raw], dtype=bool)
+    # -1 is the store's "no magnification" (IDC patches): not a group of its own
+    ok = np.array(
+        [x is not None and str(x).strip() not in ("", "nan", "None", "-1") for x in raw], dtype=bool
+    )
     labels = np.array([mag_label(x) if column == "magnification" else str(x) for x in raw], dtype=object)
     out = {}
     for v in sorted(set(labels[ok]), key=_natural_key):

@@ -7,6 +7,7 @@ runs into :class:`Table` objects plus the plain data behind them (for ``report.j
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -230,15 +231,21 @@ def magnification_tables(runs: Sequence[RunInfo]) -> list[Table]:
 def seed_aggregate(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
     """Mean ± std (ddof=1) per evaluation name over every run that has it (e.g. 5 seeds)."""
     tables, data = [], {}
-    groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
-    for r in runs:  # only runs with the same evaluation name and the same classes are pooled
+    groups: dict[tuple[str, str, tuple[str, ...]], list[dict]] = {}
+    for r in runs:
+        # Pool only runs that differ by their seed alone (same resolved config otherwise), with the
+        # same evaluation name and classes: a mean over two different models would mean nothing.
+        recipe = _recipe_key(r.config)
+        model = (r.config.get("model") or {}).get("name", r.meta.get("model", "?"))
         for name, ev in r.evaluations.items():
-            groups.setdefault((name, tuple(ev.get("classes") or [])), []).append(ev)
-    for (name, classes), evs in sorted(groups.items()):
+            groups.setdefault((f"{model} {recipe}", name, tuple(ev.get("classes") or [])), []).append(ev)
+    for (recipe, name, classes), evs in sorted(groups.items()):
         if len(evs) < 2:
             continue
         cols = _columns_for(classes)
-        key = name if sum(k[0] == name for k in groups) == 1 else f"{name} [{', '.join(classes)}]"
+        key = f"{recipe.split()[0]} / {name}"
+        if sum(k[0].split()[0] == recipe.split()[0] and k[1] == name for k in groups) > 1:
+            key += f" [{recipe.split()[1]}, {', '.join(classes)}]"
         data[key] = aggregate_seeds([e.get("metrics", {}) for e in evs], keys=list(cols))
         row = [key, len(evs)]
         for c in cols:
@@ -250,7 +257,17 @@ def seed_aggregate(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
     return tables, data
 
 
+def _recipe_key(config: Mapping) -> str:
+    """A short hash of a run's resolved config without its seed (runs that are seeds of one recipe)."""
+    cfg = json.loads(json.dumps(config, default=str))
+    (cfg.get("train") or {}).pop("seed", None)
+    (cfg.get("train") or {}).pop("device", None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _paper_match(run: RunInfo) -> tuple[str, str] | None:
+    if run.meta.get("synthetic"):  # generated data: a comparison with the paper would mislead
+        return None
     tag = run.meta.get("paper")
     if isinstance(tag, Mapping) and tag.get("table") and tag.get("row"):
         return str(tag["table"]), str(tag["row"])

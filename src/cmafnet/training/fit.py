@@ -123,6 +123,7 @@ def prepare_data(
         "split_bytes": split_bytes,
         "stain_reference": _stain_reference(pre_train),
         "dataset": store.dataset,
+        "synthetic": bool(store.meta.get("synthetic", False)),
         "label_kind": split.label_kind,
     }
     return TrainData(
@@ -252,6 +253,7 @@ def _start_run_folder(
             "store_hash": data.meta.get("store_hash"),
             "split_hash": data.meta.get("split_hash"),
             "dataset": data.meta.get("dataset"),
+            "synthetic": data.meta.get("synthetic", False),
             "stain_reference": data.meta.get("stain_reference"),
             "effective_batch_size": cfg.train.batch_size,
             "world_size": info.world,
