@@ -15,7 +15,7 @@ def sample_data() -> Path:
     root = os.environ.get("CMAFNET_SAMPLE_DATA")
     if not root:
         pytest.skip("CMAFNET_SAMPLE_DATA is not set (real-sample tests need ../shared/data)")
-    path = Path(root)
+    path = Path(root).resolve()  # CI passes a relative path; tests may change folders or write lists
     if not path.is_dir():
         pytest.fail(f"CMAFNET_SAMPLE_DATA={root} is not a folder")
     return path
