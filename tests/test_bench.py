@@ -80,6 +80,11 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
         assert d["overhead_pct"] == pytest.approx(
             100 * (d["end_to_end_step_ms"] - d["premade_step_ms"]) / d["premade_step_ms"]
         )
+        # the serial path is reported separately; on the CPU nothing is overlapped
+        assert d["overlapped"] is False and d["end_to_end_serial_step_ms"] > 0
+        assert d["overhead_serial_pct"] == pytest.approx(
+            100 * (d["end_to_end_serial_step_ms"] - d["premade_step_ms"]) / d["premade_step_ms"]
+        )
         assert rc == 0
     else:  # documented degradation: the data path is reported as not measured, and the exit code says so
         assert "not measured" in d["errors"]["import"]

@@ -29,6 +29,7 @@ from torch import nn
 
 from cmafnet import __version__, run
 from cmafnet.config import Config, StageConfig, dump_config
+from cmafnet.data.prefetch import Prefetcher, batch_seed
 from cmafnet.errors import CmafnetError, ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import rng_state, save_checkpoint, set_rng_state
@@ -130,6 +131,8 @@ class Trainer:
         self.sam: SAM | None = None
         self.clipper = GradClipper(self.tc.clip)
         self.train_model: nn.Module = model
+        # prepare batch i + 1 on a side CUDA stream during step i (serial on the CPU; same results)
+        self.prefetch = self.device.type == "cuda"
 
     # ------------------------------------------------------------------------------ stages
     def _enter_stage(self, stage: StageConfig) -> None:
@@ -204,8 +207,16 @@ class Trainer:
         self.p.step_in_epoch = 0
         self.p.es_best, self.p.es_bad_epochs = -math.inf, 0
 
-    def _loss_fn(self, stage: StageConfig, epoch_f: float) -> Callable:
-        return lambda out, y: stage_loss(out, y, stage, self.objective, epoch=epoch_f)
+    def _loss_fn(self, stage: StageConfig, epoch_f: float, batches: Prefetcher | None = None) -> Callable:
+        def loss(out: Any, y: torch.Tensor) -> Any:
+            if batches is not None:
+                # the forward pass is queued on the GPU: launch the next batch's preprocessing on
+                # the side stream now, so its host time hides behind the forward pass (a no-op
+                # on the serial path and after the first call: SAM calls this twice)
+                batches.launch_next()
+            return stage_loss(out, y, stage, self.objective, epoch=epoch_f)
+
+        return loss
 
     def _train_epoch(self, stage: StageConfig) -> str:
         """Run the remaining steps of the current epoch; returns ok | stopped | interrupted."""
@@ -224,19 +235,14 @@ class Trainer:
                 desc=f"{stage.name} {p.epoch + 1}/{stage.epochs}",
             )  # fmt: skip
         t0 = time.perf_counter()
-        for i, batch in enumerate(loader, start=p.step_in_epoch):
-            if i >= self.steps_per_epoch:
-                break
-            x8, y, _ = distr.shard(tuple(batch), self.info)
-            x = self.data.preprocess_train(x8)
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        batches = self._batches(loader)
+        for i, (x, y) in enumerate(batches, start=p.step_in_epoch):
             frac = i / self.steps_per_epoch
             if uses_ramp(stage):
                 self.objective.set_beta_progress(p.ramp_epochs + frac)
             self._set_lr(stage)
             res = train_step(
-                self.train_model, x, y, self._loss_fn(stage, p.epoch + frac), self.optimizer, self.trainable,
+                self.train_model, x, y, self._loss_fn(stage, p.epoch + frac, batches), self.optimizer, self.trainable,
                 clipper=self.clipper, scaler=self.scaler, sam=self.sam, amp=tc.amp, sdpa_backend=tc.sdpa_backend,
             )  # fmt: skip
             p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
@@ -257,6 +263,32 @@ class Trainer:
             bar.close()
         self._epoch_time = time.perf_counter() - t0
         return "ok"
+
+    def _batches(self, loader: Iterable) -> Prefetcher:
+        """The epoch's remaining model inputs ``(x, y)``: shard, preprocess, memory format.
+
+        On CUDA batch ``i + 1`` is prepared on a side stream while step ``i`` runs: launched from the
+        loss function, once the forward pass of step ``i`` is queued. Each batch's preprocessing runs
+        with the RNGs seeded by ``(train.seed, epoch, batch, rank)`` (see :mod:`cmafnet.data.prefetch`),
+        so its augmentation does not depend on what ran before: the overlapped (CUDA) and serial
+        paths, and a resumed run, prepare identical batches.
+        """
+        p, tc, info = self.p, self.tc, self.info
+        epoch = p.global_epoch
+
+        def prepare(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            # also called from inside the step's loss function (autocast and autograd on there)
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                x8, y, _ = distr.shard(batch, info)
+                x = self.data.preprocess_train(x8)
+                if tc.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            return x, y
+
+        return Prefetcher(
+            loader, prepare, device=self.device, seed=lambda b: batch_seed(tc.seed, epoch, b, info.rank),
+            start=p.step_in_epoch, limit=self.steps_per_epoch, overlap=self.prefetch, early=False,
+        )  # fmt: skip
 
     def _record_step(self, res: Any, stage: StageConfig) -> None:
         p = self.p
