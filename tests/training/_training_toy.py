@@ -102,12 +102,14 @@ def toy_data(
 
 
 def make_trainer(
-    out: Path, cfg: Config, data: TrainData | None = None, *, info=None, model_kw=None, **kw
+    out: Path, cfg: Config, data: TrainData | None = None, *, info=None, model_kw=None, device=None, **kw
 ) -> Trainer:
-    """What ``fit`` does, with the toy model and data: seed, build, wrap."""
+    """What ``fit`` does, with the toy model and data: seed, build, wrap (on ``device`` if given)."""
     seed_everything(cfg.train.seed)
     data = data or toy_data()
     model = ToyNet(**(model_kw or {}))
+    if device is not None:  # the Trainer takes its device from the model's parameters
+        model = model.to(device)
     objective = Objective(cfg.loss, cfg.regularizers, data.class_counts, num_heads=1)
     return Trainer(cfg, model, objective, data, out, info=info, progress=False, **kw)
 
