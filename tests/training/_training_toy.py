@@ -106,7 +106,7 @@ def make_trainer(
 ) -> Trainer:
     """What ``fit`` does, with the toy model and data: seed, build, wrap (on ``device`` if given)."""
     seed_everything(cfg.train.seed)
-    data = data or toy_data()
+    data = data or toy_data(device=device or "cpu")  # the data must live where the model does
     model = ToyNet(**(model_kw or {}))
     if device is not None:  # the Trainer takes its device from the model's parameters
         model = model.to(device)
