@@ -2,7 +2,7 @@
 
 Assumptions (printed by ``cmafnet experiment --list``):
 
-* throughputs: ``shared/anchors/gpu_anchor_h200.json`` (one H200, bf16, eager, 224 px, batch 128) when
+* throughputs: a file named by ``CMAFNET_GPU_ANCHOR`` (anchor JSON: one GPU, bf16, eager, 224 px, batch 128) when
   present, else the copy of those numbers below; models without an anchor are estimated from their
   parts (TransFuse ~ ResNet-50 + DeiT-S in series, MMTM ~ ResNet-18 + DeiT-S, HRFNet ~ 0.7 x
   ResNet-50); CMAF-Net ~ the naive ResNet-18 + MobileViT-S + cross-attention proxy at half speed
@@ -50,11 +50,9 @@ PROFILE_S = 120.0  # Table 8: about two minutes of benchmarking per model
 
 def anchor_rates(path: str | Path | None = None) -> tuple[dict[str, tuple[float, float]], str]:
     """Anchor (train, infer) img/s per model name, and where they came from."""
-    candidates = (
-        [path]
-        if path
-        else [os.environ.get("CMAFNET_GPU_ANCHOR"), "/work/shared/anchors/gpu_anchor_h200.json"]
-    )
+    # An explicit file, or CMAFNET_GPU_ANCHOR (e.g. your own `cmafnet bench`-style anchor JSON);
+    # otherwise the built-in copy of the published H200 anchors.
+    candidates = [path] if path else [os.environ.get("CMAFNET_GPU_ANCHOR")]
     for c in candidates:
         if c and Path(c).exists():
             doc = json.loads(Path(c).read_text())
