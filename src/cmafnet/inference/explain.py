@@ -119,6 +119,14 @@ class Explainer:
         return ["grad-cam"], [m[None] for m in self._gradcam(x)]
 
     def _gradcam(self, x: torch.Tensor) -> np.ndarray:
+        try:
+            import pytorch_grad_cam  # noqa: F401
+        except ImportError:
+            from cmafnet.errors import ConfigError
+
+            raise ConfigError(
+                "Grad-CAM explanations of baselines need grad-cam: pip install 'cmafnet[explain]'"
+            ) from None
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

@@ -9,6 +9,7 @@ be at most ``tolerance`` (1e-4), otherwise :class:`ParityError` is raised.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -96,6 +97,12 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"ONNX export needs {', '.join(missing)}: pip install 'cmafnet[export]' (or -e '.[export]')"
+            )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ProbabilityModel(model.cpu().eval()).eval()
