@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 from sklearn.covariance import ledoit_wolf_shrinkage as sk_ledoit_wolf_shrinkage
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _dispatch_count import count_ops as count_syncs
 from cmafnet.config import LossConfig, RegularizerConfig
 from cmafnet.losses import Objective, gaussian_mutual_information
 from cmafnet.losses.regularizers import ledoit_wolf_shrinkage
 from cmafnet.models.output import ModelOutput
-
-
-class _SyncCounter(TorchDispatchMode):
-    """Counts device-to-host reads: ``.item()``, ``float()``, ``bool()`` dispatch to
-    ``aten._local_scalar_dense``; ``.tolist()`` does not dispatch and is patched separately."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_syncs() -> Iterator[_SyncCounter]:
-    counter = _SyncCounter()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t: torch.Tensor):
-        counter.n += 1
-        return tolist(t)
-
-    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
-    try:
-        with counter:
-            yield counter
-    finally:
-        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
 
 
 def test_sync_counter_can_fail() -> None:
@@ -55,7 +21,7 @@ def test_sync_counter_can_fail() -> None:
         t.sum().item()
         bool(t.max() > 0)
         t.tolist()
-    assert c.n == 3
+    assert c.syncs == 3
 
 
 def test_ledoit_wolf_is_a_device_tensor_without_sync_and_matches_sklearn() -> None:
@@ -65,7 +31,7 @@ def test_ledoit_wolf_is_a_device_tensor_without_sync_and_matches_sklearn() -> No
     xt = torch.from_numpy(x)
     with count_syncs() as c:
         lam = ledoit_wolf_shrinkage(xt)
-    assert c.n == 0
+    assert c.syncs == 0
     assert isinstance(lam, torch.Tensor) and lam.ndim == 0 and lam.dtype == torch.float64
     assert lam.item() == pytest.approx(float(sk_ledoit_wolf_shrinkage(x)), rel=1e-10)
     # float32 input: a float32 intensity (no float64 work), within float32 round-off of sklearn.
@@ -88,7 +54,7 @@ def test_gaussian_mi_has_no_sync_and_no_graph_break() -> None:
     with count_syncs() as c:
         mi = gaussian_mutual_information(z_s, z_t)
         mi.backward()
-    assert c.n == 0
+    assert c.syncs == 0
     assert z_s.grad is not None and torch.isfinite(z_s.grad).all()
     # fullgraph=True raises on any graph break (a Python float read from a tensor would be one).
     torch._dynamo.reset()
@@ -138,6 +104,6 @@ def test_objective_with_every_regularizer_never_reads_a_device_value(
     with count_syncs() as c:
         total, terms = obj(out, y, epoch=1.0)
         total.backward()
-    assert c.n == 0
+    assert c.syncs == 0
     for name in ("cls", "kl_s", "kl_t", "redundancy", "diversity", "attn_entropy", "orthogonality", "total"):
         assert isinstance(terms[name], torch.Tensor) and not terms[name].requires_grad, name

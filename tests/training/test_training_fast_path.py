@@ -2,55 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _dispatch_count import count_ops
 from cmafnet.config import ClipConfig
 from cmafnet.models.output import ModelOutput
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM, grads_finite, unscale_grads
 from cmafnet.training.step import train_step
-
-
-class _OpCounter(TorchDispatchMode):
-    """Records aten ops; ``.item()``/``float()``/``bool()`` dispatch to ``_local_scalar_dense``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_ops() -> Iterator[_OpCounter]:
-    """Counts aten ops and host reads (``.tolist()`` does not dispatch: it is patched)."""
-    counter = _OpCounter()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t: torch.Tensor):
-        counter.syncs += 1
-        return tolist(t)
-
-    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
-    try:
-        with counter:
-            yield counter
-    finally:
-        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
 
 
 class Deep(nn.Module):
