@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cmafnet.errors import ConfigError
@@ -177,3 +178,22 @@ def test_gradient_magnitude_matches_kornia_sobel():
     x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     ref = kornia.filters.sobel(x.mean(dim=1, keepdim=True))
     torch.testing.assert_close(gradient_magnitude(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [((7, 7), (8, 8)), ((8, 8), (7, 7)), ((5, 9), (6, 10)), ((14, 13), (13, 14))]
+)
+def test_bilinear_resize_equals_interpolate(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    from cmafnet.models.mobilevit import bilinear_resize
+
+    x = torch.randn(2, 3, *src, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 3, *dst)
+    got = bilinear_resize(x, dst)
+    ref = F.interpolate(x_ref, size=dst, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, ref, rtol=0, atol=5e-6)
+    (got * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=5e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # keeps the input dtype under autocast
+        assert bilinear_resize(x.detach().bfloat16(), dst).dtype == torch.bfloat16

@@ -46,6 +46,43 @@ class MobileViTOptions:
     img_size: int = 224  # sizes the learned embeddings; other sizes interpolate them
 
 
+def linear_resize_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
+    """``(n_out, n_in)`` float32 weights of 1-D linear interpolation, ``align_corners=False``.
+
+    Row ``i`` holds the two taps ``F.interpolate(..., mode="bilinear", align_corners=False)`` uses
+    for output ``i`` (source ``(i + 0.5) * n_in / n_out - 0.5`` clamped at 0; no antialiasing), so
+    ``W_h @ x @ W_w^T`` is that bilinear resize exactly (separable), up to float rounding.
+    Built with device ops only: no host-to-device copy (CUDA-graph capturable, a constant under
+    ``torch.compile``).
+    """
+    i = torch.arange(n_out, device=device, dtype=torch.float32)
+    src = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    frac = src - i0
+    w = torch.zeros(n_out, n_in, device=device, dtype=torch.float32)
+    w.scatter_add_(1, i0[:, None], (1.0 - frac)[:, None])
+    return w.scatter_add_(1, i1[:, None], frac[:, None])
+
+
+def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``(B, C, H, W)`` to ``size`` as two small matmuls, in float32.
+
+    Same result as ``F.interpolate(x, size, mode="bilinear", align_corners=False)``. Why not call
+    that: MobileViT-S resizes its 7x7 last-stage map to 8x8 and back at 224 px (patch 2), and on
+    the GPU the channels-last bilinear kernel took ~6 ms of a ~60 ms training step (profiled on an
+    H200), more than the whole transformer of that stage; the matmul form costs microseconds and
+    its backward is a matmul too. Float32 whatever the autocast dtype: the 8 -> 7 weights are not
+    representable in bf16.
+    """
+    h, w = x.shape[-2:]
+    with torch.autocast(x.device.type, enabled=False):
+        wh = linear_resize_matrix(h, size[0], x.device)  # (H', H)
+        ww = linear_resize_matrix(w, size[1], x.device)  # (W', W)
+        y = torch.einsum("bchw,Hh,Ww->bcHW", x.float(), wh, ww)  # (B, C, H', W')
+    return y.to(x.dtype)
+
+
 def _grid(size: int, reduction: int) -> int:
     """Feature-grid side after ``log2(reduction)`` stride-2 convs (k3, pad 1): ceil-halving."""
     for _ in range(int(math.log2(reduction))):
@@ -126,7 +163,7 @@ class MobileViTBlock(nn.Module):
         new_h, new_w = math.ceil(h / p) * p, math.ceil(w / p) * p
         resized = (new_h, new_w) != (h, w)
         if resized:  # as timm / Apple: resize to a multiple of the patch, back after folding
-            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            x = bilinear_resize(x, (new_h, new_w))
         nh, nw = new_h // p, new_w // p
         # Unfold with one copy: (B, C, nh, p, nw, p) -> (B, p, p, nh, nw, C) -> (B*P, N, C),
         # P = p*p pixels per patch, N = nh*nw patches; attention runs over N for each pixel slot.
@@ -135,7 +172,7 @@ class MobileViTBlock(nn.Module):
         # Fold back: (B*P, N, C) -> (B, p, p, nh, nw, C) -> (B, C, nh, p, nw, p) -> (B, C, H, W)
         x = x.reshape(b, p, p, nh, nw, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, new_h, new_w)
         if resized:
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            x = bilinear_resize(x, (h, w))
 
         x = self.conv_proj(x)
         if self.conv_fusion is not None:
