@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check for `cmafnet bench` (issue 8, SPEC §9). Run ONCE from the repository root on
 # a machine with one CUDA GPU; everything it produces goes to $OUT:
-#   bench.json          eager run: 4 models, switches, data path on a generated IDC-sized store
+#   gpu_tests.log       pytest -m gpu
+#   bench.json          eager run: models, whole-step CUDA graph, switches, data path on a generated
+#                       IDC-sized store (GPU_CHECK_EAGER_ARGS replaces the default options)
 #   bench_compile.json  torch.compile run of CMAF-Net and the naive reference (if time is left)
+# GPU_CHECK_PHASES selects among "tests eager compile" (default: all three, in that order).
 #   profile_*.txt       torch.profiler op tables of CMAF-Net and naive training steps
 #   *.log, env.txt      full logs, nvidia-smi, versions
 # It installs nothing from the internet. Missing Python packages are installed from wheels carried
@@ -57,25 +60,43 @@ timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
 "$PY" -c "import cmafnet, cmafnet.cli.bench; print('cmafnet', cmafnet.__version__, 'from', cmafnet.__file__)" \
   || { echo "FATAL: cmafnet not importable"; exit 1; }
 
-# ---- 1. eager run: all models, switches, 5% of an IDC-sized epoch (108 steps) through the real data path
-T=$(( $(left) - ${GPU_CHECK_COMPILE_RESERVE_S:-150} ))
-[ "$T" -gt 300 ] && T=300
-[ "$T" -lt 60 ] && T=60
-echo "== eager bench (timeout ${T}s, $(left)s left)"
-timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
-  --data-path --store-size 277524 --epoch-fraction 0.05 --profile "$OUT" --json "$OUT/bench.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench.log"
-echo "eager bench exit ${PIPESTATUS[0]} (124 = time limit; the JSON holds what was measured)"
+PHASES=${GPU_CHECK_PHASES:-tests eager compile}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 
-# ---- 2. compiled run (CMAF-Net and the naive reference; eager re-measured in the same process)
-T=$(( $(left) - 15 ))
-if [ "$T" -ge 90 ]; then
-  echo "== compile bench (timeout ${T}s)"
+# ---- 0. the GPU tests (pytest -m gpu: CUDA graphs of the training step, mixed precision, compile, ...)
+if has tests; then
+  T=${GPU_CHECK_TESTS_S:-150}
+  echo "== pytest -m gpu (timeout ${T}s, $(left)s left)"
+  timeout -k 10 "$T" "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tail -60 | tee "$OUT/gpu_tests.log"
+  echo "gpu tests exit ${PIPESTATUS[0]}"
+fi
+
+# ---- 1. eager run: CMAF-Net eager and whole-step CUDA graph, the naive reference, switches, and a
+#         fraction of an IDC-sized epoch (277,524 patches) through the real data path
+if has eager; then
+  T=$(( $(left) - ${GPU_CHECK_COMPILE_RESERVE_S:-150} ))
+  [ "$T" -gt 300 ] && T=300
+  [ "$T" -lt 60 ] && T=60
+  read -r -a EAGER <<< "${GPU_CHECK_EAGER_ARGS:---data-path --store-size 277524 --epoch-fraction 0.05}"
+  echo "== eager bench (timeout ${T}s, $(left)s left)"
   timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
-    --models cmafnet naive --compile --no-switches --latency-steps 50 --json "$OUT/bench_compile.json" \
-    ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_compile.log"
-  echo "compile bench exit ${PIPESTATUS[0]}"
-else
-  echo "== compile bench skipped: only $(left)s left"
+    ${EAGER[@]+"${EAGER[@]}"} --profile "$OUT" --json "$OUT/bench.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench.log"
+  echo "eager bench exit ${PIPESTATUS[0]} (124 = time limit; the JSON holds what was measured)"
+fi
+
+# ---- 2. compiled run: CMAF-Net compiled (and compiled + whole-step graph); the naive reference
+#         eager, re-measured in the same process for the ratios
+if has compile; then
+  T=$(( $(left) - 15 ))
+  if [ "$T" -ge 90 ]; then
+    echo "== compile bench (timeout ${T}s)"
+    timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
+      --models cmafnet naive --compile --runs naive cmafnet+compile cmafnet+compile+graph --no-switches \
+      --json "$OUT/bench_compile.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_compile.log"
+    echo "compile bench exit ${PIPESTATUS[0]}"
+  else
+    echo "== compile bench skipped: only $(left)s left"
+  fi
 fi
 
 # ---- summary

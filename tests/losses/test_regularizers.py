@@ -161,3 +161,12 @@ def test_beta_ramp_and_fixed_schedules() -> None:
     assert ramp_weight(0.01, 0.0, ramp_epochs=0) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="progress"):
         ramp_weight(0.01, -1.0)
+
+
+def test_redundancy_not_positive_definite_is_nan_not_an_exception() -> None:
+    """A failed Cholesky gives NaN (the step is skipped as non-finite), never a host-side error check."""
+    from cmafnet.losses.regularizers import _logdet_pd
+
+    assert torch.isnan(_logdet_pd(torch.tensor([[1.0, 2.0], [2.0, 1.0]])))
+    spd = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    torch.testing.assert_close(_logdet_pd(spd), torch.logdet(spd))

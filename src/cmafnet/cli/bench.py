@@ -50,8 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd CMAF-Net and naive model"
     )
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="on CUDA, skip CMAF-Net with its whole training step captured in a CUDA graph")  # fmt: skip
+    p.add_argument("--runs", nargs="+", default=None, metavar="KEY",
+                   help="time only these of the measurements the other options select, e.g. "
+                        "'naive cmafnet+compile' (keys: a model, or a model +graph / +compile / +compile+graph)")  # fmt: skip
     p.add_argument("--no-switches", dest="switches", action="store_false",
                    help="skip the one-at-a-time fast-path switch measurements")  # fmt: skip
+    p.add_argument("--switch", dest="only_switches", nargs="+", default=None, metavar="NAME",
+                   help="measure only these switches (default: all)")  # fmt: skip
     p.add_argument("--data-path", action="store_true", help="time the real data path on a generated store")
     p.add_argument(
         "--store-size", type=int, default=None, help="generated patches (default 277,524, IDC's size)"
@@ -91,6 +98,22 @@ def _parse_models(items: list[str]) -> list[str]:
 
             raise ConfigError(f"--models: unknown model '{n}'.{suggest(n, list(MODEL_KEYS))}")
     return list(dict.fromkeys(names))
+
+
+def _split(items: list[str]) -> list[str]:
+    return [n for item in items for n in item.split(",") if n]
+
+
+def _check_switches(items: list[str]) -> list[str]:
+    from cmafnet.analysis.profiling.switches import SWITCHES
+
+    names = _split(items)
+    for n in names:
+        if n not in SWITCHES:
+            from cmafnet.registry import suggest
+
+            raise ConfigError(f"--switch: unknown switch '{n}'.{suggest(n, list(SWITCHES))}")
+    return names
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -138,6 +161,7 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
         "latency_steps": timing.latency_steps,
         "amp": timing.amp,
         "compile": args.compile,
+        "cuda_graph": args.graph and dev.type == "cuda",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -199,7 +223,13 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
 
 
 def _specs(
-    cfg: Any, dev: Any, size: int, names: list[str], compile_: bool, profile: Path | None = None
+    cfg: Any,
+    dev: Any,
+    size: int,
+    names: list[str],
+    compile_: bool,
+    profile: Path | None = None,
+    graph: bool = False,
 ) -> dict[str, Any]:
     from dataclasses import replace
 
@@ -242,12 +272,25 @@ def _specs(
         specs["mobilevit_s"] = ModelBench(
             "mobilevit_s", lambda: timm.create_model("mobilevit_s", num_classes=nc)
         )
+    graph = graph and dev.type == "cuda" and "cmafnet" in specs
+    if graph:  # the same step, captured whole and replayed (cmafnet.training.graphs)
+        specs["cmafnet+graph"] = replace(
+            specs["cmafnet"], name="cmafnet+graph", cuda_graph=True, gmacs=False, latency=False,
+            breakdown=False, profile_path=None, aux_infer=False,
+        )  # fmt: skip
     if compile_:
         for key in ("cmafnet", "naive"):
             if key in specs:
+                # batch-1 latency is the CUDA-graph column of the eager entry; skipping the
+                # reduce-overhead compile here saves a third compilation per model
                 specs[f"{key}+compile"] = replace(
-                    specs[key], name=f"{key}+compile", compile=True, gmacs=False
-                )
+                    specs[key], name=f"{key}+compile", compile=True, gmacs=False, breakdown=False,
+                    profile_path=None, latency=False,
+                )  # fmt: skip
+        if graph:
+            specs["cmafnet+compile+graph"] = replace(
+                specs["cmafnet+graph"], name="cmafnet+compile+graph", compile=True
+            )
     return specs
 
 
@@ -299,13 +342,19 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
     model.train()
     fused = cfg.train.fused_adamw and dev.type == "cuda"
     opt = parts["optimizer"](model, fused) if parts["optimizer"] else make_optimizer(model, fused=fused)
-    step = make_train_step(model, parts["loss_fn"], opt, timing)
+    graphed = args.graph and dev.type == "cuda"
+    step = make_train_step(model, parts["loss_fn"], opt, timing, autocast_cache=not graphed)
+    premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
+    rec["step"] = "cuda_graph" if graphed else "eager"
+    if graphed:  # the fastest step measured: the input path has the least time to hide behind
+        from cmafnet.training.graphs import GraphedStep
+
+        step = GraphedStep(step, list(premade), optimizer=opt)
 
     def preprocess(xb: torch.Tensor) -> torch.Tensor:
         x = prep(xb)
         return x.contiguous(memory_format=torch.channels_last) if cl else x
 
-    premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
     rec.update(measure_data_path(cycle_batches(loader), preprocess, step, premade, timing, steps=steps))
     rec["epoch_steps"] = steps_per_epoch
     rec["epoch_estimate_s"] = rec["end_to_end_step_ms"] * steps_per_epoch / 1e3
@@ -331,6 +380,8 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.run import write_json
 
     _check_args(args)
+    if args.only_switches:
+        _check_switches(args.only_switches)  # bad names fail before any measurement
     if args.store_size is None:
         args.store_size = IDC_SIZE
     names = _parse_models(args.models)
@@ -363,7 +414,18 @@ def run(args: argparse.Namespace) -> int:
     result["targets_definition"] = [
         {"name": n, "description": d, "op": o, "threshold": t} for n, d, o, t in TARGETS
     ]
-    specs = _specs(cfg, dev, size, names, args.compile, args.profile)
+    specs = _specs(cfg, dev, size, names, args.compile, args.profile, args.graph)
+    if args.runs:
+        keep = _split(args.runs)
+        unknown = [k for k in keep if k not in specs]
+        if unknown:
+            from cmafnet.registry import suggest
+
+            raise ConfigError(
+                f"--runs: '{unknown[0]}' is not selected by the other options "
+                f"(selected: {', '.join(specs)}).{suggest(unknown[0], list(specs))}"
+            )
+        specs = {k: v for k, v in specs.items() if k in keep}
 
     def bench(spec: Any, t: Any = timing) -> dict:
         return bench_model(spec, t, size=size, batch=batch, infer_batch=args.infer_batch,
@@ -400,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
         save(False)
     if args.switches:
         log.info("timing fast-path switches")
-        result["switches"] = run_switches(specs, models, bench, timing)
+        only = set(_check_switches(args.only_switches)) if args.only_switches else None
+        result["switches"] = run_switches(specs, models, bench, timing, only)
     save(True)
     print(format_report(result))
     if args.json:

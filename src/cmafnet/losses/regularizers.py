@@ -78,9 +78,22 @@ def ledoit_wolf_shrinkage(x: Tensor) -> Tensor:
     return _ledoit_wolf_from_cov(x, x.T @ x / n)
 
 
+def _cholesky_log_diag(m: Tensor) -> Tensor:
+    """``log diag(L)`` of the Cholesky factor ``L`` of a symmetric positive-definite ``m``; NaN where
+    ``m`` is not positive definite.
+
+    ``cholesky_ex`` instead of ``cholesky``: the latter checks its status on the host (a device sync
+    every training step, not allowed inside a CUDA graph). A failed factorisation gives NaN, which
+    the trainer's non-finite check turns into a skipped step, instead of an exception.
+    """
+    chol, info = torch.linalg.cholesky_ex(m)
+    log_diag = chol.diagonal(dim1=-2, dim2=-1).log()
+    return torch.where(info.unsqueeze(-1) == 0, log_diag, torch.full_like(log_diag, math.nan))
+
+
 def _logdet_pd(m: Tensor) -> Tensor:
-    """log det of a symmetric positive-definite matrix via Cholesky."""
-    return 2.0 * torch.linalg.cholesky(m).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    """log det of a symmetric positive-definite matrix via Cholesky (NaN when it is not)."""
+    return 2.0 * _cholesky_log_diag(m).sum(-1)
 
 
 def gaussian_mutual_information(
@@ -137,7 +150,7 @@ def gaussian_mutual_information(
         mu = torch.diagonal(s_).sum() / d  # = x.square().sum() / (n d)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     r = (1.0 - lam) * s + (lam * mu + jitter) * eye  # (d, d)
-    log_diag = torch.linalg.cholesky(r).diagonal().log()  # (d,)
+    log_diag = _cholesky_log_diag(r)  # (d,)
     # 1/2 [log det R_ss + log det R_tt - log det R] with log det R = 2 sum(log_diag) and
     # log det R_ss = 2 sum(log_diag[:d_s]): the R_ss part cancels exactly.
     mi = 0.5 * _logdet_pd(r[d_s:, d_s:]) - log_diag[d_s:].sum()

@@ -43,6 +43,9 @@ class ModelBench:
     sam_rho: float | None = None  # also time a SAM step
     aux_infer: bool = False  # also time ``forward(x, return_aux=True)`` inference
     compile: bool = False
+    # capture the whole training step (and the batch inference forward) in a CUDA graph, replayed
+    # per batch (cmafnet.training.graphs; CUDA only)
+    cuda_graph: bool = False
     fused_adamw: bool = True
     # optimizer(model, fused) -> Optimizer; None = AdamW over the model's trainable parameters
     optimizer: Callable[[nn.Module, bool], torch.optim.Optimizer] | None = None
@@ -103,6 +106,7 @@ def bench_model(
         "name": spec.name,
         "channels_last": spec.channels_last,
         "compiled": spec.compile,
+        "cuda_graph": spec.cuda_graph,
         "fused_adamw": spec.fused_adamw and dev.type == "cuda",  # fused AdamW is used on CUDA only
         "amp": timing.amp,
     }
@@ -134,8 +138,15 @@ def bench_model(
         def time_train(rho: float | None) -> float:
             model.train()
             sam = spec.sam(opt) if rho and spec.sam else None
-            step = make_train_step(run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam)
+            graphed = spec.cuda_graph and dev.type == "cuda"
+            step = make_train_step(
+                run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam, autocast_cache=not graphed
+            )
             reset_peak_memory(dev)
+            if graphed:
+                from cmafnet.training.graphs import GraphedStep
+
+                step = GraphedStep(step, [x, y], optimizer=opt)
             return time_per_step(lambda: step(x, y), timing)
 
         s = _attempt(rec, "train", lambda: time_train(None))
@@ -166,6 +177,9 @@ def bench_model(
 
         def time_infer(aux: bool) -> float:
             reset_peak_memory(dev)
+            if spec.cuda_graph and dev.type == "cuda" and not aux:
+                replay = cuda_graph_forward(run_model, xi, timing)
+                return time_per_step(lambda: replay(xi), timing)
             with torch.inference_mode(), timing.autocast():
                 if aux:
                     return time_per_step(lambda: run_model(xi, return_aux=True), timing)

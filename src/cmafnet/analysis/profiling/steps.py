@@ -43,6 +43,7 @@ def make_train_step(
     *,
     sam_rho: float | None = None,
     sam: Any = None,
+    autocast_cache: bool = True,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """One optimiser step on a batch: forward + loss under autocast, backward, (SAM), AdamW.
 
@@ -52,12 +53,13 @@ def make_train_step(
     with ``perturb()`` / ``restore()`` (``cmafnet.training.sam.SAM``); without it an inline version
     with ``torch._foreach`` kernels is used. fp16 uses a GradScaler; ``g / ||g||`` does not depend on
     the loss scale, so the inline version needs no unscale before the perturbation.
+    ``autocast_cache=False`` re-casts the weights at every use (required inside a CUDA graph).
     """
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     scaler = torch.amp.GradScaler(timing.device.type) if timing.amp == "fp16" else None
 
     def loss_of(x: Tensor, y: Tensor) -> Tensor:
-        with timing.autocast():
+        with timing.autocast(cache_enabled=autocast_cache):
             return loss_fn(model, x, y)
 
     def backward(loss: Tensor) -> None:

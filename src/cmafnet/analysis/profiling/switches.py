@@ -11,9 +11,18 @@ import torch
 from cmafnet.analysis.profiling.models import ModelBench
 from cmafnet.analysis.profiling.timing import Timing
 
+SWITCHES = (
+    "channels_last", "channels_last_spatial_only", "autocast", "fused_adamw", "sam_inline_foreach",
+    "return_aux_off", "sdpa", "cuda_graph", "compile",
+)  # fmt: skip
+
 
 def run_switches(
-    specs: dict[str, ModelBench], models: dict[str, dict], bench: Callable[..., dict], timing: Timing
+    specs: dict[str, ModelBench],
+    models: dict[str, dict],
+    bench: Callable[..., dict],
+    timing: Timing,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
     """Each fast-path switch flipped alone against the main measurement (training + inference).
 
@@ -22,6 +31,8 @@ def run_switches(
         models: their main results (from :func:`bench_model`).
         bench: ``bench(spec, timing) -> result``, :func:`bench_model` with the run's sizes bound.
         timing: the run's timing settings.
+        only: the switches to measure (names of :data:`SWITCHES`; None = all). ``cuda_graph``,
+            ``compile`` and ``return_aux_off`` reuse main measurements and cost nothing.
 
     Returns:
         ``{switch: {model: {metric: {"on", "off", "speedup"}}}}`` (speed-up = on / off), plus
@@ -51,15 +62,17 @@ def run_switches(
             out["errors"] = {**on.get("errors", {}), **off.get("errors", {})}
         return out
 
+    want = (lambda name: True) if only is None else only.__contains__
     res: dict[str, Any] = {}
     cl: dict[str, Any] = {}
-    for key in ("resnet18", "mobilevit_s", "cmafnet"):
+    for key in ("resnet18", "mobilevit_s", "cmafnet") if want("channels_last") else ():
         if key in specs and "train_img_s" in models.get(key, {}):
             spec = specs[key]
             other = flipped(replace(spec, channels_last=not spec.channels_last))
             on, off = (models[key], other) if spec.channels_last else (other, models[key])
             cl[key] = pair(on, off)
-    res["channels_last"] = cl
+    if cl:
+        res["channels_last"] = cl
     if "cmafnet" in specs and "train_img_s" in models.get("cmafnet", {}):
         spec = specs["cmafnet"]
         build = spec.build
@@ -72,29 +85,34 @@ def run_switches(
                 m.spatial.to(memory_format=torch.channels_last)
             return m
 
-        per_branch = flipped(replace(spec, build=spatial_nhwc, channels_last=False))
-        # on = ResNet branch only NHWC, off = the main measurement (the config's global setting)
-        res["channels_last_spatial_only"] = {"cmafnet": pair(per_branch, models["cmafnet"])}
-        if timing.amp != "none":
+        if want("channels_last_spatial_only"):
+            per_branch = flipped(replace(spec, build=spatial_nhwc, channels_last=False))
+            # on = ResNet branch only NHWC, off = the main measurement (the config's global setting)
+            res["channels_last_spatial_only"] = {"cmafnet": pair(per_branch, models["cmafnet"])}
+        if timing.amp != "none" and want("autocast"):
             fp32 = flipped(spec, Timing(timing.device, timing.steps, timing.warmup, "none"))
             res["autocast_" + timing.amp] = {"cmafnet": pair(models["cmafnet"], fp32)}
-        if timing.device.type == "cuda":  # fused AdamW is a CUDA kernel; CPU uses foreach either way
+        if timing.device.type == "cuda" and want(
+            "fused_adamw"
+        ):  # fused AdamW is a CUDA kernel; CPU uses foreach either way
             other = flipped(replace(spec, fused_adamw=not spec.fused_adamw))
             on, off = (models["cmafnet"], other) if spec.fused_adamw else (other, models["cmafnet"])
             res["fused_adamw"] = {"cmafnet": pair(on, off)}
-        if spec.sam is not None and spec.sam_rho:  # the trainer's SAM against the inline foreach one
+        if (
+            spec.sam is not None and spec.sam_rho and want("sam_inline_foreach")
+        ):  # the trainer's SAM against the inline foreach one
             inline = bench(
                 replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False,
                         breakdown=False, profile_path=None)
             )  # fmt: skip
             res["sam_inline_foreach"] = {"cmafnet": pair(inline, models["cmafnet"], ("train_sam_img_s",))}
         m = models["cmafnet"]
-        if m.get("infer_img_s") and m.get("infer_aux_img_s"):
+        if m.get("infer_img_s") and m.get("infer_aux_img_s") and want("return_aux_off"):
             res["return_aux_off"] = {"cmafnet": {
                 "infer_img_s": {"on": m["infer_img_s"], "off": m["infer_aux_img_s"],
                                 "speedup": m["infer_img_s"] / m["infer_aux_img_s"]},
             }}  # fmt: skip
-    if "naive" in specs and "train_img_s" in models.get("naive", {}):
+    if "naive" in specs and "train_img_s" in models.get("naive", {}) and want("sdpa"):
         base = specs["naive"]
         build = base.build
 
@@ -104,8 +122,15 @@ def run_switches(
             return m
 
         res["sdpa"] = {"naive": pair(models["naive"], flipped(replace(base, build=materialized)))}
+    metrics = ("train_img_s", "train_sam_img_s", "infer_img_s")
     for key in ("cmafnet", "naive"):
         c = models.get(f"{key}+compile")
-        if c and models.get(key):
-            res.setdefault("compile", {})[key] = pair(c, models[key])
+        if c and models.get(key) and want("compile"):
+            res.setdefault("compile", {})[key] = pair(c, models[key], metrics)
+    if models.get("cmafnet+graph") and models.get("cmafnet") and want("cuda_graph"):
+        res["cuda_graph"] = {"cmafnet": pair(models["cmafnet+graph"], models["cmafnet"], metrics)}
+        if models.get("cmafnet+compile+graph") and models.get("cmafnet+compile"):
+            res["cuda_graph"]["cmafnet+compile"] = pair(
+                models["cmafnet+compile+graph"], models["cmafnet+compile"], metrics
+            )
     return res
