@@ -55,8 +55,10 @@ if [ -n "$MISSING" ]; then
   MISSING=$(missing)
   [ -n "$MISSING" ] && echo "WARNING: still missing: $MISSING (kornia missing = CMAF-Net and the data path are not measured)"
 fi
-timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-  || echo "note: editable install failed; using PYTHONPATH=src"
+if [ -z "${GPU_CHECK_NO_INSTALL:-}" ]; then
+  timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+    || echo "note: editable install failed; using PYTHONPATH=src"
+fi
 "$PY" -c "import cmafnet, cmafnet.cli.bench; print('cmafnet', cmafnet.__version__, 'from', cmafnet.__file__)" \
   || { echo "FATAL: cmafnet not importable"; exit 1; }
 
