@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-def _run(graphed: bool, amp: str, sam: bool, batches: list) -> torch.Tensor:
+def _run(graphed: bool, amp: str, sam: bool, batches: list, trainer_step: bool = False) -> torch.Tensor:
     cfg = load_config("smoke", ["model.head.dropout=0"])
     dev = torch.device("cuda")
     parts = _cmaf_parts(cfg, dev, 64)
@@ -26,10 +26,13 @@ def _run(graphed: bool, amp: str, sam: bool, batches: list) -> torch.Tensor:
     model = parts["build"]().to(dev).train()
     opt = parts["optimizer"](model, True)
     timing = Timing(dev, amp=amp)
-    step = make_train_step(
-        model, parts["loss_fn"], opt, timing, sam_rho=0.05 if sam else None,
-        sam=parts["sam"](opt) if sam else None, autocast_cache=not graphed,
-    )  # fmt: skip
+    if trainer_step:  # train.cuda_graph's DeviceStep (AutoClip, skip logic), eager or replayed
+        step = parts["device_step"](model, opt, sam, amp)
+    else:
+        step = make_train_step(
+            model, parts["loss_fn"], opt, timing, sam_rho=0.05 if sam else None,
+            sam=parts["sam"](opt) if sam else None, autocast_cache=not graphed,
+        )  # fmt: skip
     if graphed:
         # the warm-up steps are real steps on the example batch: the eager run repeats them
         step = GraphedStep(step, list(batches[0]), optimizer=opt, warmup=3)
@@ -42,8 +45,17 @@ def _run(graphed: bool, amp: str, sam: bool, batches: list) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("amp,sam", [("none", False), ("none", True), ("bf16", True)])
-def test_graphed_step_matches_eager(amp: str, sam: bool) -> None:
+@pytest.mark.parametrize(
+    "amp,sam,trainer_step",
+    [
+        ("none", False, False),
+        ("none", True, False),
+        ("bf16", True, False),
+        ("none", True, True),
+        ("bf16", True, True),
+    ],
+)
+def test_graphed_step_matches_eager(amp: str, sam: bool, trainer_step: bool) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -54,8 +66,8 @@ def test_graphed_step_matches_eager(amp: str, sam: bool) -> None:
         for _ in range(3)
     ]
     batches = [first] * 3 + rest
-    ref, got = _run(False, amp, sam, batches), _run(True, amp, sam, batches)
-    start = _run(False, amp, sam, [])
+    ref, got = _run(False, amp, sam, batches, trainer_step), _run(True, amp, sam, batches, trainer_step)
+    start = _run(False, amp, sam, [], trainer_step)
     moved = (ref - start).norm()
     assert moved > 0
     # same kernels, same order: fp32 agrees to round-off; bf16 autocast without the weight-cast

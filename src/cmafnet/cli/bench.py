@@ -218,7 +218,21 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
         params = [p for g in opt.param_groups for p in g["params"]]
         return SAM(params, rho=cfg.train.sam.rho or 0.05, adaptive=cfg.train.sam.adaptive)
 
-    parts.update(optimizer=optimizer, sam=sam)
+    def device_step(model: torch.nn.Module, opt: torch.optim.Optimizer, with_sam: bool, amp: str) -> Any:
+        """The trainer's ``train.cuda_graph`` step: SAM, AutoClip, non-finite skip, all on the device."""
+        from cmafnet.training.graphed import DeviceClipper, DeviceStep
+
+        params = [p for g in opt.param_groups for p in g["params"]]
+
+        def loss(out: Any, y: torch.Tensor) -> Any:
+            return objective(out, y, epoch=stage3_epoch, use_regularizers=True)
+
+        return DeviceStep(
+            model, loss, opt, params, clipper=DeviceClipper(cfg.train.clip, dev),
+            sam=sam(opt) if with_sam else None, amp=amp, sdpa_backend=cfg.train.sdpa_backend,
+        )  # fmt: skip
+
+    parts.update(optimizer=optimizer, sam=sam, device_step=device_step)
     return parts
 
 
@@ -252,11 +266,18 @@ def _specs(
             def unavailable(msg: str = msg) -> Any:
                 raise RuntimeError(f"CMAF-Net unavailable ({msg})")
 
-            parts = {"build": unavailable, "loss_fn": None, "optimizer": None, "sam": None}
+            parts = {
+                "build": unavailable,
+                "loss_fn": None,
+                "optimizer": None,
+                "sam": None,
+                "device_step": None,
+            }
         specs["cmafnet"] = ModelBench(
             "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
             sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
             optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True,
+            device_step=parts.get("device_step"),
             profile_path=str(profile / "profile_cmafnet.txt") if profile else None,
         )  # fmt: skip
     if "naive" in names:
@@ -342,14 +363,17 @@ def _data_path(cfg: Any, args: argparse.Namespace, timing: Any, size: int, batch
     model.train()
     fused = cfg.train.fused_adamw and dev.type == "cuda"
     opt = parts["optimizer"](model, fused) if parts["optimizer"] else make_optimizer(model, fused=fused)
-    graphed = args.graph and dev.type == "cuda"
-    step = make_train_step(model, parts["loss_fn"], opt, timing, autocast_cache=not graphed)
+    graphed = args.graph and dev.type == "cuda" and parts.get("device_step") and timing.amp != "fp16"
     premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
     rec["step"] = "cuda_graph" if graphed else "eager"
-    if graphed:  # the fastest step measured: the input path has the least time to hide behind
+    if (
+        graphed
+    ):  # the trainer's train.cuda_graph step, the fastest: the input path has the least to hide behind
         from cmafnet.training.graphs import GraphedStep
 
-        step = GraphedStep(step, list(premade), optimizer=opt)
+        step = GraphedStep(parts["device_step"](model, opt, False, timing.amp), list(premade), optimizer=opt)
+    else:
+        step = make_train_step(model, parts["loss_fn"], opt, timing)
 
     def preprocess(xb: torch.Tensor) -> torch.Tensor:
         x = prep(xb)

@@ -34,6 +34,7 @@ from cmafnet.errors import CmafnetError, ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cmafnet.training.clipping import GradClipper
+from cmafnet.training.graphed import GraphMode, check_graph_mode, plain_optimizer_state
 from cmafnet.training.monitors import validate
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM
@@ -133,6 +134,9 @@ class Trainer:
         self.train_model: nn.Module = model
         # prepare batch i + 1 on a side CUDA stream during step i (serial on the CPU; same results)
         self.prefetch = self.device.type == "cuda"
+        if self.tc.cuda_graph:
+            check_graph_mode(self.tc, self.device, distributed=self.info.enabled)
+        self.graph: GraphMode | None = None  # set per stage with train.cuda_graph
 
     # ------------------------------------------------------------------------------ stages
     def _enter_stage(self, stage: StageConfig) -> None:
@@ -158,6 +162,12 @@ class Trainer:
         if self.tc.compile:
             m = torch.compile(m)
         self.train_model = m
+        self.graph = None
+        if self.tc.cuda_graph:
+            self.graph = GraphMode(
+                m, self.optimizer, self.trainable, self.tc, sam=self.sam, device=self.device
+            )
+            self.clipper = self.graph.clipper  # device-side, same history semantics
         n = sum(p.numel() for p in self.trainable)
         log.info("stage '%s' (%s): %d trainable parameters, lr %.2e", stage.name, stage.train, n, stage.lr)
 
@@ -167,7 +177,10 @@ class Trainer:
         warm = round(stage.warmup_epochs * self.steps_per_epoch)
         self.p.lr = stage.lr * lr_factor(stage.schedule, step, total, warmup=warm, cycles=stage.cyclic_cycles)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.p.lr
+            if isinstance(g["lr"], torch.Tensor):  # read by a captured step: written in place
+                g["lr"].fill_(self.p.lr)
+            else:
+                g["lr"] = self.p.lr
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -236,15 +249,24 @@ class Trainer:
             )  # fmt: skip
         t0 = time.perf_counter()
         batches = self._batches(loader)
+        if self.graph is not None:
+            # a captured step freezes the loss schedules: re-capture each epoch, at its midpoint values
+            if uses_ramp(stage):
+                self.objective.set_beta_progress(p.ramp_epochs + 0.5)
+            self.graph.new_epoch(self._loss_fn(stage, p.epoch + 0.5))
         for i, (x, y) in enumerate(batches, start=p.step_in_epoch):
             frac = i / self.steps_per_epoch
-            if uses_ramp(stage):
-                self.objective.set_beta_progress(p.ramp_epochs + frac)
             self._set_lr(stage)
-            res = train_step(
-                self.train_model, x, y, self._loss_fn(stage, p.epoch + frac, batches), self.optimizer, self.trainable,
-                clipper=self.clipper, scaler=self.scaler, sam=self.sam, amp=tc.amp, sdpa_backend=tc.sdpa_backend,
-            )  # fmt: skip
+            if self.graph is not None:
+                res = self.graph.step(x, y, after_launch=batches.launch_next)
+            else:
+                if uses_ramp(stage):
+                    self.objective.set_beta_progress(p.ramp_epochs + frac)
+                res = train_step(
+                    self.train_model, x, y, self._loss_fn(stage, p.epoch + frac, batches), self.optimizer,
+                    self.trainable, clipper=self.clipper, scaler=self.scaler, sam=self.sam, amp=tc.amp,
+                    sdpa_backend=tc.sdpa_backend,
+                )  # fmt: skip
             p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
             self._record_step(res, stage)
             if bar is not None:
@@ -432,7 +454,9 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict() if (mid_stage and self.optimizer is not None) else None,
+            "optimizer": plain_optimizer_state(self.optimizer.state_dict())
+            if (mid_stage and self.optimizer is not None)
+            else None,
             "clip": self.clipper.state_dict() if mid_stage else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedule": {"stage": self.p.stage, "epoch": self.p.epoch, "step_in_epoch": self.p.step_in_epoch},
@@ -471,6 +495,8 @@ class Trainer:
     def _load_stage_state(self, state: dict) -> None:
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.graph is not None:
+                self.graph.prepare_optimizer()  # tensor learning rate, capturable again
         if state["clip"] is not None:
             self.clipper.load_state_dict(state["clip"])
         set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the step

@@ -50,6 +50,9 @@ class ModelBench:
     # optimizer(model, fused) -> Optimizer; None = AdamW over the model's trainable parameters
     optimizer: Callable[[nn.Module, bool], torch.optim.Optimizer] | None = None
     sam: Callable[[torch.optim.Optimizer], Any] | None = None  # SAM object factory; None = inline
+    # device_step(model, optimizer, with_sam, amp) -> step(x, y): the trainer's capturable step
+    # (cmafnet.training.graphed.DeviceStep), timed for ``cuda_graph``; None = the generic step
+    device_step: Callable[..., Callable[[torch.Tensor, torch.Tensor], Any]] | None = None
     train: bool = True
     infer: bool = True
     latency: bool = True
@@ -137,12 +140,16 @@ def bench_model(
 
         def time_train(rho: float | None) -> float:
             model.train()
-            sam = spec.sam(opt) if rho and spec.sam else None
             graphed = spec.cuda_graph and dev.type == "cuda"
-            step = make_train_step(
-                run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam, autocast_cache=not graphed
-            )
             reset_peak_memory(dev)
+            if graphed and spec.device_step is not None and timing.amp != "fp16":
+                step = spec.device_step(run_model, opt, bool(rho), timing.amp)
+                rec["graph_step"] = "trainer"  # clipping and the non-finite skip included
+            else:
+                sam = spec.sam(opt) if rho and spec.sam else None
+                step = make_train_step(
+                    run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam, autocast_cache=not graphed
+                )
             if graphed:
                 from cmafnet.training.graphs import GraphedStep
 
