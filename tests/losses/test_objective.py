@@ -158,3 +158,44 @@ def test_mutual_info_lower_bound() -> None:
     # A classifier that only predicts the prior has CE = H(Y): the bound is 0.
     assert mutual_info_lower_bound(h, [0.716, 0.284]) == pytest.approx(0.0, abs=1e-12)
     assert mutual_info_lower_bound(0.1, [0.5, 0.5]) == pytest.approx(math.log(2) - 0.1)
+
+
+def test_compiled_regularizers_equal_eager_without_recompiling() -> None:
+    """``train.compile`` compiles the regulariser terms: same values and gradients, and the
+    changing schedule weights (floats outside the compiled function) never recompile it."""
+    import torch._dynamo
+
+    from cmafnet.config import load_config
+    from cmafnet.losses import Objective
+    from cmafnet.models import create_model
+
+    cfg = load_config("smoke", [])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, img_size=64).train()
+    objective = Objective(cfg.loss, cfg.regularizers, [300, 100], num_heads=cfg.model.fusion.heads)
+    objective.set_beta_progress(100.0)
+    x, y = torch.randn(6, 3, 64, 64), torch.randint(0, 2, (6,))
+
+    def run() -> tuple[dict, list]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        total, terms = objective(model(x, return_aux=True), y, epoch=3.0)
+        total.backward()
+        return terms, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_terms, ref_grads = run()
+    torch._dynamo.reset()
+    objective.compile_regularizers(fullgraph=True)  # fullgraph: no graph break, no host sync
+    got_terms, got_grads = run()
+    assert got_terms.keys() == ref_terms.keys()
+    for k in ref_terms:
+        torch.testing.assert_close(
+            torch.as_tensor(got_terms[k]), torch.as_tensor(ref_terms[k]), rtol=1e-4, atol=1e-5
+        )
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    objective.set_beta_progress(0.5)  # other weights, other epoch: the same compiled graph
+    objective(model(x, return_aux=True), y, epoch=5.5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    objective.compile_regularizers(False)

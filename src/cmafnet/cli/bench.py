@@ -232,7 +232,7 @@ def _cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
             sam=sam(opt) if with_sam else None, amp=amp, sdpa_backend=cfg.train.sdpa_backend,
         )  # fmt: skip
 
-    parts.update(optimizer=optimizer, sam=sam, device_step=device_step)
+    parts.update(optimizer=optimizer, sam=sam, device_step=device_step, setup=objective.compile_regularizers)
     return parts
 
 
@@ -277,7 +277,7 @@ def _specs(
             "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
             sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
             optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True,
-            device_step=parts.get("device_step"),
+            device_step=parts.get("device_step"), setup=parts.get("setup"),
             profile_path=str(profile / "profile_cmafnet.txt") if profile else None,
         )  # fmt: skip
     if "naive" in names:

@@ -10,9 +10,10 @@ from 0 over ``regularizers.ramp_epochs`` epochs (``set_beta_progress``) or stay 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -175,6 +176,35 @@ class Objective(nn.Module):
         self.loss = create_loss_from_config(loss_cfg, class_counts, total_epochs=total_epochs)
         self.entropy_reg = AttentionEntropyRegularizer(num_heads)
         self.beta_progress = 0.0
+        self._compiled_terms: Callable[..., dict[str, Tensor]] | None = None
+
+    def compile_regularizers(self, enable: bool = True, **compile_kw: Any) -> None:
+        """Run :meth:`regularizer_terms` through ``torch.compile`` (inductor fuses the KL, redundancy,
+        attention and orthogonality terms and their backward into few kernels); ``enable=False``
+        goes back to eager. Its inputs are tensors and two booleans, so the schedules' changing
+        weights cause no recompilation."""
+        self._compiled_terms = torch.compile(self.regularizer_terms, **compile_kw) if enable else None
+
+    def regularizer_terms(self, out: ModelOutput, use_kl: bool, use_redundancy: bool) -> dict[str, Tensor]:
+        """The unweighted regulariser values that apply to ``out`` (absent: its inputs are None, its
+        weight is 0, or, for the redundancy, the batch has one sample)."""
+        r = self.reg_cfg
+        values: dict[str, Tensor] = {}
+        if use_kl:
+            for side, mu, logvar in (("s", out.mu_s, out.logvar_s), ("t", out.mu_t, out.logvar_t)):
+                if mu is not None and logvar is not None:
+                    values[f"kl_{side}"] = gaussian_kl(mu, logvar)
+        # The estimate needs two samples; a batch of one (never in training, drop_last) skips it.
+        if use_redundancy and out.z_s is not None and out.z_t is not None and out.z_s.shape[0] >= 2:
+            values["redundancy"] = redundancy(out.z_s, out.z_t, r.redundancy_estimator)
+        if out.attn is not None:
+            if r.diversity > 0 and out.attn.shape[1] > 1:
+                values["diversity"] = attention_diversity(out.attn)
+            if r.entropy > 0:
+                values["attn_entropy"] = self.entropy_reg(out.attn)
+        if r.orthogonality > 0 and out.f_s is not None and out.f_att is not None:
+            values["orthogonality"] = orthogonality(out.f_s, out.f_att)
+        return values
 
     def set_beta_progress(self, epochs_into_ramp: float) -> None:
         """Epochs since the beta ramp started (0 at the start of stage 2)."""
@@ -216,23 +246,11 @@ class Objective(nn.Module):
         terms: dict[str, Tensor | float] = {"cls": cls.detach(), "beta1": beta1, "beta2": beta2}
         if use_regularizers:
             r = self.reg_cfg
-            weighted: list[tuple[str, float, Tensor]] = []
-            if beta1 > 0:
-                for side, mu, logvar in (("s", out.mu_s, out.logvar_s), ("t", out.mu_t, out.logvar_t)):
-                    if mu is not None and logvar is not None:
-                        weighted.append((f"kl_{side}", beta1, gaussian_kl(mu, logvar)))
-            # The estimate needs two samples; a batch of one (never in training, drop_last) skips it.
-            if beta2 > 0 and out.z_s is not None and out.z_t is not None and out.z_s.shape[0] >= 2:
-                weighted.append(("redundancy", beta2, redundancy(out.z_s, out.z_t, r.redundancy_estimator)))
-            if out.attn is not None:
-                if r.diversity > 0 and out.attn.shape[1] > 1:
-                    weighted.append(("diversity", r.diversity, attention_diversity(out.attn)))
-                if r.entropy > 0:
-                    weighted.append(("attn_entropy", r.entropy, self.entropy_reg(out.attn)))
-            if r.orthogonality > 0 and out.f_s is not None and out.f_att is not None:
-                weighted.append(("orthogonality", r.orthogonality, orthogonality(out.f_s, out.f_att)))
-            for name, weight, value in weighted:
-                total = total + weight * value
+            weights = {"kl_s": beta1, "kl_t": beta1, "redundancy": beta2, "diversity": r.diversity,
+                       "attn_entropy": r.entropy, "orthogonality": r.orthogonality}  # fmt: skip
+            values = (self._compiled_terms or self.regularizer_terms)(out, beta1 > 0, beta2 > 0)
+            for name, value in values.items():
+                total = total + weights[name] * value
                 terms[name] = value.detach()
         terms["total"] = total.detach()
         return total, terms

@@ -48,7 +48,8 @@ class DeviceClipper:
 
     def __init__(self, cfg: ClipConfig, device: torch.device):
         self.cfg = cfg
-        self.history = torch.full((cfg.history,), math.nan, device=device)  # NaN = empty slot
+        # float64 like the host deque of Python floats, so the percentile is the same number
+        self.history = torch.full((cfg.history,), math.nan, dtype=torch.float64, device=device)  # NaN = empty
         self.count = torch.zeros((), dtype=torch.long, device=device)  # norms recorded so far
 
     def __call__(self, params: list[nn.Parameter], total: Tensor, finite: Tensor) -> None:
@@ -59,16 +60,37 @@ class DeviceClipper:
         if kind == "autoclip":
             slot = (self.count % self.cfg.history).reshape(1)
             old = self.history.index_select(0, slot)
-            self.history.index_copy_(0, slot, torch.where(finite, total.float().reshape(1), old))
+            self.history.index_copy_(0, slot, torch.where(finite, total.double().reshape(1), old))
             self.count.add_(finite.long())
-            threshold = torch.nanquantile(self.history, self.cfg.percentile / 100.0)
-            torch.nn.utils.clip_grads_with_norm_(with_grad, threshold, total)
+            self._clip(with_grad, self._percentile(), total)
         elif kind == "norm":
-            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_norm, total)
+            self._clip(with_grad, torch.full_like(total, self.cfg.max_norm), total)
         elif kind == "agc":
             from timm.utils import adaptive_clip_grad
 
             adaptive_clip_grad(with_grad, clip_factor=self.cfg.agc_clip)
+
+    def _percentile(self) -> Tensor:
+        """``np.percentile(history, percentile)`` (linear interpolation) of the recorded norms, on
+        the device. Written out: ``torch.nanquantile`` and ``clip_grads_with_norm_`` (which calls
+        ``float(max_norm)``) would read back to the host."""
+        n = self.count.clamp(max=self.cfg.history)  # recorded norms in the buffer
+        ordered = torch.sort(self.history).values  # NaN (empty slots) sort last
+        pos = (n - 1).clamp(min=0).double() * (self.cfg.percentile / 100.0)
+        lo = pos.floor().long()
+        hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+        a, b = ordered.gather(0, lo.reshape(1)), ordered.gather(0, hi.reshape(1))
+        t = pos - lo
+        # numpy's linear interpolation, both branches as it writes them (same rounding)
+        value = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+        return value.reshape(()).float()
+
+    @staticmethod
+    def _clip(params: list[nn.Parameter], max_norm: Tensor, total: Tensor) -> None:
+        """Scale gradients by ``min(1, max_norm / (total + 1e-6))``, torch's clipping formula (in its
+        operation order: a Python float divided by a tensor is ``reciprocal(tensor) * float``)."""
+        coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.dtype))
 
     def state_dict(self) -> dict:
         """The history in recording order (oldest first), as :class:`GradClipper` saves it."""

@@ -136,6 +136,8 @@ class Trainer:
         self.prefetch = self.device.type == "cuda"
         if self.tc.cuda_graph:
             check_graph_mode(self.tc, self.device, distributed=self.info.enabled)
+        if self.tc.compile:
+            self.objective.compile_regularizers()  # the model is compiled per stage (_enter_stage)
         self.graph: GraphMode | None = None  # set per stage with train.cuda_graph
 
     # ------------------------------------------------------------------------------ stages

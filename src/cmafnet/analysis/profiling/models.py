@@ -53,6 +53,8 @@ class ModelBench:
     # device_step(model, optimizer, with_sam, amp) -> step(x, y): the trainer's capturable step
     # (cmafnet.training.graphed.DeviceStep), timed for ``cuda_graph``; None = the generic step
     device_step: Callable[..., Callable[[torch.Tensor, torch.Tensor], Any]] | None = None
+    # called with ``compile`` before the model is timed (CMAF-Net compiles its regularisers too)
+    setup: Callable[[bool], None] | None = None
     train: bool = True
     infer: bool = True
     latency: bool = True
@@ -113,6 +115,8 @@ def bench_model(
         "fused_adamw": spec.fused_adamw and dev.type == "cuda",  # fused AdamW is used on CUDA only
         "amp": timing.amp,
     }
+    if spec.setup is not None:
+        spec.setup(spec.compile)
     torch.manual_seed(0)
     model = _attempt(rec, "build", spec.build)
     if model is None:
