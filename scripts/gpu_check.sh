@@ -69,8 +69,10 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 if has tests; then
   T=${GPU_CHECK_TESTS_S:-150}
   echo "== pytest -m gpu (timeout ${T}s, $(left)s left)"
-  timeout -k 10 "$T" "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --continue-on-collection-errors tests 2>&1 | tail -60 | tee "$OUT/gpu_tests.log"
-  echo "gpu tests exit ${PIPESTATUS[0]}"
+  # the full log goes to $OUT (failure tracebacks included; torch's DEBUG log records are not captured)
+  timeout -k 10 "$T" "$PY" -m pytest -q -m gpu -p no:cacheprovider -p no:logging -o addopts="" --tb=short \
+    --continue-on-collection-errors tests > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -30
 fi
 
 # ---- 1. eager run: CMAF-Net eager and whole-step CUDA graph, the naive reference, switches, and a

@@ -111,6 +111,8 @@ def make_trainer(
     if device is not None:  # the Trainer takes its device from the model's parameters
         model = model.to(device)
     objective = Objective(cfg.loss, cfg.regularizers, data.class_counts, num_heads=1)
+    if device is not None:  # as fit does (the Trainer also moves it; this keeps the helper explicit)
+        objective = objective.to(device)
     return Trainer(cfg, model, objective, data, out, info=info, progress=False, **kw)
 
 

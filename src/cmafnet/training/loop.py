@@ -108,7 +108,8 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.train
         self.info = info or distr.DistInfo(device=next(model.parameters()).device)
         self.device = self.info.device
-        self.model, self.objective, self.data = model, objective, data
+        # the objective holds buffers and parameters: it lives where the model does
+        self.model, self.objective, self.data = model, objective.to(self.info.device), data
         self.out = Path(out_dir)
         self.show_progress = progress and self.info.is_main
         self.stop_after_steps = stop_after_steps
