@@ -13,6 +13,7 @@ from cmafnet.analysis.naive_reference import NaiveDualBranch
 from cmafnet.analysis.profiling import (
     Timing,
     check_targets,
+    compute_ratios,
     count_errors,
     cross_entropy_loss,
     make_optimizer,
@@ -95,7 +96,8 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
 @pytest.mark.parametrize(
     "args",
     [["--models", "resnet50"], ["--epoch-fraction", "0"], ["--size", "16"], ["--steps", "0"],
-     ["--config", "no_such_config"], ["--data-path", "--store-size", "1"], ["--threads", "0"]],
+     ["--config", "no_such_config"], ["--data-path", "--store-size", "1"], ["--threads", "0"],
+     ["--runs", "cmafnet+compile"], ["--switch", "channels_first"]],
 )  # fmt: skip
 def test_bench_bad_arguments_exit_2(args, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
@@ -192,6 +194,35 @@ def test_targets_pass_fail_and_missing():
         "train_vs_naive": True, "infer_vs_naive_eager": False, "data_overhead_pct": True,
         "sam_vs_plain": None, "batch1_latency_ms": None,
     }  # fmt: skip
+
+
+def test_bench_runs_and_switch_errors_name_what_is_available(capsys):
+    # on the CPU no +graph variant exists and +compile needs --compile: the message lists what does
+    assert main(["bench", "--device", "cpu", "--runs", "cmafnet+graph"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs: 'cmafnet+graph'" in err and "selected: cmafnet, naive, resnet18, mobilevit_s" in err
+    assert main(["bench", "--device", "cpu", "--switch", "channel_last"]) == 2
+    assert "Did you mean 'channels_last'" in capsys.readouterr().err
+
+
+def test_ratios_take_the_fastest_cmafnet_variant_and_each_variants_own_sam_ratio():
+    models = {
+        "cmafnet": {"train_img_s": 100.0, "infer_img_s": 400.0, "train_step_ms": 10.0, "sam_step_ms": 25.0,
+                    "latency_ms": 9.0, "latency_cuda_graph_ms": 3.0},
+        "cmafnet+graph": {"train_img_s": 130.0, "infer_img_s": 390.0, "train_step_ms": 8.0, "sam_step_ms": 16.4},
+        "cmafnet+compile+graph": {"train_img_s": 150.0, "infer_img_s": 500.0, "train_step_ms": 7.0,
+                                  "sam_step_ms": 14.7},
+        "naive": {"train_img_s": 100.0, "infer_img_s": 250.0},
+    }  # fmt: skip
+    r = compute_ratios(models, {"overhead_pct": 3.0})
+    assert r["train_vs_naive"] == pytest.approx(1.5) and r["train_best_variant"] == "cmafnet+compile+graph"
+    assert (
+        r["infer_vs_naive_eager"] == pytest.approx(2.0) and r["infer_best_variant"] == "cmafnet+compile+graph"
+    )
+    assert r["train_vs_naive_eager_only"] == pytest.approx(1.0)
+    assert r["sam_vs_plain"] == pytest.approx(2.05)  # cmafnet+graph's own 16.4 / 8.0, the lowest
+    assert r["batch1_latency_ms"] == 3.0 and r["data_overhead_pct"] == 3.0
+    assert compute_ratios({"naive": models["naive"]}, None)["train_vs_naive"] is None
 
 
 def test_generated_store_shape_and_class_share():

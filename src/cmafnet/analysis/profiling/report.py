@@ -86,12 +86,12 @@ def format_report(result: dict[str, Any]) -> str:
         f"{env['size']} px, batch {env['batch']} (infer {env['infer_batch']}), amp {env['amp']}, "
         f"{env['steps']} steps after {env['warmup']} warm-up",
         "",
-        f"{'model':<17}{'train img/s':>12}{'SAM img/s':>11}{'infer img/s':>12}{'+aux':>9}{'lat ms':>8}"
+        f"{'model':<23}{'train img/s':>12}{'SAM img/s':>11}{'infer img/s':>12}{'+aux':>9}{'lat ms':>8}"
         f"{'graph ms':>9}{'comp ms':>8}{'peak GiB':>9}{'params M':>9}{'GMACs':>7}",
     ]
     for name, m in result["models"].items():
         lines.append(
-            f"{name:<17}{_num(m.get('train_img_s')):>12}{_num(m.get('train_sam_img_s')):>11}"
+            f"{name:<23}{_num(m.get('train_img_s')):>12}{_num(m.get('train_sam_img_s')):>11}"
             f"{_num(m.get('infer_img_s')):>12}{_num(m.get('infer_aux_img_s')):>9}"
             f"{_num(m.get('latency_ms'), '{:.2f}'):>8}{_num(m.get('latency_cuda_graph_ms'), '{:.2f}'):>9}"
             f"{_num(m.get('latency_compiled_ms'), '{:.2f}'):>8}{_num(m.get('train_peak_GiB'), '{:.2f}'):>9}"
