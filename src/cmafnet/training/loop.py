@@ -19,11 +19,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,56 +36,14 @@ from cmafnet.training.clipping import GradClipper
 from cmafnet.training.graphed import GraphMode, check_graph_mode, plain_optimizer_state
 from cmafnet.training.monitors import validate
 from cmafnet.training.optim import build_adamw, param_groups
+from cmafnet.training.progress import Callback, Progress, TrainData
+from cmafnet.training.records import RunRecords
 from cmafnet.training.sam import SAM
 from cmafnet.training.schedules import lr_factor
 from cmafnet.training.stages import configure_trainable, freeze_eval, initial_roles, stage_loss, uses_ramp
 from cmafnet.training.step import train_step
 
 log = logging.getLogger(__name__)
-
-# A loader factory: (indices, batch_size, shuffle, drop_last, epoch, start_batch) -> iterable of
-# (x_uint8 (B,3,H,W), y (B,), idx (B,)) on the device.
-LoaderFactory = Callable[[np.ndarray, int, bool, bool, int, int], Iterable]
-Callback = Callable[["Trainer"], bool | None]  # return True to save a checkpoint and stop
-
-
-@dataclass
-class TrainData:
-    """Everything the loop needs from the data side (built by ``fit`` or by a test)."""
-
-    make_loader: LoaderFactory
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    labels: np.ndarray  # (N,) targets of the whole store
-    classes: list[str]
-    preprocess_train: Callable[[torch.Tensor], torch.Tensor]
-    preprocess_eval: Callable[[torch.Tensor], torch.Tensor]
-    meta: dict = field(default_factory=dict)  # store_hash, split_hash, stain_reference, ...
-
-    @property
-    def class_counts(self) -> list[int]:
-        return np.bincount(self.labels[self.train_idx], minlength=len(self.classes)).tolist()
-
-
-@dataclass
-class Progress:
-    """The resumable position of a run and its book-keeping (plain types: goes into checkpoints)."""
-
-    stage: int = 0
-    epoch: int = 0  # epoch within the stage being run
-    step_in_epoch: int = 0  # optimiser steps done in that epoch
-    global_step: int = 0
-    global_epoch: int = 0  # completed epochs, all stages
-    ramp_epochs: float = 0.0  # completed epochs on the beta-ramp clock (stage 2 onwards)
-    best_metric: float = -math.inf
-    best_epoch: int = -1
-    es_best: float = -math.inf
-    es_bad_epochs: int = 0
-    nonfinite_total: int = 0
-    nonfinite_run: int = 0  # consecutive
-    epoch_sums: dict = field(default_factory=dict)  # running sums of the current epoch's terms
-    epoch_count: int = 0
-    lr: float = 0.0  # of the last step (logged)
 
 
 class Trainer:
@@ -111,6 +68,7 @@ class Trainer:
         # the objective holds buffers and parameters: it lives where the model does
         self.model, self.objective, self.data = model, objective.to(self.info.device), data
         self.out = Path(out_dir)
+        self.records = RunRecords(self.out, self.info, self.tc)
         self.show_progress = progress and self.info.is_main
         self.stop_after_steps = stop_after_steps
         self.callbacks = list(callbacks)
@@ -406,9 +364,9 @@ class Trainer:
         if self.info.is_main:
             if new_best:
                 run.save_weights(self.model, self.out / run.WEIGHTS_FILE)
-            self._write_metrics()
+            self.records.write_metrics(self.rows)
             self._write_meta(status="running")
-            self._log_tensorboard(row)
+            self.records.log_tensorboard(row)
             log.info(
                 "epoch %d (%s %d): loss %.4f, val bacc %s, val auprc %s%s", row["epoch"], stage.name,
                 row["epoch_in_stage"], row.get("train_loss", float("nan")), _fmt(bacc), _fmt(auprc),
@@ -418,38 +376,8 @@ class Trainer:
         return stop_stage
 
     # ------------------------------------------------------------------------------ files
-    def _write_metrics(self) -> None:
-        import pandas as pd
-
-        run.atomic_write_bytes(
-            self.out / run.METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False).encode()
-        )
-
     def _write_meta(self, **fields: Any) -> None:
-        if not self.info.is_main:
-            return
-        best = self.p.best_metric if math.isfinite(self.p.best_metric) else None
-        run.update_meta(
-            self.out, best_epoch=self.p.best_epoch if best is not None else None, best_metric=best,
-            best_metric_name="val_auprc", global_step=self.p.global_step, epochs_done=self.p.global_epoch,
-            nonfinite_steps=self.p.nonfinite_total, **fields,
-        )  # fmt: skip
-
-    def _log_tensorboard(self, row: dict) -> None:
-        if not self.tc.tensorboard:
-            return
-        if getattr(self, "_tb", None) is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "train.tensorboard: install the extra: pip install 'cmafnet[tensorboard]'"
-                ) from None
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "stage"):
-                self._tb.add_scalar(k, v, row["epoch"])
-        self._tb.flush()
+        self.records.write_meta(self.p, **fields)
 
     def state_dict(self) -> dict:
         """The full resumable state (plain types and tensors only)."""
@@ -523,8 +451,7 @@ class Trainer:
         return old
 
     def _finish(self, status: str) -> dict:
-        if getattr(self, "_tb", None) is not None:
-            self._tb.close()
+        self.records.close()
         if self.info.is_main:
             wpath = self.out / run.WEIGHTS_FILE
             if (

@@ -1,0 +1,60 @@
+"""The run folder's running records: ``metrics.csv``, ``run.json`` meta fields, TensorBoard scalars."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from cmafnet import run
+from cmafnet.config import TrainConfig
+from cmafnet.errors import ConfigError
+from cmafnet.training import distributed as distr
+from cmafnet.training.progress import Progress
+
+
+class RunRecords:
+    """Writes what a run has done so far; only the main rank writes."""
+
+    def __init__(self, out: Path, info: distr.DistInfo, tc: TrainConfig) -> None:
+        self.out, self.info, self.tc = out, info, tc
+        self._tb: Any = None  # SummaryWriter, created on first use
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """All epoch rows so far as ``metrics.csv`` (atomically replaced)."""
+        import pandas as pd
+
+        run.atomic_write_bytes(self.out / run.METRICS_FILE, pd.DataFrame(rows).to_csv(index=False).encode())
+
+    def write_meta(self, p: Progress, **fields: Any) -> None:
+        """The progress fields of ``run.json`` plus ``fields`` (e.g. ``status``)."""
+        if not self.info.is_main:
+            return
+        best = p.best_metric if math.isfinite(p.best_metric) else None
+        run.update_meta(
+            self.out, best_epoch=p.best_epoch if best is not None else None, best_metric=best,
+            best_metric_name="val_auprc", global_step=p.global_step, epochs_done=p.global_epoch,
+            nonfinite_steps=p.nonfinite_total, **fields,
+        )  # fmt: skip
+
+    def log_tensorboard(self, row: dict) -> None:
+        """The row's numbers as TensorBoard scalars at its epoch (``train.tensorboard``)."""
+        if not self.tc.tensorboard:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "train.tensorboard: install the extra: pip install 'cmafnet[tensorboard]'"
+                ) from None
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "stage"):
+                self._tb.add_scalar(k, v, row["epoch"])
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
