@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cmafnet.analysis.profiling.steps import make_train_step
+from cmafnet.analysis.profiling.suite import cmaf_parts
 from cmafnet.analysis.profiling.timing import Timing
-from cmafnet.cli.bench import _cmaf_parts
 from cmafnet.config import load_config
 from cmafnet.training.graphs import GraphedStep
 
@@ -21,7 +21,7 @@ pytestmark = [
 def _run(graphed: bool, amp: str, sam: bool, batches: list, trainer_step: bool = False) -> torch.Tensor:
     cfg = load_config("smoke", ["model.head.dropout=0"])
     dev = torch.device("cuda")
-    parts = _cmaf_parts(cfg, dev, 64)
+    parts = cmaf_parts(cfg, dev, 64)
     torch.manual_seed(0)
     model = parts["build"]().to(dev).train()
     opt = parts["optimizer"](model, True)
