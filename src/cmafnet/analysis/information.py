@@ -22,18 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cmafnet.losses.regularizers import gaussian_kl_per_sample
 
-def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Per-sample KL(N(mu, exp(logvar)) || N(0, I)), summed over the last dim, mean over tokens.
-
-    Args:
-        mu, logvar: ``(B, N, D)`` token-wise bottleneck parameters (or ``(B, D)``).
-
-    Returns:
-        ``(B,)`` KL in nats.
-    """
-    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(-1)
-    return kl.reshape(kl.shape[0], -1).mean(1)
+# Per-sample KL(N(mu, exp(logvar)) || N(0, I)) of ``(B, N, D)`` or ``(B, D)`` -> ``(B,)``: the training
+# regulariser's own definition (one implementation for the loss and the monitor).
+kl_to_standard_normal = gaussian_kl_per_sample
 
 
 def attention_entropy(attn: Tensor) -> Tensor:

@@ -23,17 +23,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def gaussian_kl_per_sample(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in nats per sample, in float32.
+
+    Summed over the latent dimension (last axis), averaged over the tokens of each sample.
+    Inputs ``(B, N, D)`` or ``(B, D)``; returns ``(B,)``. The training monitors use it directly
+    (the ``I(Z;X)`` bound); :func:`gaussian_kl` is its batch mean.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    mu, logvar = mu.float(), logvar.float()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+    return kl.reshape(kl.shape[0], -1).mean(dim=1)
+
+
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) in nats.
 
     Summed over the latent dimension (last axis), averaged over every other axis (batch and
     tokens), i.e. the KL *per token*. Inputs ``(B, N, D)`` or ``(B, D)``.
     """
-    if mu.shape != logvar.shape:
-        raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-    mu, logvar = mu.float(), logvar.float()
-    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
-    return kl.mean()
+    return gaussian_kl_per_sample(mu, logvar).mean()
 
 
 def _standardize(x: Tensor, eps: float = 1e-8) -> Tensor:
