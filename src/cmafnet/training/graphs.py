@@ -3,8 +3,8 @@ replay it per batch.
 
 Why: an eager CMAF-Net step launches a few thousand small kernels (MobileViT's norms, activations,
 reshapes; the regularisers; the optimiser), and on the H200 the host could not launch them as fast
-as the GPU ran them: 82 ms per step against 61 ms of kernel time (profiled). A replayed graph
-launches the same kernels with one call, so the step costs its kernel time.
+as the GPU ran them: 82 ms per step against 61 ms of kernel time (profiled, 2026-11-27). A replayed
+graph launches the same kernels with one call, so the step costs its kernel time.
 
 What a captured step requires (checked by the tests on CUDA):
 
