@@ -139,3 +139,22 @@ def ddp_config() -> Config:
         batch_size=8, max_steps_per_epoch=2, clip={"kind": "norm", "max_norm": 1.0},
         stages=[{"name": "all", "epochs": 2, "lr": 1e-2, "schedule": "cosine", "train": "all", "loss": "ce"}],
     )  # fmt: skip
+
+
+def resume_and_compare(ref: Trainer, run_dir: Path, cfg: Config, state: dict) -> None:
+    """Resume a stopped run in ``run_dir`` from ``state`` and check it ends exactly like ``ref`` (an
+    uninterrupted run of ``cfg``): bit-identical weights and buffers, the same metrics rows."""
+    import pandas as pd
+
+    resumed = make_trainer(run_dir, cfg)
+    resumed.load_state_dict(state)
+    resumed.run()
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (
+            f"{k} differs after resuming at step {state['progress']['global_step']}"
+        )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(ref.out / "metrics.csv").drop(columns="time_s"),
+        pd.read_csv(run_dir / "metrics.csv").drop(columns="time_s"),
+    )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _training_toy import ToyNet, make_trainer, toy_config
+from _training_toy import ToyNet, make_trainer, resume_and_compare, toy_config
 
 from cmafnet.config import ClipConfig
 from cmafnet.errors import ConfigError
@@ -122,7 +122,6 @@ def test_graph_mode_trainer_flow_resumes_exactly_on_cpu(tmp_path, monkeypatch, s
     """The trainer's train.cuda_graph path (device step, tensor learning rate, device AutoClip,
     per-epoch loss functions, checkpoints) run on the CPU without capture: a stopped and resumed run
     ends bit-identical to an uninterrupted one. Capture itself is covered by the CUDA tests."""
-    import pandas as pd
 
     from cmafnet.training import loop
     from cmafnet.training.checkpoint import load_checkpoint
@@ -142,13 +141,4 @@ def test_graph_mode_trainer_flow_resumes_exactly_on_cpu(tmp_path, monkeypatch, s
     assert part.run()["status"] == "stopped"
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
-    resumed = make_trainer(tmp_path / "run", cfg)
-    resumed.load_state_dict(state)
-    resumed.run()
-    a, b = ref.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume at step {stop_at}"
-    pd.testing.assert_frame_equal(
-        pd.read_csv(tmp_path / "ref/metrics.csv").drop(columns="time_s"),
-        pd.read_csv(tmp_path / "run/metrics.csv").drop(columns="time_s"),
-    )
+    resume_and_compare(ref, tmp_path / "run", cfg, state)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _training_toy import ddp_config, ddp_worker, make_trainer, toy_config, toy_data
+from _training_toy import ddp_config, ddp_worker, make_trainer, resume_and_compare, toy_config, toy_data
 
 from cmafnet.errors import CmafnetError
 from cmafnet.training.checkpoint import load_checkpoint
@@ -69,16 +69,7 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
         state["progress"]["global_step"] == stop_at
         and state["progress"]["step_in_epoch"] == (stop_at - 1) % 3 + 1
     )
-    resumed = make_trainer(tmp_path / "run", cfg)
-    resumed.load_state_dict(state)
-    resumed.run()
-    a, b = ref.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume at step {stop_at}"
-    pd.testing.assert_frame_equal(
-        pd.read_csv(tmp_path / "ref/metrics.csv").drop(columns="time_s"),
-        pd.read_csv(tmp_path / "run/metrics.csv").drop(columns="time_s"),
-    )
+    resume_and_compare(ref, tmp_path / "run", cfg, state)
 
 
 def test_callback_stop_and_signal(tmp_path):
