@@ -33,7 +33,7 @@ from cmafnet.errors import CmafnetError, ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cmafnet.training.clipping import GradClipper
-from cmafnet.training.graphed import GraphMode, check_graph_mode, plain_optimizer_state
+from cmafnet.training.graphed import GraphMode, check_graph_mode, plain_optimizer_state, write_lr
 from cmafnet.training.monitors import validate
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.progress import Callback, Progress, TrainData
@@ -137,11 +137,7 @@ class Trainer:
         step = self.p.epoch * self.steps_per_epoch + self.p.step_in_epoch
         warm = round(stage.warmup_epochs * self.steps_per_epoch)
         self.p.lr = stage.lr * lr_factor(stage.schedule, step, total, warmup=warm, cycles=stage.cyclic_cycles)
-        for g in self.optimizer.param_groups:
-            if isinstance(g["lr"], torch.Tensor):  # read by a captured step: written in place
-                g["lr"].fill_(self.p.lr)
-            else:
-                g["lr"] = self.p.lr
+        write_lr(self.optimizer, self.p.lr)  # in place when a captured step reads it
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> dict:
