@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from cmafnet.cli import build_parser, main
@@ -200,3 +201,29 @@ def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_pat
     assert pred.stain_fallback().tolist() == [False, True]  # blank: too little tissue for Macenko
     off = Predictor.from_run_dir(run_factory(tmp_path / "nostain"), device="cpu")
     assert not np.allclose(off.to_input([img]).numpy(), x[:1].numpy(), atol=1e-3)  # stain step changed it
+
+
+def test_fast_is_cuda_only_and_says_so_elsewhere(baseline_run, caplog, tmp_path):
+    """``--fast`` on the CPU: a warning, and exactly the fp32 eager probabilities."""
+    imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
+    ref = Predictor.from_run_dir(baseline_run, device="cpu").predict_arrays(imgs)
+    with caplog.at_level("WARNING"):
+        fast = Predictor.from_run_dir(baseline_run, device="cpu", fast=True)
+    assert not fast.fast and "CUDA only" in caplog.text
+    np.testing.assert_array_equal(fast.predict_arrays(imgs), ref)
+    Image.fromarray(imgs[0]).save(tmp_path / "a.png")
+    assert main(["predict", str(baseline_run), str(tmp_path / "a.png"), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu", "--fast", "--no-progress"]) == 0  # fmt: skip
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_on_cuda_matches_fp32_to_bf16_rounding(cmaf_run):
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(60, 230, (50, 50, 3), dtype=np.uint8) for _ in range(8)]
+    ref = Predictor.from_run_dir(cmaf_run, device="cuda").predict_arrays(imgs)
+    fast = Predictor.from_run_dir(cmaf_run, device="cuda", fast=True)
+    assert fast.fast
+    got = fast.predict_arrays(imgs)
+    assert np.abs(got - ref).max() < 2e-2

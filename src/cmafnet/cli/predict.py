@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="write explanation overlays (CMAF attention + gate maps, Grad-CAM for baselines)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fast", action="store_true",
+                   help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
+                        "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_files(
         args.run_dir, args.inputs, args.out, batch_size=args.batch, device=args.device,
         threshold=args.threshold, tissue_check=not args.no_tissue_check, explain_dir=args.explain,
-        progress=not args.no_progress,
+        progress=not args.no_progress, fast=args.fast,
     )  # fmt: skip
     print(
         f"{s.out}: {s.n_predicted} predicted, {s.n_not_assessable} not assessable, {s.n_errors} errors "

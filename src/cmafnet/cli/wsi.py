@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fast", action="store_true",
+                   help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
+                        "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_slide(
         args.run_dir, args.slide, args.out, level=args.level, mpp=args.mpp, tile=args.tile,
         batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
+        fast=args.fast,
     )  # fmt: skip
     plan = s.plan
     print(

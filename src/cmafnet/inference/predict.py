@@ -111,11 +111,28 @@ class Predictor:
     """Batched probabilities from a run; holds the model, preprocessing and operating threshold."""
 
     def __init__(
-        self, run: LoadedRun, device: str | torch.device | None = "auto", threshold: float | None = None
+        self,
+        run: LoadedRun,
+        device: str | torch.device | None = "auto",
+        threshold: float | None = None,
+        *,
+        fast: bool = False,
     ):
         self.run = run
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = run.model.to(self.device).eval()
+        # --fast (CUDA only): bf16 autocast, channels-last and torch.compile, the bench's inference
+        # recipe. Probabilities then differ from fp32 by bf16 rounding. ``self.model`` stays the
+        # eager module (the explainer hooks into it).
+        self.fast = bool(fast) and self.device.type == "cuda"
+        if fast and not self.fast:
+            log.warning(
+                "--fast applies on CUDA only (bf16, channels-last, compile); %s runs fp32 eager", self.device
+            )
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if self.fast:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self._forward = torch.compile(self.model, dynamic=False)
         self.classes = run_classes(run)
         self.img_size = run.config.model.img_size
         self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
@@ -125,10 +142,15 @@ class Predictor:
 
     @classmethod
     def from_run_dir(
-        cls, run_dir: str | Path, device: str | None = "auto", threshold: float | None = None
+        cls,
+        run_dir: str | Path,
+        device: str | None = "auto",
+        threshold: float | None = None,
+        *,
+        fast: bool = False,
     ) -> Predictor:
         dev = resolve_device(device)
-        return cls(load_run(run_dir, device=str(dev)), dev, threshold)
+        return cls(load_run(run_dir, device=str(dev)), dev, threshold, fast=fast)
 
     def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
         """Same-size uint8 ``(H, W, 3)`` images -> normalised model input ``(B, 3, S, S)``."""
@@ -138,7 +160,11 @@ class Predictor:
 
     @torch.inference_mode()
     def probs_from_input(self, x: torch.Tensor) -> np.ndarray:
-        logits = self.model(x)  # (B, C)
+        if self.fast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = self._forward(x.contiguous(memory_format=torch.channels_last))  # (B, C)
+        else:
+            logits = self._forward(x)  # (B, C)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
@@ -197,6 +223,7 @@ def predict_files(
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     explain_dir: str | Path | None = None,
     progress: bool = True,
+    fast: bool = False,
 ) -> PredictSummary:
     """Predict every image in ``inputs`` and write ``out_csv`` (one row per input, input order).
 
@@ -212,7 +239,7 @@ def predict_files(
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
-    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold)
+    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold, fast=fast)
     explainer = None
     if explain_dir is not None:
         from cmafnet.inference.explain import Explainer

@@ -259,12 +259,13 @@ def predict_slide(
     threshold: float | None = None,
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     progress: bool = True,
+    fast: bool = False,
 ) -> WSISummary:
     """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks."""
     slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
     if batch_size < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch_size}")
-    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold)
+    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold, fast=fast)
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     plan = plan_tiling(slide, level=level, mpp=mpp, tile=tile, meta=predictor.run.meta)
