@@ -52,22 +52,35 @@ def _standardize(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x / (x.square().mean(dim=0, keepdim=True).sqrt() + eps)
 
 
-def _ledoit_wolf_from_cov(x: Tensor, s: Tensor) -> Tensor:
-    """Ledoit-Wolf intensity from centred ``x`` ``(n, d)`` and its covariance ``s = x^T x / n`` ``(d, d)``.
+def _ledoit_wolf(n: int, d: int, trace_s: Tensor, frob2_s: Tensor, row_sq: Tensor) -> Tensor:
+    """Ledoit-Wolf intensity from the moments of centred ``x`` ``(n, d)`` with ``s = x^T x / n``.
 
+    ``trace_s = tr(s)``, ``frob2_s = ||s||_F^2``, ``row_sq`` the ``(n,)`` squared row norms of ``x``.
+    These come as cheaply from the ``(n, n)`` Gram matrix ``x x^T`` as from ``s`` itself
+    (``||x^T x||_F = ||x x^T||_F``), so the estimate never needs the ``(d, d)`` matrix when n < d.
     A 0-d tensor on the device of ``x`` (no host sync, no graph break): ``0`` when the target
     distance ``delta`` is 0, else ``min(beta, delta) / delta`` clamped to [0, 1].
     """
-    n, d = x.shape
-    x2 = x.square()
-    mu = torch.diagonal(s).sum() / d  # = x2.sum() / (n d)
-    delta_ = s.square().sum()
-    beta_ = (x2.sum(dim=1).square().sum() / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * torch.diagonal(s).sum() + d * mu**2) / d
+    mu = trace_s / d
+    beta_ = (row_sq.square().sum() / n - frob2_s) / (d * n)
+    delta = (frob2_s - 2.0 * mu * trace_s + d * mu**2) / d
     beta = torch.minimum(beta_, delta)
     # delta == 0 would divide by zero; the where selects 0 there (the NaN branch is discarded).
     safe = torch.where(delta == 0, torch.ones_like(delta), delta)
     return torch.where(delta == 0, torch.zeros_like(delta), (beta / safe).clamp(0.0, 1.0))
+
+
+def _ledoit_wolf_from_cov(x: Tensor, s: Tensor) -> Tensor:
+    """:func:`_ledoit_wolf` of centred ``x`` ``(n, d)`` and its covariance ``s = x^T x / n`` ``(d, d)``."""
+    n, d = x.shape
+    return _ledoit_wolf(n, d, torch.diagonal(s).sum(), s.square().sum(), x.square().sum(dim=1))
+
+
+def _ledoit_wolf_from_gram(x: Tensor, g: Tensor) -> Tensor:
+    """:func:`_ledoit_wolf` of centred ``x`` ``(n, d)`` and its Gram matrix ``g = x x^T`` ``(n, n)``."""
+    n, d = x.shape
+    diag = torch.diagonal(g)  # squared row norms of x
+    return _ledoit_wolf(n, d, diag.sum() / n, g.square().sum() / n**2, diag)
 
 
 @torch.no_grad()
@@ -84,8 +97,9 @@ def ledoit_wolf_shrinkage(x: Tensor) -> Tensor:
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    n = x.shape[0]
-    return _ledoit_wolf_from_cov(x, x.T @ x / n)
+    n, d = x.shape
+    # The smaller of the two (n, n) / (d, d) products gives the same moments.
+    return _ledoit_wolf_from_gram(x, x @ x.T) if n < d else _ledoit_wolf_from_cov(x, x.T @ x / n)
 
 
 def _cholesky_log_diag(m: Tensor) -> Tensor:
@@ -106,6 +120,51 @@ def _logdet_pd(m: Tensor) -> Tensor:
     return 2.0 * _cholesky_log_diag(m).sum(-1)
 
 
+def _mi_from_covariance(x: Tensor, d_s: int, shrinkage: float | Literal["auto"], jitter: float) -> Tensor:
+    """The Gaussian MI of :func:`gaussian_mutual_information` through the ``(d, d)`` correlation matrix."""
+    n, d = x.shape
+    s = x.T @ x / n  # (d, d) sample correlation, float64
+    with torch.no_grad():
+        s_ = s.detach()
+        lam: Tensor | float = (
+            _ledoit_wolf_from_cov(x.detach(), s_) if shrinkage == "auto" else float(shrinkage)
+        )
+        mu = torch.diagonal(s_).sum() / d  # = x.square().sum() / (n d)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    r = (1.0 - lam) * s + (lam * mu + jitter) * eye  # (d, d)
+    log_diag = _cholesky_log_diag(r)  # (d,)
+    # 1/2 [log det R_ss + log det R_tt - log det R] with log det R = 2 sum(log_diag) and
+    # log det R_ss = 2 sum(log_diag[:d_s]) (the leading block of a Cholesky factor is the factor
+    # of the leading block): the R_ss part cancels exactly.
+    return 0.5 * _logdet_pd(r[d_s:, d_s:]) - log_diag[d_s:].sum()
+
+
+def _mi_from_gram(x: Tensor, d_s: int, shrinkage: float | Literal["auto"], jitter: float) -> Tensor:
+    """The same MI through ``(n, n)`` Gram matrices: exact, and far cheaper when n < d.
+
+    With ``R_B = a X_B^T X_B / n + c I`` for a block ``B`` of the columns of ``x`` (``a = 1 - lambda``,
+    ``c = lambda mu + jitter``), Sylvester's determinant identity gives
+    ``log det R_B = d_B log c + log det(I_n + k X_B X_B^T)`` with ``k = a / (c n)``. The ``log c``
+    terms of ``R_ss``, ``R_tt`` and ``R`` cancel (``d_s + d_t = d``), leaving three ``(n, n)``
+    log-determinants of matrices whose eigenvalues are all >= 1, factorised in one batched call.
+    """
+    n, d = x.shape
+    x_s, x_t = x[:, :d_s], x[:, d_s:]
+    g_s, g_t = x_s @ x_s.T, x_t @ x_t.T  # (n, n) each, float64
+    g = g_s + g_t  # (n, n) Gram matrix of all of x
+    with torch.no_grad():
+        g_ = g.detach()
+        lam: Tensor | float = (
+            _ledoit_wolf_from_gram(x.detach(), g_) if shrinkage == "auto" else float(shrinkage)
+        )
+        mu = torch.diagonal(g_).sum() / (n * d)  # = tr(x^T x / n) / d
+        k = (1.0 - lam) / ((lam * mu + jitter) * n)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    m = torch.stack([g_s, g_t, g]) * k + eye  # (3, n, n)
+    half_logdet = _cholesky_log_diag(m).sum(-1)  # (3,): 1/2 log det of each
+    return half_logdet[0] + half_logdet[1] - half_logdet[2]
+
+
 def gaussian_mutual_information(
     z_s: Tensor,
     z_t: Tensor,
@@ -123,12 +182,12 @@ def gaussian_mutual_information(
     without gradient) or a fixed ``lambda`` in [0, 1]; ``jitter`` is added to the diagonal for the
     Cholesky. Shrinkage biases the estimate toward 0 (it is a lower estimate of the Gaussian MI).
 
-    The correlation matrix and the Cholesky factorisations are float64 (a near-singular R loses
-    the log-determinant in float32, and TF32 matmuls would make it indefinite); the Ledoit-Wolf
-    intensity reuses that same matrix (no second ``x^T x``) and stays a device tensor, so the
-    whole estimate runs without a host sync. ``log det R_ss`` is read off the leading block of
-    the Cholesky factor of R (the leading block of a Cholesky factor is the factor of the leading
-    block), so two factorisations are done instead of three.
+    The factorisations are float64 (a near-singular R loses the log-determinant in float32, and
+    TF32 matmuls would make it indefinite). With fewer samples than dimensions (training: 128
+    samples of 480 + 480) the three log-determinants are taken of ``(n, n)`` Gram matrices instead
+    of the ``(d, d)`` blocks of R, the same value by Sylvester's identity (:func:`_mi_from_gram`);
+    otherwise from R (:func:`_mi_from_covariance`). Either way the Ledoit-Wolf intensity reuses
+    the matrix already built and stays a device tensor: no host sync.
 
     Args:
         z_s: ``(B, d_s)`` samples of the first variable.
@@ -148,22 +207,10 @@ def gaussian_mutual_information(
         raise ValueError(f"z_s: the redundancy estimate needs >= 2 samples, got {z_s.shape[0]}")
     if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage <= 1.0):
         raise ValueError(f"shrinkage must be 'auto' or in [0, 1], got {shrinkage!r}")
-    d_s = z_s.shape[1]
     x = _standardize(torch.cat([z_s, z_t], dim=1).double())  # (B, d_s + d_t)
     n, d = x.shape
-    s = x.T @ x / n  # (d, d) sample correlation, float64
-    with torch.no_grad():
-        s_ = s.detach()
-        lam: Tensor | float = (
-            _ledoit_wolf_from_cov(x.detach(), s_) if shrinkage == "auto" else float(shrinkage)
-        )
-        mu = torch.diagonal(s_).sum() / d  # = x.square().sum() / (n d)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    r = (1.0 - lam) * s + (lam * mu + jitter) * eye  # (d, d)
-    log_diag = _cholesky_log_diag(r)  # (d,)
-    # 1/2 [log det R_ss + log det R_tt - log det R] with log det R = 2 sum(log_diag) and
-    # log det R_ss = 2 sum(log_diag[:d_s]): the R_ss part cancels exactly.
-    mi = 0.5 * _logdet_pd(r[d_s:, d_s:]) - log_diag[d_s:].sum()
+    estimate = _mi_from_gram if n < d else _mi_from_covariance
+    mi = estimate(x, z_s.shape[1], shrinkage, jitter)
     # Fischer's inequality makes mi >= 0; clamp only float64 round-off.
     return mi.clamp_min(0.0).float()
 
