@@ -57,6 +57,7 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
     assert {
         "forward_backward_ce",
         "forward_backward_loss",
+        "objective_forward_backward",
         "spatial_forward_backward",
         "contextual_forward_backward",
         "optimizer_step",
@@ -180,6 +181,25 @@ def test_step_breakdown_and_profile(tmp_path):
     profile_steps(lambda: step(x, y), timing, str(tmp_path / "p" / "prof.txt"), steps=1)
     text = (tmp_path / "p" / "prof.txt").read_text()
     assert "self_cpu_time_total" in text and "aten::" in text
+
+
+def test_objective_only_part_is_the_objective_on_a_fixed_output(one_thread):
+    """The breakdown's objective-only closure gives the stage-3 objective's value on the output it
+    holds, and its backward reaches those leaf tensors only (not the model)."""
+    from cmafnet.analysis.profiling.suite import cmaf_parts
+    from cmafnet.config import load_config
+
+    cfg = load_config("smoke")
+    parts = cmaf_parts(cfg, torch.device("cpu"), 64)
+    model = parts["build"]().eval()  # eval: deterministic output, so the two paths can be compared
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        run = parts["objective_fn"](model, x, y)
+    total = run()
+    assert total.requires_grad and torch.isfinite(total)
+    torch.testing.assert_close(total.detach(), parts["loss_fn"](model, x, y).detach())
+    total.backward()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_targets_pass_fail_and_missing():

@@ -12,6 +12,7 @@ from torch import nn
 
 from cmafnet.analysis.profiling.steps import (
     LossFn,
+    ObjectiveFn,
     cross_entropy_loss,
     make_optimizer,
     make_train_step,
@@ -60,6 +61,8 @@ class ModelBench:
     latency: bool = True
     gmacs: bool = True
     breakdown: bool = False  # time the parts of a training step (branches, loss, optimiser)
+    # objective_fn(model, x, y) -> run: the loss alone on a fixed model output, for the breakdown
+    objective_fn: ObjectiveFn | None = None
     profile_path: str | None = None  # write a torch.profiler op table of a few training steps here
 
 
@@ -173,7 +176,9 @@ def bench_model(
                 rec["train_sam_peak_GiB"] = peak_memory_gib(dev)
         if spec.breakdown:
             parts = _attempt(
-                rec, "breakdown", lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing)
+                rec,
+                "breakdown",
+                lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing, spec.objective_fn),
             )
             if parts:
                 rec["breakdown_ms"] = parts

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from cmafnet.analysis.profiling.timing import Timing, time_per_step
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# objective_fn(model, x, y) -> run: builds one model output (called under no_grad) and returns a
+# closure computing the loss from it alone, differentiable in that output's tensors
+ObjectiveFn = Callable[[nn.Module, Tensor, Tensor], Callable[[], Tensor]]
 
 
 def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -106,13 +109,21 @@ def make_train_step(
 
 
 def step_breakdown(
-    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, timing: Timing
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    timing: Timing,
+    objective_fn: ObjectiveFn | None = None,
 ) -> dict[str, float]:
     """Where a training step's time goes, in ms per step (each part timed on its own, train mode).
 
     ``forward_backward_ce``: plain ``model(x)`` + cross-entropy + backward (the model alone);
     ``forward_backward_loss``: ``loss_fn`` (for CMAF-Net: ``return_aux=True`` + the objective) +
     backward, so the difference is what the auxiliary outputs and regularisers cost;
+    ``objective_forward_backward`` (with ``objective_fn``): the loss alone, forward + backward, on
+    one fixed model output whose tensors are leaves, i.e. the regularisers without the model;
     ``<branch>_forward_backward``: each branch (``model.spatial`` / ``model.contextual`` when the
     model has them) alone; ``optimizer_step``: the AdamW update alone.
     """
@@ -137,6 +148,10 @@ def step_breakdown(
         "forward_backward_ce": time_per_step(fwd_bwd(lambda: F.cross_entropy(model(x), y)), timing),
         "forward_backward_loss": time_per_step(fwd_bwd(lambda: loss_fn(model, x, y)), timing),
     }
+    if objective_fn is not None:
+        with torch.no_grad(), timing.autocast():
+            objective_only = objective_fn(model, x, y)
+        parts["objective_forward_backward"] = time_per_step(fwd_bwd(objective_only), timing)
     for name in ("spatial", "contextual"):
         branch = getattr(inner, name, None)
         if isinstance(branch, nn.Module):

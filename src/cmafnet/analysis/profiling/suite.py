@@ -21,6 +21,8 @@ def cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
     optimiser is the trainer's AdamW (weights-only decay) over the model and the objective's own
     parameters; SAM is ``cmafnet.training.sam.SAM`` when that module is importable.
     """
+    from dataclasses import fields, replace
+
     import torch
 
     from cmafnet.losses import Objective
@@ -43,7 +45,23 @@ def cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
         total, _ = objective(out, y, epoch=stage3_epoch, use_regularizers=True)
         return total
 
-    parts.update(build=build, loss_fn=loss_fn)
+    def objective_only(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+        out = model(x, return_aux=True)
+        leaves = {
+            f.name: v.detach().requires_grad_(v.is_floating_point())
+            for f in fields(out)
+            if isinstance(v := getattr(out, f.name), torch.Tensor)
+        }
+        fixed = replace(out, **leaves)
+
+        def run() -> torch.Tensor:
+            for v in leaves.values():
+                v.grad = None
+            return objective(fixed, y, epoch=stage3_epoch, use_regularizers=True)[0]
+
+        return run
+
+    parts.update(build=build, loss_fn=loss_fn, objective_fn=objective_only)
     try:
         from cmafnet.training.optim import build_adamw, param_groups
         from cmafnet.training.sam import SAM
@@ -117,7 +135,7 @@ def build_specs(
         specs["cmafnet"] = ModelBench(
             "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
             sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
-            optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True,
+            optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True, objective_fn=parts.get("objective_fn"),
             device_step=parts.get("device_step"), setup=parts.get("setup"),
             profile_path=str(profile / "profile_cmafnet.txt") if profile else None,
         )  # fmt: skip
