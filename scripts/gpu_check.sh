@@ -97,7 +97,7 @@ if has compile; then
   if [ "$T" -ge 90 ]; then
     echo "== compile bench (timeout ${T}s)"
     timeout -k 10 "$T" "${CMAFNET[@]}" bench --device "$DEVICE" --size 224 --config paper \
-      --models cmafnet naive --compile --runs naive cmafnet+graph cmafnet+compile cmafnet+compile+graph --no-switches \
+      --models cmafnet naive --compile --runs naive cmafnet+compile+graph cmafnet+compile cmafnet+graph --no-switches \
       --json "$OUT/bench_compile.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_compile.log"
     echo "compile bench exit ${PIPESTATUS[0]}"
   else

@@ -225,6 +225,24 @@ def test_bench_runs_and_switch_errors_name_what_is_available(capsys):
     assert "Did you mean 'channels_last'" in capsys.readouterr().err
 
 
+def test_bench_times_runs_in_the_order_given(tmp_path, monkeypatch, capsys):
+    """Under a time limit the first --runs are the ones sure to be measured, so order is kept."""
+    import cmafnet.analysis.profiling.models as models_mod
+
+    timed: list[str] = []
+
+    def fake_bench(spec, timing, **kw):
+        timed.append(spec.name)
+        return {"name": spec.name}
+
+    monkeypatch.setattr(models_mod, "bench_model", fake_bench)
+    out = tmp_path / "b.json"
+    args = ["bench", "--device", "cpu", "--models", "cmafnet", "naive", "resnet18", "--no-switches"]
+    assert main([*args, "--runs", "resnet18", "cmafnet", "resnet18", "--json", str(out)]) == 0
+    assert timed == ["resnet18", "cmafnet"]
+    assert list(json.loads(out.read_text())["models"]) == ["resnet18", "cmafnet"]
+
+
 def test_ratios_take_the_fastest_cmafnet_variant_and_each_variants_own_sam_ratio():
     models = {
         "cmafnet": {"train_img_s": 100.0, "infer_img_s": 400.0, "train_step_ms": 10.0, "sam_step_ms": 25.0,
