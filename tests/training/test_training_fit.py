@@ -79,6 +79,37 @@ def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
             device="cpu")  # fmt: skip
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fit_chooses_kernels_for_the_run_and_restores_the_flags(store_and_split, tmp_path, deterministic):
+    """cuDNN autotunes during a run unless ``train.deterministic``; the process's flags come back after."""
+    import torch
+
+    store, split = store_and_split
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def record(trainer) -> None:
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                     torch.are_deterministic_algorithms_enabled()))  # fmt: skip
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    cfg = load_config("smoke", [*FAST, f"train.deterministic={str(deterministic).lower()}"])
+    fit(
+        cfg,
+        store,
+        split,
+        tmp_path / "run",
+        progress=False,
+        stop_after_steps=1,
+        device="cpu",
+        callbacks=[record],
+    )
+    assert seen and set(seen) == {(not deterministic, deterministic, deterministic)}
+    after = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    assert after == before
+
+
 def test_imbalance_applies_to_training_indices_only(store_and_split):
     import numpy as np
 

@@ -6,7 +6,8 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool) -> bool:
-    """Deterministic kernels (and no cuDNN autotuning) when ``enabled``; returns the previous flag."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    if enabled:
+@contextmanager
+def kernel_selection(deterministic: bool) -> Iterator[None]:
+    """How kernels are chosen during one training run; every flag is restored afterwards.
+
+    ``deterministic``: deterministic algorithms (warn-only where none exists) and no cuDNN
+    autotuning. Otherwise cuDNN autotunes (``cudnn.benchmark``): it times the convolution
+    algorithms once per new input shape and keeps the fastest. Training shapes are fixed (one
+    batch size, one image size), so that costs a few steps once and then speeds up every step;
+    ``cmafnet bench`` measures with it on, so the trainer now runs what was measured.
+    """
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    return prev
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
 
 
 def _preprocess(
@@ -184,49 +202,48 @@ def fit(
     tc = cfg.train
     if tc.amp == "fp16" and info.device.type == "cpu":
         log.warning("train.amp=fp16 on CPU: slow and rarely useful; bf16 or none are the CPU choices")
-    prev_det = set_deterministic(tc.deterministic)
     try:
-        seed_everything(tc.seed)
-        data = prepare_data(cfg, store_path, split_path, info.device)
-        from cmafnet.losses.objective import Objective
-        from cmafnet.models import create_model
+        with kernel_selection(tc.deterministic):
+            seed_everything(tc.seed)
+            data = prepare_data(cfg, store_path, split_path, info.device)
+            from cmafnet.losses.objective import Objective
+            from cmafnet.models import create_model
 
-        model = create_model(cfg.model).to(info.device)
-        if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        if tc.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        objective_epochs = [s.epochs for s in tc.stages if s.loss == "objective"]
-        objective = Objective(
-            cfg.loss, cfg.regularizers, data.class_counts, num_heads=cfg.model.fusion.heads,
-            total_epochs=float(objective_epochs[-1]) if objective_epochs else None,
-        ).to(info.device)  # fmt: skip
-        if info.rank:  # the same model on every rank (DDP broadcasts it anyway), own augmentation noise
-            torch.manual_seed(tc.seed + 1_000_003 * info.rank)
-        trainer = Trainer(
-            cfg, model, objective, data, out, info=info, progress=progress, stop_after_steps=stop_after_steps,
-            callbacks=callbacks or (),
-        )  # fmt: skip
-        log.info(
-            "effective batch size %d (%d per rank x %d ranks), %d steps per epoch, device %s",
-            tc.batch_size, trainer.local_batch, info.world, trainer.steps_per_epoch, info.device,
-        )  # fmt: skip
-        if resume:
-            state = load_checkpoint(ckpt)
-            if _config_without_device(state["config"]) != _config_without_device(dump_config(cfg)):
-                raise ConfigError(
-                    f"--resume: the config differs from {out / run.CONFIG_FILE} (the run's config)"
-                )
-            state["config"] = dump_config(cfg)
-            trainer.load_state_dict(state)
-            log.info("resuming %s at stage %d, epoch %d, step %d", out, trainer.p.stage, trainer.p.epoch,
-                     trainer.p.step_in_epoch)  # fmt: skip
-        elif info.is_main:
-            _start_run_folder(out, cfg, data, info, trainer)
-        distr.barrier(info)
-        return trainer.run()
+            model = create_model(cfg.model).to(info.device)
+            if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+                model.set_grad_checkpointing(True)
+            if tc.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            objective_epochs = [s.epochs for s in tc.stages if s.loss == "objective"]
+            objective = Objective(
+                cfg.loss, cfg.regularizers, data.class_counts, num_heads=cfg.model.fusion.heads,
+                total_epochs=float(objective_epochs[-1]) if objective_epochs else None,
+            ).to(info.device)  # fmt: skip
+            if info.rank:  # the same model on every rank (DDP broadcasts it anyway), own augmentation noise
+                torch.manual_seed(tc.seed + 1_000_003 * info.rank)
+            trainer = Trainer(
+                cfg, model, objective, data, out, info=info, progress=progress, stop_after_steps=stop_after_steps,
+                callbacks=callbacks or (),
+            )  # fmt: skip
+            log.info(
+                "effective batch size %d (%d per rank x %d ranks), %d steps per epoch, device %s",
+                tc.batch_size, trainer.local_batch, info.world, trainer.steps_per_epoch, info.device,
+            )  # fmt: skip
+            if resume:
+                state = load_checkpoint(ckpt)
+                if _config_without_device(state["config"]) != _config_without_device(dump_config(cfg)):
+                    raise ConfigError(
+                        f"--resume: the config differs from {out / run.CONFIG_FILE} (the run's config)"
+                    )
+                state["config"] = dump_config(cfg)
+                trainer.load_state_dict(state)
+                log.info("resuming %s at stage %d, epoch %d, step %d", out, trainer.p.stage, trainer.p.epoch,
+                         trainer.p.step_in_epoch)  # fmt: skip
+            elif info.is_main:
+                _start_run_folder(out, cfg, data, info, trainer)
+            distr.barrier(info)
+            return trainer.run()
     finally:
-        torch.use_deterministic_algorithms(prev_det)
         distr.teardown(info)
 
 
