@@ -87,12 +87,14 @@ def test_fit_chooses_kernels_for_the_run_and_restores_the_flags(store_and_split,
     store, split = store_and_split
     seen: list[tuple[bool, bool, bool]] = []
 
-    def record(trainer) -> None:
-        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-                     torch.are_deterministic_algorithms_enabled()))  # fmt: skip
+    def flags() -> tuple[bool, bool, bool]:
+        cudnn = torch.backends.cudnn
+        return cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()
 
-    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-              torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    def record(trainer) -> None:
+        seen.append(flags())
+
+    before = flags()
     cfg = load_config("smoke", [*FAST, f"train.deterministic={str(deterministic).lower()}"])
     fit(
         cfg,
@@ -105,9 +107,7 @@ def test_fit_chooses_kernels_for_the_run_and_restores_the_flags(store_and_split,
         callbacks=[record],
     )
     assert seen and set(seen) == {(not deterministic, deterministic, deterministic)}
-    after = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled())  # fmt: skip
-    assert after == before
+    assert flags() == before
 
 
 def test_imbalance_applies_to_training_indices_only(store_and_split):
