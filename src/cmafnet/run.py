@@ -15,13 +15,13 @@ A run folder holds::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cmafnet.errors import RunFolderError
+from cmafnet.files import atomic_write_bytes, write_json
+from cmafnet.models.weights import load_state_dict_file, save_weights
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -31,28 +31,13 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 METRICS_FILE = "metrics.csv"
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+# The file-level helpers a run folder is written with live lower down (models and data use them
+# too); they are part of this module's interface.
+__all__ = [
+    "CHECKPOINT_DIR", "CONFIG_FILE", "LAST_CHECKPOINT", "META_FILE", "METRICS_FILE", "SPLIT_FILE",
+    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "load_run", "load_state_dict_file", "read_meta",
+    "save_weights", "update_meta", "write_json",
+]  # fmt: skip
 
 
 def read_meta(run_dir: str | Path) -> dict:
@@ -76,36 +61,6 @@ class LoadedRun:
     config: Any  # cmafnet.config.Config
     meta: dict
     path: Path
-
-
-def save_weights(model: Any, path: str | Path) -> None:
-    """Save a state dict as safetensors, atomically."""
-    from safetensors.torch import save
-
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(sd))
-
-
-def load_state_dict_file(path: str | Path) -> dict:
-    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise RunFolderError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for files holding code
-        raise RunFolderError(f"{path}: refused to load (not a plain weights file: {err})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    return obj
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:

@@ -37,7 +37,7 @@ from cmafnet.data.store import (
 )  # fmt: skip
 from cmafnet.data.validation import SizePolicy, decode_image
 from cmafnet.errors import InputDataError, RunFolderError
-from cmafnet.run import atomic_write_bytes, write_json
+from cmafnet.files import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"

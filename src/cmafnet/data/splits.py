@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.run import atomic_write_bytes
+from cmafnet.files import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 SPLIT_VERSION = 1

@@ -138,7 +138,7 @@ def load_weights(model: nn.Module, path: str, backbone_attr: str = "backbone") -
     file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
     must match the backbone exactly (a mismatch is an error, not a silent partial load).
     """
-    from cmafnet.run import load_state_dict_file
+    from cmafnet.models.weights import load_state_dict_file
 
     sd = load_state_dict_file(path)
     own = model.state_dict()
@@ -175,6 +175,3 @@ def _factory(name: str):
 
 for _name in BASELINES:
     MODELS.add(_name, _factory(_name))
-
-# Reconstructed fusion baselines register themselves on import.
-from cmafnet.models import fusion_baselines  # noqa: E402, F401

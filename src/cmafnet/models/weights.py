@@ -1,7 +1,7 @@
-"""Loading local weight files into CMAF-Net or one of its branches (no hub access needed).
+"""Weight files: reading and writing state dicts, and loading them into CMAF-Net or one of its branches
+(no hub access needed).
 
-Files are read by :func:`cmafnet.run.load_state_dict_file` (safetensors, or torch with
-``weights_only=True``). Branch files may be timm state dicts (``resnet18``, ``mobilevit_<v>``) or
+Files are read by :func:`load_state_dict_file` (safetensors, or torch with ``weights_only=True``). Branch files may be timm state dicts (``resnet18``, ``mobilevit_<v>``) or
 a branch of a saved CMAF-Net (keys prefixed ``spatial.body.`` / ``contextual.``), so a user can
 start from timm's pretrained weights or reuse the extractors of an earlier run.
 """
@@ -12,8 +12,38 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from cmafnet.errors import ConfigError
-from cmafnet.run import load_state_dict_file
+from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.files import atomic_write_bytes
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Save a state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(sd))
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for files holding code
+        raise RunFolderError(f"{path}: refused to load (not a plain weights file: {err})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    return obj
 
 
 def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
