@@ -227,6 +227,9 @@ class TrainConfig(_Section):
     deterministic: bool = False
     max_nonfinite_steps: int = Field(20, ge=1)  # consecutive non-finite steps before stopping
     max_steps_per_epoch: int | None = Field(None, ge=1)  # smoke runs
+    # mid-epoch checkpoints (an epoch of the paper config is ~1,500 steps); the epoch end always saves
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(None, gt=0.0)
     log_every: int = Field(20, ge=1)
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N

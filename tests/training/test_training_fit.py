@@ -72,8 +72,11 @@ def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
     with pytest.raises(ConfigError, match="config differs"):
         fit(load_config("smoke", FAST), store, split, out, resume=True, progress=False, device="cpu")
-    with pytest.raises(RunFolderError, match="nothing to resume"):
-        fit(cfg, store, split, tmp_path / "empty", resume=True, progress=False, device="cpu")
+    # a folder without a checkpoint is never a dead end: --resume starts it from the beginning
+    s = fit(
+        cfg, store, split, tmp_path / "empty", resume=True, progress=False, stop_after_steps=1, device="cpu"
+    )
+    assert s["status"] == "stopped" and s["global_step"] == 1
     with pytest.raises(ConfigError, match="batch_size"):
         fit(load_config("smoke", ["train.batch_size=4096"]), store, split, tmp_path / "big", progress=False,
             device="cpu")  # fmt: skip

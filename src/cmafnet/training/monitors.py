@@ -1,5 +1,5 @@
 """Per-epoch validation: metrics of the main logits plus the monitors of SPEC §3 (the information
-quantities themselves live in :mod:`cmafnet.analysis.information`)."""
+quantities themselves live in :mod:`cmafnet.training.information`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmafnet.analysis.information import MonitorAccumulator
+from cmafnet.training.information import MonitorAccumulator
 from cmafnet.training.step import autocast_context
 
 log = logging.getLogger(__name__)

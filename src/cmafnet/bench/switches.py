@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from cmafnet.analysis.profiling.models import ModelBench
-from cmafnet.analysis.profiling.timing import Timing
+from cmafnet.bench.models import ModelBench
+from cmafnet.bench.timing import Timing
 
 SWITCHES = (
-    "channels_last", "channels_last_spatial_only", "autocast", "fused_adamw", "sam_inline_foreach",
-    "return_aux_off", "sdpa", "cuda_graph", "compile",
+    "channels_last", "channels_last_spatial_only", "autocast", "fused_adamw", "return_aux_off", "sdpa",
+    "cuda_graph", "compile",
 )  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def run_switches(
             spec,
             latency=False,
             gmacs=False,
-            sam_rho=None,
+            sam=False,
             aux_infer=False,
             breakdown=False,
             profile_path=None,
@@ -98,14 +98,6 @@ def run_switches(
             other = flipped(replace(spec, fused_adamw=not spec.fused_adamw))
             on, off = (models["cmafnet"], other) if spec.fused_adamw else (other, models["cmafnet"])
             res["fused_adamw"] = {"cmafnet": pair(on, off)}
-        if (
-            spec.sam is not None and spec.sam_rho and want("sam_inline_foreach")
-        ):  # the trainer's SAM against the inline foreach one
-            inline = bench(
-                replace(spec, sam=None, latency=False, gmacs=False, infer=False, aux_infer=False,
-                        breakdown=False, profile_path=None)
-            )  # fmt: skip
-            res["sam_inline_foreach"] = {"cmafnet": pair(inline, models["cmafnet"], ("train_sam_img_s",))}
         m = models["cmafnet"]
         if m.get("infer_img_s") and m.get("infer_aux_img_s") and want("return_aux_off"):
             res["return_aux_off"] = {"cmafnet": {

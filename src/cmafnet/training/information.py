@@ -1,17 +1,21 @@
-"""Information-theoretic training monitors (paper §4.5, §6.3; Fig. 4).
+"""Information-theoretic training monitors (paper §4.5, §6.3; Fig. 4), accumulated over a validation pass.
 
-All values are in nats and computed without gradients from a :class:`~cmafnet.models.ModelOutput`:
+All values are in nats and computed without gradients from a :class:`~cmafnet.models.ModelOutput`.
+Each quantity the objective penalises is monitored with the objective's own definition
+(:mod:`cmafnet.losses.regularizers`), on the whole validation pass instead of one batch:
 
-- ``I(Z;X)`` upper bound per branch: ``E_x KL(q(z|x) || N(0, I))`` of the variational bottleneck,
-  summed over the feature dimension and averaged over tokens and samples (Alemi et al., 2017).
-- ``I(Z_s;Z_t)`` estimate: Gaussian mutual information of the pooled bottleneck codes,
-  ``0.5 (log|S_s| + log|S_t| - log|S|)``, with Ledoit-Wolf shrinkage covariances (sklearn) fitted
-  on the whole validation set (a batch is far too small for a D x D covariance).
-- ``I(Z_fused;Y)`` lower bound: ``H(Y) - CE`` (Barber & Agakov): the label entropy minus the
-  classifier's cross-entropy; any classifier's CE upper-bounds ``H(Y|Z)``.
-- attention entropy per head (mean over samples and query tokens of the key distribution's entropy)
-  and the temperature per head; gate mean and standard deviation; class margins (mean over the
-  samples of class c of ``logit_c - max_{j != c} logit_j``).
+- ``mi_zs_x`` / ``mi_zt_x``: the ``I(Z;X)`` upper bound per branch, ``E_x KL(q(z|x) || N(0, I))`` of the
+  variational bottleneck (:func:`~cmafnet.losses.regularizers.gaussian_kl_per_sample`, the KL terms).
+- ``mi_zs_zt``: the Gaussian (CCA) estimate of ``I(Z_s;Z_t)`` of the pooled bottleneck codes with
+  Ledoit-Wolf shrinkage (:func:`~cmafnet.losses.regularizers.gaussian_mutual_information`, the
+  redundancy term), from up to ``max_codes`` validation samples.
+- ``attn_entropy_h<h>``: mean attention entropy per head in nats, as Fig. 4 plots it
+  (:func:`~cmafnet.losses.regularizers.attention_entropy_nats`; the penalty divides it by ``log N_t``).
+
+And what the objective does not penalise: the ``I(Z_fused;Y)`` lower bound ``H(Y) - CE`` (Barber &
+Agakov: any classifier's cross-entropy upper-bounds ``H(Y|Z)``), the temperature per head, gate mean
+and standard deviation, and class margins (mean over the samples of class c of
+``logit_c - max_{j != c} logit_j``).
 """
 
 from __future__ import annotations
@@ -22,17 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmafnet.losses.regularizers import gaussian_kl_per_sample
-
-# Per-sample KL(N(mu, exp(logvar)) || N(0, I)) of ``(B, N, D)`` or ``(B, D)`` -> ``(B,)``: the training
-# regulariser's own definition (one implementation for the loss and the monitor).
-kl_to_standard_normal = gaussian_kl_per_sample
-
-
-def attention_entropy(attn: Tensor) -> Tensor:
-    """Mean entropy per head of attention maps ``(B, H, N_q, N_k)`` (rows sum to 1) -> ``(H,)``."""
-    a = attn.float().clamp_min(1e-12)
-    return -(a * a.log()).sum(-1).mean(dim=(0, 2))
+from cmafnet.losses.regularizers import (
+    attention_entropy_nats,
+    gaussian_kl_per_sample,
+    gaussian_mutual_information,
+)
 
 
 def class_margins(logits: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -53,29 +51,13 @@ def label_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def gaussian_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
-    """Gaussian MI estimate between samples ``a (N, Da)`` and ``b (N, Db)`` with Ledoit-Wolf shrinkage."""
-    from sklearn.covariance import LedoitWolf
-
-    if a.shape[0] < 3:
-        return float("nan")
-
-    def logdet(x: np.ndarray) -> float:
-        cov = LedoitWolf().fit(x).covariance_
-        sign, val = np.linalg.slogdet(cov)
-        return float(val) if sign > 0 else float("nan")
-
-    mi = 0.5 * (logdet(a) + logdet(b) - logdet(np.concatenate([a, b], axis=1)))
-    return max(mi, 0.0)
-
-
 class MonitorAccumulator:
     """Accumulates the monitors over the batches of an evaluation pass; :meth:`result` gives a flat
     dict of floats (keys such as ``mi_zs_x``, ``attn_entropy_h0``, ``tau_h0``, ``margin_c1``)."""
 
     def __init__(self, num_classes: int, max_codes: int = 4096):
         self.num_classes = num_classes
-        self.max_codes = max_codes  # cap on stored pooled codes for the MI estimate
+        self.max_codes = max_codes  # cap on stored pooled codes for the I(Z_s;Z_t) estimate
         self.n = 0
         self.sums: dict[str, float] = {}
         self.ce_sum = 0.0
@@ -85,8 +67,8 @@ class MonitorAccumulator:
         self.attn_ent: Tensor | None = None
         self.tau: Tensor | None = None
         self.gate_sum = self.gate_sq = self.gate_n = 0.0
-        self.z_s: list[np.ndarray] = []
-        self.z_t: list[np.ndarray] = []
+        self.z_s: list[Tensor] = []
+        self.z_t: list[Tensor] = []
         self.n_codes = 0
 
     def _add(self, key: str, value: float) -> None:
@@ -105,9 +87,9 @@ class MonitorAccumulator:
         self.margin_count += c.cpu()
         for name, mu, lv in (("mi_zs_x", out.mu_s, out.logvar_s), ("mi_zt_x", out.mu_t, out.logvar_t)):
             if mu is not None and lv is not None:
-                self._add(name, float(kl_to_standard_normal(mu, lv).sum()))
+                self._add(name, float(gaussian_kl_per_sample(mu, lv).sum()))
         if out.attn is not None:
-            ent = attention_entropy(out.attn).cpu() * b
+            ent = attention_entropy_nats(out.attn).cpu() * b
             self.attn_ent = ent if self.attn_ent is None else self.attn_ent + ent
         if out.tau is not None:
             self.tau = out.tau.detach().float().cpu()
@@ -117,8 +99,8 @@ class MonitorAccumulator:
             self.gate_sq += float(g.pow(2).sum())
             self.gate_n += g.numel()
         if out.z_s is not None and out.z_t is not None and self.n_codes < self.max_codes:
-            self.z_s.append(out.z_s.float().reshape(b, -1).cpu().numpy())
-            self.z_t.append(out.z_t.float().reshape(b, -1).cpu().numpy())
+            self.z_s.append(out.z_s.float().reshape(b, -1).cpu())
+            self.z_t.append(out.z_t.float().reshape(b, -1).cpu())
             self.n_codes += b
 
     def result(self) -> dict[str, float]:
@@ -141,6 +123,7 @@ class MonitorAccumulator:
             mean = self.gate_sum / self.gate_n
             res["gate_mean"] = mean
             res["gate_std"] = math.sqrt(max(self.gate_sq / self.gate_n - mean * mean, 0.0))
-        if self.z_s:
-            res["mi_zs_zt"] = gaussian_mutual_information(np.concatenate(self.z_s), np.concatenate(self.z_t))
+        if self.n_codes >= 2:
+            z_s, z_t = torch.cat(self.z_s)[: self.max_codes], torch.cat(self.z_t)[: self.max_codes]
+            res["mi_zs_zt"] = float(gaussian_mutual_information(z_s, z_t))
         return res

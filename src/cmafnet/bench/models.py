@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmafnet.analysis.profiling.steps import (
+from cmafnet.bench.steps import (
     LossFn,
     ObjectiveFn,
     cross_entropy_loss,
     make_optimizer,
-    make_train_step,
+    plain_ce_step,
     step_breakdown,
 )
-from cmafnet.analysis.profiling.timing import (
+from cmafnet.bench.timing import (
     Timing,
     check_cuda_graph,
     cuda_graph_forward,
@@ -39,23 +39,19 @@ class ModelBench:
 
     name: str
     build: Callable[[], nn.Module]
-    loss_fn: LossFn = cross_entropy_loss
+    loss_fn: LossFn = cross_entropy_loss  # the plain step's loss; the breakdown's for every model
     channels_last: bool = True
-    sam_rho: float | None = None  # also time a SAM step
+    sam: bool = False  # also time a SAM step (through ``trainer``)
     aux_infer: bool = False  # also time ``forward(x, return_aux=True)`` inference
     compile: bool = False
-    # capture the whole training step (and the batch inference forward) in a CUDA graph, replayed
-    # per batch (cmafnet.training.graphs; CUDA only)
+    # capture the whole training step (train.cuda_graph) and the batch inference forward in CUDA
+    # graphs, replayed per batch (cmafnet.training.graphs; CUDA only)
     cuda_graph: bool = False
     fused_adamw: bool = True
-    # optimizer(model, fused) -> Optimizer; None = AdamW over the model's trainable parameters
-    optimizer: Callable[[nn.Module, bool], torch.optim.Optimizer] | None = None
-    sam: Callable[[torch.optim.Optimizer], Any] | None = None  # SAM object factory; None = inline
-    # device_step(model, optimizer, with_sam, amp) -> step(x, y): the trainer's capturable step
-    # (cmafnet.training.graphed.DeviceStep), timed for ``cuda_graph``; None = the generic step
-    device_step: Callable[..., Callable[[torch.Tensor, torch.Tensor], Any]] | None = None
-    # called with ``compile`` before the model is timed (CMAF-Net compiles its regularisers too)
-    setup: Callable[[bool], None] | None = None
+    # trainer(model, sam=, compile=, cuda_graph=, fused=, channels_last=, amp=) -> StageStep: the
+    # trainer's own step (cmafnet.training.prepare_stage), timed as the trainer runs it. None = the
+    # references' plain cross-entropy step (steps.plain_ce_step)
+    trainer: Callable[..., Any] | None = None
     train: bool = True
     infer: bool = True
     latency: bool = True
@@ -118,8 +114,6 @@ def bench_model(
         "fused_adamw": spec.fused_adamw and dev.type == "cuda",  # fused AdamW is used on CUDA only
         "amp": timing.amp,
     }
-    if spec.setup is not None:
-        spec.setup(spec.compile)
     torch.manual_seed(0)
     model = _attempt(rec, "build", spec.build)
     if model is None:
@@ -137,55 +131,51 @@ def bench_model(
 
     if spec.train:
         x, y = make_inputs(batch, size, num_classes, timing, spec.channels_last)
-        opt = (
-            spec.optimizer(model, rec["fused_adamw"])
-            if spec.optimizer
-            else make_optimizer(model, fused=rec["fused_adamw"])
-        )
-        if spec.sam_rho:
-            rec["sam_impl"] = "project" if spec.sam else "inline_foreach"
 
-        def time_train(rho: float | None) -> float:
+        def train_step(
+            sam: bool,
+        ) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], torch.optim.Optimizer]:
+            if spec.trainer is not None:
+                st = spec.trainer(
+                    model, sam=sam, compile=spec.compile, cuda_graph=spec.cuda_graph and dev.type == "cuda",
+                    fused=rec["fused_adamw"], channels_last=spec.channels_last, amp=timing.amp,
+                )  # fmt: skip
+                return st, st.optimizer
+            opt = make_optimizer(model, fused=rec["fused_adamw"])
+            return plain_ce_step(run_model, spec.loss_fn, opt, timing), opt
+
+        def time_train(sam: bool) -> float:
             model.train()
-            graphed = spec.cuda_graph and dev.type == "cuda"
             reset_peak_memory(dev)
-            if graphed and spec.device_step is not None and timing.amp != "fp16":
-                step = spec.device_step(run_model, opt, bool(rho), timing.amp)
-                rec["graph_step"] = "trainer"  # clipping and the non-finite skip included
-            else:
-                sam = spec.sam(opt) if rho and spec.sam else None
-                step = make_train_step(
-                    run_model, spec.loss_fn, opt, timing, sam_rho=rho, sam=sam, autocast_cache=not graphed
-                )
-            if graphed:
-                from cmafnet.training.graphs import GraphedStep
-
-                step = GraphedStep(step, [x, y], optimizer=opt)
+            step, _ = train_step(sam)
             return time_per_step(lambda: step(x, y), timing)
 
-        s = _attempt(rec, "train", lambda: time_train(None))
+        rec["train_step_impl"] = "trainer" if spec.trainer is not None else "plain_ce"
+        step: Any = None
+        opt: torch.optim.Optimizer | None = None
+        s = _attempt(rec, "train", lambda: time_train(False))
         if s is not None:
             rec["train_step_ms"] = s * 1e3
             rec["train_img_s"] = batch / s
             rec["train_peak_GiB"] = peak_memory_gib(dev)
-        if spec.sam_rho:
-            s = _attempt(rec, "train_sam", lambda: time_train(spec.sam_rho))
+        if spec.sam and spec.trainer is not None:
+            s = _attempt(rec, "train_sam", lambda: time_train(True))
             if s is not None:
                 rec["sam_step_ms"] = s * 1e3
                 rec["train_sam_img_s"] = batch / s
                 rec["train_sam_peak_GiB"] = peak_memory_gib(dev)
-        if spec.breakdown:
+        if spec.breakdown or spec.profile_path:
+            step, opt = _attempt(rec, "breakdown", lambda: train_step(False)) or (None, None)
+        if spec.breakdown and step is not None:
             parts = _attempt(
-                rec,
-                "breakdown",
+                rec, "breakdown",
                 lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing, spec.objective_fn),
-            )
+            )  # fmt: skip
             if parts:
                 rec["breakdown_ms"] = parts
-        if spec.profile_path:
-            step = make_train_step(run_model, spec.loss_fn, opt, timing)
+        if spec.profile_path and step is not None:
             _attempt(rec, "profile", lambda: profile_steps(lambda: step(x, y), timing, spec.profile_path))
-        del opt, x, y
+        del x, y
 
     model.eval()
     if spec.infer:
