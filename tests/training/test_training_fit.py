@@ -32,13 +32,14 @@ def store_and_split(tmp_path_factory):
     return root / "store", root / "split.json"
 
 
-def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
+def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, caplog):
     store, split = store_and_split
     out = tmp_path / "run"
     t0 = time.perf_counter()
     sets = [arg for s in FAST for arg in ("--set", s)]
-    rc = main(["train", "--config", "smoke", *sets, "--store", str(store), "--split", str(split),
-               "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
+    with caplog.at_level("INFO", logger="cmafnet.training"):
+        rc = main(["train", "--config", "smoke", *sets, "--store", str(store), "--split", str(split),
+                   "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
     elapsed = time.perf_counter() - t0
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -51,7 +52,21 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
                 "grad_norm_c0", "grad_norm_c1", "margin_c0", "lr"):  # fmt: skip
         assert col in rows.columns, col
     assert rows["mi_zs_x"].notna().all() and rows["tau_h0"].gt(0).all()
+    # the trainer reports its own speed: per epoch (log line, metrics.csv) and per stage (run.json)
+    assert rows["train_img_s"].gt(0).all() and rows["step_ms"].gt(0).all()
+    assert rows["train_img_s"].to_numpy() == pytest.approx(
+        2 * 16 / (rows["step_ms"].to_numpy() * 2 / 1e3), rel=1e-3
+    )
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all(" img/s (" in line and " ms/step)" in line for line in epoch_lines)
     meta = json.loads((out / "run.json").read_text())
+    speed = meta["stage_throughput"]
+    assert list(speed) == ["branches", "fusion", "end_to_end"] and meta["device"]
+    for name, row in zip(speed, rows.itertuples(), strict=True):
+        assert speed[name]["steps"] == 2 and speed[name]["images"] == 32
+        assert speed[name]["img_s"] == pytest.approx(32 / speed[name]["seconds"], rel=1e-3)
+        assert speed[name]["img_s"] == pytest.approx(row.train_img_s, rel=1e-2)  # one epoch per stage
+    assert summary["stage_throughput"] == speed
     assert meta["status"] == "finished" and meta["img_size"] == 64 and meta["classes"]
     assert meta["stain_reference"] is not None and meta["effective_batch_size"] == 16
     loaded = load_run(out)  # the run folder is what evaluation/inference read

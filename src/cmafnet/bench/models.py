@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cmafnet.bench.steps import (
     LossFn,
@@ -125,117 +125,138 @@ def bench_model(
     if spec.gmacs and not spec.compile:
         x1 = torch.randn(1, 3, size, size, device=dev)
         rec["gmacs"] = _attempt(rec, "gmacs", lambda: forward_gmacs(model, x1))
-    run_model = (
-        torch.compile(model, dynamic=False) if spec.compile else model
-    )  # static shapes: B differs per measurement
-
+    # static shapes: the batch differs per measurement
+    run_model = torch.compile(model, dynamic=False) if spec.compile else model
     if spec.train:
         x, y = make_inputs(batch, size, num_classes, timing, spec.channels_last)
-
-        def train_step(
-            sam: bool,
-        ) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], torch.optim.Optimizer]:
-            if spec.trainer is not None:
-                st = spec.trainer(
-                    model, sam=sam, compile=spec.compile, cuda_graph=spec.cuda_graph and dev.type == "cuda",
-                    fused=rec["fused_adamw"], channels_last=spec.channels_last, amp=timing.amp,
-                )  # fmt: skip
-                return st, st.optimizer
-            opt = make_optimizer(model, fused=rec["fused_adamw"])
-            return plain_ce_step(run_model, spec.loss_fn, opt, timing), opt
-
-        def time_train(sam: bool) -> float:
-            model.train()
-            reset_peak_memory(dev)
-            step, _ = train_step(sam)
-            return time_per_step(lambda: step(x, y), timing)
-
-        rec["train_step_impl"] = "trainer" if spec.trainer is not None else "plain_ce"
-        step: Any = None
-        opt: torch.optim.Optimizer | None = None
-        s = _attempt(rec, "train", lambda: time_train(False))
-        if s is not None:
-            rec["train_step_ms"] = s * 1e3
-            rec["train_img_s"] = batch / s
-            rec["train_peak_GiB"] = peak_memory_gib(dev)
-        if spec.sam and spec.trainer is not None:
-            s = _attempt(rec, "train_sam", lambda: time_train(True))
-            if s is not None:
-                rec["sam_step_ms"] = s * 1e3
-                rec["train_sam_img_s"] = batch / s
-                rec["train_sam_peak_GiB"] = peak_memory_gib(dev)
-        if spec.breakdown or spec.profile_path:
-            step, opt = _attempt(rec, "breakdown", lambda: train_step(False)) or (None, None)
-        if spec.breakdown and step is not None:
-            parts = _attempt(
-                rec, "breakdown",
-                lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing, spec.objective_fn),
-            )  # fmt: skip
-            if parts:
-                rec["breakdown_ms"] = parts
-        if spec.profile_path and step is not None:
-            _attempt(rec, "profile", lambda: profile_steps(lambda: step(x, y), timing, spec.profile_path))
+        _bench_training(spec, model, run_model, rec, timing, x, y)
         del x, y
-
     model.eval()
     if spec.infer:
         xi, _ = make_inputs(infer_batch, size, num_classes, timing, spec.channels_last)
-
-        def time_infer(aux: bool) -> float:
-            reset_peak_memory(dev)
-            if spec.cuda_graph and dev.type == "cuda" and not aux:
-                replay = cuda_graph_forward(run_model, xi, timing)
-                return time_per_step(lambda: replay(xi), timing)
-            with torch.inference_mode(), timing.autocast():
-                if aux:
-                    return time_per_step(lambda: run_model(xi, return_aux=True), timing)
-                return time_per_step(lambda: run_model(xi), timing)
-
-        s = _attempt(rec, "infer", lambda: time_infer(False))
-        if s is not None:
-            rec["infer_img_s"] = infer_batch / s
-            rec["infer_peak_GiB"] = peak_memory_gib(dev)
-        if spec.aux_infer:
-            s = _attempt(rec, "infer_aux", lambda: time_infer(True))
-            if s is not None:
-                rec["infer_aux_img_s"] = infer_batch / s
+        _bench_inference(spec, run_model, rec, timing, xi)
         del xi
-
     if spec.latency:
         x1, _ = make_inputs(1, size, num_classes, timing, spec.channels_last)
-
-        def eager_latency() -> dict[str, float]:
-            with torch.inference_mode(), timing.autocast():
-                return latency_ms(lambda: run_model(x1), timing)
-
-        lat = _attempt(rec, "latency", eager_latency)
-        if lat:
-            rec["latency_ms"], rec["latency_p90_ms"] = lat["median"], lat["p90"]
-        if dev.type == "cuda" and not spec.compile:
-            replay = _attempt(rec, "latency_cuda_graph", lambda: cuda_graph_forward(model, x1, timing))
-            if replay is not None:
-                # The replayed graph must compute what eager does: on the captured input and on a
-                # fresh one (which shows the graph reads its input buffer), in float32.
-                x2 = torch.randn_like(x1)
-                checked = _attempt(
-                    rec, "cuda_graph_check", lambda: check_cuda_graph(model, replay, [x1, x2], timing)
-                )
-                if checked is not None:
-                    rec["cuda_graph_max_abs_diff"], rec["cuda_graph_matches_eager"] = checked
-                lat = _attempt(rec, "latency_cuda_graph", lambda: latency_ms(replay, timing))
-                if lat:
-                    rec["latency_cuda_graph_ms"] = lat["median"]
-        if spec.compile:
-            # "reduce-overhead" records CUDA graphs for the compiled graph (CUDA only)
-            mode = "reduce-overhead" if dev.type == "cuda" else "default"
-            fast = torch.compile(model, mode=mode, dynamic=False)
-
-            def compiled_latency() -> dict[str, float]:
-                with torch.inference_mode(), timing.autocast():
-                    return latency_ms(lambda: fast(x1), timing)
-
-            lat = _attempt(rec, f"latency_compile_{mode}", compiled_latency)
-            if lat:
-                rec["latency_compiled_ms"] = lat["median"]
+        _bench_latency(spec, model, run_model, rec, timing, x1)
     reset_peak_memory(dev)
     return rec
+
+
+def _training_step(
+    spec: ModelBench, model: nn.Module, run_model: nn.Module, rec: dict, timing: Timing, sam: bool
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], torch.optim.Optimizer]:
+    """The step to time and its optimiser: the trainer's own for CMAF-Net, the plain one for references."""
+    if spec.trainer is not None:
+        st = spec.trainer(
+            model, sam=sam, compile=spec.compile, cuda_graph=spec.cuda_graph and timing.device.type == "cuda",
+            fused=rec["fused_adamw"], channels_last=spec.channels_last, amp=timing.amp,
+        )  # fmt: skip
+        return st, st.optimizer
+    opt = make_optimizer(model, fused=rec["fused_adamw"])
+    return plain_ce_step(run_model, spec.loss_fn, opt, timing), opt
+
+
+def _bench_training(
+    spec: ModelBench, model: nn.Module, run_model: nn.Module, rec: dict, timing: Timing, x: Tensor, y: Tensor
+) -> None:
+    """Training step time and throughput (SAM on and off), the breakdown and the profile, into ``rec``."""
+    dev, batch = timing.device, x.shape[0]
+
+    def time_train(sam: bool) -> float:
+        model.train()
+        reset_peak_memory(dev)
+        step, _ = _training_step(spec, model, run_model, rec, timing, sam)
+        return time_per_step(lambda: step(x, y), timing)
+
+    rec["train_step_impl"] = "trainer" if spec.trainer is not None else "plain_ce"
+    for sam, key in ((False, "train"), (True, "train_sam")):
+        if sam and not (spec.sam and spec.trainer is not None):
+            continue
+        s = _attempt(rec, key, lambda sam=sam: time_train(sam))
+        if s is not None:
+            prefix = "sam" if sam else "train"
+            rec[f"{prefix}_step_ms"] = s * 1e3
+            rec[f"{key}_img_s"] = batch / s
+            rec[f"{key}_peak_GiB"] = peak_memory_gib(dev)
+    if not (spec.breakdown or spec.profile_path):
+        return
+    made = _attempt(rec, "breakdown", lambda: _training_step(spec, model, run_model, rec, timing, False))
+    if made is None:
+        return
+    step, opt = made
+    if spec.breakdown:
+        parts = _attempt(
+            rec,
+            "breakdown",
+            lambda: step_breakdown(run_model, spec.loss_fn, opt, x, y, timing, spec.objective_fn),
+        )
+        if parts:
+            rec["breakdown_ms"] = parts
+    if spec.profile_path:
+        _attempt(rec, "profile", lambda: profile_steps(lambda: step(x, y), timing, spec.profile_path))
+
+
+def _bench_inference(spec: ModelBench, run_model: nn.Module, rec: dict, timing: Timing, xi: Tensor) -> None:
+    """Batch inference throughput (plain and, for CMAF-Net, with the auxiliary outputs), into ``rec``."""
+    dev, infer_batch = timing.device, xi.shape[0]
+
+    def time_infer(aux: bool) -> float:
+        reset_peak_memory(dev)
+        if spec.cuda_graph and dev.type == "cuda" and not aux:
+            replay = cuda_graph_forward(run_model, xi, timing)
+            return time_per_step(lambda: replay(xi), timing)
+        with torch.inference_mode(), timing.autocast():
+            if aux:
+                return time_per_step(lambda: run_model(xi, return_aux=True), timing)
+            return time_per_step(lambda: run_model(xi), timing)
+
+    s = _attempt(rec, "infer", lambda: time_infer(False))
+    if s is not None:
+        rec["infer_img_s"] = infer_batch / s
+        rec["infer_peak_GiB"] = peak_memory_gib(dev)
+    if spec.aux_infer:
+        s = _attempt(rec, "infer_aux", lambda: time_infer(True))
+        if s is not None:
+            rec["infer_aux_img_s"] = infer_batch / s
+
+
+def _bench_latency(
+    spec: ModelBench, model: nn.Module, run_model: nn.Module, rec: dict, timing: Timing, x1: Tensor
+) -> None:
+    """Batch-1 latency: eager, from a CUDA graph (checked against eager) and compiled, into ``rec``."""
+    dev = timing.device
+
+    def eager_latency() -> dict[str, float]:
+        with torch.inference_mode(), timing.autocast():
+            return latency_ms(lambda: run_model(x1), timing)
+
+    lat = _attempt(rec, "latency", eager_latency)
+    if lat:
+        rec["latency_ms"], rec["latency_p90_ms"] = lat["median"], lat["p90"]
+    if dev.type == "cuda" and not spec.compile:
+        replay = _attempt(rec, "latency_cuda_graph", lambda: cuda_graph_forward(model, x1, timing))
+        if replay is not None:
+            # The replayed graph must compute what eager does: on the captured input and on a
+            # fresh one (which shows the graph reads its input buffer), in float32.
+            x2 = torch.randn_like(x1)
+            checked = _attempt(
+                rec, "cuda_graph_check", lambda: check_cuda_graph(model, replay, [x1, x2], timing)
+            )
+            if checked is not None:
+                rec["cuda_graph_max_abs_diff"], rec["cuda_graph_matches_eager"] = checked
+            lat = _attempt(rec, "latency_cuda_graph", lambda: latency_ms(replay, timing))
+            if lat:
+                rec["latency_cuda_graph_ms"] = lat["median"]
+    if spec.compile:
+        # "reduce-overhead" records CUDA graphs for the compiled graph (CUDA only)
+        mode = "reduce-overhead" if dev.type == "cuda" else "default"
+        fast = torch.compile(model, mode=mode, dynamic=False)
+
+        def compiled_latency() -> dict[str, float]:
+            with torch.inference_mode(), timing.autocast():
+                return latency_ms(lambda: fast(x1), timing)
+
+        lat = _attempt(rec, f"latency_compile_{mode}", compiled_latency)
+        if lat:
+            rec["latency_compiled_ms"] = lat["median"]
