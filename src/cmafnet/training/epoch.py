@@ -170,11 +170,13 @@ def _check_stop(run: TrainRun) -> tuple[str, bool]:
 def end_epoch(run: TrainRun, st: StageStep) -> bool:
     """Validate, record, keep the best model, early-stop check, checkpoint. True = the stage ends."""
     p, tc, stage = run.p, run.tc, st.stage
+    t0 = time.perf_counter()
     metrics, monitors = validate(
         run.model, run.data, tc, head=run.roles.get("head") or list(run.model.parameters())[-2:],
         objective=run.objective, device=run.device,
     )  # fmt: skip
     row = _epoch_row(run, stage, metrics, monitors)
+    row["val_s"] = round(time.perf_counter() - t0, 3)  # the validation pass and its monitors
     run.rows.append(row)
     # best model by validation AUPRC, among stages that train the main head
     tracks_best = stage.train != "branches" or all(s.train == "branches" for s in tc.stages)
