@@ -281,13 +281,16 @@ def predict_files(
             row["decision"], row["status"] = dec, "ok"
             summary.n_predicted += 1
         if explainer is not None:
-            explainer.explain([img for _, _, img in batch], [item.path for _, item, _ in batch])
+            explainer.explain(
+                [img for _, _, img in batch], [item.path for _, item, _ in batch], probs, decisions
+            )
 
     def run_scaled(key: tuple[int, int]) -> None:
         batch = groups.pop(key)
         res = predict_scaled(predictor, [img for _, _, img in batch], [mpp] * len(batch), scale,
                              batch_size=batch_size)  # fmt: skip
-        for (i, _item, _img), r in zip(batch, res):
+        done = []  # (image, path, probs, decision) of the assessable images, for the explainer
+        for (i, item, img), r in zip(batch, res):
             row = rows[i]
             row["scale"], row["n_tiles"] = "matched", r.n_tiles
             if r.status:
@@ -299,8 +302,11 @@ def predict_files(
             row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
             row["decision"], row["status"] = predictor.decide(p[None])[0], "ok"
             summary.n_predicted += 1
-        if explainer is not None:
-            explainer.explain([img for _, _, img in batch], [item.path for _, item, _ in batch])
+            done.append((img, item.path, p, row["decision"]))
+        if explainer is not None and done:
+            # Maps of the whole image; the title carries the scale-matched (tile-aggregated) result.
+            for img, path, p, dec in done:
+                explainer.explain([img], [path], p[None], [dec])
 
     try:
         from tqdm.auto import tqdm

@@ -121,17 +121,22 @@ def matching_scale(meta: dict, classes: list[str], mpp: float | None, aggregate:
     return scale
 
 
-def resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
-    """An RGB uint8 ``(H, W, 3)`` image from ``src_mpp`` to ``dst_mpp`` µm/px (same field of view)."""
+def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Resize RGB uint8 to ``(W, H)``: area averaging (PIL BOX) when shrinking, bicubic when enlarging."""
     from PIL import Image
 
+    h, w = image.shape[:2]
+    if (w, h) == tuple(size_wh):
+        return image
+    method = Image.Resampling.BOX if size_wh[0] < w else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(image).resize(tuple(size_wh), method))
+
+
+def resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
+    """An RGB uint8 ``(H, W, 3)`` image from ``src_mpp`` to ``dst_mpp`` µm/px (same field of view)."""
     f = float(src_mpp) / float(dst_mpp)  # output pixels per input pixel
     h, w = image.shape[:2]
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    if size == (w, h):
-        return image
-    method = Image.Resampling.BOX if f < 1 else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(image).resize(size, method))
+    return resize_image(image, (max(1, round(w * f)), max(1, round(h * f))))
 
 
 def tile_origins(length: int, tile: int) -> list[int]:
