@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from cmafnet.cli import main
-from cmafnet.inference.explain import HEADER_PX, LABEL_PX
-from cmafnet.inference.explain import cmaf_maps, overlay
+from cmafnet.inference.explain import HEADER_PX, LABEL_PX, cmaf_maps, overlay
 from cmafnet.models.output import ModelOutput
 
 TILE = "unlabeled_he/histolab_he_tiles/tissue-level0-7352-11762-7864-12274.png"

@@ -104,7 +104,7 @@ def test_folder_patients_from_regex_or_said_to_be_images(tmp_path):
     assert "split is by image" in split.note and "by image" in split.to_dict()["note"]
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         ingest("folder", tmp_path / "src", tmp_path / "s3", patient_regex="(")
-    with pytest.raises(ConfigError, match="folder. only"):
+    with pytest.raises(ConfigError, match=r"folder. only"):
         ingest("idc", tmp_path / "src", tmp_path / "s4", patient_regex="x")
 
 

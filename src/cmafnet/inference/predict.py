@@ -103,7 +103,7 @@ class Predictor:
         self.classes = run_classes(run)
         self.img_size = run.config.model.img_size
         # Probabilities are softmax(logits / T) with the run's validation-fitted temperature (1 when
-        # off or never fitted); see cmafnet.evaluation.calibration.
+        # off or never fitted); see cmafnet.inference.calibration.
         self.temperature, self.calibration = run_temperature(run.meta, calibrate)
         self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
         if self.threshold_source.startswith("run.json"):

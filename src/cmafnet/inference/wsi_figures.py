@@ -75,8 +75,6 @@ def heatmap_figure(
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
 
-    from cmafnet.evaluation.plots import figure_png
-
     h, w = thumb.shape[:2]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(2 * 6.0 * min(1.6, w / h) + 1.5, 6.4))
     ax0.imshow(thumb)
@@ -101,4 +99,9 @@ def heatmap_figure(
     fig.legend(handles=legend, loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    return figure_png(fig)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
