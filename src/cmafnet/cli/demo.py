@@ -103,11 +103,9 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate_run(
             run_dir, store_dir, split_path=split_path, split="test", device=_device(args.device)
         )
-        m = res.get("metrics", res)
-        step(
-            f"{name}: test balanced accuracy {_pct(m.get('balanced_accuracy'))}, sensitivity "
-            f"{_pct(m.get('sensitivity'))}, specificity {_pct(m.get('specificity'))}, AUPRC {_num(m.get('auprc'))}"
-        )
+        step(f"{name}: held-out test patients")
+        for line in summary_lines(res):
+            print(f"          {line}", flush=True)
     report = write_report(
         [runs["cmafnet"][1], runs["resnet18"][1]],
         out / "report",
@@ -117,6 +115,29 @@ def run(args: argparse.Namespace) -> int:
     )
     step(f"done. Report: {report}")
     return 0
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The demo's reading of one evaluation: the operating-point row first, then 0.5, each naming its threshold."""
+    from cmafnet.evaluation.rows import threshold_rule
+
+    def row(m: dict) -> str:
+        return (
+            f"balanced accuracy {_pct(m.get('balanced_accuracy'))}, sensitivity {_pct(m.get('sensitivity'))}, "
+            f"specificity {_pct(m.get('specificity'))}, AUPRC {_num(m.get('auprc'))}"
+        )
+
+    lines = []
+    op = doc.get("operating_point")
+    if op:
+        lines.append(f"at the {threshold_rule(op)}: {row(op['metrics'])}")
+    lines.append(f"at {threshold_rule(None)}: {row(doc['metrics'])}")
+    cal = doc.get("calibration") or {}
+    if cal:
+        lines.append(
+            f"calibration: T={cal['temperature']:.3g}, ECE {_num(cal['ece_before'])} -> {_num(cal['ece_after'])}"
+        )
+    return lines
 
 
 def _device(device: str) -> str:

@@ -42,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s:5s}: {len(split.patients[s]):4d} patients ({len(split.patients[s]) / n_pat:5.1%}), "
               f"{len(idx):8,} images: {counts}")  # fmt: skip
     print(f"split: {args.out} (store {store.store_hash[:12]}, seed {args.seed})")
+    if split.note:
+        print(f"WARNING {split.note}")
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cmafnet import __version__
+from cmafnet.data import scale
 from cmafnet.data.datasets import Dataset, get_dataset
 from cmafnet.data.store import (
     IMAGES_FILE,
@@ -83,7 +84,10 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _fingerprint(ds: Dataset, files: list[Path], policy: SizePolicy) -> str:
-    h = hashlib.sha256(f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}".encode())
+    options = ds.options_key()  # "" for the defaults, so older stores keep their fingerprint
+    h = hashlib.sha256(
+        f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}{'|' + options if options else ''}".encode()
+    )
     for p in files:
         try:
             st = p.stat()
@@ -114,6 +118,8 @@ def ingest(
     size: tuple[int, int] | None = None,
     force: bool = False,
     progress: bool = True,
+    mpp: float | None = None,
+    patient_regex: str | None = None,
 ) -> dict[str, Any]:
     """Ingest ``src`` into the store folder ``out``; returns the store's meta dict.
 
@@ -126,13 +132,16 @@ def ingest(
         size: store (H, W); None keeps the dataset's native size.
         force: overwrite a store made from a different source.
         progress: show a tqdm bar.
+        mpp: microns per pixel of the source images (folder data; overrides the documented IDC
+            value and, as the 40X value, the BreakHis assumption).
+        patient_regex: folder data: the patient from the file name (see ``Folder``).
 
     Raises:
         InputDataError: no files, every file rejected, or a rejection under ``strict``.
         RunFolderError: ``out`` holds a store from another source (without ``force``).
     """
     t0 = time.perf_counter()
-    ds = get_dataset(dataset, src, size)
+    ds = get_dataset(dataset, src, size, mpp=mpp, patient_regex=patient_regex)
     out = Path(out)
     files = ds.files()
     if not files:
@@ -277,6 +286,7 @@ def ingest(
     index["source"] = [_rel(paths[r], ds.root) for r in valid]
     index["sha256"] = [extra[r][0] for r in valid]
     index = index[list(INDEX_COLUMNS)]
+    mpp_info = _record_mpp(ds, index, [records[r] for r in valid], policy)
     index_bytes = index.to_csv(index=False).encode()
     atomic_write_bytes(out / INDEX_FILE, index_bytes)
     shape = (len(valid), h, w, 3)
@@ -304,6 +314,9 @@ def ingest(
         "per_class": {c: int((index["label_name"] == c).sum()) for c in ds.CLASSES},
         "per_patient": per_patient,
         "per_subtype": {str(k): int(v) for k, v in index["subtype"].value_counts().items() if k},
+        **mpp_info,
+        "patient_source": ds.patient_source,
+        "n_own_patient": int(getattr(ds, "n_own_patient", 0)),
         "per_magnification": {
             str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0
         },
@@ -333,6 +346,21 @@ def ingest(
     return meta
 
 
+def _record_mpp(ds: Dataset, index: pd.DataFrame, records: list[dict], policy: SizePolicy) -> dict[str, Any]:
+    """Add the per-image ``mpp`` column to ``index`` (in place); return the meta.json fields."""
+    values, aniso = [], 0
+    for rec, oh, ow in zip(records, index["orig_h"], index["orig_w"]):
+        v, a = scale.stored_mpp(
+            ds.source_mpp(rec, (int(oh), int(ow))), (int(oh), int(ow)), policy.out_hw, policy.canvas_hw,
+            policy.resize_any,
+        )  # fmt: skip
+        values.append(np.nan if v is None else round(v, 6))
+        aniso += a
+    index["mpp"] = values
+    info = scale.store_mpp_summary(np.asarray(values), index["magnification"].to_numpy())
+    return {**info, "mpp_source": ds.mpp_source, "mpp_anisotropic": aniso}
+
+
 def summary_lines(meta: dict[str, Any]) -> list[str]:
     """Human-readable lines: counts found against the published ones."""
     lines = [
@@ -348,6 +376,7 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
         lines.append(
             "per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items())
         )
+    lines += _scale_and_patient_lines(meta)
     lines.append(f"rejected: {meta['n_rejected']:,} {meta.get('rejected_by_reason') or ''}")
     if meta.get("padded") or meta.get("resized") or meta.get("alpha_dropped"):
         lines.append(
@@ -366,4 +395,27 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
             f"({meta['throughput_img_per_s']:,.0f} img/s, {meta['workers']} workers); "
             f"store {meta['store_bytes'] / 2**20:,.1f} MiB"
         )
+    return lines
+
+
+def _scale_and_patient_lines(meta: dict[str, Any]) -> list[str]:
+    """What the store says about its physical scale and where its patients come from."""
+    lines = []
+    if "mpp_source" in meta:
+        if meta.get("mpp") is not None:
+            value = f"{meta['mpp']:g}"
+        elif meta.get("mpp_by_magnification"):
+            value = ", ".join(f"{k} {v:g}" for k, v in meta["mpp_by_magnification"].items())
+        elif meta.get("mpp_range"):
+            value = "{:g} to {:g}".format(*meta["mpp_range"])
+        else:
+            value = "unknown"
+        lines.append(f"microns per pixel: {value} ({meta['mpp_source']})")
+    if meta.get("n_own_patient"):
+        lines.append(
+            f"WARNING patients: {meta['n_own_patient']:,} images have no patient (no patient folder, manifest "
+            "'patient' column or --patient-regex): each is its own patient, so a 'patient-level' split is by image"
+        )
+    elif meta.get("patient_source"):
+        lines.append(f"patients from: {meta['patient_source']}")
     return lines
