@@ -69,6 +69,11 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, ca
     assert summary["stage_throughput"] == speed
     assert meta["status"] == "finished" and meta["img_size"] == 64 and meta["classes"]
     assert meta["stain_reference"] is not None and meta["effective_batch_size"] == 16
+    assert (meta["patch_mpp"], meta["patch_hw"], meta["patch_px"]) == (
+        4.0,
+        [50, 50],
+        50,
+    )  # the trainer's scale
     loaded = load_run(out)  # the run folder is what evaluation/inference read
     assert loaded.model.training is False
     # a finished run refuses to be overwritten and resumes to a no-op

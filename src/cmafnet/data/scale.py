@@ -142,3 +142,16 @@ def image_mpp(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
         nums = [magnification_number(m) for m in mags]
         return np.array([breakhis_mpp(m) * 700.0 / w if m in BREAKHIS_MPP else np.nan for m in nums])
     return np.full(len(rows), np.nan)
+
+
+def store_scale(store: Any, rows: np.ndarray | None = None) -> tuple[float | None, tuple[int, int], str]:
+    """The scale of a training store's images: (µm/px if all agree, patch (H, W), description)."""
+    vals = image_mpp(store, rows)
+    hw = store.image_size
+    src = (store.meta or {}).get("mpp_source", "store") if hasattr(store, "meta") else "store"
+    if vals.size == 0 or not np.isfinite(vals).all():
+        return None, hw, f"training store has no microns per pixel for some images ({src})"
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi - lo > 1e-6 * hi:
+        return None, hw, f"training images vary in scale ({lo:g} to {hi:g} um/px): no single training scale"
+    return lo, hw, f"training store: {src}"

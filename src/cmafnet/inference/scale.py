@@ -69,27 +69,13 @@ def run_scale(meta: dict) -> RunScale:
     return RunScale(None, tile_hw or (0, 0), str(reason))
 
 
-def store_scale(store: Any, rows: np.ndarray | None = None) -> tuple[float | None, tuple[int, int], str]:
-    """The scale of a training store's images: (µm/px if all agree, patch (H, W), description)."""
-    from cmafnet.data.scale import image_mpp
-
-    vals = image_mpp(store, rows)
-    hw = store.image_size
-    src = (store.meta or {}).get("mpp_source", "store") if hasattr(store, "meta") else "store"
-    if vals.size == 0 or not np.isfinite(vals).all():
-        return None, hw, f"training store has no microns per pixel for some images ({src})"
-    lo, hi = float(vals.min()), float(vals.max())
-    if hi - lo > 1e-6 * hi:
-        return None, hw, f"training images vary in scale ({lo:g} to {hi:g} um/px): no single training scale"
-    return lo, hw, f"training store: {src}"
-
-
 def record_run_scale(run_dir: str | Path, meta: dict, store: Any, rows: np.ndarray | None = None) -> dict:
     """Write ``patch_mpp`` / ``patch_hw`` / ``patch_px`` into run.json from the run's training store.
 
     Only when the store is the one the run was trained on (same ``store_hash``) and run.json does
     not already state them (a trainer-written value wins). Returns the (possibly updated) meta.
     """
+    from cmafnet.data.scale import store_scale
     from cmafnet.run import update_meta
 
     if "patch_mpp" in meta or meta.get("store_hash") != getattr(store, "store_hash", None):

@@ -90,6 +90,9 @@ def prepare_data(
     pre_train = _preprocess(cfg.data, cfg.model.img_size, True, device)
     pre_eval = _preprocess(cfg.data, cfg.model.img_size, False, device, _stain_reference(pre_train))
     split_bytes = Path(split_path).read_bytes()
+    from cmafnet.data.scale import store_scale
+
+    mpp, hw, scale_source = store_scale(store, train_idx)
     meta = {
         "store_hash": store.store_hash,
         "split_hash": hashlib.sha256(split_bytes).hexdigest(),
@@ -98,6 +101,11 @@ def prepare_data(
         "dataset": store.dataset,
         "synthetic": bool(store.meta.get("synthetic", False)),
         "label_kind": split.label_kind,
+        # the physical scale the model learns (inference on other data resamples to it)
+        "patch_mpp": mpp,
+        "patch_hw": [int(hw[0]), int(hw[1])],
+        "patch_px": int(hw[0]) if hw[0] == hw[1] else None,
+        "patch_scale_source": scale_source,
     }
     return TrainData(
         make_loader, train_idx, np.asarray(split.val, np.int64), labels, classes, pre_train, pre_eval, meta

@@ -350,6 +350,7 @@ def _start_run_folder(out: Path, cfg: Config, data: TrainData, info: distr.DistI
             "dataset": data.meta.get("dataset"),
             "synthetic": data.meta.get("synthetic", False),
             "stain_reference": data.meta.get("stain_reference"),
+            **{k: data.meta.get(k) for k in ("patch_mpp", "patch_hw", "patch_px", "patch_scale_source")},
             "effective_batch_size": cfg.train.batch_size,
             "world_size": info.world,
             "device": device_name(info.device),
