@@ -89,7 +89,9 @@ class ContextualConfig(_Section):
     enabled: bool = True  # False = "w/o contextual branch (CNN only)"
     variant: Literal["xxs", "xs", "s"] = "s"
     attention: Literal["full", "nystrom"] = "full"
-    num_landmarks: int = Field(16, ge=1)
+    num_landmarks: int = Field(16, ge=1)  # Nystrom landmarks per sequence (>= the tokens: exact)
+    pinv: Literal["iterative", "exact"] = "iterative"  # Nystrom pseudo-inverse (iterative: the paper's)
+    pinv_iters: int = Field(6, ge=1)  # iterations of the iterative pseudo-inverse (Nystromformer: 6)
     patch_size: int = Field(2, ge=1)  # MobileViT unfold patch (see docs/decisions.md on "8x8")
     scale_aware_pos: bool = True  # gradient-magnitude positional embedding
     learned_pos: bool = True  # learned positional embedding per transformer stage
