@@ -18,6 +18,7 @@ from cmafnet.data.synthetic import write_idc_like
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.run import load_run
 from cmafnet.training import fit
+from cmafnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.max_steps_per_epoch=2"]
 
@@ -92,6 +93,13 @@ def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
     with pytest.raises(ConfigError, match="config differs"):
         fit(load_config("smoke", FAST), store, split, out, resume=True, progress=False, device="cpu")
+    # a run started before a config key existed resumes: the stored config is validated again first
+    state = load_checkpoint(out / "checkpoints/last.pt")
+    assert "checkpoint_every_steps" in state["config"]
+    state["config"] = "\n".join(x for x in state["config"].splitlines() if "checkpoint_every_steps" not in x)
+    save_checkpoint(out / "checkpoints/last.pt", {k: v for k, v in state.items() if k != "format"})
+    s = fit(cfg, store, split, out, resume=True, progress=False, stop_after_steps=2, device="cpu")
+    assert s["status"] == "stopped" and s["global_step"] == 2
     # a folder without a checkpoint is never a dead end: --resume starts it from the beginning
     s = fit(
         cfg, store, split, tmp_path / "empty", resume=True, progress=False, stop_after_steps=1, device="cpu"

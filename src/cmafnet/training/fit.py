@@ -33,7 +33,7 @@ from torch import nn
 
 from cmafnet import __version__
 from cmafnet import run as runfolder
-from cmafnet.config import Config, TrainConfig, dump_config
+from cmafnet.config import Config, TrainConfig, config_from_dict, dump_config, yaml_load
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import load_checkpoint, restore_run, restore_stage
@@ -212,6 +212,16 @@ def _config_without_device(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.strip().startswith("device:"))
 
 
+def _same_config(stored: str, cfg: Config) -> bool:
+    """Whether a checkpoint's config is ``cfg`` (the device aside). The stored text is validated again
+    first, so a key added to the schema since the run started (with its default) is no difference."""
+    try:
+        again = dump_config(config_from_dict(yaml_load(stored)))
+    except ConfigError:
+        return False
+    return _config_without_device(again) == _config_without_device(dump_config(cfg))
+
+
 def fit(
     cfg: Config,
     store_path: str | Path,
@@ -319,7 +329,7 @@ def _build_model(cfg: Config, data: TrainData, info: distr.DistInfo) -> tuple[nn
 
 def _resume(tr: TrainRun, out: Path, cfg: Config) -> None:
     state = load_checkpoint(out / runfolder.LAST_CHECKPOINT)
-    if _config_without_device(state["config"]) != _config_without_device(dump_config(cfg)):
+    if not _same_config(state["config"], cfg):
         raise ConfigError(
             f"--resume: the config differs from {out / runfolder.CONFIG_FILE} (the run's config)"
         )
