@@ -136,7 +136,7 @@ def test_bench_times_the_trainers_own_step(tmp_path, monkeypatch, one_thread):
 
     def prepare(*args, **kw):
         st = real_prepare(*args, **kw)
-        seen.append((id(st), st.step.sam is not None))
+        seen.append((id(st), st.step.groups[0].sam is not None))
         return st
 
     calls: list[int] = []

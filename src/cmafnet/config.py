@@ -211,7 +211,10 @@ def _paper_stages() -> list[StageConfig]:
 
 class TrainConfig(_Section):
     stages: list[StageConfig] = Field(default_factory=_paper_stages)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1)  # the effective (global) batch of one optimiser step
+    # micro-batches per optimiser step (paper §5.4: 128 = 2 x 64 "with gradient accumulation"); BatchNorm
+    # sees batch_size / accumulate_steps / world images at a time, the update sees batch_size
+    accumulate_steps: int = Field(1, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     weight_decay: float = Field(1e-4, ge=0.0)
     sam: SAMConfig = SAMConfig()
@@ -235,6 +238,15 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> TrainConfig:
+        if self.batch_size % self.accumulate_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must split into accumulate_steps ({self.accumulate_steps}) "
+                "equal micro-batches"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------ data

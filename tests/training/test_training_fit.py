@@ -65,7 +65,7 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, ca
     assert list(speed) == ["branches", "fusion", "end_to_end"] and meta["device"]
     for name, row in zip(speed, rows.itertuples(), strict=True):
         assert speed[name]["steps"] == 2 and speed[name]["images"] == 32
-        assert speed[name]["img_s"] == pytest.approx(32 / speed[name]["seconds"], rel=1e-3)
+        assert speed[name]["img_s"] == pytest.approx(32 / speed[name]["seconds"], rel=5e-3)  # both rounded
         assert speed[name]["img_s"] == pytest.approx(row.train_img_s, rel=1e-2)  # one epoch per stage
     assert summary["stage_throughput"] == speed
     assert meta["status"] == "finished" and meta["img_size"] == 64 and meta["classes"]

@@ -160,7 +160,8 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
     ]
     vals = [c for c in numeric if c.startswith("val_") and c[4:] in VAL_CURVES]
     info = [c for c in numeric if c.startswith("mi_") or c.startswith("i_")]
-    lrs = [c for c in numeric if c == "lr" or c.startswith("lr_") or c.endswith("_lr")]
+    # the learning rate and the effective learning rate per class (lr x the class's mean loss weight)
+    lrs = [c for c in numeric if c == "lr" or c.startswith(("lr_", "eff_lr_")) or c.endswith("_lr")]
     panels = [
         (n, cols)
         for n, cols in (

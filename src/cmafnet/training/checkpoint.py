@@ -105,7 +105,7 @@ def run_state(run: TrainRun, st: StageStep | None) -> dict[str, Any]:
         "model": run.model.state_dict(),
         "objective": run.objective.state_dict(),
         "optimizer": plain_optimizer_state(st.optimizer.state_dict()) if mid_stage else None,
-        "clip": st.clipper.state_dict() if mid_stage else None,
+        "clip": st.step.clip_state() if mid_stage else None,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "schedule": {"stage": p.stage, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch},
         "rng": rng_state(),
@@ -149,7 +149,7 @@ def restore_stage(run: TrainRun, st: StageStep, state: dict) -> None:
         if st.graph is not None:
             st.graph.prepare_optimizer()  # tensor learning rate, capturable again
     if state["clip"] is not None:
-        st.clipper.load_state_dict(state["clip"])
+        st.step.load_clip_state(state["clip"])
     set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the step
     if run.info.rank:  # only rank 0's RNG is saved: ranks > 0 reseed deterministically
         torch.manual_seed(run.tc.seed + 1_000_003 * run.info.rank + run.p.global_step)

@@ -171,6 +171,9 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
     """Validate, record, keep the best model, early-stop check, checkpoint. True = the stage ends."""
     p, tc, stage = run.p, run.tc, st.stage
     t0 = time.perf_counter()
+    cls_loss = getattr(run.objective, "loss", None)
+    if cls_loss is not None:  # the loss weights the monitors report: the schedule at the epoch's end
+        cls_loss.set_epoch(p.epoch + 1.0)
     metrics, monitors = validate(
         run.model, run.data, tc, head=run.roles.get("head") or list(run.model.parameters())[-2:],
         objective=run.objective, device=run.device,
@@ -230,6 +233,9 @@ def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict)
     row.update({f"train_{k}": distr.all_mean(v / n, run.info) for k, v in sorted(p.epoch_sums.items())})
     row.update({f"val_{k}": v for k, v in metrics.items()})
     row.update(monitors)
+    for key in [k for k in monitors if k.startswith("loss_weight_c")]:
+        # the learning rate each class effectively trains with: lr x its mean weight in the loss (§4.5)
+        row[f"eff_lr_c{key.removeprefix('loss_weight_c')}"] = p.lr * monitors[key]
     return row
 
 

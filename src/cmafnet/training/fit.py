@@ -107,7 +107,12 @@ def build_run(
     """
     tc = cfg.train
     info = info or distr.DistInfo(device=next(model.parameters()).device)
-    distr.per_rank_batch(tc.batch_size, info)  # the global batch must split evenly over the ranks
+    per_rank = distr.per_rank_batch(tc.batch_size, info)  # the global batch must split evenly over the ranks
+    if per_rank % tc.accumulate_steps:
+        raise ConfigError(
+            f"train.accumulate_steps: {tc.accumulate_steps} micro-batches do not divide the {per_rank} images "
+            f"of a rank (train.batch_size {tc.batch_size} over {info.world} ranks)"
+        )
     n_batches = len(data.train_idx) // tc.batch_size
     if n_batches == 0:
         raise ConfigError(
@@ -277,9 +282,9 @@ def fit(
                 callbacks=callbacks or (),
             )  # fmt: skip
             log.info(
-                "effective batch size %d (%d per rank x %d ranks), %d steps per epoch, device %s",
-                tc.batch_size, distr.per_rank_batch(tc.batch_size, info), info.world, tr.steps_per_epoch,
-                device_name(info.device),
+                "effective batch size %d (%d micro-batches of %d per rank x %d ranks), %d steps per epoch, device %s",
+                tc.batch_size, tc.accumulate_steps, distr.per_rank_batch(tc.batch_size, info) // tc.accumulate_steps,
+                info.world, tr.steps_per_epoch, device_name(info.device),
             )  # fmt: skip
             if resume:
                 _resume(tr, out, cfg)
@@ -362,6 +367,8 @@ def _start_run_folder(out: Path, cfg: Config, data: TrainData, info: distr.DistI
             "stain_reference": data.meta.get("stain_reference"),
             **{k: data.meta.get(k) for k in ("patch_mpp", "patch_hw", "patch_px", "patch_scale_source")},
             "effective_batch_size": cfg.train.batch_size,
+            "accumulate_steps": cfg.train.accumulate_steps,
+            "micro_batch_size": cfg.train.batch_size // info.world // cfg.train.accumulate_steps,
             "world_size": info.world,
             "device": device_name(info.device),
             "steps_per_epoch": tr.steps_per_epoch,

@@ -12,6 +12,10 @@ Each quantity the objective penalises is monitored with the objective's own defi
 - ``attn_entropy_h<h>``: mean attention entropy per head in nats, as Fig. 4 plots it
   (:func:`~cmafnet.losses.regularizers.attention_entropy_nats`; the penalty divides it by ``log N_t``).
 
+With the classification loss's per-sample weights (``loss_weights``), ``loss_weight_c<c>``: the mean
+weight of class c's samples on their ``-log p`` term (A-CBFL: ``alpha_c(t) * (1 - p_c)^{gamma_c}``), from
+which the trainer logs the effective learning rate per class (``eff_lr_c<c>`` = lr x that weight).
+
 And what the objective does not penalise: the ``I(Z_fused;Y)`` lower bound ``H(Y) - CE`` (Barber &
 Agakov: any classifier's cross-entropy upper-bounds ``H(Y|Z)``), the temperature per head, gate mean
 and standard deviation, and class margins (mean over the samples of class c of
@@ -21,6 +25,7 @@ and standard deviation, and class margins (mean over the samples of class c of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -55,8 +60,15 @@ class MonitorAccumulator:
     """Accumulates the monitors over the batches of an evaluation pass; :meth:`result` gives a flat
     dict of floats (keys such as ``mi_zs_x``, ``attn_entropy_h0``, ``tau_h0``, ``margin_c1``)."""
 
-    def __init__(self, num_classes: int, max_codes: int = 4096):
+    def __init__(
+        self,
+        num_classes: int,
+        max_codes: int = 4096,
+        loss_weights: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ):
         self.num_classes = num_classes
+        self.loss_weights = loss_weights  # (logits, target) -> (B,) weights of the classification loss
+        self.weight_sum = torch.zeros(num_classes, dtype=torch.float64)
         self.max_codes = max_codes  # cap on stored pooled codes for the I(Z_s;Z_t) estimate
         self.n = 0
         self.sums: dict[str, float] = {}
@@ -85,6 +97,9 @@ class MonitorAccumulator:
         s, c = class_margins(logits, target, self.num_classes)
         self.margin_sum += s.cpu()
         self.margin_count += c.cpu()
+        if self.loss_weights is not None:
+            w = self.loss_weights(logits, target).detach().double()
+            self.weight_sum += w.new_zeros(self.num_classes).index_add_(0, target, w).cpu()
         for name, mu, lv in (("mi_zs_x", out.mu_s, out.logvar_s), ("mi_zt_x", out.mu_t, out.logvar_t)):
             if mu is not None and lv is not None:
                 self._add(name, float(gaussian_kl_per_sample(mu, lv).sum()))
@@ -113,6 +128,8 @@ class MonitorAccumulator:
         for c in range(self.num_classes):
             if self.margin_count[c] > 0:
                 res[f"margin_c{c}"] = float(self.margin_sum[c] / self.margin_count[c])
+                if self.loss_weights is not None:
+                    res[f"loss_weight_c{c}"] = float(self.weight_sum[c] / self.margin_count[c])
         if self.attn_ent is not None:
             for h, v in enumerate((self.attn_ent / self.n).tolist()):
                 res[f"attn_entropy_h{h}"] = v

@@ -74,7 +74,8 @@ def validate(
     C = len(data.classes)
     loader = data.make_loader(data.val_idx, tc.eval_batch_size, False, False, 0, 0)
     model.eval()
-    acc = MonitorAccumulator(C)
+    cls_loss = getattr(objective, "loss", None)
+    acc = MonitorAccumulator(C, loss_weights=getattr(cls_loss, "sample_weights", None))
     probs, ys = [], []
     first = None
     for x8, y, _ in loader:

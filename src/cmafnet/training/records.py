@@ -42,7 +42,7 @@ def stage_throughput(p: Progress) -> dict[str, dict[str, float]]:
         res[name] = {
             "img_s": round(images / seconds, 2) if seconds > 0 else None,
             "step_ms": round(1e3 * seconds / steps, 3) if steps else None,
-            "images": images, "seconds": round(seconds, 3), "steps": steps,
+            "images": images, "seconds": round(seconds, 4), "steps": steps,
         }  # fmt: skip
     return res
 

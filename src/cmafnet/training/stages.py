@@ -69,6 +69,21 @@ def configure_trainable(
     return [(n, p) for n, p in named if p.requires_grad]
 
 
+def branch_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Stage 1's independent parts: each branch with its temporary head (``aux_heads.<branch>``).
+
+    The two branches share no parameter and each head reads one branch, so with SAM's radius and the
+    clipping taken per part (its own gradient norm) each branch's update is the one it would get if it
+    were trained alone (docs/decisions/training.md).
+    """
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in named:
+        top, _, rest = name.partition(".")
+        part = rest.partition(".")[0] if top == "aux_heads" else top
+        groups.setdefault(part, []).append(p)
+    return list(groups.values())
+
+
 def initial_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The model's roles before training, plus ``_unassigned``: trainable parameters in no role."""
     roles = {k: list(v) for k, v in model.param_groups_by_role().items()}
@@ -148,10 +163,6 @@ class StageStep:
     step: TrainStep
     graph: GraphMode | None  # train.cuda_graph: the step captured per epoch
 
-    @property
-    def clipper(self) -> GradClipper:
-        return self.step.clipper
-
     def set_lr(self, lr: float) -> None:
         write_lr(self.optimizer, lr)  # in place when a captured step reads it
 
@@ -210,7 +221,8 @@ def prepare_stage(
     loss = StageLoss(stage, objective)
     step = TrainStep(
         train_model, loss, optimizer, params, clipper=GradClipper(tc.clip, device), sam=sam, amp=tc.amp,
-        sdpa_backend=tc.sdpa_backend, scaler=scaler, graph_safe=tc.cuda_graph, sync_ranks=distributed,
+        sdpa_backend=tc.sdpa_backend, scaler=scaler, accumulate=tc.accumulate_steps, graph_safe=tc.cuda_graph,
+        sync_ranks=distributed, groups=branch_groups(model, named) if stage.train == "branches" else None,
     )  # fmt: skip
     graph = GraphMode(step) if tc.cuda_graph else None
     log.info("stage '%s' (%s): %d trainable parameters, lr %.2e", stage.name, stage.train,

@@ -7,6 +7,10 @@ The order of operations::
     pass 1    for each micro-batch: autocast forward -> loss / k -> backward (scaled with fp16)
     SAM       unscale (fp16) -> gradient norm -> w + e -> pass 2 over the micro-batches -> back to w
     clip      unscale (fp16) -> total norm -> finite? -> clip (AutoClip records only finite norms)
+
+SAM's radius and the clipping act per *group* of parameters, each with its own gradient norm: one
+group holding every trainable parameter, or (stage 1) one per branch with its temporary head, so that
+each branch takes the update it would take if it were trained alone.
     update    skip when not finite: fused AdamW's ``found_inf`` input skips it on the device (no host
               read, so the step can be captured); otherwise one host read of the flag decides (the
               GradScaler of fp16, the foreach AdamW of CPU runs)
@@ -76,6 +80,15 @@ def total_grad_norm(params: list[nn.Parameter]) -> Tensor:
     return torch.nn.utils.get_total_norm(grads)
 
 
+@dataclass
+class _Group:
+    """Parameters with their own SAM perturbation radius and clipping (their own gradient norm)."""
+
+    params: list[nn.Parameter]
+    clipper: GradClipper
+    sam: SAM | None
+
+
 class TrainStep:
     """One training update of ``params`` on a batch ``(x, y)``; see the module docstring for the order.
 
@@ -91,6 +104,8 @@ class TrainStep:
         params: the trainable parameters.
         clipper: the stage's :class:`~cmafnet.training.clipping.GradClipper`.
         sam: the SAM helper, or None for a plain step.
+        groups: a partition of ``params`` into groups clipped and SAM-perturbed by their own gradient
+            norm (each gets a clipper of ``clipper.cfg`` and a SAM of ``sam``'s radius); None = one group.
         amp: ``bf16``, ``fp16`` (needs ``scaler``) or ``none``.
         scaler: an enabled GradScaler for fp16, else None.
         accumulate: micro-batches per step (the batch is split into ``accumulate`` equal parts, their
@@ -114,11 +129,22 @@ class TrainStep:
         accumulate: int = 1,
         graph_safe: bool = False,
         sync_ranks: bool = False,
+        groups: list[list[nn.Parameter]] | None = None,
     ) -> None:
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model, self.loss_fn, self.optimizer, self.params = model, loss_fn, optimizer, params
-        self.clipper, self.sam, self.amp, self.sdpa_backend = clipper, sam, amp, sdpa_backend
+        self.amp, self.sdpa_backend = amp, sdpa_backend
+        if groups is None or len(groups) == 1:
+            self.groups = [_Group(params, clipper, sam)]
+        else:
+            if sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in params):
+                raise ValueError("groups must partition params")
+            device = params[0].device
+            self.groups = [
+                _Group(g, GradClipper(clipper.cfg, device), SAM(g, sam.rho, sam.adaptive) if sam else None)
+                for g in groups
+            ]
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.accumulate, self.graph_safe, self.sync_ranks = accumulate, graph_safe, sync_ranks
         fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -175,27 +201,52 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = self._forward_backward(x, y)
         finite = torch.isfinite(loss)
-        if self.sam is not None and self.sam.rho > 0:
+        if any(g.sam is not None and g.sam.rho > 0 for g in self.groups):
             unscale_grads(self.params, self.scaler)  # SAM's direction needs the true gradient
-            norm1 = total_grad_norm(self.params)
-            finite = finite & torch.isfinite(norm1)
-            self.sam.perturb(self.sam.grad_norm() if self.sam.adaptive else norm1)
+            for g in self.groups:
+                norm1 = total_grad_norm(g.params)
+                finite = finite & torch.isfinite(norm1)
+                g.sam.perturb(g.sam.grad_norm() if g.sam.adaptive else norm1)
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 self._forward_backward(x, y)
             finally:
-                self.sam.restore()  # back to w, keeping the gradient taken at w + e
+                for g in self.groups:
+                    g.sam.restore()  # back to w, keeping the gradient taken at w + e
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = total_grad_norm(self.params)
-        finite = finite & torch.isfinite(norm)
+        norms = [total_grad_norm(g.params) for g in self.groups]
+        for n in norms:
+            finite = finite & torch.isfinite(n)
         if self.sync_ranks and dist.is_available() and dist.is_initialized():
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # device op: every rank skips together
             finite = flag > 0
-        self.clipper(self.params, norm, finite)
+        for g, n in zip(self.groups, norms, strict=True):
+            g.clipper(g.params, n, finite)
         self._update(finite, saved)
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         return self._pack(loss, terms, norm, finite)
+
+    @property
+    def clipper(self) -> GradClipper:
+        """The clipper (of the first group, when there are several: see :meth:`clip_state`)."""
+        return self.groups[0].clipper
+
+    def clip_state(self) -> dict:
+        """The clipping history of every group (a checkpoint's ``clip``)."""
+        if len(self.groups) == 1:
+            return self.groups[0].clipper.state_dict()
+        return {"groups": [g.clipper.state_dict() for g in self.groups]}
+
+    def load_clip_state(self, state: dict) -> None:
+        states = state.get("groups", [state])
+        if len(states) != len(self.groups):
+            raise ValueError(
+                f"the checkpoint clips {len(states)} parameter groups, this step {len(self.groups)}"
+            )
+        for g, st in zip(self.groups, states, strict=True):
+            g.clipper.load_state_dict(st)
 
     def _update(self, finite: Tensor, saved: list[Tensor]) -> None:
         if self.device_skip:
