@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmafnet.errors import InputDataError
-from cmafnet.inference.io import InputItem, discover_inputs, iter_images
+from cmafnet.errors import ConfigError, InputDataError
+from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
 from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
 from cmafnet.run import LoadedRun, load_run
 
@@ -55,7 +55,7 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
     """
     if override is not None:
         if not 0.0 <= override <= 1.0:
-            raise InputDataError(f"--threshold must be in [0, 1], got {override}")
+            raise ConfigError(f"--threshold must be in [0, 1], got {override}")
         return float(override), "argument"
     for key in ("threshold", "operating_threshold"):
         value = meta.get(key)
@@ -231,11 +231,13 @@ def predict_files(
     inside the preprocessing, as in training), so memory stays bounded by a few batches.
 
     Raises:
+        ConfigError: ``batch_size`` < 1, or ``out_csv`` / ``explain_dir`` is not a usable path.
         InputDataError: no inputs at all (empty folder), or not a single decodable image.
         RunFolderError: the run folder lacks a config, metadata or model weights.
     """
     if batch_size < 1:
-        raise InputDataError(f"--batch must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
+    check_outputs(out_csv, explain_dir)  # before any work: never a traceback after it
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
