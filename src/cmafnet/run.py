@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmafnet.errors import RunFolderError
+from cmafnet.errors import ConfigError, RunFolderError
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -59,7 +61,13 @@ def read_meta(run_dir: str | Path) -> dict:
     p = Path(run_dir) / META_FILE
     if not p.exists():
         raise RunFolderError(f"{run_dir}: not a run folder ({META_FILE} missing)")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFolderError(f"{p}: not readable JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{p}: not a JSON object")
+    return meta
 
 
 def update_meta(run_dir: str | Path, **fields: Any) -> dict:
@@ -94,13 +102,26 @@ def load_state_dict_file(path: str | Path) -> dict:
     if not path.exists():
         raise RunFolderError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            detail = str(err).splitlines()[0].removeprefix("Error while deserializing header: ")[:120]
+            raise RunFolderError(f"{path}: corrupt or truncated safetensors file ({detail})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for files holding code
-        raise RunFolderError(f"{path}: refused to load (not a plain weights file: {err})") from None
+    except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: never do that here
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise RunFolderError(
+            f"{path}: refused to load: it holds pickled Python objects{what}, which could run code; "
+            "only plain tensors are loaded (convert it to safetensors)"
+        ) from None
+    except Exception as err:  # a truncated or foreign file
+        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise RunFolderError(f"{path}: not a readable weights file ({first})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -123,7 +144,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.exists():
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing; did training finish an epoch?)")
-    cfg = load_config(cfg_path)
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as err:  # a damaged run folder, not a bad argument
+        msg = str(err)
+        raise RunFolderError(msg if msg.startswith(str(cfg_path)) else f"{cfg_path}: {msg}") from None
     model = create_model(cfg.model)
     missing, unexpected = model.load_state_dict(load_state_dict_file(wpath), strict=False)
     if missing or unexpected:
