@@ -339,9 +339,12 @@ def _format_error(err: ValidationError) -> str:
         hint = suggest(str(loc[-1]), _field_names(Config, loc[:-1]))
         return f"{key}: unknown key.{hint}"
     msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "missing":
+        return f"{key}: required"
+    if isinstance(e.get("input"), dict):  # a whole section: the message names the values at fault
+        return f"{key}: {msg}"
     got = repr(e.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
-    return f"{key}: {msg} (got {got})" if e["type"] != "missing" else f"{key}: required"
+    return f"{key}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

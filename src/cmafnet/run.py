@@ -113,7 +113,7 @@ def load_state_dict_file(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: never do that here
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
         what = f" ({found.group(1)})" if found else ""
         raise RunFolderError(
             f"{path}: refused to load: it holds pickled Python objects{what}, which could run code; "

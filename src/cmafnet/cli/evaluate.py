@@ -40,9 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_dir
     from cmafnet.evaluation.evaluate import evaluate_run
     from cmafnet.evaluation.metrics import format_metric_for
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")  # before the model runs
     doc = evaluate_run(
         args.run_dir,
         args.store,

@@ -218,11 +218,11 @@ def text_stream(path: str | os.PathLike, what: str) -> io.StringIO:
     return io.StringIO(read_text(path, what), newline="")
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
+def check_output_file(path: str | os.PathLike, option: str, example: str = "predictions.csv") -> Path:
     """Refuse an output file path that is an existing folder (before any work is done)."""
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"{option} {p}: is a folder; give a file name, e.g. {p / 'predictions.csv'}")
+        raise ConfigError(f"{option} {p}: is a folder; give a file name, e.g. {p / example}")
     if p.exists() and not p.is_file():
         raise ConfigError(f"{option} {p}: exists and is not a regular file")
     return p

@@ -224,7 +224,9 @@ def export_run(
 
     _check_args(fmt, opset, tolerance)  # before any work
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = check_output_file(out if out is not None else Path(run_dir) / f"model{suffix}", "--out")
+    out = check_output_file(
+        out if out is not None else Path(run_dir) / f"model{suffix}", "--out", f"model{suffix}"
+    )
     run = load_run(run_dir, device="cpu")
     img_size = run.config.model.img_size
     res = export_model(run.model, img_size, out, fmt, opset=opset, tolerance=tolerance)
