@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -12,11 +13,20 @@ import torch
 from cmafnet.cli import main
 
 
-def test_onnx_export_parity(baseline_run, tmp_path, capsys):
+def test_onnx_export_parity(baseline_run, tmp_path, capsys, caplog):
+    import onnx
+
     out = tmp_path / "model.onnx"
-    assert main(["export", str(baseline_run), "--format", "onnx", "--out", str(out)]) == 0
+    caplog.set_level(logging.INFO)  # as the CLI logs without -v
+    assert main(["export", str(baseline_run), "--format", "onnx", "--out", str(out), "--opset", "19"]) == 0
     assert "PASSED" in capsys.readouterr().out
+    chatter = [
+        r for r in caplog.records if r.name.startswith(("onnx", "torch.onnx")) and r.levelno < logging.WARNING
+    ]
+    assert chatter == []  # the exporters' per-pass INFO lines appear only with -v
     side = json.loads((tmp_path / "model.onnx.json").read_text())
+    written = [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")]
+    assert side["opset"] == 19 and written == [19]  # the sidecar records what the file holds
     assert side["parity"]["passed"] and side["parity"]["max_abs_diff"] <= 1e-4
     assert side["output"]["classes"] == ["no_idc", "idc"] and side["threshold"] == 0.3
     # Independent check: dynamic batch axis (batch 5 was never used in export) vs PyTorch.
