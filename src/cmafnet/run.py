@@ -94,10 +94,31 @@ def save_weights(model: Any, path: str | Path) -> None:
     atomic_write_bytes(path, save(sd))
 
 
-def load_state_dict_file(path: str | Path) -> dict:
-    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
+def load_plain_torch_file(path: str | Path, map_location: Any = "cpu", what: str = "file") -> Any:
+    """``torch.load(weights_only=True)`` with one-line :class:`RunFolderError` refusals.
+
+    A file holding pickled objects other than tensors and plain containers is refused, naming the
+    global it would have imported; torch's own text (which advises ``weights_only=False``) is not
+    relayed. A truncated or foreign file is "not a readable <what>".
+    """
     import torch
 
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
+        held = f" ({found.group(1)})" if found else ""
+        raise RunFolderError(
+            f"{path}: refused to load: it holds pickled Python objects{held}, which could run code; "
+            "only plain tensors are loaded (convert it to safetensors)"
+        ) from None
+    except Exception as err:  # a truncated or foreign file
+        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise RunFolderError(f"{path}: not a readable {what} ({first})") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
     path = Path(path)
     if not path.exists():
         raise RunFolderError(f"weights file not found: {path}")
@@ -110,18 +131,7 @@ def load_state_dict_file(path: str | Path) -> dict:
         except (SafetensorError, OSError) as err:
             detail = str(err).splitlines()[0].removeprefix("Error while deserializing header: ")[:120]
             raise RunFolderError(f"{path}: corrupt or truncated safetensors file ({detail})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: never do that here
-        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise RunFolderError(
-            f"{path}: refused to load: it holds pickled Python objects{what}, which could run code; "
-            "only plain tensors are loaded (convert it to safetensors)"
-        ) from None
-    except Exception as err:  # a truncated or foreign file
-        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
-        raise RunFolderError(f"{path}: not a readable weights file ({first})") from None
+    obj = load_plain_torch_file(path, what="weights file")
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if isinstance(obj, dict) and "state_dict" in obj:
