@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmafnet.errors import RunFolderError
-from cmafnet.files import atomic_write_bytes, write_json
+from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.files import atomic_write_bytes, load_plain_torch_file, write_json
 from cmafnet.models.weights import load_state_dict_file, save_weights
 
 CONFIG_FILE = "config.yaml"
@@ -35,8 +35,8 @@ METRICS_FILE = "metrics.csv"
 # too); they are part of this module's interface.
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "LAST_CHECKPOINT", "META_FILE", "METRICS_FILE", "SPLIT_FILE",
-    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "load_run", "load_state_dict_file", "read_meta",
-    "save_weights", "update_meta", "write_json",
+    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "load_plain_torch_file", "load_run",
+    "load_state_dict_file", "read_meta", "save_weights", "update_meta", "write_json",
 ]  # fmt: skip
 
 
@@ -44,7 +44,13 @@ def read_meta(run_dir: str | Path) -> dict:
     p = Path(run_dir) / META_FILE
     if not p.exists():
         raise RunFolderError(f"{run_dir}: not a run folder ({META_FILE} missing)")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFolderError(f"{p}: not readable JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{p}: not a JSON object")
+    return meta
 
 
 def update_meta(run_dir: str | Path, **fields: Any) -> dict:
@@ -78,7 +84,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.exists():
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing; did training finish an epoch?)")
-    cfg = load_config(cfg_path)
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as err:  # a damaged run folder, not a bad argument
+        msg = str(err)
+        raise RunFolderError(msg if msg.startswith(str(cfg_path)) else f"{cfg_path}: {msg}") from None
     model = create_model(cfg.model)
     missing, unexpected = model.load_state_dict(load_state_dict_file(wpath), strict=False)
     if missing or unexpected:

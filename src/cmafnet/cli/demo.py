@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, positive_int
 
 DEMO_CONFIG = "demo"  # CMAF-Net, small, all three stages
 BASELINE_CONFIG = "demo_resnet18"  # ResNet-18 + cross-entropy, one stage
@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--data", default=None, help="a real IDC root (Kaggle layout) instead of generated data")
-    p.add_argument("--patients", type=int, default=12, help="virtual patients to generate")
-    p.add_argument("--patches", type=int, default=60, help="patches per virtual patient")
+    p.add_argument("--patients", type=positive_int, default=12, help="virtual patients to generate")
+    p.add_argument("--patches", type=positive_int, default=60, help="patches per virtual patient")
     p.add_argument(
         "--difficulty", type=float, default=0.6,
         help="class overlap of the generated patches in [0, 1) (0 = trivially separable)",

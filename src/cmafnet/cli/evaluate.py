@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per magnification and overall; evaluates every image unless --split-file is given",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="inference batch size (default 256)")
     p.add_argument(
-        "--bootstrap", type=int, default=None, help="bootstrap resamples for CIs (default eval.bootstrap)"
+        "--bootstrap",
+        type=non_negative_int,
+        default=None,
+        help="bootstrap resamples for CIs (default eval.bootstrap)",
     )
     p.add_argument("--no-threshold", action="store_true", help="do not (re)choose the operating threshold")
     p.add_argument(
@@ -50,9 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_dir
     from cmafnet.evaluation.evaluate import evaluate_run
     from cmafnet.evaluation.metrics import format_metric_for
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")  # before the model runs
     doc = evaluate_run(
         args.run_dir,
         args.store,

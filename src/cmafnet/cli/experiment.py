@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmafnet.cli._common import positive_int
 from cmafnet.errors import ConfigError
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
@@ -30,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, help="IDC split file (default: made once under --out, seed 0)")
     p.add_argument("--breakhis-store", type=Path, help="BreakHis store (Tables 3-5)")
     p.add_argument("--breakhis-split", type=Path, help="BreakHis split file (default: made once, by subtype)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5, as the paper)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds per row (default 5, as the paper)")
     p.add_argument("--shard", help="i/n: do only runs with index = i mod n (0-based) of the sorted run list")
     p.add_argument(
         "--scale", choices=("smoke", "paper"), default="paper", help="paper (default) or smoke (tiny)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cmafnet.cli._common import positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="store folder to write")
     p.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: CPU count, max 16)"
+        "--workers", type=positive_int, default=None, help="decoding processes (default: CPU count, max 16)"
     )
     p.add_argument("--strict", action="store_true", help="exit 3 if any file is rejected")
     p.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, positive_int, probability
 
 EPILOG = """\
 inputs: image files, folders (searched recursively for .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp) or
@@ -13,14 +13,15 @@ output CSV, one row per input in input order: path, status (ok | not_assessable 
 prob_<class> for each class, decision (at the operating threshold for binary runs), threshold,
 threshold_source (argument | run.json:threshold | default = 0.5 | argmax for multi-class),
 tissue_fraction, pen_fraction, flags (not_assessable:background|pen|low_tissue|smaller_than_patch),
-scale (squeezed | matched), n_tiles, error (the reason a file was rejected: corrupt, empty, grayscale,
-16-bit, transparent...). A bad file never stops the job.
-probabilities are calibrated with the run's temperature (run.json, fitted on validation by
-'cmafnet evaluate'); --no-calibration gives the raw softmax.
+scale (squeezed | matched), n_tiles, error (the reason a file was rejected: not found, not a regular
+file, too large, corrupt, empty, grayscale, 16-bit, transparent...). A bad file, or a missing path,
+never stops the job. Probabilities are calibrated with the run's temperature (run.json, fitted on
+validation by 'cmafnet evaluate'); --no-calibration gives the raw softmax.
 
 exit codes: 0 at least one input was read (predicted or flagged not assessable);
-3 no inputs found (empty folder) or no input could be read; 4 run folder without config/run.json/
-model.safetensors; 2 bad arguments; 1 runtime failure.
+3 no inputs found (empty folder), no input could be read, or a CSV list that is not text;
+4 run folder without config/run.json/model.safetensors, or one of them corrupt; 2 bad arguments
+(also --out naming a folder, checked before any work); 1 runtime failure; 130 interrupted.
 """
 
 
@@ -35,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image file, folder or CSV list")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV")
-    p.add_argument("--batch", type=int, default=64, metavar="N", help="batch size (default 64)")
+    p.add_argument("--batch", type=positive_int, default=64, metavar="N", help="batch size (default 64)")
     add_device_arg(p)
-    p.add_argument("--threshold", type=float, default=None, metavar="X",
+    p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class probability threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     p.add_argument("--no-tissue-check", action="store_true",
                    help="classify every readable image, even blank / pen-marked / low-tissue ones")  # fmt: skip

@@ -25,10 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_file
     from cmafnet.data.splits import SPLITS, save_split, split_store
     from cmafnet.data.store import PatchStore
     from cmafnet.errors import ConfigError
 
+    check_output_file(args.out, "--out", example="split.json")
     store = PatchStore.open(args.store)
     try:
         split = split_store(store, ratios=tuple(args.ratios), seed=args.seed, label_kind=args.label_kind)

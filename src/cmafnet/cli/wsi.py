@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, int_range, positive_float, positive_int, probability
 
 EPILOG = """\
 scale: by default tiles are cut at the run's training scale in microns per pixel (run.json patch_mpp,
@@ -20,7 +20,8 @@ threshold merged into regions; opens in QuPath) and summary.json.
 
 exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --mpp);
 3 slide not found, unsupported slide format, no mpp stated without --level, slide smaller than a
-tile; 4 run folder without config/run.json/model.safetensors; 1 runtime failure.
+tile, a slide path that is not a regular file; 4 run folder without config/run.json/model.safetensors,
+or one of them corrupt; 1 runtime failure; 130 interrupted.
 """
 
 
@@ -37,13 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--level", type=int, default=None, metavar="L", help="pyramid level to tile")
+    g.add_argument("--level", type=int_range(0), default=None, metavar="L", help="pyramid level to tile")
     g.add_argument(
-        "--mpp", type=float, default=None, metavar="M", help="target microns per pixel (default 4.0)"
+        "--mpp", type=positive_float, default=None, metavar="M", help="target microns per pixel (default 4.0)"
     )
     p.add_argument("--tile", type=int, default=None, metavar="PX", help="tile edge in pixels (default 50)")
-    p.add_argument("--batch", type=int, default=64, metavar="N")
-    p.add_argument("--threshold", type=float, default=None, metavar="X",
+    p.add_argument("--batch", type=positive_int, default=64, metavar="N")
+    p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     p.add_argument("--no-calibration", action="store_true",
                    help="uncalibrated probabilities (T = 1); the stored threshold is mapped to keep its decisions")  # fmt: skip
@@ -56,7 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_dir
     from cmafnet.inference.wsi import predict_slide
+
+    check_output_dir(args.out, "--out")  # before the model is loaded
 
     s = predict_slide(
         args.run_dir, args.slide, args.out, level=args.level, mpp=args.mpp, tile=args.tile,

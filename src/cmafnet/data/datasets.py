@@ -16,21 +16,33 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
-from PIL import Image
 
 from cmafnet.data import scale
+from cmafnet.data.safety import image_size, one_line, text_stream
 from cmafnet.data.validation import BAD_NAME, IMAGE_EXTENSIONS, LABEL_MISMATCH, SizePolicy
 from cmafnet.errors import InputDataError
 
 Parsed = dict[str, Any] | tuple[str, str]
 
 
+def read_manifest(path: Path) -> pd.DataFrame:
+    """A CSV manifest as strings; one-line :class:`InputDataError` if it is not a readable CSV."""
+    try:
+        return pd.read_csv(text_stream(path, "CSV manifest"), dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise InputDataError(f"{path}: not a readable CSV manifest ({one_line(err)})") from None
+
+
 def list_images(root: Path) -> list[Path]:
-    """Files under ``root`` with an image extension, sorted (hidden files skipped)."""
+    """Entries under ``root`` with an image extension, sorted (hidden files and folders skipped).
+
+    Devices, FIFOs and broken links named like images are listed, so that decoding rejects them
+    with their reason (it never opens them) instead of their vanishing silently.
+    """
     out = [
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
     ]
     return sorted(out)
 
@@ -310,11 +322,12 @@ class Folder(Dataset):
         if self.root.is_file():
             if self.root.suffix.lower() != ".csv":
                 raise InputDataError(f"{self.root}: expected a folder or a .csv manifest")
-            df = pd.read_csv(self.root, dtype=str)
+            df = read_manifest(self.root)
             missing = {"path", "label"} - set(df.columns)
             if missing:
                 raise InputDataError(f"{self.root}: manifest lacks column(s) {sorted(missing)}")
-            df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"]]
+            # an empty path resolves to the manifest's folder: rejected as "not a regular file"
+            df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"].fillna("")]
             dup = df["abspath"][df["abspath"].duplicated()]
             if len(dup):
                 raise InputDataError(
@@ -411,11 +424,9 @@ class Folder(Dataset):
             else:
                 sizes: Counter = Counter()
                 for p in self.files()[:2000]:  # headers only; a cheap majority vote
-                    try:
-                        with Image.open(p) as im:
-                            sizes[(im.size[1], im.size[0])] += 1
-                    except Exception:  # rejected later by decode with its reason
-                        continue
+                    hw = image_size(p)  # None: unsafe or unreadable, rejected later with its reason
+                    if hw is not None:
+                        sizes[hw] += 1
                 if not sizes:
                     raise InputDataError(f"{self.root}: no readable image to take the store size from")
                 hw = sizes.most_common(1)[0][0]

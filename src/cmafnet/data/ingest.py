@@ -28,12 +28,15 @@ import pandas as pd
 from cmafnet import __version__
 from cmafnet.data import scale
 from cmafnet.data.datasets import Dataset, get_dataset
+from cmafnet.data.integrity import CONTENT_KEY, content_hash
+from cmafnet.data.safety import check_output_dir, limits, one_line
 from cmafnet.data.store import (
     IMAGES_FILE,
     INDEX_COLUMNS,
     INDEX_FILE,
     META_FILE,
     REJECTED_FILE,
+    PatchStore,
     compute_store_hash,
 )  # fmt: skip
 from cmafnet.data.validation import SizePolicy, decode_image
@@ -141,8 +144,9 @@ def ingest(
         RunFolderError: ``out`` holds a store from another source (without ``force``).
     """
     t0 = time.perf_counter()
+    out = check_output_dir(out, "--out")  # before any work: a file there is bad usage
+    limits()  # a bad CMAFNET_MAX_* variable is a config error here, not in every worker
     ds = get_dataset(dataset, src, size, mpp=mpp, patient_regex=patient_regex)
-    out = Path(out)
     files = ds.files()
     if not files:
         raise InputDataError(f"{ds.root}: no image files found (extensions .png .jpg .tif .bmp)")
@@ -151,11 +155,22 @@ def ingest(
 
     meta_path = out / META_FILE
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except ValueError as err:
+            raise RunFolderError(
+                f"{meta_path}: unreadable ({one_line(err)}); --force rebuilds the store"
+            ) from None
         if old.get("source_fingerprint") == fp and (out / IMAGES_FILE).exists() and not force:
-            log.info("store %s is up to date with %s (no-op)", out, ds.root)
-            old["noop"] = True
-            return old
+            problem = _store_problem(out)
+            if problem is None:
+                if strict and old.get("n_rejected"):
+                    raise InputDataError(_strict_message(old, out))
+                log.info("store %s is up to date with %s (no-op)", out, ds.root)
+                old["noop"] = True
+                return old
+            log.warning("%s; rebuilding the store from %s", problem, ds.root)
+            force = True
         if not force:
             raise RunFolderError(
                 f"{out} holds a store from another source or options; use --force or a new folder"
@@ -253,13 +268,15 @@ def ingest(
     rej_df = pd.DataFrame(rejected, columns=["path", "reason", "detail"]).sort_values("path", kind="stable")
     atomic_write_bytes(out / REJECTED_FILE, rej_df.to_csv(index=False).encode())
     by_reason = dict(Counter(rej_df["reason"]))
-    if not valid:
+    if not valid or (strict and len(rej_df)):
+        shutil.rmtree(part, ignore_errors=True)  # a refusal, not an interruption: nothing to resume
+        counts = format_counts(by_reason)
+        if not valid:
+            raise InputDataError(
+                f"{ds.root}: all {len(files)} files rejected ({counts}); see {out / REJECTED_FILE}"
+            )
         raise InputDataError(
-            f"{ds.root}: all {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
-        )
-    if strict and len(rej_df):
-        raise InputDataError(
-            f"--strict: {len(rej_df)} of {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
+            f"--strict: {len(rej_df)} of {len(files)} files rejected ({counts}); see {out / REJECTED_FILE}"
         )
 
     # 4. the final array: the partial one if nothing was rejected after parsing, else compacted
@@ -340,6 +357,7 @@ def ingest(
         "store_bytes": int((out / IMAGES_FILE).stat().st_size),
         "workers": workers,
     }
+    meta[CONTENT_KEY] = content_hash(meta, np.load(out / IMAGES_FILE, mmap_mode="r"))
     write_json(meta_path, meta)
     shutil.rmtree(part, ignore_errors=True)
     meta["noop"] = False
@@ -361,6 +379,30 @@ def _record_mpp(ds: Dataset, index: pd.DataFrame, records: list[dict], policy: S
     return {**info, "mpp_source": ds.mpp_source, "mpp_anisotropic": aniso}
 
 
+def format_counts(counts: dict[str, int]) -> str:
+    """``{'not an image': 2, 'too large': 1}`` -> ``'2 not an image, 1 too large'``."""
+    return ", ".join(
+        f"{n:,} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+
+
+def _strict_message(meta: dict[str, Any], out: Path) -> str:
+    counts = format_counts(meta.get("rejected_by_reason") or {})
+    return (
+        f"--strict: {meta['n_rejected']} of {meta.get('n_files', '?')} files were rejected when {out} was "
+        f"ingested ({counts}); see {out / REJECTED_FILE}"
+    )
+
+
+def _store_problem(out: Path) -> str | None:
+    """Why an existing store does not open cleanly (edited or damaged), or None."""
+    try:
+        PatchStore.open(out)
+    except RunFolderError as err:
+        return str(err)
+    return None
+
+
 def summary_lines(meta: dict[str, Any]) -> list[str]:
     """Human-readable lines: counts found against the published ones."""
     lines = [
@@ -377,7 +419,8 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
             "per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items())
         )
     lines += _scale_and_patient_lines(meta)
-    lines.append(f"rejected: {meta['n_rejected']:,} {meta.get('rejected_by_reason') or ''}")
+    counts = format_counts(meta.get("rejected_by_reason") or {})
+    lines.append(f"rejected: {meta['n_rejected']:,}" + (f" ({counts}; see rejected.csv)" if counts else ""))
     if meta.get("padded") or meta.get("resized") or meta.get("alpha_dropped"):
         lines.append(
             f"padded (white): {meta.get('padded', 0)}, resized: {meta.get('resized', 0)}, "

@@ -85,8 +85,8 @@ def allocate(class_sizes: dict[Any, int], ratios: tuple[float, ...]) -> dict[Any
     for c, n in class_sizes.items():
         if n < need:
             raise ValueError(
-                f"class '{c}' has {n} patient(s) but the ratios {tuple(ratios)} need at least {need} "
-                "(one per split): use fewer splits or another label kind"
+                f"class '{c}' has {n} patient(s) but the ratios {tuple(float(x) for x in ratios)} need at "
+                f"least {need} (one per split): use fewer splits or another label kind"
             )
     totals = _largest_remainder(sum(class_sizes.values()), r)
     alloc = {c: np.floor(n * r).astype(int) for c, n in class_sizes.items()}
@@ -228,7 +228,8 @@ def load_split(path: str | Path, store: Any | None = None) -> Split:
             class_counts={s: parts[s].get("class_counts", {}) for s in SPLITS}, note=d.get("note", ""),
         )  # fmt: skip
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise RunFolderError(f"{path}: corrupt split file ({err!r})") from None
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:120]
+        raise RunFolderError(f"{path}: corrupt split file ({what})") from None
     seen: dict[str, str] = {}
     for s in SPLITS:
         for p in split.patients[s]:
@@ -250,6 +251,6 @@ def load_split(path: str | Path, store: Any | None = None) -> Split:
             bad = set(pat[split.indices(s)].astype(str)) - set(split.patients[s])
             if bad:
                 raise RunFolderError(
-                    f"{path}: {s} holds images of patients not listed in it: {sorted(bad)[:5]}"
+                    f"{path}: {s} holds images of patients not listed in it: {', '.join(str(b) for b in sorted(bad)[:5])}"
                 )
     return split

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmafnet.errors import InputDataError
+from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.calibration import (
     apply_temperature,
     run_temperature,
     threshold_at_temperature,
     threshold_temperature,
 )
-from cmafnet.inference.io import InputItem, discover_inputs, iter_images
+from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
 from cmafnet.inference.scale import matching_scale, predict_scaled
 from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
@@ -62,7 +62,7 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
     """
     if override is not None:
         if not 0.0 <= override <= 1.0:
-            raise InputDataError(f"--threshold must be in [0, 1], got {override}")
+            raise ConfigError(f"--threshold must be in [0, 1], got {override}")
         return float(override), "argument"
     for key in ("threshold", "operating_threshold"):
         value = meta.get(key)
@@ -225,11 +225,13 @@ def predict_files(
     aggregated by ``aggregate``; an image smaller than half a patch at that scale is not assessable.
 
     Raises:
+        ConfigError: ``batch_size`` < 1, or ``out_csv`` / ``explain_dir`` is not a usable path.
         InputDataError: no inputs at all (empty folder), or not a single decodable image.
         RunFolderError: the run folder lacks a config, metadata or model weights.
     """
     if batch_size < 1:
-        raise InputDataError(f"--batch must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
+    check_outputs(out_csv, explain_dir)  # before any work: never a traceback after it
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cmafnet.data.safety import require_regular_file
 from cmafnet.data.scale import IDC_MPP
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.predict import Predictor
@@ -71,9 +72,7 @@ def open_slide(path: str | Path) -> Any:
         import openslide
     except ImportError as err:  # pragma: no cover - wsi extra missing
         raise ConfigError(f"whole-slide inference needs openslide-python and openslide-bin ({err})") from None
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(f"{path}: slide not found")
+    path = require_regular_file(path, "slide")  # never a folder, device or FIFO (which would block)
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.files import atomic_write_bytes
+from cmafnet.files import atomic_write_bytes, load_plain_torch_file
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -25,20 +25,24 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def load_state_dict_file(path: str | Path) -> dict:
-    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
-    import torch
+    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code).
 
+    Raises:
+        RunFolderError: a missing, truncated or corrupt file, or one holding pickled objects.
+    """
     path = Path(path)
     if not path.exists():
         raise RunFolderError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for files holding code
-        raise RunFolderError(f"{path}: refused to load (not a plain weights file: {err})") from None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            detail = str(err).splitlines()[0].removeprefix("Error while deserializing header: ")[:120]
+            raise RunFolderError(f"{path}: corrupt or truncated safetensors file ({detail})") from None
+    obj = load_plain_torch_file(path, what="weights file")
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if isinstance(obj, dict) and "state_dict" in obj:

@@ -22,7 +22,7 @@ import torch
 from cmafnet import __version__
 from cmafnet.config import dump_config
 from cmafnet.errors import RunFolderError
-from cmafnet.files import atomic_write_bytes
+from cmafnet.files import atomic_write_bytes, load_plain_torch_file
 from cmafnet.run import LAST_CHECKPOINT
 from cmafnet.training import distributed as distr
 from cmafnet.training.graphs import plain_optimizer_state
@@ -88,10 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise RunFolderError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for code, RuntimeError for torn files
-        raise RunFolderError(f"{path}: refused to load checkpoint ({type(err).__name__}: {err})") from None
+    state = load_plain_torch_file(path, map_location=map_location, what="training checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise RunFolderError(f"{path}: not a cmafnet training checkpoint (format {FORMAT_VERSION} expected)")
     return state
