@@ -147,3 +147,24 @@ def test_switches_bf16_channels_last_sdpa(tmp_path):
     s = run_stages(tr)
     assert s["status"] == "finished" and s["nonfinite_steps"] == 0
     assert not torch.equal(before["head.weight"], tr.model.state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("every", [{"checkpoint_every_steps": 1}, {"checkpoint_every_minutes": 1e-9}])
+def test_mid_epoch_checkpoints_survive_a_crash_and_resume_exactly(tmp_path, every):
+    """A process killed mid-epoch (no chance to save) loses at most the steps since the last periodic
+    checkpoint; resuming from it ends bit-identical to a run never interrupted."""
+    cfg = toy_config(**every)
+    ref = make_trainer(tmp_path / "ref", cfg)
+    run_stages(ref)
+
+    def crash(run):
+        if run.p.global_step == 5:  # step 5 of 18, mid-epoch (3 steps per epoch)
+            raise RuntimeError("killed")
+
+    part = make_trainer(tmp_path / "run", cfg, callbacks=[crash])
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(part)
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    # the step before the crash, mid-epoch (the epoch-end checkpoint of step 3 is the only other one)
+    assert state["progress"]["global_step"] == 4 and state["progress"]["step_in_epoch"] == 1
+    resume_and_compare(ref, tmp_path / "run", cfg, state)
