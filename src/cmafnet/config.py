@@ -197,6 +197,24 @@ class StageConfig(_Section):
     train: Literal["branches", "fusion", "all"] = "all"
     loss: Literal["ce", "objective"] = "objective"  # stage 1: ce on the temporary branch heads
     cyclic_cycles: int = Field(2, ge=1)
+    # optimiser steps of the stage when not epochs x steps per epoch (its last epoch is cut short);
+    # written by train.budget into the run's config, so a compute-matched run reruns from its folder
+    steps: int | None = Field(None, ge=1)
+
+
+class BudgetConfig(_Section):
+    """A run's training compute, when not its stages' epochs: ``macs`` (training MACs, as the run
+    records them: forward MACs per image x images x passes x 3) or ``match`` (a run folder whose recorded
+    training MACs to spend). The stages' step counts are derived from it, in proportion to their epochs."""
+
+    macs: float | None = Field(None, gt=0.0)
+    match: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        if (self.macs is None) == (self.match is None):
+            raise ValueError("give exactly one of macs (a number) or match (a run folder)")
+        return self
 
 
 def _paper_stages() -> list[StageConfig]:
@@ -226,6 +244,7 @@ class TrainConfig(_Section):
     # micro-batches per optimiser step (paper §5.4: 128 = 2 x 64 "with gradient accumulation"); BatchNorm
     # sees batch_size / accumulate_steps / world images at a time, the update sees batch_size
     accumulate_steps: int = Field(1, ge=1)
+    budget: BudgetConfig | None = None  # None: the stages' epochs decide the compute
     eval_batch_size: int = Field(256, ge=1)
     weight_decay: float = Field(1e-4, ge=0.0)
     sam: SAMConfig = SAMConfig()

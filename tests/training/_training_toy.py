@@ -153,7 +153,7 @@ def resume_and_compare(ref: TrainRun, run_dir: Path, cfg: Config, state: dict) -
         assert torch.equal(a[k], b[k]), (
             f"{k} differs after resuming at step {state['progress']['global_step']}"
         )
-    timing = ["time_s", "train_img_s", "step_ms", "val_s"]  # wall-clock columns differ between any two runs
+    timing = ["time_s", "train_img_s", "step_ms", "val_s", "train_seconds"]  # wall-clock columns differ
     pd.testing.assert_frame_equal(
         pd.read_csv(ref.out / "metrics.csv").drop(columns=timing),
         pd.read_csv(run_dir / "metrics.csv").drop(columns=timing),

@@ -11,26 +11,12 @@ import pytest
 
 from cmafnet.cli import main
 from cmafnet.config import load_config
-from cmafnet.data.ingest import ingest
-from cmafnet.data.splits import save_split, split_store
-from cmafnet.data.store import PatchStore
-from cmafnet.data.synthetic import write_idc_like
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.run import load_run
 from cmafnet.training import fit
 from cmafnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.max_steps_per_epoch=2"]
-
-
-@pytest.fixture(scope="module")
-def store_and_split(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    write_idc_like(root / "raw", n_patients=6, patches_per_patient=16, minority_frac=0.3, seed=0)
-    ingest("idc", root / "raw", root / "store", workers=1, progress=False)
-    store = PatchStore.open(root / "store")
-    save_split(split_store(store, ratios=(0.6, 0.2, 0.2), seed=0), root / "split.json")
-    return root / "store", root / "split.json"
 
 
 def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, caplog):

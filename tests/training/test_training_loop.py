@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _training_toy import ddp_config, ddp_worker, make_trainer, resume_and_compare, toy_config, toy_data
+from _training_toy import (
+    ToyNet,
+    ddp_config,
+    ddp_worker,
+    make_trainer,
+    resume_and_compare,
+    toy_config,
+    toy_data,
+)
 
 from cmafnet.errors import CmafnetError
 from cmafnet.training import run_stages
@@ -168,3 +176,27 @@ def test_mid_epoch_checkpoints_survive_a_crash_and_resume_exactly(tmp_path, ever
     # the step before the crash, mid-epoch (the epoch-end checkpoint of step 3 is the only other one)
     assert state["progress"]["global_step"] == 4 and state["progress"]["step_in_epoch"] == 1
     resume_and_compare(ref, tmp_path / "run", cfg, state)
+
+
+@pytest.mark.parametrize("sam", [True, False])
+def test_every_run_records_what_it_cost(tmp_path, sam):
+    """run.json and metrics.csv record images, steps, passes (SAM: two per step), training MACs (forward
+    MACs per image x images x passes x 3) and seconds, per stage and in total."""
+    from cmafnet.models.complexity import forward_macs
+
+    cfg = toy_config(sam={"enabled": sam})
+    tr = make_trainer(tmp_path, cfg)
+    summary = run_stages(tr)
+    fwd = forward_macs(ToyNet(), cfg.model.img_size)
+    assert fwd > 0 and tr.p.macs_per_image == fwd
+    cost = json.loads((tmp_path / "run.json").read_text())["cost"]
+    passes_per_step = 2 if sam else 1
+    for name in ("branches", "fusion", "end_to_end"):
+        c = cost["stages"][name]
+        assert c["steps"] == 2 * 3 and c["images"] == 6 * 8 and c["passes"] == 6 * passes_per_step
+        assert c["macs"] == fwd * c["images"] * passes_per_step * 3 and c["seconds"] > 0
+    total = cost["total"]
+    assert total["macs"] == 3 * fwd * 48 * passes_per_step * 3 and total["steps"] == 18
+    assert cost["device"] and "x 3" in cost["convention"] and summary["cost"]["macs"] == total["macs"]
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    assert rows["train_macs"].iloc[-1] == total["macs"] and rows["images_seen"].is_monotonic_increasing

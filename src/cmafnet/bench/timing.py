@@ -90,15 +90,11 @@ def latency_ms(fn: Callable[[], Any], timing: Timing) -> dict[str, float]:
 
 
 def forward_gmacs(model: nn.Module, x1: Tensor) -> float:
-    """Multiply-accumulates of one eval forward in G (FLOPs / 2, as papers' "GFLOPs" usually are)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Multiply-accumulates of one eval forward in G (FLOPs / 2, as papers' "GFLOPs" usually are),
+    counted as ``cmafnet info`` and the trainer count them (:mod:`cmafnet.models.complexity`)."""
+    from cmafnet.models.complexity import forward_macs
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x1)
-    model.train(was_training)
-    return counter.get_total_flops() / 2e9
+    return forward_macs(model, x1.shape[-1], x1.device) / 1e9
 
 
 # Largest |graph - eager| allowed, relative to max |eager output|, per autocast precision. Replay runs

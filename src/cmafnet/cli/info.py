@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]:
     """Parameters per role (or per top-level child) and MACs per image at ``size`` x ``size``."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from cmafnet.models.complexity import NOTE, counting
 
     total_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -46,13 +46,9 @@ def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]
     if own:
         components["(direct)"] = {"params": own, "macs": 0}
 
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
     x = torch.randn(1, 3, size, size)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with counting(model) as counter:
         model(x)
-    model.train(was_training)
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
 
     def flops(module: Any, path: str) -> int:
@@ -77,7 +73,7 @@ def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]
         "params_trainable": trainable,
         "macs_per_image": total_macs,
         "components": components,
-        "note": "MACs = FlopCounterMode FLOPs / 2 (conv, linear, matmul; element-wise ops not counted)",
+        "note": NOTE,
     }
 
 

@@ -16,9 +16,11 @@ from cmafnet.config import StageConfig
 from cmafnet.data.prefetch import Prefetcher, batch_seed
 from cmafnet.errors import CmafnetError
 from cmafnet.training import distributed as distr
+from cmafnet.training.budget import epoch_steps, stage_epochs, stage_steps
 from cmafnet.training.checkpoint import save_run
 from cmafnet.training.monitors import validate
 from cmafnet.training.progress import TrainRun
+from cmafnet.training.records import add_step_cost, total_cost
 from cmafnet.training.schedules import lr_factor
 from cmafnet.training.stages import StageStep, freeze_eval, uses_ramp
 from cmafnet.training.step import StepResult
@@ -34,8 +36,9 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
     )
     run.model.train()
     freeze_eval(run.model)
-    bar = _progress_bar(run, stage)
-    batches = _batches(run, loader)
+    limit = epoch_steps(stage, p.epoch, run.steps_per_epoch)
+    bar = _progress_bar(run, stage, limit)
+    batches = _batches(run, loader, limit)
     if st.graph is not None:
         # a captured step freezes the loss schedules: re-capture each epoch, at its midpoint values
         if uses_ramp(stage):
@@ -44,10 +47,11 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
         st.new_epoch()
     else:
         st.loss.on_forward = batches.launch_next
+    passes = 2 if any(g.sam is not None and g.sam.rho > 0 for g in st.step.groups) else 1  # SAM: two
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches, start=p.step_in_epoch):
         frac = i / run.steps_per_epoch
-        total = stage.epochs * run.steps_per_epoch
+        total = stage_steps(stage, run.steps_per_epoch)
         warm = round(stage.warmup_epochs * run.steps_per_epoch)
         p.lr = stage.lr * lr_factor(stage.schedule, p.epoch * run.steps_per_epoch + i, total, warmup=warm,
                                     cycles=stage.cyclic_cycles)  # fmt: skip
@@ -59,15 +63,18 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
         res = st(x, y, after_launch=batches.launch_next if st.graph is not None else None)
         p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
         _record_step(run, res, stage)
-        p.epoch_train_s += time.perf_counter() - t0  # the step read its result back: its work is done
+        seconds = time.perf_counter() - t0  # the step read its result back: its work is done
+        p.epoch_train_s += seconds
         p.epoch_timed_steps += 1
+        add_step_cost(p, stage.name, images=tc.batch_size, passes=passes, macs_per_image=p.macs_per_image,
+                      seconds=seconds)  # fmt: skip
         if bar is not None:
             bar.update(1)
-            if p.global_step % tc.log_every == 0 or i + 1 == run.steps_per_epoch:
+            if p.global_step % tc.log_every == 0 or i + 1 == limit:
                 n = max(p.epoch_count, 1)
                 bar.set_postfix(loss=f"{p.epoch_sums.get('loss', 0.0) / n:.4f}", lr=f"{p.lr:.2e}",
                                 skipped=p.nonfinite_total)  # fmt: skip
-        status, save = _check_stop(run)
+        status, save = _check_stop(run, limit)
         if status != "ok" or save:
             save_run(run, st)
         if status != "ok":
@@ -81,18 +88,18 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
     return "ok"
 
 
-def _progress_bar(run: TrainRun, stage: StageConfig) -> Any:
+def _progress_bar(run: TrainRun, stage: StageConfig, limit: int) -> Any:
     if not (run.show_progress and run.info.is_main):
         return None
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=run.steps_per_epoch, initial=run.p.step_in_epoch, leave=False,
-        desc=f"{stage.name} {run.p.epoch + 1}/{stage.epochs}",
+        total=limit, initial=run.p.step_in_epoch, leave=False,
+        desc=f"{stage.name} {run.p.epoch + 1}/{stage_epochs(stage, run.steps_per_epoch)}",
     )  # fmt: skip
 
 
-def _batches(run: TrainRun, loader: Iterable) -> Prefetcher:
+def _batches(run: TrainRun, loader: Iterable, limit: int) -> Prefetcher:
     """The epoch's remaining model inputs ``(x, y)``: shard, preprocess, memory format.
 
     On CUDA batch ``i + 1`` is prepared on a side stream while step ``i`` runs: launched once the
@@ -115,7 +122,7 @@ def _batches(run: TrainRun, loader: Iterable) -> Prefetcher:
 
     return Prefetcher(
         loader, prepare, device=device, seed=lambda b: batch_seed(tc.seed, epoch, b, info.rank),
-        start=run.p.step_in_epoch, limit=run.steps_per_epoch, overlap=run.prefetch and device.type == "cuda",
+        start=run.p.step_in_epoch, limit=limit, overlap=run.prefetch and device.type == "cuda",
         early=False,
     )  # fmt: skip
 
@@ -147,7 +154,7 @@ def _record_step(run: TrainRun, res: StepResult, stage: StageConfig) -> None:
         sums[k] = sums.get(k, 0.0) + v
 
 
-def _check_stop(run: TrainRun) -> tuple[str, bool]:
+def _check_stop(run: TrainRun, limit: int) -> tuple[str, bool]:
     """(ok | stopped | interrupted, whether a periodic checkpoint is due), agreed by every rank."""
     tc, p = run.tc, run.p
     stop = any(bool(cb(run)) for cb in run.callbacks)
@@ -156,7 +163,7 @@ def _check_stop(run: TrainRun) -> tuple[str, bool]:
     save = bool(tc.checkpoint_every_steps) and p.global_step - run.last_save_step >= tc.checkpoint_every_steps
     if tc.checkpoint_every_minutes:
         save = save or time.monotonic() - run.last_save_time >= 60.0 * tc.checkpoint_every_minutes
-    save = save and p.step_in_epoch < run.steps_per_epoch  # the epoch end saves anyway
+    save = save and p.step_in_epoch < limit  # the epoch end saves anyway
     sig = run.stop_signal is not None
     if run.info.enabled:  # every rank must stop (and save) at the same step
         t = torch.tensor([float(stop), float(sig), float(save)], device=run.device)
@@ -189,12 +196,6 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
         p.best_metric, p.best_epoch = float(auprc), p.global_epoch + 1
     stop_stage = _early_stop(run, stage, metrics.get("balanced_accuracy"))
     # advance the position before checkpointing: the checkpoint names the next epoch to run
-    images, seconds, steps = run.p.stage_speed.get(stage.name, [0, 0.0, 0])
-    p.stage_speed[stage.name] = [
-        images + p.epoch_timed_steps * tc.batch_size,
-        seconds + p.epoch_train_s,
-        steps + p.epoch_timed_steps,
-    ]
     p.global_epoch += 1
     p.ramp_epochs += 1.0 if uses_ramp(stage) else 0.0
     p.epoch += 1
@@ -202,7 +203,7 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
     if stop_stage:
         log.info("early stopping stage '%s' after %d epochs without a balanced-accuracy gain", stage.name,
                  p.es_bad_epochs)  # fmt: skip
-    if stop_stage or p.epoch >= stage.epochs:
+    if stop_stage or p.epoch >= stage_epochs(stage, run.steps_per_epoch):
         next_stage(p)
     if run.info.is_main:
         if new_best:
@@ -230,6 +231,10 @@ def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict)
         "train_img_s": round(p.epoch_timed_steps * run.tc.batch_size / secs, 2) if secs > 0 else float("nan"),
         "step_ms": round(1e3 * secs / steps, 3),
     }  # fmt: skip
+    # what the run has cost so far (records.COST_CONVENTION): plot any metric against compute
+    total = total_cost(p)
+    row.update({"images_seen": total["images"], "train_passes": total["passes"], "train_macs": total["macs"],
+                "train_seconds": round(total["seconds"], 3)})  # fmt: skip
     row.update({f"train_{k}": distr.all_mean(v / n, run.info) for k, v in sorted(p.epoch_sums.items())})
     row.update({f"val_{k}": v for k, v in metrics.items()})
     row.update(monitors)

@@ -31,16 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmafnet import __version__
 from cmafnet import run as runfolder
-from cmafnet.config import Config, TrainConfig, config_from_dict, dump_config, yaml_load
-from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.config import Config, TrainConfig
+from cmafnet.errors import ConfigError
+from cmafnet.models.complexity import forward_macs
 from cmafnet.training import distributed as distr
-from cmafnet.training.checkpoint import load_checkpoint, restore_run, restore_stage
+from cmafnet.training.budget import resolve_budget, stage_steps
+from cmafnet.training.checkpoint import restore_stage
 from cmafnet.training.data import prepare_data
 from cmafnet.training.epoch import end_epoch, next_stage, train_one_epoch
+from cmafnet.training.folder import check_run_folder, resume_run, start_run_folder
 from cmafnet.training.progress import Callback, TrainData, TrainRun
-from cmafnet.training.records import RunRecords, device_name, stage_throughput
+from cmafnet.training.records import RunRecords, device_name, stage_throughput, total_cost
 from cmafnet.training.stages import initial_roles, prepare_stage
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,11 @@ def build_run(
     progress: bool = True,
     stop_after_steps: int | None = None,
     callbacks: Iterable[Callback] = (),
+    macs_per_image: int | None = None,
 ) -> TrainRun:
     """A :class:`TrainRun` ready for :func:`run_stages` (what ``fit`` does after building model and data).
+
+    ``macs_per_image``: the model's forward MACs per image when already counted (else counted here).
 
     Raises:
         ConfigError: a batch larger than the training split, or ``train.cuda_graph`` where it cannot run.
@@ -113,25 +118,37 @@ def build_run(
             f"train.accumulate_steps: {tc.accumulate_steps} micro-batches do not divide the {per_rank} images "
             f"of a rank (train.batch_size {tc.batch_size} over {info.world} ranks)"
         )
-    n_batches = len(data.train_idx) // tc.batch_size
-    if n_batches == 0:
-        raise ConfigError(
-            f"train.batch_size: {tc.batch_size} is larger than the training split ({len(data.train_idx)})"
-        )
     if tc.cuda_graph:
         from cmafnet.training.graphs import check_graph_mode
 
         check_graph_mode(tc, info.device, distributed=info.enabled)
     objective = prepare_objective(objective, tc, info.device)
     out = Path(out_dir)
-    return TrainRun(
+    tr = TrainRun(
         cfg, model, objective, data, out, info, roles=initial_roles(model),  # before any stage freezes
-        steps_per_epoch=min(n_batches, tc.max_steps_per_epoch or n_batches),
+        steps_per_epoch=steps_per_epoch(tc, len(data.train_idx)),
         records=RunRecords(out, info, tc),
         scaler=torch.amp.GradScaler(info.device.type) if tc.amp == "fp16" else None,
         show_progress=progress, stop_after_steps=stop_after_steps, callbacks=list(callbacks),
         last_save_time=time.monotonic(),
     )  # fmt: skip
+    # the unit of the cost records
+    tr.p.macs_per_image = (
+        macs_per_image if macs_per_image is not None else forward_macs(model, cfg.model.img_size)
+    )
+    return tr
+
+
+def steps_per_epoch(tc: TrainConfig, n_train: int) -> int:
+    """Optimiser steps of a full epoch: whole batches of the training split (``max_steps_per_epoch`` caps).
+
+    Raises:
+        ConfigError: the batch is larger than the training split.
+    """
+    n_batches = n_train // tc.batch_size
+    if n_batches == 0:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} is larger than the training split ({n_train})")
+    return min(n_batches, tc.max_steps_per_epoch or n_batches)
 
 
 def run_stages(run: TrainRun) -> dict:
@@ -155,7 +172,7 @@ def run_stages(run: TrainRun) -> dict:
 def _run_stage(run: TrainRun) -> str:
     """The current stage's remaining epochs; ``finished`` when it ended, else stopped | interrupted."""
     index, stage = run.p.stage, run.tc.stages[run.p.stage]
-    if stage.epochs == 0:
+    if stage_steps(stage, run.steps_per_epoch) == 0:
         next_stage(run.p)
         return "finished"
     st = prepare_stage(
@@ -209,22 +226,9 @@ def _finish(run: TrainRun, status: str) -> dict:
         "nonfinite_steps": p.nonfinite_total,
         "effective_batch_size": run.tc.batch_size,
         "stage_throughput": stage_throughput(p),
+        "cost": total_cost(p),
         "last_val": {k[4:]: v for k, v in last.items() if k.startswith("val_")},
     }
-
-
-def _config_without_device(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.strip().startswith("device:"))
-
-
-def _same_config(stored: str, cfg: Config) -> bool:
-    """Whether a checkpoint's config is ``cfg`` (the device aside). The stored text is validated again
-    first, so a key added to the schema since the run started (with its default) is no difference."""
-    try:
-        again = dump_config(config_from_dict(yaml_load(stored)))
-    except ConfigError:
-        return False
-    return _config_without_device(again) == _config_without_device(dump_config(cfg))
 
 
 def fit(
@@ -267,7 +271,7 @@ def fit(
         cfg = cfg.model_copy(deep=True)
         cfg.train.device = device
     out = Path(out_dir)
-    resume = _check_run_folder(out, resume)
+    resume = check_run_folder(out, resume)
     info = distr.setup(cfg.train.device)
     tc = cfg.train
     if tc.amp == "fp16" and info.device.type == "cpu":
@@ -276,10 +280,16 @@ def fit(
         with kernel_selection(tc.deterministic):
             seed_everything(tc.seed)
             data = prepare_data(cfg, store_path, split_path, info.device)
-            model, objective = _build_model(cfg, data, info)
+            model = _build_model(cfg, info)
+            macs = forward_macs(model, cfg.model.img_size)
+            cfg, budget = resolve_budget(cfg, macs, steps_per_epoch(cfg.train, len(data.train_idx)))
+            if budget is not None:
+                log.info(
+                    "train.budget: %.3g MACs -> steps per stage %s", budget["target_macs"], budget["steps"]
+                )
             tr = build_run(
-                cfg, model, objective, data, out, info=info, progress=progress, stop_after_steps=stop_after_steps,
-                callbacks=callbacks or (),
+                cfg, model, _build_objective(cfg, data, info), data, out, info=info, progress=progress,
+                stop_after_steps=stop_after_steps, callbacks=callbacks or (), macs_per_image=macs,
             )  # fmt: skip
             log.info(
                 "effective batch size %d (%d micro-batches of %d per rank x %d ranks), %d steps per epoch, device %s",
@@ -287,41 +297,30 @@ def fit(
                 info.world, tr.steps_per_epoch, device_name(info.device),
             )  # fmt: skip
             if resume:
-                _resume(tr, out, cfg)
+                resume_run(tr, out, cfg)
             elif info.is_main:
-                _start_run_folder(out, cfg, data, info, tr)
+                start_run_folder(out, cfg, data, info, tr, budget)
             distr.barrier(info)
             return run_stages(tr)
     finally:
         distr.teardown(info)
 
 
-def _check_run_folder(out: Path, resume: bool) -> bool:
-    """Whether to resume: a folder without a checkpoint (a run stopped before its first one) starts
-    over, with or without ``--resume``; one with a checkpoint needs ``--resume``."""
-    ckpt = out / runfolder.LAST_CHECKPOINT
-    if ckpt.exists():
-        if not resume:
-            raise RunFolderError(
-                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-            )
-        return True
-    if (out / runfolder.META_FILE).exists() or resume:
-        log.warning("%s has no checkpoint yet (the run stopped before its first one): starting from the beginning",
-                    out)  # fmt: skip
-    return False
-
-
-def _build_model(cfg: Config, data: TrainData, info: distr.DistInfo) -> tuple[nn.Module, nn.Module]:
-    from cmafnet.losses.objective import Objective
+def _build_model(cfg: Config, info: distr.DistInfo) -> nn.Module:
     from cmafnet.models import create_model
 
-    tc = cfg.train
     model = create_model(cfg.model).to(info.device)
     if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    if tc.channels_last:
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build_objective(cfg: Config, data: TrainData, info: distr.DistInfo) -> nn.Module:
+    from cmafnet.losses.objective import Objective
+
+    tc = cfg.train
     objective_epochs = [s.epochs for s in tc.stages if s.loss == "objective"]
     objective = Objective(
         cfg.loss, cfg.regularizers, data.class_counts, num_heads=cfg.model.fusion.heads,
@@ -329,51 +328,4 @@ def _build_model(cfg: Config, data: TrainData, info: distr.DistInfo) -> tuple[nn
     ).to(info.device)  # fmt: skip
     if info.rank:  # the same model on every rank (DDP broadcasts it anyway), own augmentation noise
         torch.manual_seed(tc.seed + 1_000_003 * info.rank)
-    return model, objective
-
-
-def _resume(tr: TrainRun, out: Path, cfg: Config) -> None:
-    state = load_checkpoint(out / runfolder.LAST_CHECKPOINT)
-    if not _same_config(state["config"], cfg):
-        raise ConfigError(
-            f"--resume: the config differs from {out / runfolder.CONFIG_FILE} (the run's config)"
-        )
-    restore_run(tr, state)
-    log.info("resuming %s at stage %d, epoch %d, step %d", out, tr.p.stage, tr.p.epoch, tr.p.step_in_epoch)
-
-
-def _start_run_folder(out: Path, cfg: Config, data: TrainData, info: distr.DistInfo, tr: TrainRun) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    runfolder.atomic_write_bytes(out / runfolder.CONFIG_FILE, dump_config(cfg).encode())
-    runfolder.atomic_write_bytes(out / runfolder.SPLIT_FILE, data.meta["split_bytes"])
-    runfolder.write_json(
-        out / runfolder.META_FILE,
-        {
-            "status": "running",
-            "package_version": __version__,
-            "model": cfg.model.name,
-            "classes": data.classes,
-            "num_classes": len(data.classes),
-            "label_kind": data.meta.get("label_kind"),
-            "img_size": cfg.model.img_size,
-            "class_counts": dict(zip(data.classes, data.class_counts, strict=True)),
-            "n_train": len(data.train_idx),
-            "n_val": len(data.val_idx),
-            "imbalance": cfg.data.imbalance,
-            "store_hash": data.meta.get("store_hash"),
-            "split_hash": data.meta.get("split_hash"),
-            "dataset": data.meta.get("dataset"),
-            "synthetic": data.meta.get("synthetic", False),
-            "stain_reference": data.meta.get("stain_reference"),
-            **{k: data.meta.get(k) for k in ("patch_mpp", "patch_hw", "patch_px", "patch_scale_source")},
-            "effective_batch_size": cfg.train.batch_size,
-            "accumulate_steps": cfg.train.accumulate_steps,
-            "micro_batch_size": cfg.train.batch_size // info.world // cfg.train.accumulate_steps,
-            "world_size": info.world,
-            "device": device_name(info.device),
-            "steps_per_epoch": tr.steps_per_epoch,
-            "best_epoch": None,
-            "best_metric": None,
-            "best_metric_name": "val_auprc",
-        },
-    )
+    return objective

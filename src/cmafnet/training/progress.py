@@ -61,10 +61,12 @@ class Progress:
     epoch_count: int = 0
     lr: float = 0.0  # of the last step (logged)
     # training time of the current epoch (steps with their data path; validation excluded) and the
-    # steps it covers; per stage: {name: [images, seconds, steps]} over its finished epochs
+    # steps it covers
     epoch_train_s: float = 0.0
     epoch_timed_steps: int = 0
-    stage_speed: dict = field(default_factory=dict)
+    # what each stage has cost so far: {name: {steps, images, passes, macs, seconds}} (records.COST_KEYS)
+    stage_cost: dict = field(default_factory=dict)
+    macs_per_image: int = 0  # forward MACs of one image (models.complexity): the unit of the cost records
 
 
 @dataclass

@@ -34,11 +34,38 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+# What a run records it cost, per stage and in total. ``passes``: forward/backward passes over a batch
+# (a SAM step makes two); ``macs``: forward MACs per image x images x passes x 3 (a backward pass is
+# counted as twice a forward one, the usual convention), so a SAM step costs twice a plain one.
+COST_KEYS = ("steps", "images", "passes", "macs", "seconds")
+COST_CONVENTION = (
+    "training MACs = forward MACs per image x images x passes x 3 (forward + backward); SAM: 2 passes"
+)
+
+
+def add_step_cost(
+    p: Progress, stage: str, *, images: int, passes: int, macs_per_image: int, seconds: float
+) -> None:
+    """Account one optimiser step of ``stage`` (its images, passes, MACs and seconds)."""
+    c = p.stage_cost.setdefault(stage, dict.fromkeys(COST_KEYS, 0))
+    c["steps"] += 1
+    c["images"] += images
+    c["passes"] += passes
+    c["macs"] += macs_per_image * images * passes * 3
+    c["seconds"] += seconds
+
+
+def total_cost(p: Progress) -> dict[str, float]:
+    """The stages' costs summed."""
+    return {k: sum(c[k] for c in p.stage_cost.values()) for k in COST_KEYS}
+
+
 def stage_throughput(p: Progress) -> dict[str, dict[str, float]]:
-    """Mean training throughput per stage over its finished epochs: img/s and ms per step, with the
-    images, seconds and steps they come from (validation excluded, the data path included)."""
+    """Mean training throughput per stage: img/s and ms per step, with the images, seconds and steps they
+    come from (validation excluded, the data path included)."""
     res = {}
-    for name, (images, seconds, steps) in p.stage_speed.items():
+    for name, c in p.stage_cost.items():
+        images, seconds, steps = c["images"], c["seconds"], c["steps"]
         res[name] = {
             "img_s": round(images / seconds, 2) if seconds > 0 else None,
             "step_ms": round(1e3 * seconds / steps, 3) if steps else None,
@@ -47,11 +74,21 @@ def stage_throughput(p: Progress) -> dict[str, dict[str, float]]:
     return res
 
 
+def cost_record(p: Progress, device: str) -> dict:
+    """run.json's ``cost``: per stage and in total, with the device and the counting convention."""
+    rounded = lambda c: {**c, "seconds": round(c["seconds"], 3)}  # noqa: E731
+    return {
+        "stages": {k: rounded(c) for k, c in p.stage_cost.items()}, "total": rounded(total_cost(p)),
+        "macs_per_image": p.macs_per_image, "device": device, "convention": COST_CONVENTION,
+    }  # fmt: skip
+
+
 class RunRecords:
     """Writes what a run has done so far; only the main rank writes."""
 
     def __init__(self, out: Path, info: distr.DistInfo, tc: TrainConfig) -> None:
         self.out, self.info, self.tc = out, info, tc
+        self.device = device_name(info.device)
         self._tb: Any = None  # SummaryWriter, created on first use
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -68,7 +105,8 @@ class RunRecords:
         run.update_meta(
             self.out, best_epoch=p.best_epoch if best is not None else None, best_metric=best,
             best_metric_name="val_auprc", global_step=p.global_step, epochs_done=p.global_epoch,
-            nonfinite_steps=p.nonfinite_total, stage_throughput=stage_throughput(p), **fields,
+            nonfinite_steps=p.nonfinite_total, stage_throughput=stage_throughput(p),
+            cost=cost_record(p, self.device), **fields,
         )  # fmt: skip
 
     def log_tensorboard(self, row: dict) -> None:
