@@ -65,7 +65,13 @@ def toy_config(**train: object) -> Config:
 
 
 def toy_data(
-    n: int = 40, noise: float = 0.05, nan_steps: set[int] | None = None, seed: int = 0, device: str = "cpu"
+    n: int = 40,
+    noise: float = 0.05,
+    nan_steps: set[int] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 8,
+    eval_batch_size: int = 16,
 ) -> TrainData:
     """Random 8x8 uint8 images whose label is visible in the red channel; 32 train, 8 val (with the default n).
 
@@ -79,9 +85,10 @@ def toy_data(
     train_idx, val_idx = np.arange(0, n - 8), np.arange(n - 8, n)
     calls = {"n": 0}
 
-    def make_loader(indices, bs, shuffle, drop_last, epoch, start):
+    def make_loader(train, epoch, start):
+        indices, bs = (train_idx, batch_size) if train else (val_idx, eval_batch_size)
         loader = BatchLoader(
-            images, labels, indices, bs, shuffle=shuffle, seed=seed, drop_last=drop_last, device=device
+            images, labels, indices, bs, shuffle=train, seed=seed, drop_last=train, device=device
         )
         loader.set_epoch(epoch, start)
         return loader
@@ -107,7 +114,9 @@ def make_trainer(
 ) -> TrainRun:
     """What ``fit`` does, with the toy model and data: seed, build, wrap (on ``device`` if given)."""
     seed_everything(cfg.train.seed)
-    data = data or toy_data(device=device or "cpu")  # the data must live where the model does
+    # the data must live where the model does
+    data = data or toy_data(device=device or "cpu", batch_size=cfg.train.batch_size,
+                            eval_batch_size=cfg.train.eval_batch_size)  # fmt: skip
     model = ToyNet(**(model_kw or {}))
     if device is not None:  # the run takes its device from the model's parameters
         model = model.to(device)

@@ -140,6 +140,7 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
     import torch
 
     from cmafnet import __version__
+    from cmafnet.training.records import device_name
 
     env: dict[str, Any] = {
         "cmafnet": __version__,
@@ -147,9 +148,7 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
         "torch": torch.__version__,
         "timm": timm.__version__,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else platform.processor() or "cpu",
+        "device_name": device_name(dev),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),

@@ -80,10 +80,8 @@ def prepare_data(
         images, labels, split.val, tc.eval_batch_size, shuffle=False, device=device, resident=resident
     )
 
-    def make_loader(
-        indices: np.ndarray, bs: int, shuffle: bool, drop_last: bool, epoch: int, start: int
-    ) -> Any:
-        loader = train_loader if shuffle else val_loader
+    def make_loader(train: bool, epoch: int, start: int) -> Any:
+        loader = train_loader if train else val_loader
         loader.set_epoch(epoch, start)
         return loader
 

@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 def train_one_epoch(run: TrainRun, st: StageStep) -> str:
     """Run the remaining steps of the current epoch; returns ok | stopped | interrupted."""
     p, tc, stage = run.p, run.tc, st.stage
-    loader = run.data.make_loader(
-        run.data.train_idx, tc.batch_size, True, True, p.global_epoch, p.step_in_epoch
-    )
+    loader = run.data.make_loader(True, p.global_epoch, p.step_in_epoch)
     run.model.train()
     freeze_eval(run.model)
     limit = epoch_steps(stage, p.epoch, run.steps_per_epoch)

@@ -72,7 +72,7 @@ def validate(
     from cmafnet.evaluation.metrics import classification_metrics
 
     C = len(data.classes)
-    loader = data.make_loader(data.val_idx, tc.eval_batch_size, False, False, 0, 0)
+    loader = data.make_loader(False, 0, 0)
     model.eval()
     cls_loss = getattr(objective, "loss", None)
     acc = MonitorAccumulator(C, loss_weights=getattr(cls_loss, "sample_weights", None))

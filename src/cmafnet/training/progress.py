@@ -17,9 +17,10 @@ from cmafnet.config import Config, TrainConfig
 from cmafnet.training import distributed as distr
 from cmafnet.training.records import RunRecords
 
-# A loader factory: (indices, batch_size, shuffle, drop_last, epoch, start_batch) -> iterable of
-# (x_uint8 (B,3,H,W), y (B,), idx (B,)) on the device.
-LoaderFactory = Callable[[np.ndarray, int, bool, bool, int, int], Iterable]
+# A loader factory: (train, epoch, start_batch) -> iterable of (x_uint8 (B,3,H,W), y (B,), idx (B,)) on the
+# device: the training split (shuffled per epoch, whole batches of train.batch_size, from batch
+# start_batch on) or the validation split (in order, train.eval_batch_size).
+LoaderFactory = Callable[[bool, int, int], Iterable]
 Callback = Callable[["TrainRun"], bool | None]  # called after every step; True = save a checkpoint and stop
 
 

@@ -121,11 +121,3 @@ def unscale_grads(params: Iterable[nn.Parameter], scaler: torch.amp.GradScaler |
         # a sync); the scale is a power of two, so its reciprocal is exact.
         inv = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device)).reciprocal()
         torch._foreach_mul_(grads, inv)
-
-
-def grads_finite(params: Iterable[nn.Parameter]) -> bool:
-    """True when every gradient is finite (one device sync, one ``_foreach_norm``)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(_stacked_norm(grads)).item())
