@@ -1,10 +1,10 @@
-"""Ratios, targets (issue 8) and the printed table of a bench result."""
+"""Ratios, targets and the printed table of a bench result."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# (name, description, comparison, threshold): the targets of issue 8 (one H100/H200, 224 px, bf16)
+# (name, description, comparison, threshold): the bench's targets (one H100/H200, 224 px, bf16)
 TARGETS = (
     ("train_vs_naive", "CMAF-Net stage-3 train step throughput / naive reference", ">=", 1.4),
     ("infer_vs_naive_eager", "CMAF-Net inference throughput / naive reference eager", ">=", 2.0),
