@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# No test reaches the network: pretrained names resolve from a Hugging Face cache only (tests that
+# need one build it in a temporary folder). Set before anything imports huggingface_hub, which reads
+# the variable once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # One thread per test process: CI runs two xdist workers on two cores, and oversubscribed OpenMP
 # threads were measured 10-50x slower on this kind of machine.
 torch.set_num_threads(1)
@@ -19,3 +24,4 @@ def sample_data() -> Path:
     if not path.is_dir():
         pytest.fail(f"CMAFNET_SAMPLE_DATA={root} is not a folder")
     return path
+

@@ -112,6 +112,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """Rebuild the model of a finished (or running) run with its best weights."""
     from cmafnet.config import load_config
     from cmafnet.models import create_model
+    from cmafnet.models.weights import without_init_weights
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -124,7 +125,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     if not wpath.exists():
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing; did training finish an epoch?)")
     cfg = load_config(cfg_path)
-    model = create_model(cfg.model)
+    model = create_model(without_init_weights(cfg.model))  # the run's own weights replace them
     missing, unexpected = model.load_state_dict(load_state_dict_file(wpath), strict=False)
     if missing or unexpected:
         raise RunFolderError(

@@ -190,6 +190,10 @@ def fit(
     if device is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.train.device = device
+    from cmafnet.models.weights import resolve_normalization
+
+    cfg, norm_source = resolve_normalization(cfg)  # recorded in the run's config.yaml
+    log.info("input normalisation mean %s std %s (%s)", cfg.data.mean, cfg.data.std, norm_source)
     out = Path(out_dir)
     ckpt = out / run.LAST_CHECKPOINT
     if resume and not ckpt.exists():
