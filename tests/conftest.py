@@ -9,6 +9,8 @@ import torch
 # the variable once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ASSETS = Path(__file__).parent / "assets"
+
 # One thread per test process: CI runs two xdist workers on two cores, and oversubscribed OpenMP
 # threads were measured 10-50x slower on this kind of machine.
 torch.set_num_threads(1)
@@ -25,3 +27,19 @@ def sample_data() -> Path:
         pytest.fail(f"CMAFNET_SAMPLE_DATA={root} is not a folder")
     return path
 
+
+@pytest.fixture(scope="session")
+def idc_sample() -> tuple[Path, str]:
+    """IDC patches in the Kaggle layout and which set they are: ``"shared"`` or ``"assets"``.
+
+    The shared sample (CMAFNET_SAMPLE_DATA, 11 patients) when it is set; otherwise the subset of it
+    committed under ``tests/assets/idc`` (3 patients, see its PROVENANCE.md), so real-data tests
+    run on a bare clone.
+    """
+    root = os.environ.get("CMAFNET_SAMPLE_DATA")
+    if root:
+        path = Path(root).resolve() / "idc" / "IDC_regular_ps50_idx5"
+        if not path.is_dir():
+            pytest.fail(f"CMAFNET_SAMPLE_DATA={root} has no idc/IDC_regular_ps50_idx5 folder")
+        return path, "shared"
+    return ASSETS / "idc" / "IDC_regular_ps50_idx5", "assets"
