@@ -1,8 +1,11 @@
 """`cmafnet demo` end to end at the smallest size: every stage of the pipeline and the report."""
 
+import pytest
+
 from cmafnet.cli import main
 
 
+@pytest.mark.slow
 def test_demo_writes_a_report_with_both_models(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main([

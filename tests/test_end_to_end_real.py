@@ -38,6 +38,8 @@ from cmafnet.evaluation.evaluate import evaluate_run
 from cmafnet.evaluation.report import write_report
 from cmafnet.training import fit
 
+pytestmark = pytest.mark.slow  # trains CMAF-Net on real patches: 1.5-3 min on 2 shared cores
+
 BREAKHIS_SUBDIR = Path("breakhis") / "BreaKHis_v1"
 SEED = 0
 # (0.6, 0.2, 0.2): the split is stratified on each patient's majority class. Shared sample: 4

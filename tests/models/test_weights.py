@@ -189,7 +189,6 @@ def test_baseline_names_load_the_backbone(hub: Path) -> None:
                 torch.testing.assert_close(model.backbone.state_dict()[k], v, msg=k)
 
 
-@pytest.mark.slow
 def test_vit_baseline_name_resamples_position_embeddings(hub: Path) -> None:
     """timm's own loading adapts a 224-px ViT checkpoint to the baseline's 64-px input."""
     ref = _random("vit_small_patch16_224", seed=4)
@@ -264,6 +263,7 @@ def test_trained_run_reloads_without_fetching_its_initial_weights(hub: Path, tmp
     assert loaded.config.data.mean == IMAGENET[0]
 
 
+@pytest.mark.slow
 def test_cli_with_hf_home_cache_and_offline_error(tmp_path: Path) -> None:
     """The command line in a fresh process, with HF_HOME and HF_HUB_OFFLINE set as a user sets them."""
     home = tmp_path / "hf_home"

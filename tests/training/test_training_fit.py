@@ -32,6 +32,7 @@ def store_and_split(tmp_path_factory):
     return root / "store", root / "split.json"
 
 
+@pytest.mark.slow
 def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
     store, split = store_and_split
     out = tmp_path / "run"
