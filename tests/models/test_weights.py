@@ -199,7 +199,7 @@ def test_vit_baseline_name_resamples_position_embeddings(hub: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- normalisation
-def test_normalisation_from_the_weights_config() -> None:
+def test_normalisation_from_the_weights_config(caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config("smoke")
     assert cfg.data.mean is None and cfg.data.std is None  # unset: from the weights
     resolved, where = resolve_normalization(cfg)
@@ -219,6 +219,7 @@ def test_normalisation_from_the_weights_config() -> None:
         )
     )
     assert (both.data.mean, both.data.std) == IMAGENET
+    assert "model.contextual.weights states mean (0.0, 0.0, 0.0)" in caplog.text  # the branch left out
     own, where = resolve_normalization(
         load_config(
             "smoke",
@@ -292,3 +293,34 @@ def test_cli_with_hf_home_cache_and_offline_error(tmp_path: Path) -> None:
         "weights file instead: --set model.spatial.weights=/path/to/model.safetensors"
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_training_records_the_weights_normalisation_and_predict_uses_it(hub: Path, tmp_path: Path) -> None:
+    """A run started from MobileViT's cvnets weights (trained on [0, 1] inputs) normalises with
+    mean 0 / std 1 in training, records it in config.yaml, and predict rebuilds exactly that."""
+    from cmafnet.data.ingest import ingest
+    from cmafnet.data.splits import save_split, split_store
+    from cmafnet.data.store import PatchStore
+    from cmafnet.data.synthetic import write_idc_like
+    from cmafnet.inference.predict import Predictor
+    from cmafnet.training import fit
+
+    publish(hub, "timm/mobilevit_xxs.cvnets_in1k", _random("mobilevit_xxs", seed=6))
+    write_idc_like(tmp_path / "raw", n_patients=5, patches_per_patient=8, minority_frac=0.4, seed=0)
+    ingest("idc", tmp_path / "raw", tmp_path / "store", workers=1, progress=False)
+    save_split(
+        split_store(PatchStore.open(tmp_path / "store"), ratios=(0.6, 0.2, 0.2)), tmp_path / "split.json"
+    )
+    cfg = load_config("smoke", [
+        "model.spatial.enabled=false", "model.contextual.weights=timm:mobilevit_xxs.cvnets_in1k",
+        "data.stain.enabled=false", "train.batch_size=8", "train.max_steps_per_epoch=1", "train.device=cpu",
+    ])  # fmt: skip
+    assert cfg.data.mean is None
+    fit(cfg, tmp_path / "store", tmp_path / "split.json", tmp_path / "run", progress=False)
+    recorded = yaml.safe_load((tmp_path / "run" / CONFIG_FILE).read_text())["data"]
+    assert (recorded["mean"], recorded["std"]) == ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    for blob in hub.rglob("*"):  # the cache is gone: rebuilding the run must not need it
+        if blob.is_symlink() or blob.is_file():
+            blob.unlink()
+    pre = Predictor.from_run_dir(tmp_path / "run", device="cpu").preprocess
+    assert pre.mean.flatten().tolist() == [0.0, 0.0, 0.0] and pre.std.flatten().tolist() == [1.0, 1.0, 1.0]

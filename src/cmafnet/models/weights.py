@@ -342,4 +342,5 @@ def resolve_normalization(cfg: Config) -> tuple[Config, str]:
         cfg.data.mean = norm[0]
     if cfg.data.std is None:
         cfg.data.std = norm[1]
+    log.info("input normalisation mean %s std %s (%s)", cfg.data.mean, cfg.data.std, where)
     return cfg, where

@@ -18,6 +18,7 @@ from torch import nn
 from cmafnet import __version__, run
 from cmafnet.config import Config, dump_config
 from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.models.weights import resolve_normalization
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import load_checkpoint
 from cmafnet.training.loop import Callback, TrainData, Trainer
@@ -190,10 +191,7 @@ def fit(
     if device is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.train.device = device
-    from cmafnet.models.weights import resolve_normalization
-
-    cfg, norm_source = resolve_normalization(cfg)  # recorded in the run's config.yaml
-    log.info("input normalisation mean %s std %s (%s)", cfg.data.mean, cfg.data.std, norm_source)
+    cfg = resolve_normalization(cfg)[0]  # data.mean/std from the weights, recorded in config.yaml
     out = Path(out_dir)
     ckpt = out / run.LAST_CHECKPOINT
     if resume and not ckpt.exists():
