@@ -16,15 +16,28 @@ ASSETS = Path(__file__).parent / "assets"
 torch.set_num_threads(1)
 
 
+def _shared_sample() -> tuple[Path | None, str]:
+    """The shared sample folder (CMAFNET_SAMPLE_DATA) if it is there, else None and why not.
+
+    The README's test command and .ci/run set the variable to ``../shared/data``; on a clone
+    without that sibling folder the real-sample tests skip (and the IDC ones use the committed
+    subset) rather than fail.
+    """
+    root = os.environ.get("CMAFNET_SAMPLE_DATA")
+    if not root:
+        return None, "CMAFNET_SAMPLE_DATA is not set (real-sample tests need ../shared/data)"
+    path = Path(root).resolve()  # CI passes a relative path; tests may change folders or write lists
+    if not path.is_dir():
+        return None, f"CMAFNET_SAMPLE_DATA={root}: no such folder ({path})"
+    return path, ""
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     """The shared real samples (CMAFNET_SAMPLE_DATA); tests that need them skip without it."""
-    root = os.environ.get("CMAFNET_SAMPLE_DATA")
-    if not root:
-        pytest.skip("CMAFNET_SAMPLE_DATA is not set (real-sample tests need ../shared/data)")
-    path = Path(root).resolve()  # CI passes a relative path; tests may change folders or write lists
-    if not path.is_dir():
-        pytest.fail(f"CMAFNET_SAMPLE_DATA={root} is not a folder")
+    path, why = _shared_sample()
+    if path is None:
+        pytest.skip(why)
     return path
 
 
@@ -32,14 +45,14 @@ def sample_data() -> Path:
 def idc_sample() -> tuple[Path, str]:
     """IDC patches in the Kaggle layout and which set they are: ``"shared"`` or ``"assets"``.
 
-    The shared sample (CMAFNET_SAMPLE_DATA, 11 patients) when it is set; otherwise the subset of it
-    committed under ``tests/assets/idc`` (3 patients, see its PROVENANCE.md), so real-data tests
-    run on a bare clone.
+    The shared sample (CMAFNET_SAMPLE_DATA, 11 patients) when it is there; otherwise the subset of
+    it committed under ``tests/assets/idc`` (3 patients, see its PROVENANCE.md), so real-data
+    tests run on a bare clone.
     """
-    root = os.environ.get("CMAFNET_SAMPLE_DATA")
-    if root:
-        path = Path(root).resolve() / "idc" / "IDC_regular_ps50_idx5"
-        if not path.is_dir():
-            pytest.fail(f"CMAFNET_SAMPLE_DATA={root} has no idc/IDC_regular_ps50_idx5 folder")
-        return path, "shared"
-    return ASSETS / "idc" / "IDC_regular_ps50_idx5", "assets"
+    path, _ = _shared_sample()
+    if path is None:
+        return ASSETS / "idc" / "IDC_regular_ps50_idx5", "assets"
+    idc = path / "idc" / "IDC_regular_ps50_idx5"
+    if not idc.is_dir():
+        pytest.fail(f"CMAFNET_SAMPLE_DATA={path} has no idc/IDC_regular_ps50_idx5 folder")
+    return idc, "shared"
