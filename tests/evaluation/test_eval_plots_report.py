@@ -58,7 +58,6 @@ def test_plots_tolerate_missing_columns():
     assert plots.plot_training_curves(pd.DataFrame()) is None
 
 
-@pytest.mark.slow
 def test_report_is_self_contained(evaluated_run_factory, tmp_path):
     a = evaluated_run_factory("run_a", seed=0)
     b = evaluated_run_factory("run_b", seed=1, quality=0.2)

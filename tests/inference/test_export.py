@@ -12,7 +12,6 @@ import torch
 from cmafnet.cli import main
 
 
-@pytest.mark.slow
 def test_onnx_export_parity(baseline_run, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     assert main(["export", str(baseline_run), "--format", "onnx", "--out", str(out)]) == 0
