@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmafnet.analysis.naive_reference import NaiveDualBranch
-from cmafnet.analysis.profiling import (
+from cmafnet.bench import (
     Timing,
     check_targets,
     compute_ratios,
@@ -18,10 +17,11 @@ from cmafnet.analysis.profiling import (
     cross_entropy_loss,
     make_optimizer,
     make_store,
-    make_train_step,
+    plain_ce_step,
     profile_steps,
     step_breakdown,
 )
+from cmafnet.bench.naive import NaiveDualBranch
 from cmafnet.cli import main
 
 TINY = ["--config", "smoke", "--device", "cpu", "--size", "64", "--batch", "2", "--infer-batch", "2",
@@ -63,9 +63,8 @@ def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
         "contextual_forward_backward",
         "optimizer_step",
     } <= set(parts) and min(parts.values()) > 0
-    assert (
-        c["sam_step_ms"] > 0 and c["infer_aux_img_s"] > 0 and c["sam_impl"] in ("project", "inline_foreach")
-    )
+    assert c["sam_step_ms"] > 0 and c["infer_aux_img_s"] > 0
+    assert c["train_step_impl"] == "trainer" and res["models"]["naive"]["train_step_impl"] == "plain_ce"
     # the switches flip one thing each against the main measurement
     assert {"channels_last", "channels_last_spatial_only", "sdpa", "return_aux_off"} <= set(res["switches"])
     assert res["switches"]["sdpa"]["naive"]["train_img_s"]["speedup"] > 0
@@ -126,33 +125,33 @@ def test_naive_reference_sdpa_matches_explicit_attention(one_thread):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-def _tiny_step(sam: object | None, rho: float | None) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    opt = make_optimizer(model, lr=0.1, fused=False)
-    step = make_train_step(
-        model,
-        lambda m, x, y: nn.functional.cross_entropy(m(x), y),
-        opt,
-        Timing(torch.device("cpu"), amp="none"),
-        sam_rho=rho,
-        sam=sam(opt) if sam else None,
-    )
-    g = torch.Generator().manual_seed(1)
-    step(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
-    return [p.detach().clone() for p in model.parameters()]
+def test_bench_times_the_trainers_own_step(tmp_path, monkeypatch, one_thread):
+    """CMAF-Net's training measurement runs the object the trainer runs, through the trainer's own
+    set-up (prepare_stage): every timed CMAF-Net step is a call of that same StageStep, with SAM and
+    without, and the trainer itself drives the very same class."""
+    import cmafnet.training
+    from cmafnet.training import stages
 
+    seen: list[tuple[int, bool]] = []
+    real_prepare, real_call = stages.prepare_stage, stages.StageStep.__call__
 
-def test_inline_sam_step_equals_the_trainers_sam_and_differs_from_plain():
-    sam_mod = pytest.importorskip("cmafnet.training.sam", reason="the trainer's SAM is not in this tree")
-    inline = _tiny_step(None, 0.5)
-    project = _tiny_step(
-        lambda opt: sam_mod.SAM([p for g in opt.param_groups for p in g["params"]], rho=0.5), 0.5
-    )
-    plain = _tiny_step(None, None)
-    for a, b in zip(inline, project):
-        torch.testing.assert_close(a, b)
-    assert any(not torch.allclose(a, b) for a, b in zip(inline, plain))
+    def prepare(*args, **kw):
+        st = real_prepare(*args, **kw)
+        seen.append((id(st), st.step.groups[0].sam is not None))
+        return st
+
+    calls: list[int] = []
+
+    def call(self, x, y, after_launch=None):
+        calls.append(id(self))
+        return real_call(self, x, y, after_launch)
+
+    monkeypatch.setattr(cmafnet.training, "prepare_stage", prepare)
+    monkeypatch.setattr(stages.StageStep, "__call__", call)
+    args = [*TINY, "--models", "cmafnet", "--no-switches", "--json", str(tmp_path / "b.json")]
+    assert main(["bench", *args]) == 0
+    assert {sam for _, sam in seen} == {False, True}  # the plain and the SAM step
+    assert calls and set(calls) <= {i for i, _ in seen}  # every timed step is one the trainer set up
 
 
 class _TwoBranch(nn.Module):
@@ -178,7 +177,7 @@ def test_step_breakdown_and_profile(tmp_path):
     assert set(parts) == {"forward_backward_ce", "forward_backward_loss", "spatial_forward_backward",
                           "contextual_forward_backward", "optimizer_step"}  # fmt: skip
     assert min(parts.values()) > 0
-    step = make_train_step(model, cross_entropy_loss, opt, timing)
+    step = plain_ce_step(model, cross_entropy_loss, opt, timing)
     profile_steps(lambda: step(x, y), timing, str(tmp_path / "p" / "prof.txt"), steps=1)
     text = (tmp_path / "p" / "prof.txt").read_text()
     assert "self_cpu_time_total" in text and "aten::" in text
@@ -187,11 +186,11 @@ def test_step_breakdown_and_profile(tmp_path):
 def test_objective_only_part_is_the_objective_on_a_fixed_output(one_thread):
     """The breakdown's objective-only closure gives the stage-3 objective's value on the output it
     holds, and its backward reaches those leaf tensors only (not the model)."""
-    from cmafnet.analysis.profiling.suite import cmaf_parts
+    from cmafnet.bench.suite import trainer_parts
     from cmafnet.config import load_config
 
     cfg = load_config("smoke")
-    parts = cmaf_parts(cfg, torch.device("cpu"), 64)
+    parts = trainer_parts(cfg, torch.device("cpu"), 64)
     model = parts["build"]().eval()  # eval: deterministic output, so the two paths can be compared
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
@@ -228,7 +227,7 @@ def test_bench_runs_and_switch_errors_name_what_is_available(capsys):
 
 def test_bench_times_runs_in_the_order_given(tmp_path, monkeypatch, capsys):
     """Under a time limit the first --runs are the ones sure to be measured, so order is kept."""
-    import cmafnet.analysis.profiling.models as models_mod
+    import cmafnet.bench.models as models_mod
 
     timed: list[str] = []
 
@@ -288,7 +287,7 @@ class _FakeGraph:
 
 
 def _graphed(model: nn.Module, x: torch.Tensor, reads_input: bool):
-    from cmafnet.analysis.profiling.timing import CudaGraphForward
+    from cmafnet.bench.timing import CudaGraphForward
 
     static_in = x.clone()
     with torch.no_grad():
@@ -297,7 +296,7 @@ def _graphed(model: nn.Module, x: torch.Tensor, reads_input: bool):
 
 
 def test_cuda_graph_forward_fills_its_static_input_and_check_detects_a_graph_ignoring_it():
-    from cmafnet.analysis.profiling.timing import check_cuda_graph
+    from cmafnet.bench.timing import check_cuda_graph
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -319,7 +318,7 @@ def test_cuda_graph_forward_fills_its_static_input_and_check_detects_a_graph_ign
 
 
 def test_outputs_match_tolerance_is_relative_to_the_output_scale():
-    from cmafnet.analysis.profiling.timing import outputs_match
+    from cmafnet.bench.timing import outputs_match
 
     torch.manual_seed(0)
     ref = torch.randn(4, 2) * 0.05  # small random-init logits
@@ -339,7 +338,7 @@ def test_cuda_graph_replay_matches_eager_after_other_allocations():
     """The replay must equal eager after the caller's own allocations (a freed input buffer would be reused)."""
     import timm
 
-    from cmafnet.analysis.profiling.timing import check_cuda_graph, cuda_graph_forward
+    from cmafnet.bench.timing import check_cuda_graph, cuda_graph_forward
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -1,8 +1,16 @@
 """`cmafnet demo` end to end at the smallest size: every stage of the pipeline and the report."""
 
+import json
+import re
+
 import pytest
 
 from cmafnet.cli import main
+
+ROW = re.compile(
+    r"at the operating threshold (?P<t>[0-9.]+) .*?: balanced accuracy (?P<bacc>[0-9.]+)%, "
+    r"sensitivity (?P<sens>[0-9.]+)%, specificity (?P<spec>[0-9.]+)%"
+)
 
 
 @pytest.mark.slow
@@ -19,7 +27,18 @@ def test_demo_writes_a_report_with_both_models(tmp_path, capsys):
     for run in ("cmafnet", "resnet18"):
         assert (out / "runs" / run / "model.safetensors").exists()
         assert (out / "runs" / run / "metrics_test.json").exists()
-    assert "Report:" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "Report:" in out_text
+    # The summary prints each run's operating-point row first, and its numbers are the report's.
+    summary = json.loads((out / "report" / "report.json").read_text())["summary"]["binary"]
+    for run in ("cmafnet", "resnet18"):
+        block = out_text.split(f"] {run}: held-out test patients")[1].splitlines()[1:4]
+        assert block[0].strip().startswith("at the operating threshold") and "at threshold 0.5" in block[1]
+        m = ROW.search(block[0])
+        (row,) = [r for r in summary if r["run"] == run and r["rule"].startswith("operating threshold")]
+        assert float(m["t"]) == round(row["threshold"], 4)
+        for key, name in (("bacc", "balanced_accuracy"), ("sens", "sensitivity"), ("spec", "specificity")):
+            assert float(m[key]) == round(100 * row[name], 1), (run, name)
 
 
 def test_demo_rejects_a_missing_data_folder(tmp_path, capsys):

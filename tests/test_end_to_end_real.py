@@ -152,6 +152,21 @@ def test_held_out_balanced_accuracy_above_measured_floor(trained: dict[str, Any]
     assert set(preds["patient"].astype(str)) == set(split.patients["test"])
 
 
+def test_calibration_fitted_on_validation_improves_held_out_ece(trained: dict[str, Any]) -> None:
+    doc = trained["test"]
+    meta = json.loads((trained["run_dir"] / "run.json").read_text())
+    cal = doc["calibration"]
+    assert meta["temperature"] == cal["temperature"] and meta["calibration"]["fitted_on"] == "val"
+    assert meta["calibration"]["nll_after"] <= meta["calibration"]["nll_before"]
+    # Fitted on the validation patients, judged on the test patients it never saw.
+    assert cal["ece_after"] <= cal["ece_before"], cal
+    assert cal["brier_after"] <= cal["brier_before"], cal
+    # The operating threshold was chosen on the calibrated validation probabilities.
+    assert meta["threshold_info"]["temperature"] == cal["temperature"]
+    # The run recorded the scale it was trained at (the IDC store's documented 4 um/px, 50 px patches).
+    assert (meta["patch_mpp"], meta["patch_hw"]) == (4.0, [50, 50])
+
+
 def test_report_written(trained: dict[str, Any]) -> None:
     report: Path = trained["report"]
     assert report.is_file() and report.name == "report.html"
@@ -184,3 +199,21 @@ def test_zero_shot_breakhis_per_magnification(trained: dict[str, Any], sample_da
     probs = preds[["prob_benign", "prob_malignant"]].to_numpy()
     assert len(preds) == 14 and np.isfinite(probs).all() and (probs >= 0).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+    # Scale-matched beside squeezed: stored at 230 x 350 (half size), 40X is ~0.98 um/px, so a 40X field
+    # resampled to the run's 4 um/px is ~86 x 57 px = 2 x 2 tiles of 50 px; 100X and finer fields
+    # are smaller than half a 50 px patch at 4 um/px and are excluded (not assessable at that scale).
+    matched = doc["scale_matched"]
+    sc = matched["scale"]
+    assert sc["mode"] == "match" and sc["mpp"] == 4.0 and sc["n_total"] == 14
+    assert sc["n_assessable"] == expected["40X"] == matched["n"]
+    assert sc["excluded"] == {"smaller_than_patch": 14 - expected["40X"]}
+    assert set(sc["excluded_by_magnification"]) == {"100X", "200X", "400X"} and sc["tiles_per_image"] == 4
+    assert set(matched["by_magnification"]) == {"40X"}
+    _finite_or_explained(matched["metrics"], "zero-shot scale-matched")
+    print(
+        "zero-shot BreakHis 40X sensitivity / specificity at the operating threshold: squeezed",
+        by_mag["40X"]["operating_metrics"]["sensitivity"], by_mag["40X"]["operating_metrics"]["specificity"],
+        "scale-matched", matched["by_magnification"]["40X"]["operating_metrics"]["sensitivity"],
+        matched["by_magnification"]["40X"]["operating_metrics"]["specificity"],
+    )  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmafnet.errors import ConfigError
 from cmafnet.registry import suggest
@@ -89,7 +89,9 @@ class ContextualConfig(_Section):
     enabled: bool = True  # False = "w/o contextual branch (CNN only)"
     variant: Literal["xxs", "xs", "s"] = "s"
     attention: Literal["full", "nystrom"] = "full"
-    num_landmarks: int = Field(16, ge=1)
+    num_landmarks: int = Field(16, ge=1)  # Nystrom landmarks per sequence (>= the tokens: exact)
+    pinv: Literal["iterative", "exact"] = "iterative"  # Nystrom pseudo-inverse (iterative: the paper's)
+    pinv_iters: int = Field(6, ge=1)  # iterations of the iterative pseudo-inverse (Nystromformer: 6)
     patch_size: int = Field(2, ge=1)  # MobileViT unfold patch (see docs/decisions.md on "8x8")
     scale_aware_pos: bool = True  # gradient-magnitude positional embedding
     learned_pos: bool = True  # learned positional embedding per transformer stage
@@ -209,7 +211,21 @@ def _paper_stages() -> list[StageConfig]:
 
 class TrainConfig(_Section):
     stages: list[StageConfig] = Field(default_factory=_paper_stages)
-    batch_size: int = Field(128, ge=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _trains_something(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        # An empty list (or only 0-epoch stages) would "finish" with an untrained model.
+        if not stages:
+            raise ValueError("the stage list is empty; at least one stage with epochs > 0 is needed")
+        if not any(s.epochs > 0 for s in stages):
+            raise ValueError("every stage has 0 epochs; at least one stage with epochs > 0 is needed")
+        return stages
+
+    batch_size: int = Field(128, ge=1)  # the effective (global) batch of one optimiser step
+    # micro-batches per optimiser step (paper §5.4: 128 = 2 x 64 "with gradient accumulation"); BatchNorm
+    # sees batch_size / accumulate_steps / world images at a time, the update sees batch_size
+    accumulate_steps: int = Field(1, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     weight_decay: float = Field(1e-4, ge=0.0)
     sam: SAMConfig = SAMConfig()
@@ -227,9 +243,21 @@ class TrainConfig(_Section):
     deterministic: bool = False
     max_nonfinite_steps: int = Field(20, ge=1)  # consecutive non-finite steps before stopping
     max_steps_per_epoch: int | None = Field(None, ge=1)  # smoke runs
+    # mid-epoch checkpoints (an epoch of the paper config is ~1,500 steps); the epoch end always saves
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(None, gt=0.0)
     log_every: int = Field(20, ge=1)
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> TrainConfig:
+        if self.batch_size % self.accumulate_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must split into accumulate_steps ({self.accumulate_steps}) "
+                "equal micro-batches"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -332,7 +360,19 @@ def _format_error(err: ValidationError) -> str:
         hint = suggest(str(loc[-1]), _field_names(Config, loc[:-1]))
         return f"{key}: unknown key.{hint}"
     msg = e["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"{key}: required"
+    if e["type"] == "missing":
+        return f"{key}: required"
+    if isinstance(e.get("input"), dict):  # a whole section: the message names the values at fault
+        return f"{key}: {msg}"
+    got = repr(e.get("input"))
+    return f"{key}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where (PyYAML's text spans several lines)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -342,7 +382,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml_load(raw) if raw != "" else None
+    try:
+        return key.split("."), yaml_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(err)})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -421,7 +464,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err})") from None
+            raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(err)})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: unreadable ({str(err).splitlines()[0][:120]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     return config_from_dict(data, overrides)

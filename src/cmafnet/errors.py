@@ -5,7 +5,8 @@ Exit codes (documented in the README):
   1  a runtime failure (training diverged, a file could not be written, ...)
   2  bad usage or a bad configuration / argument
   3  bad input data: every item was rejected, or ``--strict`` saw a rejection
-  4  a run folder, store or split that is missing or does not match
+  4  a run folder, store or split that is missing, corrupt or does not match
+  130  interrupted (Ctrl-C / SIGTERM; training saves a checkpoint first)
 """
 
 from __future__ import annotations

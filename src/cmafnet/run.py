@@ -15,13 +15,13 @@ A run folder holds::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmafnet.errors import RunFolderError
+from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.files import atomic_write_bytes, load_plain_torch_file, write_json
+from cmafnet.models.weights import load_state_dict_file, save_weights, without_init_weights
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -31,35 +31,26 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 METRICS_FILE = "metrics.csv"
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared like any file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+# The file-level helpers a run folder is written with live lower down (models and data use them
+# too); they are part of this module's interface.
+__all__ = [
+    "CHECKPOINT_DIR", "CONFIG_FILE", "LAST_CHECKPOINT", "META_FILE", "METRICS_FILE", "SPLIT_FILE",
+    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "load_plain_torch_file", "load_run",
+    "load_state_dict_file", "read_meta", "save_weights", "update_meta", "write_json",
+]  # fmt: skip
 
 
 def read_meta(run_dir: str | Path) -> dict:
     p = Path(run_dir) / META_FILE
     if not p.exists():
         raise RunFolderError(f"{run_dir}: not a run folder ({META_FILE} missing)")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFolderError(f"{p}: not readable JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{p}: not a JSON object")
+    return meta
 
 
 def update_meta(run_dir: str | Path, **fields: Any) -> dict:
@@ -78,41 +69,10 @@ class LoadedRun:
     path: Path
 
 
-def save_weights(model: Any, path: str | Path) -> None:
-    """Save a state dict as safetensors, atomically."""
-    from safetensors.torch import save
-
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(sd))
-
-
-def load_state_dict_file(path: str | Path) -> dict:
-    """Load weights from safetensors, or a torch file with ``weights_only=True`` (no pickled code)."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise RunFolderError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for files holding code
-        raise RunFolderError(f"{path}: refused to load (not a plain weights file: {err})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    return obj
-
-
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """Rebuild the model of a finished (or running) run with its best weights."""
     from cmafnet.config import load_config
     from cmafnet.models import create_model
-    from cmafnet.models.weights import without_init_weights
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -124,7 +84,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.exists():
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing; did training finish an epoch?)")
-    cfg = load_config(cfg_path)
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as err:  # a damaged run folder, not a bad argument
+        msg = str(err)
+        raise RunFolderError(msg if msg.startswith(str(cfg_path)) else f"{cfg_path}: {msg}") from None
     model = create_model(without_init_weights(cfg.model))  # the run's own weights replace them
     missing, unexpected = model.load_state_dict(load_state_dict_file(wpath), strict=False)
     if missing or unexpected:

@@ -150,12 +150,14 @@ def test_trainer_prepares_batches_with_per_batch_seeds(tmp_path) -> None:
 
     data.preprocess_train = recording
     cfg = toy.toy_config(stages=[{"name": "all", "epochs": 1, "lr": 1e-2, "train": "all"}])
+    from cmafnet.training.epoch import _batches
+
     tr = toy.make_trainer(tmp_path, cfg, data)
-    assert not tr.prefetch  # a CPU trainer: the serial path
-    first = [x for x, _ in tr._batches(data.make_loader(data.train_idx, 8, True, True, 0, 0))]
+    assert tr.device.type == "cpu"  # a CPU run: the serial path
+    first = [x for x, _ in _batches(tr, data.make_loader(data.train_idx, 8, True, True, 0, 0))]
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    again = [x for x, _ in tr._batches(data.make_loader(data.train_idx, 8, True, True, 0, 0))]
+    again = [x for x, _ in _batches(tr, data.make_loader(data.train_idx, 8, True, True, 0, 0))]
     assert torch.equal(torch.get_rng_state(), state)
     _assert_same([(a,) for a in again], [(f,) for f in first])
     assert not torch.equal(first[0], first[1])  # different batches, different noise
@@ -199,10 +201,10 @@ def test_trainer_on_cuda_prefetch_equals_serial(tmp_path) -> None:
             data = toy.toy_data(device="cuda")
             model = toy.ToyNet().cuda()
             objective = toy.Objective(cfg.loss, cfg.regularizers, data.class_counts, num_heads=1).cuda()
-            tr = toy.Trainer(cfg, model, objective, data, tmp_path / str(prefetch), progress=False)
+            tr = toy.build_run(cfg, model, objective, data, tmp_path / str(prefetch), progress=False)
             assert tr.prefetch
             tr.prefetch = prefetch
-            assert tr.run()["status"] == "finished"
+            assert toy.run_stages(tr)["status"] == "finished"
             states.append({k: v.detach().cpu() for k, v in tr.model.state_dict().items()})
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev

@@ -32,6 +32,48 @@ def test_cost_follows_throughput_and_data_size() -> None:
     assert tr < min(method_rate("resnet50", rates)[0], method_rate("deit_s", rates)[0])
 
 
+def _fake_run(path: Path, model: str, stage_img_s: dict[str, float], img_size: int = 224) -> Path:
+    """A run folder whose run.json records per-stage throughput, as `cmafnet train` writes it."""
+    import json
+
+    path.mkdir(parents=True)
+    speed = {
+        k: {"img_s": v, "images": 1000, "seconds": 1000 / v, "steps": 10} for k, v in stage_img_s.items()
+    }
+    doc = {"model": model, "device": "NVIDIA H200", "img_size": img_size, "stage_throughput": speed}
+    (path / "run.json").write_text(json.dumps(doc))
+    return path
+
+
+def test_calibrate_costs_a_model_at_its_measured_stage_throughput(tmp_path: Path, capsys) -> None:
+    from cmafnet.experiments.cost import IDC_TOTAL, load_calibration
+
+    rates, _ = anchor_rates()
+    row = next(s for s in expand("table1", 1) if s.row == "cmafnet")
+    speeds = {"branches": 4000.0, "fusion": 8000.0, "end_to_end": 2000.0}
+    calib = {"cmafnet": load_calibration(_fake_run(tmp_path / "c", "cmafnet", speeds))}
+    plain, calibrated = run_seconds(row, rates), run_seconds(row, rates, calib)
+    # paper stages 30/40/30 epochs of 70% of IDC at the measured speeds, plus the uncalibrated eval
+    train = 0.7 * IDC_TOTAL
+    expected_train = 30 * train / 4000 + 40 * train / 8000 + 30 * train / 2000
+    assert calibrated - expected_train == pytest.approx(
+        plain - 100 * train / method_rate("cmafnet", rates)[0]
+    )
+    assert main(["experiment", "--list", "--calibrate", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Calibrated training throughput, per stage: cmafnet: branches 4,000, fusion 8,000, end_to_end 2,000"
+        in out
+    )
+    assert "half the naive dual-branch proxy" not in out  # that assumption no longer applies
+    _fake_run(tmp_path / "small", "resnet50", {"all": 900.0}, img_size=64)
+    assert main(["experiment", "--list", "--calibrate", str(tmp_path / "small")]) == 0
+    assert "not to scale" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["experiment", "--list", "--calibrate", str(tmp_path / "empty")]) == 4
+    assert main(["experiment", "table1", "--out", "x", "--calibrate", str(tmp_path / "c")]) == 2
+
+
 def test_dry_run_with_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["experiment", "table7", "--store", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "2"]
     assert main([*args, "--dry-run", "--shard", "0/3"]) == 0

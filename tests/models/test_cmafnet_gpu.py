@@ -61,3 +61,30 @@ def test_grad_checkpointing_same_gradients() -> None:
     model(x).sum().backward()
     for n, g in ref.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nystrom_iterative_pinv_replays_from_a_cuda_graph(dtype: torch.dtype) -> None:
+    """The paper's Nystrom layer (iterative pseudo-inverse) has no host sync: it can be captured
+    (train.cuda_graph, the bench's graphed step) and replays what eager computes."""
+    from cmafnet.models.attention import SelfAttention
+
+    torch.manual_seed(0)
+    layer = SelfAttention(144, 4, kind="nystrom", num_landmarks=16).cuda().eval()
+    static_x = torch.randn(32, 196, 144, device="cuda")  # MobileViT-S stage 3 at 224 px
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        graph.replay()
+        expected = layer(x)
+    torch.testing.assert_close(static_y, expected)
+    assert torch.isfinite(static_y.float()).all()

@@ -1,4 +1,5 @@
-"""The contextual branch: equivalence with timm's MobileViT, Nystrom attention, the paper's modifications."""
+"""The contextual branch: equivalence with timm's MobileViT and the paper's modifications (Nystrom
+attention itself: test_attention.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cmafnet.errors import ConfigError
-from cmafnet.models.attention import ATTENTION, SelfAttention, full_attention, nystrom_attention
 from cmafnet.models.mobilevit import MobileViT, MobileViTOptions, gradient_magnitude
 from cmafnet.models.weights import load_branch_weights
 
@@ -59,65 +59,6 @@ def test_timm_weights_file_loads_into_branch(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in xs.state_dict().items()}, str(tmp_path / "xs.safetensors"))
     with pytest.raises(ConfigError, match=r"contextual\.weights"):
         load_branch_weights(ours, tmp_path / "xs.safetensors", "contextual")
-
-
-def test_nystrom_equals_exact_when_landmarks_equal_tokens() -> None:
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 12, 8, dtype=torch.float64).float() for _ in range(3))
-    exact = full_attention(q, k, v, scale=8**-0.5)
-    torch.testing.assert_close(
-        nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=12), exact, rtol=1e-4, atol=1e-4
-    )
-    # More landmarks than tokens is clamped to the token count: still exact.
-    torch.testing.assert_close(
-        nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=50), exact, rtol=1e-4, atol=1e-4
-    )
-
-
-def _smooth_tokens(n: int) -> torch.Tensor:
-    """(2, 3, n, 8) tokens varying smoothly along the sequence (what segment means summarise well)."""
-    anchors = torch.randn(6, 8, 4)
-    return (
-        torch.nn.functional.interpolate(anchors, size=n, mode="linear", align_corners=True)
-        .reshape(2, 3, 8, n)
-        .transpose(-1, -2)
-    )
-
-
-def test_nystrom_approximates_with_few_landmarks() -> None:
-    torch.manual_seed(0)
-    q, k, v = _smooth_tokens(64), _smooth_tokens(64), torch.randn(2, 3, 64, 8)
-    exact = full_attention(q, k, v, scale=8**-0.5)
-    err = {
-        m: (nystrom_attention(q, k, v, scale=8**-0.5, num_landmarks=m) - exact).abs().mean().item()
-        for m in (4, 16)
-    }
-    assert err[4] > 1e-4  # an approximation, not a copy of exact attention
-    assert err[16] < err[4] < 0.1 * exact.abs().mean().item()
-
-
-def test_nystrom_uneven_segments_and_layer() -> None:
-    torch.manual_seed(0)
-    attn_full = SelfAttention(16, 2, kind="full").eval()
-    attn_ny = SelfAttention(16, 2, kind="nystrom", num_landmarks=20).eval()
-    attn_ny.load_state_dict(attn_full.state_dict())
-    x = torch.randn(2, 20, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(attn_ny(x), attn_full(x), rtol=1e-4, atol=1e-4)
-    attn_ny.num_landmarks = 6  # 20 tokens into 6 uneven segments
-    out = attn_ny(x)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    assert set(ATTENTION.names()) >= {"full", "nystrom"}
-    with pytest.raises(ConfigError, match="unknown attention"):
-        SelfAttention(16, 2, kind="linformer")
-
-
-def test_nystrom_under_autocast() -> None:
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = nystrom_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=8**-0.5, num_landmarks=4)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("patch", [1, 2, 3, 4])

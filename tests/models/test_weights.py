@@ -22,15 +22,11 @@ from timm.models import save_for_hf
 
 from cmafnet.config import ModelConfig, load_config
 from cmafnet.errors import ConfigError
+from cmafnet.files import write_json
 from cmafnet.models import create_model
-from cmafnet.models.weights import (
-    WeightsName,
-    parse_weights,
-    pretrained_config,
-    resolve_normalization,
-    without_init_weights,
-)
-from cmafnet.run import CONFIG_FILE, load_run, save_weights, write_json
+from cmafnet.models.pretrained import WeightsName, parse_weights, pretrained_config, resolve_normalization
+from cmafnet.models.weights import save_weights, without_init_weights
+from cmafnet.run import CONFIG_FILE, load_run
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

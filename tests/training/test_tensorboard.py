@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 from _training_toy import make_trainer, toy_config
 
+from cmafnet.training import run_stages
+
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def test_tensorboard_scalars_match_metrics_csv(tmp_path) -> None:
-    tr = make_trainer(tmp_path, toy_config(tensorboard=True))
-    tr.run()
+    run_stages(make_trainer(tmp_path, toy_config(tensorboard=True)))
     rows = pd.read_csv(tmp_path / "metrics.csv")
     assert len(rows) == 6  # 3 stages x 2 epochs
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -18,6 +18,7 @@ from cmafnet.data.synthetic import write_idc_like
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.run import load_run
 from cmafnet.training import fit
+from cmafnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.max_steps_per_epoch=2"]
 
@@ -33,13 +34,14 @@ def store_and_split(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
+def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, caplog):
     store, split = store_and_split
     out = tmp_path / "run"
     t0 = time.perf_counter()
     sets = [arg for s in FAST for arg in ("--set", s)]
-    rc = main(["train", "--config", "smoke", *sets, "--store", str(store), "--split", str(split),
-               "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
+    with caplog.at_level("INFO", logger="cmafnet.training"):
+        rc = main(["train", "--config", "smoke", *sets, "--store", str(store), "--split", str(split),
+                   "--out", str(out), "--no-progress", "--device", "cpu"])  # fmt: skip
     elapsed = time.perf_counter() - t0
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -52,9 +54,28 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
                 "grad_norm_c0", "grad_norm_c1", "margin_c0", "lr"):  # fmt: skip
         assert col in rows.columns, col
     assert rows["mi_zs_x"].notna().all() and rows["tau_h0"].gt(0).all()
+    # the trainer reports its own speed: per epoch (log line, metrics.csv) and per stage (run.json)
+    assert rows["train_img_s"].gt(0).all() and rows["step_ms"].gt(0).all()
+    assert rows["train_img_s"].to_numpy() == pytest.approx(
+        2 * 16 / (rows["step_ms"].to_numpy() * 2 / 1e3), rel=1e-3
+    )
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all(" img/s (" in line and " ms/step)" in line for line in epoch_lines)
     meta = json.loads((out / "run.json").read_text())
+    speed = meta["stage_throughput"]
+    assert list(speed) == ["branches", "fusion", "end_to_end"] and meta["device"]
+    for name, row in zip(speed, rows.itertuples(), strict=True):
+        assert speed[name]["steps"] == 2 and speed[name]["images"] == 32
+        assert speed[name]["img_s"] == pytest.approx(32 / speed[name]["seconds"], rel=5e-3)  # both rounded
+        assert speed[name]["img_s"] == pytest.approx(row.train_img_s, rel=1e-2)  # one epoch per stage
+    assert summary["stage_throughput"] == speed
     assert meta["status"] == "finished" and meta["img_size"] == 64 and meta["classes"]
     assert meta["stain_reference"] is not None and meta["effective_batch_size"] == 16
+    assert (meta["patch_mpp"], meta["patch_hw"], meta["patch_px"]) == (
+        4.0,
+        [50, 50],
+        50,
+    )  # the trainer's scale
     loaded = load_run(out)  # the run folder is what evaluation/inference read
     assert loaded.model.training is False
     # a finished run refuses to be overwritten and resumes to a no-op
@@ -64,6 +85,7 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys):
     assert again["status"] == "finished" and again["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     store, split = store_and_split
     cfg = load_config("smoke", [*FAST, "train.sam.enabled=false", "model.head.dropout=0.0"])
@@ -73,8 +95,18 @@ def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
     with pytest.raises(ConfigError, match="config differs"):
         fit(load_config("smoke", FAST), store, split, out, resume=True, progress=False, device="cpu")
-    with pytest.raises(RunFolderError, match="nothing to resume"):
-        fit(cfg, store, split, tmp_path / "empty", resume=True, progress=False, device="cpu")
+    # a run started before a config key existed resumes: the stored config is validated again first
+    state = load_checkpoint(out / "checkpoints/last.pt")
+    assert "checkpoint_every_steps" in state["config"]
+    state["config"] = "\n".join(x for x in state["config"].splitlines() if "checkpoint_every_steps" not in x)
+    save_checkpoint(out / "checkpoints/last.pt", {k: v for k, v in state.items() if k != "format"})
+    s = fit(cfg, store, split, out, resume=True, progress=False, stop_after_steps=2, device="cpu")
+    assert s["status"] == "stopped" and s["global_step"] == 2
+    # a folder without a checkpoint is never a dead end: --resume starts it from the beginning
+    s = fit(
+        cfg, store, split, tmp_path / "empty", resume=True, progress=False, stop_after_steps=1, device="cpu"
+    )
+    assert s["status"] == "stopped" and s["global_step"] == 1
     with pytest.raises(ConfigError, match="batch_size"):
         fit(load_config("smoke", ["train.batch_size=4096"]), store, split, tmp_path / "big", progress=False,
             device="cpu")  # fmt: skip

@@ -7,9 +7,10 @@ import torch
 from _training_toy import ToyNet, make_trainer, toy_config
 
 from cmafnet.config import ClipConfig
+from cmafnet.training import run_stages
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.sam import SAM
-from cmafnet.training.step import train_step
+from cmafnet.training.step import TrainStep
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,11 +30,11 @@ def _delta(amp: str) -> torch.Tensor:
     params = list(model.parameters())
     w0 = torch.cat([p.detach().flatten() for p in params])
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if amp == "fp16" else None
-    res = train_step(
-        model, x, y, _ce, torch.optim.SGD(params, lr=0.1), params, clipper=GradClipper(ClipConfig(kind="none")),
+    step = TrainStep(
+        model, _ce, torch.optim.SGD(params, lr=0.1), params, clipper=GradClipper(ClipConfig(kind="none"), "cuda"),
         scaler=scaler, sam=SAM(params, 0.5), amp=amp,
     )  # fmt: skip
-    assert not res.skipped
+    assert not step.result(step(x, y)).skipped
     return torch.cat([p.detach().flatten() for p in params]) - w0
 
 
@@ -49,7 +50,7 @@ def test_trainer_on_cuda(tmp_path, amp, compile_):
     cfg = toy_config(amp=amp, channels_last=True, fused_adamw=True, compile=compile_, device="cuda",
                      stages=[{"name": "all", "epochs": 2, "lr": 1e-2, "train": "all"}])  # fmt: skip
     tr = make_trainer(tmp_path, cfg, device="cuda")
-    s = tr.run()
+    s = run_stages(tr)
     assert (
         s["status"] == "finished" and s["nonfinite_steps"] <= 2
     )  # fp16 may skip while calibrating the scale
@@ -60,16 +61,14 @@ def test_trainer_on_cuda(tmp_path, amp, compile_):
 def test_trainer_cuda_graph_replays_what_the_eager_device_step_computes(tmp_path, monkeypatch, compile_):
     """A full 3-stage toy run with train.cuda_graph (warm-up, a capture per epoch, replays, SAM,
     AutoClip, tensor learning rates) ends with the weights of the same run never captured."""
-    from cmafnet.training import graphed
+    from cmafnet.training import graphs, stages
 
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = toy_config(amp="none", fused_adamw=True, cuda_graph=True, compile=compile_, device="cuda")
 
-    from cmafnet.training import loop
-
-    real_adamw = loop.build_adamw
+    real_adamw = stages.build_adamw
 
     def adamw_linear(groups, lr, *, fused, device):
         # eps 1: the update is linear in the gradient, so round-off noise in a near-zero gradient
@@ -79,17 +78,17 @@ def test_trainer_cuda_graph_replays_what_the_eager_device_step_computes(tmp_path
             g["eps"] = 1.0
         return opt
 
-    monkeypatch.setattr(loop, "build_adamw", adamw_linear)
+    monkeypatch.setattr(stages, "build_adamw", adamw_linear)
 
     def run(out, warmup):
-        monkeypatch.setattr(graphed.GraphMode, "WARMUP", warmup)
+        monkeypatch.setattr(graphs.GraphMode, "WARMUP", warmup)
         tr = make_trainer(out, cfg, device="cuda", model_kw={"dropout": 0.0})
-        s = tr.run()
+        s = run_stages(tr)
         assert s["status"] == "finished" and s["nonfinite_steps"] == 0
         return tr, torch.cat([p.detach().flatten() for p in tr.model.parameters()])
 
     tr, got = run(tmp_path / "graph", 2)
-    assert tr.graph.captures >= 1  # the last stage: 2 epochs of 3 steps, 2 warm-up steps
-    _, ref = run(tmp_path / "eager", 10**9)  # every step the same DeviceStep, eagerly
+    assert tr.stage_step.graph.captures >= 1  # the last stage: 2 epochs of 3 steps, 2 warm-up steps
+    _, ref = run(tmp_path / "eager", 10**9)  # every step the same TrainStep, eagerly
     assert torch.isfinite(got).all()
     assert float((got - ref).norm() / ref.norm()) < 1e-4

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from _training_toy import ddp_config, ddp_worker, make_trainer, resume_and_compare, toy_config, toy_data
 
 from cmafnet.errors import CmafnetError
+from cmafnet.training import run_stages
 from cmafnet.training.checkpoint import load_checkpoint
 
 
@@ -27,7 +28,7 @@ def test_three_stages_freeze_and_records(tmp_path):
     cfg = toy_config()
     tr = make_trainer(tmp_path, cfg)
     before = _state(tr)
-    summary = tr.run()
+    summary = run_stages(tr)
     assert summary["status"] == "finished" and summary["epochs"] == 6 and summary["global_step"] == 18
     rows = pd.read_csv(tmp_path / "metrics.csv")
     assert list(rows["stage_name"]) == ["branches"] * 2 + ["fusion"] * 2 + ["end_to_end"] * 2
@@ -47,7 +48,7 @@ def test_fusion_stage_freezes_extractors(tmp_path):
     cfg = toy_config(stages=[{"name": "fusion", "epochs": 1, "lr": 1e-2, "train": "fusion"}])
     tr = make_trainer(tmp_path, cfg)
     before = _state(tr)
-    tr.run()
+    run_stages(tr)
     after = tr.model.state_dict()
     for k in before:
         changed = not torch.equal(before[k], after[k])
@@ -61,9 +62,9 @@ def test_fusion_stage_freezes_extractors(tmp_path):
 def test_resume_is_bit_identical(tmp_path, stop_at):
     cfg = toy_config()
     ref = make_trainer(tmp_path / "ref", cfg)
-    ref.run()
+    run_stages(ref)
     part = make_trainer(tmp_path / "run", cfg, stop_after_steps=stop_at)
-    assert part.run()["status"] == "stopped"
+    assert run_stages(part)["status"] == "stopped"
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert (
         state["progress"]["global_step"] == stop_at
@@ -75,7 +76,7 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
 def test_callback_stop_and_signal(tmp_path):
     cfg = toy_config()
     tr = make_trainer(tmp_path, cfg, callbacks=[lambda t: t.p.global_step == 2])
-    assert tr.run()["status"] == "stopped"
+    assert run_stages(tr)["status"] == "stopped"
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["progress"]["global_step"] == 2
 
     import os
@@ -86,7 +87,7 @@ def test_callback_stop_and_signal(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     tr2 = make_trainer(tmp_path / "sig", cfg, callbacks=[send_sigterm])
-    assert tr2.run()["status"] == "interrupted"
+    assert run_stages(tr2)["status"] == "interrupted"
     assert load_checkpoint(tmp_path / "sig/checkpoints/last.pt")["progress"]["global_step"] == 5
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
@@ -94,7 +95,7 @@ def test_callback_stop_and_signal(tmp_path):
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     cfg = toy_config(stages=[{"name": "all", "epochs": 2, "lr": 1e-2, "train": "all"}])
     tr = make_trainer(tmp_path, cfg, toy_data(nan_steps={2, 3}))
-    summary = tr.run()
+    summary = run_stages(tr)
     assert summary["status"] == "finished" and summary["nonfinite_steps"] == 2
     assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values() if v.is_floating_point())
     assert pd.read_csv(tmp_path / "metrics.csv")["nonfinite_steps"].tolist() == [2, 2]
@@ -104,7 +105,7 @@ def test_persistent_nonfinite_stops_with_clear_error(tmp_path):
     cfg = toy_config(stages=[{"name": "all", "epochs": 3, "lr": 1e-2, "train": "all"}], max_nonfinite_steps=3)
     tr = make_trainer(tmp_path, cfg, toy_data(nan_steps=set(range(4, 100))))  # epoch 1 (3 steps) is clean
     with pytest.raises(CmafnetError, match="3 consecutive non-finite steps"):
-        tr.run()
+        run_stages(tr)
     state = load_checkpoint(tmp_path / "checkpoints/last.pt")  # the end-of-epoch-1 checkpoint, intact
     assert state["progress"]["global_step"] == 3 and state["progress"]["epoch"] == 1
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
@@ -125,7 +126,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     single = make_trainer(
         tmp_path / "single", ddp_config(), toy_data(noise=0.0), model_kw={"dropout": 0.0, "bn": False}
     )
-    single.run()
+    run_stages(single)
     ref = single.model.state_dict()
     init = make_trainer(
         tmp_path / "init", ddp_config(), model_kw={"dropout": 0.0, "bn": False}
@@ -143,6 +144,27 @@ def test_switches_bf16_channels_last_sdpa(tmp_path):
     )  # fmt: skip
     tr = make_trainer(tmp_path, cfg)
     before = _state(tr)
-    s = tr.run()
+    s = run_stages(tr)
     assert s["status"] == "finished" and s["nonfinite_steps"] == 0
     assert not torch.equal(before["head.weight"], tr.model.state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("every", [{"checkpoint_every_steps": 1}, {"checkpoint_every_minutes": 1e-9}])
+def test_mid_epoch_checkpoints_survive_a_crash_and_resume_exactly(tmp_path, every):
+    """A process killed mid-epoch (no chance to save) loses at most the steps since the last periodic
+    checkpoint; resuming from it ends bit-identical to a run never interrupted."""
+    cfg = toy_config(**every)
+    ref = make_trainer(tmp_path / "ref", cfg)
+    run_stages(ref)
+
+    def crash(run):
+        if run.p.global_step == 5:  # step 5 of 18, mid-epoch (3 steps per epoch)
+            raise RuntimeError("killed")
+
+    part = make_trainer(tmp_path / "run", cfg, callbacks=[crash])
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(part)
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    # the step before the crash, mid-epoch (the epoch-end checkpoint of step 3 is the only other one)
+    assert state["progress"]["global_step"] == 4 and state["progress"]["step_in_epoch"] == 1
+    resume_and_compare(ref, tmp_path / "run", cfg, state)

@@ -11,7 +11,7 @@ from cmafnet.config import ClipConfig
 from cmafnet.models.output import ModelOutput
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.sam import SAM
-from cmafnet.training.step import train_step
+from cmafnet.training.step import TrainStep
 
 RHO, LR = 0.5, 0.1
 
@@ -43,7 +43,8 @@ def _step(model, x, y, *, amp="none", sam=True, loss_fn=_ce, scaler=None):
     opt = torch.optim.SGD(params, lr=LR)
     clipper = GradClipper(ClipConfig(kind="none"))
     helper = SAM(params, RHO) if sam else None
-    return train_step(model, x, y, loss_fn, opt, params, clipper=clipper, scaler=scaler, sam=helper, amp=amp)
+    step = TrainStep(model, loss_fn, opt, params, clipper=clipper, scaler=scaler, sam=helper, amp=amp)
+    return step.result(step(x, y))
 
 
 def _reference_sam_update(model, x, y) -> list[torch.Tensor]:

@@ -1,10 +1,11 @@
 """`cmafnet bench`: CMAF-Net's speed against timm baselines and a naive dual-branch model, in one process.
 
-Measures, after warm-up and with device synchronisation (see ``cmafnet.analysis.profiling``):
-stage-3 training throughput of CMAF-Net with every regulariser (SAM off and on), inference
+Measures, after warm-up and with device synchronisation (see ``cmafnet.bench``): the
+stage-3 training throughput of CMAF-Net through the trainer's own step, with every regulariser,
+AutoClip and the non-finite skip (SAM off and on), inference
 throughput (plain and with the auxiliary outputs), batch-1 latency (eager, CUDA graph, compiled),
 peak memory; the same for timm ``resnet18``, timm ``mobilevit_s`` and the naive reference
-(``cmafnet.analysis.naive_reference``); the fast-path switches one at a time; optionally the
+(``cmafnet.bench.naive``); the fast-path switches one at a time; optionally the
 end-to-end epoch through the real data path. Prints a table, writes JSON, checks the targets of
 docs/performance.md. The bench reports; it never fails because a target is missed (exit 1 only
 when a measurement could not run).
@@ -106,7 +107,7 @@ def _split(items: list[str]) -> list[str]:
 
 
 def _check_switches(items: list[str]) -> list[str]:
-    from cmafnet.analysis.profiling.switches import SWITCHES
+    from cmafnet.bench.switches import SWITCHES
 
     names = _split(items)
     for n in names:
@@ -177,18 +178,18 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cmafnet.analysis.profiling.data_path import IDC_SIZE
-    from cmafnet.analysis.profiling.models import bench_model
-    from cmafnet.analysis.profiling.report import (
+    from cmafnet.bench.data_path import IDC_SIZE
+    from cmafnet.bench.models import bench_model
+    from cmafnet.bench.report import (
         TARGETS,
         check_targets,
         compute_ratios,
         count_errors,
         format_report,
     )
-    from cmafnet.analysis.profiling.suite import build_specs, measure_cmaf_data_path
-    from cmafnet.analysis.profiling.switches import run_switches
-    from cmafnet.analysis.profiling.timing import Timing
+    from cmafnet.bench.suite import build_specs, measure_cmaf_data_path
+    from cmafnet.bench.switches import run_switches
+    from cmafnet.bench.timing import Timing
     from cmafnet.config import load_config
     from cmafnet.run import write_json
 
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     result["targets_definition"] = [
         {"name": n, "description": d, "op": o, "threshold": t} for n, d, o, t in TARGETS
     ]
-    specs = build_specs(cfg, dev, size, names, args.compile, args.profile, args.graph)
+    specs = build_specs(cfg, dev, size, names, args.compile, args.profile, args.graph, amp)
     if args.runs:
         keep = _split(args.runs)
         unknown = [k for k in keep if k not in specs]

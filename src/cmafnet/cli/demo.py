@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, positive_int
 
 DEMO_CONFIG = "demo"  # CMAF-Net, small, all three stages
 BASELINE_CONFIG = "demo_resnet18"  # ResNet-18 + cross-entropy, one stage
@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--data", default=None, help="a real IDC root (Kaggle layout) instead of generated data")
-    p.add_argument("--patients", type=int, default=12, help="virtual patients to generate")
-    p.add_argument("--patches", type=int, default=60, help="patches per virtual patient")
+    p.add_argument("--patients", type=positive_int, default=12, help="virtual patients to generate")
+    p.add_argument("--patches", type=positive_int, default=60, help="patches per virtual patient")
     p.add_argument(
         "--difficulty", type=float, default=0.6,
         help="class overlap of the generated patches in [0, 1) (0 = trivially separable)",
@@ -103,11 +103,9 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate_run(
             run_dir, store_dir, split_path=split_path, split="test", device=_device(args.device)
         )
-        m = res.get("metrics", res)
-        step(
-            f"{name}: test balanced accuracy {_pct(m.get('balanced_accuracy'))}, sensitivity "
-            f"{_pct(m.get('sensitivity'))}, specificity {_pct(m.get('specificity'))}, AUPRC {_num(m.get('auprc'))}"
-        )
+        step(f"{name}: held-out test patients")
+        for line in summary_lines(res):
+            print(f"          {line}", flush=True)
     report = write_report(
         [runs["cmafnet"][1], runs["resnet18"][1]],
         out / "report",
@@ -117,6 +115,29 @@ def run(args: argparse.Namespace) -> int:
     )
     step(f"done. Report: {report}")
     return 0
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The demo's reading of one evaluation: the operating-point row first, then 0.5, each naming its threshold."""
+    from cmafnet.evaluation.rows import threshold_rule
+
+    def row(m: dict) -> str:
+        return (
+            f"balanced accuracy {_pct(m.get('balanced_accuracy'))}, sensitivity {_pct(m.get('sensitivity'))}, "
+            f"specificity {_pct(m.get('specificity'))}, AUPRC {_num(m.get('auprc'))}"
+        )
+
+    lines = []
+    op = doc.get("operating_point")
+    if op:
+        lines.append(f"at the {threshold_rule(op)}: {row(op['metrics'])}")
+    lines.append(f"at {threshold_rule(None)}: {row(doc['metrics'])}")
+    cal = doc.get("calibration") or {}
+    if cal:
+        lines.append(
+            f"calibration: T={cal['temperature']:.3g}, ECE {_num(cal['ece_before'])} -> {_num(cal['ece_after'])}"
+        )
+    return lines
 
 
 def _device(device: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg
+from cmafnet.cli._common import add_device_arg, non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,19 +27,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per magnification and overall; evaluates every image unless --split-file is given",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="inference batch size (default 256)")
     p.add_argument(
-        "--bootstrap", type=int, default=None, help="bootstrap resamples for CIs (default eval.bootstrap)"
+        "--bootstrap",
+        type=non_negative_int,
+        default=None,
+        help="bootstrap resamples for CIs (default eval.bootstrap)",
     )
     p.add_argument("--no-threshold", action="store_true", help="do not (re)choose the operating threshold")
+    p.add_argument(
+        "--no-calibration", action="store_true",
+        help="uncalibrated probabilities (T = 1): neither fit nor apply the run's temperature",
+    )  # fmt: skip
+    p.add_argument(
+        "--scale-match", action=argparse.BooleanOptionalAction, default=None,
+        help="also evaluate at the training scale (resample to the run's microns per pixel, tile with the "
+        "training patch size); default: on for --zero-shot, off otherwise",
+    )  # fmt: skip
+    p.add_argument(
+        "--aggregate", choices=["mean", "max"], default="mean",
+        help="scale-matched: tile probabilities per image by mean (default) or max of the positive class",
+    )  # fmt: skip
     add_device_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_dir
     from cmafnet.evaluation.evaluate import evaluate_run
     from cmafnet.evaluation.metrics import format_metric_for
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")  # before the model runs
     doc = evaluate_run(
         args.run_dir,
         args.store,
@@ -51,26 +70,53 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         bootstrap=args.bootstrap,
         choose_threshold=not args.no_threshold,
+        calibrate=not args.no_calibration,
+        scale_match=args.scale_match,
+        aggregate=args.aggregate,
     )
     print(summary_lines(doc, format_metric_for))
+    if "scale_matched" in doc:
+        print(summary_lines(doc["scale_matched"], format_metric_for))
     return 0
 
 
 def summary_lines(doc: dict, fmt) -> str:
-    """A few readable lines: n, headline metrics at 0.5 and at the operating threshold, files."""
+    """Readable lines: n, each metric row with the threshold it belongs to (operating point first), files."""
+    from cmafnet.evaluation.rows import short_rule
+
+    binary = len(doc["classes"]) == 2
     keys = ("sensitivity", "specificity", "balanced_accuracy", "auprc", "auroc", "mcc", "f1", "ece")
-    if len(doc["classes"]) != 2:
+    if not binary:
         keys = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy")
+    scale = doc.get("scale") or {}
     lines = [f"{doc['name']}: {doc['n']} images, classes {doc['classes']}"]
+    if scale.get("mode") == "match":
+        excluded = ", ".join(f"{k} {v}" for k, v in (scale.get("excluded") or {}).items()) or "none"
+        lines.append(f"  scale-matched: {scale['description']}; excluded: {excluded}")
+    cal = doc.get("calibration")
+    if cal:
+        lines.append(
+            f"  calibration: T={cal['temperature']:.4g} ({cal.get('source', 'run.json')}); ECE {fmt('ece', cal['ece_before'])}"
+            f" -> {fmt('ece', cal['ece_after'])}"
+            + (f", Brier {fmt('brier', cal['brier_before'])} -> {fmt('brier', cal['brier_after'])}" if cal.get("brier_before") is not None else "")
+        )  # fmt: skip
+    if not doc.get("metrics"):
+        lines.append(f"  {doc.get('note', 'no metrics')}")
+        return "\n".join(lines)
 
     def row(label: str, m: dict) -> str:
-        return f"  {label:<22}" + "  ".join(f"{k}={fmt(k, m.get(k))}" for k in keys)
+        return f"  {label:<34}" + "  ".join(f"{k}={fmt(k, m.get(k))}" for k in keys)
 
-    lines.append(row("threshold 0.5", doc["metrics"]))
-    if "operating_point" in doc:
-        op = doc["operating_point"]
-        lines.append(row(f"threshold {op['value']:.4f}", op["metrics"]))
+    op = doc.get("operating_point")
+    if op:
+        lines.append(row(f"threshold {short_rule(op)}", op["metrics"]))
+        lines.append(f"    ({op['rule']})")
+    lines.append(row(f"threshold {short_rule(None, binary)}", doc["metrics"]))
     for mag, e in doc.get("by_magnification", {}).items():
-        lines.append(row(f"{mag} @ 0.5", e["metrics"]))
+        if op and e.get("operating_metrics"):
+            lines.append(row(f"{mag} @ {short_rule(op)}", e["operating_metrics"]))
+        lines.append(row(f"{mag} @ {short_rule(None, binary)}", e["metrics"]))
+    if doc.get("ci_warning"):
+        lines.append(f"  {doc['ci_warning']} (every bootstrap CI in {doc['paths']['metrics']})")
     lines.append(f"  wrote {doc['paths']['predictions']} and {doc['paths']['metrics']}")
     return "\n".join(lines)

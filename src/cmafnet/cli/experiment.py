@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmafnet.cli._common import positive_int
 from cmafnet.errors import ConfigError
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
@@ -21,11 +22,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", nargs="?", help=f"one of {', '.join(TABLE_NAMES)}")
     p.add_argument("--list", action="store_true", help="list the tables, their runs and GPU cost, then exit")
+    p.add_argument(
+        "--calibrate", type=Path, action="append", default=[], metavar="RUN_DIR",
+        help="with --list: cost the run's model at the training throughput that run measured, per stage "
+        "(repeatable, one run per model)",
+    )  # fmt: skip
     p.add_argument("--store", type=Path, help="IDC store (from 'cmafnet ingest')")
     p.add_argument("--split", type=Path, help="IDC split file (default: made once under --out, seed 0)")
     p.add_argument("--breakhis-store", type=Path, help="BreakHis store (Tables 3-5)")
     p.add_argument("--breakhis-split", type=Path, help="BreakHis split file (default: made once, by subtype)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5, as the paper)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds per row (default 5, as the paper)")
     p.add_argument("--shard", help="i/n: do only runs with index = i mod n (0-based) of the sorted run list")
     p.add_argument(
         "--scale", choices=("smoke", "paper"), default="paper", help="paper (default) or smoke (tiny)"
@@ -47,11 +53,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _list(seeds: int) -> int:
-    from cmafnet.experiments.cost import anchor_rates, table_cost
+def _list(seeds: int, calibrate: list[Path]) -> int:
+    from cmafnet.experiments.cost import anchor_rates, load_calibration, table_cost
     from cmafnet.experiments.tables import TABLES, expand
 
     rates, source = anchor_rates()
+    calib = {}
+    for run_dir in calibrate:
+        c = load_calibration(run_dir)
+        if c.model in calib:
+            raise ConfigError(
+                f"--calibrate: two runs of model '{c.model}' ({calib[c.model].source}, {run_dir})"
+            )
+        calib[c.model] = c
     print(f"{'table':<8} {'runs':>5}  {'x seeds':>8}  {'GPU-h (1 GPU)':>13}  title")
     total = 0.0
     every = []
@@ -59,19 +73,27 @@ def _list(seeds: int) -> int:
         specs = expand(name, seeds, "paper")
         every += specs
         n_rows = len({s.config_key for s in specs})
-        hours = table_cost(specs, rates)
+        hours = table_cost(specs, rates, calib)
         total += hours
         seeds_txt = f"x{seeds}" if t.seeded else "x1"
         print(f"{name:<8} {n_rows:>5}  {seeds_txt + ' = ' + str(len(specs)):>8}  {hours:>13.1f}  {t.title}")
     print(
         f"sum of tables: {total:.1f} GPU-h; all eight in one --out (shared runs trained once): "
-        f"{table_cost(every, rates):.1f} GPU-h ({len({s.run_id for s in every})} distinct runs)"
+        f"{table_cost(every, rates, calib):.1f} GPU-h ({len({s.run_id for s in every})} distinct runs)"
+    )
+    for c in calib.values():
+        note = (
+            "" if c.img_size == 224 else f" (measured at {c.img_size} px, not the paper's 224: not to scale)"
+        )
+        print(f"Calibrated training throughput, per stage: {c.describe()}{note}")
+    cmaf = (
+        "" if "cmafnet" in calib else "CMAF-Net at half the naive dual-branch proxy speed (SAM: two passes); "
     )
     print(
-        f"Assumptions: throughputs from {source}; 100 epochs per run (no early stopping), one validation pass "
-        "per epoch; IDC 194k train / 28k val / 56k test images; CMAF-Net at half the naive dual-branch proxy "
-        "speed (SAM: two passes); TransFuse/MMTM/HRFNet estimated from their parts. --scale smoke runs take "
-        "seconds to minutes on a CPU."
+        f"Assumptions: throughputs from {source} (except the calibrated models above); 100 epochs per run (no "
+        "early stopping), one validation pass per epoch; IDC 194k train / 28k val / 56k test images; "
+        f"{cmaf}TransFuse/MMTM/HRFNet estimated from their parts. --scale smoke runs take seconds to minutes on "
+        "a CPU."
     )
     return 0
 
@@ -80,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.experiments.spec import parse_shard
 
     if args.list:
-        return _list(args.seeds)
+        return _list(args.seeds, args.calibrate)
+    if args.calibrate:
+        raise ConfigError("--calibrate goes with --list (it changes the cost estimate, not the runs)")
     if not args.name:
         raise ConfigError("name a table (table1..table8) or pass --list")
     if args.name not in TABLE_NAMES:

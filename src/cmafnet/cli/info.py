@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from cmafnet.cli._common import add_config_args
+from cmafnet.cli._common import add_config_args, int_range
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Build the model of a config and print its parameters per component and MACs per image.",
     )
     add_config_args(p)
-    p.add_argument("--size", type=int, default=None, help="input side in pixels (default: model.img_size)")
+    p.add_argument(
+        "--size", type=int_range(32), default=None, help="input side in pixels (default: model.img_size)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

@@ -25,10 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.data.safety import check_output_file
     from cmafnet.data.splits import SPLITS, save_split, split_store
     from cmafnet.data.store import PatchStore
     from cmafnet.errors import ConfigError
 
+    check_output_file(args.out, "--out", example="split.json")
     store = PatchStore.open(args.store)
     try:
         split = split_store(store, ratios=tuple(args.ratios), seed=args.seed, label_kind=args.label_kind)
@@ -42,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s:5s}: {len(split.patients[s]):4d} patients ({len(split.patients[s]) / n_pat:5.1%}), "
               f"{len(idx):8,} images: {counts}")  # fmt: skip
     print(f"split: {args.out} (store {store.store_hash[:12]}, seed {args.seed})")
+    if split.note:
+        print(f"WARNING {split.note}")
     return 0

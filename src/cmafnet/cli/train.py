@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from cmafnet.cli._common import add_config_args, add_device_arg
+from cmafnet.cli._common import add_config_args, add_device_arg, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue from RUN_DIR/checkpoints/last.pt (config defaults to RUN_DIR/config.yaml)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after-steps", type=positive_int, default=None, metavar="N",
                    help="save a checkpoint and stop after N optimiser steps (resume later)")  # fmt: skip
     add_device_arg(p)
     p.set_defaults(func=run)

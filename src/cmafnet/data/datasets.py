@@ -16,20 +16,33 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
-from PIL import Image
 
+from cmafnet.data import scale
+from cmafnet.data.safety import image_size, one_line, text_stream
 from cmafnet.data.validation import BAD_NAME, IMAGE_EXTENSIONS, LABEL_MISMATCH, SizePolicy
 from cmafnet.errors import InputDataError
 
 Parsed = dict[str, Any] | tuple[str, str]
 
 
+def read_manifest(path: Path) -> pd.DataFrame:
+    """A CSV manifest as strings; one-line :class:`InputDataError` if it is not a readable CSV."""
+    try:
+        return pd.read_csv(text_stream(path, "CSV manifest"), dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise InputDataError(f"{path}: not a readable CSV manifest ({one_line(err)})") from None
+
+
 def list_images(root: Path) -> list[Path]:
-    """Files under ``root`` with an image extension, sorted (hidden files skipped)."""
+    """Entries under ``root`` with an image extension, sorted (hidden files and folders skipped).
+
+    Devices, FIFOs and broken links named like images are listed, so that decoding rejects them
+    with their reason (it never opens them) instead of their vanishing silently.
+    """
     out = [
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
     ]
     return sorted(out)
 
@@ -42,11 +55,32 @@ class Dataset:
     SUBTYPES: ClassVar[tuple[str, ...]] = ()
     PUBLISHED: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, root: str | Path, size: tuple[int, int] | None = None, *, mpp: float | None = None
+    ) -> None:
         self.root = Path(root)
         if not self.root.exists():
             raise InputDataError(f"{self.root}: source folder not found")
         self.size = size
+        self.mpp = None if mpp is None else scale.check_mpp(mpp)
+
+    @property
+    def patient_source(self) -> str:
+        """Where each image's patient comes from (``meta.json`` ``patient_source``)."""
+        return "file name (dataset layout)"
+
+    def options_key(self) -> str:
+        """Options that change the store's content beyond the size policy (ingest fingerprint; "" = none)."""
+        return f"mpp={self.mpp}" if self.mpp is not None else ""
+
+    @property
+    def mpp_source(self) -> str:
+        """Where the recorded microns per pixel come from (``meta.json`` ``mpp_source``)."""
+        return "--mpp argument" if self.mpp is not None else "unknown (pass --mpp)"
+
+    def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
+        """µm/px of one source image (before ingest's padding/resizing), or None when unknown."""
+        return self.mpp
 
     def files(self) -> list[Path]:
         return list_images(self.root)
@@ -122,6 +156,14 @@ class IDC(Dataset):
 
     def size_policy(self) -> SizePolicy:
         return SizePolicy(out_hw=self.size or self.PATCH, canvas_hw=self.PATCH, allow_smaller=True)
+
+    @property
+    def mpp_source(self) -> str:
+        return "--mpp argument" if self.mpp is not None else scale.IDC_MPP_SOURCE
+
+    def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
+        # Edge patches are smaller because they were cut at the slide border, not resized.
+        return self.mpp if self.mpp is not None else scale.IDC_MPP
 
 
 # -------------------------------------------------------------------------------------- BreakHis
@@ -214,6 +256,17 @@ class BreakHis(Dataset):
             out_hw=self.size or self.CANVAS, canvas_hw=self.CANVAS, extra_hw=frozenset({(456, 700)})
         )
 
+    @property
+    def mpp_source(self) -> str:
+        if self.mpp is not None:
+            return "--mpp argument (the 40X value; other magnifications scaled by 40/M)"
+        return scale.BREAKHIS_MPP_SOURCE
+
+    def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
+        # The values hold for the native 700 px width; a copy saved at another width scales with it.
+        native = scale.breakhis_mpp(int(record["magnification"]), self.mpp)
+        return native * self.CANVAS[1] / orig_hw[1]
+
     def validate(self, index: pd.DataFrame) -> list[str]:
         notes = []
         pub = self.PUBLISHED
@@ -239,33 +292,50 @@ class BreakHis(Dataset):
 
 # ---------------------------------------------------------------------------------------- folder
 class Folder(Dataset):
-    """User data: ``<root>/<class>/[<patient>/]<images>`` or a CSV manifest ``path,label[,patient]``.
+    """User data: ``<root>/<class>/[<patient>/]<images>`` or a CSV manifest ``path,label[,patient][,mpp]``.
 
-    Classes are the sorted class folder names (or sorted distinct manifest labels). Without a
-    patient folder or column every image is its own patient (patient-level splits are then
-    image-level).
+    Classes are the sorted class folder names (or sorted distinct manifest labels). The patient of
+    an image is, in this order: ``patient_regex`` applied to the file name (named group
+    ``patient``, else the first group, else the whole match; a name that does not match is
+    rejected), the manifest's ``patient`` column, the ``<patient>`` folder. Without any of them
+    every image is its own patient (splits are then by image), which the ingest summary and the
+    split say.
     The store size is ``--size`` (every image resized to it) or the most common image size (other
     sizes rejected as unexpected).
     """
 
     name = "folder"
+    OWN_PATIENT = "none given: each image is its own patient (splits are by image)"
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None) -> None:
-        super().__init__(root, size)
+    def __init__(
+        self,
+        root: str | Path,
+        size: tuple[int, int] | None = None,
+        *,
+        mpp: float | None = None,
+        patient_regex: str | None = None,
+    ) -> None:
+        super().__init__(root, size, mpp=mpp)
+        self.patient_regex = _compile_patient_regex(patient_regex)
+        self.n_own_patient = 0  # images that became their own patient (counted while parsing)
         self.manifest: pd.DataFrame | None = None
         if self.root.is_file():
             if self.root.suffix.lower() != ".csv":
                 raise InputDataError(f"{self.root}: expected a folder or a .csv manifest")
-            df = pd.read_csv(self.root, dtype=str)
+            df = read_manifest(self.root)
             missing = {"path", "label"} - set(df.columns)
             if missing:
                 raise InputDataError(f"{self.root}: manifest lacks column(s) {sorted(missing)}")
-            df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"]]
+            # an empty path resolves to the manifest's folder: rejected as "not a regular file"
+            df["abspath"] = [str((self.root.parent / p).resolve()) for p in df["path"].fillna("")]
             dup = df["abspath"][df["abspath"].duplicated()]
             if len(dup):
                 raise InputDataError(
                     f"{self.root}: {len(dup)} duplicate path(s) in the manifest, e.g. {dup.iloc[0]}"
                 )
+            if "mpp" in df.columns:
+                for k, v in df["mpp"].dropna().items():
+                    scale.check_mpp(v, f"{self.root}: row {k + 2} column mpp")
             self.manifest = df.set_index("abspath")
             self.CLASSES = tuple(sorted(df["label"].dropna().unique()))
         else:
@@ -275,6 +345,28 @@ class Folder(Dataset):
         if len(self.CLASSES) < 2:
             raise InputDataError(f"{self.root}: need at least two classes, found {list(self.CLASSES)}")
         self._policy: SizePolicy | None = None
+
+    def options_key(self) -> str:
+        key = super().options_key()
+        return key + (f"|patient_regex={self.patient_regex.pattern}" if self.patient_regex else "")
+
+    @property
+    def patient_source(self) -> str:
+        if self.patient_regex is not None:
+            return f"--patient-regex {self.patient_regex.pattern!r} on the file name"
+        if self.manifest is not None and "patient" in self.manifest.columns:
+            return "manifest column 'patient'"
+        return "<class>/<patient>/<image> folders" if self.n_own_patient == 0 else self.OWN_PATIENT
+
+    @property
+    def mpp_source(self) -> str:
+        if self.manifest is not None and "mpp" in self.manifest.columns:
+            return "manifest column 'mpp'" + (" (else --mpp)" if self.mpp is not None else "")
+        return super().mpp_source
+
+    def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
+        value = record.get("_mpp")
+        return float(value) if value is not None else self.mpp
 
     def files(self) -> list[Path]:
         if self.manifest is not None:
@@ -286,17 +378,32 @@ class Folder(Dataset):
         return path.stem
 
     def parse(self, path: Path) -> Parsed:
+        patient, mpp = None, None
         if self.manifest is not None:
             row = self.manifest.loc[str(path)]
             name = row["label"]
-            patient = row.get("patient") if "patient" in self.manifest.columns else None
-            patient = patient if isinstance(patient, str) and patient else self._extract_patient_id(path)
+            value = row.get("patient") if "patient" in self.manifest.columns else None
+            patient = value if isinstance(value, str) and value else None
+            value = row.get("mpp") if "mpp" in self.manifest.columns else None
+            mpp = float(value) if isinstance(value, str) and value.strip() else None
         else:
             rel = path.relative_to(self.root)
             if len(rel.parts) not in (2, 3):
                 return BAD_NAME, "expected <class>/<image> or <class>/<patient>/<image>"
             name = rel.parts[0]
-            patient = rel.parts[1] if len(rel.parts) == 3 else self._extract_patient_id(path)
+            patient = rel.parts[1] if len(rel.parts) == 3 else None
+        if self.patient_regex is not None:
+            m = self.patient_regex.search(path.name)
+            if not m:
+                return BAD_NAME, f"file name does not match --patient-regex {self.patient_regex.pattern!r}"
+            patient = (
+                m.group("patient")
+                if "patient" in self.patient_regex.groupindex
+                else m.group(1 if self.patient_regex.groups else 0)
+            )
+        if not patient:
+            patient = self._extract_patient_id(path)
+            self.n_own_patient += 1
         if name not in self.CLASSES:
             return BAD_NAME, f"label {name!r} not among {list(self.CLASSES)}"
         return {
@@ -307,6 +414,7 @@ class Folder(Dataset):
             "magnification": -1,
             "x": -1,
             "y": -1,
+            "_mpp": mpp,
         }
 
     def size_policy(self) -> SizePolicy:
@@ -316,11 +424,9 @@ class Folder(Dataset):
             else:
                 sizes: Counter = Counter()
                 for p in self.files()[:2000]:  # headers only; a cheap majority vote
-                    try:
-                        with Image.open(p) as im:
-                            sizes[(im.size[1], im.size[0])] += 1
-                    except Exception:  # rejected later by decode with its reason
-                        continue
+                    hw = image_size(p)  # None: unsafe or unreadable, rejected later with its reason
+                    if hw is not None:
+                        sizes[hw] += 1
                 if not sizes:
                     raise InputDataError(f"{self.root}: no readable image to take the store size from")
                 hw = sizes.most_common(1)[0][0]
@@ -328,14 +434,41 @@ class Folder(Dataset):
         return self._policy
 
 
+def _compile_patient_regex(pattern: str | None) -> re.Pattern | None:
+    from cmafnet.errors import ConfigError
+
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"--patient-regex {pattern!r} is not a valid regular expression ({err})") from None
+
+
 DATASETS: dict[str, type[Dataset]] = {"idc": IDC, "breakhis": BreakHis, "folder": Folder}
 
 
-def get_dataset(name: str, root: str | Path, size: tuple[int, int] | None = None) -> Dataset:
-    """Instantiate a dataset parser by name (``idc``, ``breakhis``, ``folder``)."""
+def get_dataset(
+    name: str,
+    root: str | Path,
+    size: tuple[int, int] | None = None,
+    *,
+    mpp: float | None = None,
+    patient_regex: str | None = None,
+) -> Dataset:
+    """Instantiate a dataset parser by name (``idc``, ``breakhis``, ``folder``).
+
+    ``patient_regex`` applies to folder data only (IDC and BreakHis names carry the patient).
+    """
     from cmafnet.errors import ConfigError
     from cmafnet.registry import suggest
 
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset '{name}'.{suggest(name, list(DATASETS))}")
-    return DATASETS[name](root, size)
+    if patient_regex is not None:
+        if name != "folder":
+            raise ConfigError(
+                f"--patient-regex applies to 'ingest folder' only; {name} file names carry the patient"
+            )
+        return Folder(root, size, mpp=mpp, patient_regex=patient_regex)
+    return DATASETS[name](root, size, mpp=mpp)

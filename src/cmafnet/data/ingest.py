@@ -26,18 +26,22 @@ import numpy as np
 import pandas as pd
 
 from cmafnet import __version__
+from cmafnet.data import scale
 from cmafnet.data.datasets import Dataset, get_dataset
+from cmafnet.data.integrity import CONTENT_KEY, content_hash
+from cmafnet.data.safety import check_output_dir, limits, one_line
 from cmafnet.data.store import (
     IMAGES_FILE,
     INDEX_COLUMNS,
     INDEX_FILE,
     META_FILE,
     REJECTED_FILE,
+    PatchStore,
     compute_store_hash,
 )  # fmt: skip
 from cmafnet.data.validation import SizePolicy, decode_image
 from cmafnet.errors import InputDataError, RunFolderError
-from cmafnet.run import atomic_write_bytes, write_json
+from cmafnet.files import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"
@@ -83,7 +87,10 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _fingerprint(ds: Dataset, files: list[Path], policy: SizePolicy) -> str:
-    h = hashlib.sha256(f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}".encode())
+    options = ds.options_key()  # "" for the defaults, so older stores keep their fingerprint
+    h = hashlib.sha256(
+        f"{ds.name}|{policy}|{__version__}|{ds.root.resolve()}{'|' + options if options else ''}".encode()
+    )
     for p in files:
         try:
             st = p.stat()
@@ -114,6 +121,8 @@ def ingest(
     size: tuple[int, int] | None = None,
     force: bool = False,
     progress: bool = True,
+    mpp: float | None = None,
+    patient_regex: str | None = None,
 ) -> dict[str, Any]:
     """Ingest ``src`` into the store folder ``out``; returns the store's meta dict.
 
@@ -126,14 +135,18 @@ def ingest(
         size: store (H, W); None keeps the dataset's native size.
         force: overwrite a store made from a different source.
         progress: show a tqdm bar.
+        mpp: microns per pixel of the source images (folder data; overrides the documented IDC
+            value and, as the 40X value, the BreakHis assumption).
+        patient_regex: folder data: the patient from the file name (see ``Folder``).
 
     Raises:
         InputDataError: no files, every file rejected, or a rejection under ``strict``.
         RunFolderError: ``out`` holds a store from another source (without ``force``).
     """
     t0 = time.perf_counter()
-    ds = get_dataset(dataset, src, size)
-    out = Path(out)
+    out = check_output_dir(out, "--out")  # before any work: a file there is bad usage
+    limits()  # a bad CMAFNET_MAX_* variable is a config error here, not in every worker
+    ds = get_dataset(dataset, src, size, mpp=mpp, patient_regex=patient_regex)
     files = ds.files()
     if not files:
         raise InputDataError(f"{ds.root}: no image files found (extensions .png .jpg .tif .bmp)")
@@ -142,11 +155,22 @@ def ingest(
 
     meta_path = out / META_FILE
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except ValueError as err:
+            raise RunFolderError(
+                f"{meta_path}: unreadable ({one_line(err)}); --force rebuilds the store"
+            ) from None
         if old.get("source_fingerprint") == fp and (out / IMAGES_FILE).exists() and not force:
-            log.info("store %s is up to date with %s (no-op)", out, ds.root)
-            old["noop"] = True
-            return old
+            problem = _store_problem(out)
+            if problem is None:
+                if strict and old.get("n_rejected"):
+                    raise InputDataError(_strict_message(old, out))
+                log.info("store %s is up to date with %s (no-op)", out, ds.root)
+                old["noop"] = True
+                return old
+            log.warning("%s; rebuilding the store from %s", problem, ds.root)
+            force = True
         if not force:
             raise RunFolderError(
                 f"{out} holds a store from another source or options; use --force or a new folder"
@@ -244,13 +268,15 @@ def ingest(
     rej_df = pd.DataFrame(rejected, columns=["path", "reason", "detail"]).sort_values("path", kind="stable")
     atomic_write_bytes(out / REJECTED_FILE, rej_df.to_csv(index=False).encode())
     by_reason = dict(Counter(rej_df["reason"]))
-    if not valid:
+    if not valid or (strict and len(rej_df)):
+        shutil.rmtree(part, ignore_errors=True)  # a refusal, not an interruption: nothing to resume
+        counts = format_counts(by_reason)
+        if not valid:
+            raise InputDataError(
+                f"{ds.root}: all {len(files)} files rejected ({counts}); see {out / REJECTED_FILE}"
+            )
         raise InputDataError(
-            f"{ds.root}: all {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
-        )
-    if strict and len(rej_df):
-        raise InputDataError(
-            f"--strict: {len(rej_df)} of {len(files)} files rejected ({by_reason}); see {out / REJECTED_FILE}"
+            f"--strict: {len(rej_df)} of {len(files)} files rejected ({counts}); see {out / REJECTED_FILE}"
         )
 
     # 4. the final array: the partial one if nothing was rejected after parsing, else compacted
@@ -277,6 +303,7 @@ def ingest(
     index["source"] = [_rel(paths[r], ds.root) for r in valid]
     index["sha256"] = [extra[r][0] for r in valid]
     index = index[list(INDEX_COLUMNS)]
+    mpp_info = _record_mpp(ds, index, [records[r] for r in valid], policy)
     index_bytes = index.to_csv(index=False).encode()
     atomic_write_bytes(out / INDEX_FILE, index_bytes)
     shape = (len(valid), h, w, 3)
@@ -304,6 +331,9 @@ def ingest(
         "per_class": {c: int((index["label_name"] == c).sum()) for c in ds.CLASSES},
         "per_patient": per_patient,
         "per_subtype": {str(k): int(v) for k, v in index["subtype"].value_counts().items() if k},
+        **mpp_info,
+        "patient_source": ds.patient_source,
+        "n_own_patient": int(getattr(ds, "n_own_patient", 0)),
         "per_magnification": {
             str(k): int(v) for k, v in index["magnification"].value_counts().items() if k > 0
         },
@@ -327,10 +357,50 @@ def ingest(
         "store_bytes": int((out / IMAGES_FILE).stat().st_size),
         "workers": workers,
     }
+    meta[CONTENT_KEY] = content_hash(meta, np.load(out / IMAGES_FILE, mmap_mode="r"))
     write_json(meta_path, meta)
     shutil.rmtree(part, ignore_errors=True)
     meta["noop"] = False
     return meta
+
+
+def _record_mpp(ds: Dataset, index: pd.DataFrame, records: list[dict], policy: SizePolicy) -> dict[str, Any]:
+    """Add the per-image ``mpp`` column to ``index`` (in place); return the meta.json fields."""
+    values, aniso = [], 0
+    for rec, oh, ow in zip(records, index["orig_h"], index["orig_w"]):
+        v, a = scale.stored_mpp(
+            ds.source_mpp(rec, (int(oh), int(ow))), (int(oh), int(ow)), policy.out_hw, policy.canvas_hw,
+            policy.resize_any,
+        )  # fmt: skip
+        values.append(np.nan if v is None else round(v, 6))
+        aniso += a
+    index["mpp"] = values
+    info = scale.store_mpp_summary(np.asarray(values), index["magnification"].to_numpy())
+    return {**info, "mpp_source": ds.mpp_source, "mpp_anisotropic": aniso}
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """``{'not an image': 2, 'too large': 1}`` -> ``'2 not an image, 1 too large'``."""
+    return ", ".join(
+        f"{n:,} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+
+
+def _strict_message(meta: dict[str, Any], out: Path) -> str:
+    counts = format_counts(meta.get("rejected_by_reason") or {})
+    return (
+        f"--strict: {meta['n_rejected']} of {meta.get('n_files', '?')} files were rejected when {out} was "
+        f"ingested ({counts}); see {out / REJECTED_FILE}"
+    )
+
+
+def _store_problem(out: Path) -> str | None:
+    """Why an existing store does not open cleanly (edited or damaged), or None."""
+    try:
+        PatchStore.open(out)
+    except RunFolderError as err:
+        return str(err)
+    return None
 
 
 def summary_lines(meta: dict[str, Any]) -> list[str]:
@@ -348,7 +418,9 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
         lines.append(
             "per magnification: " + ", ".join(f"{k}X {v:,}" for k, v in meta["per_magnification"].items())
         )
-    lines.append(f"rejected: {meta['n_rejected']:,} {meta.get('rejected_by_reason') or ''}")
+    lines += _scale_and_patient_lines(meta)
+    counts = format_counts(meta.get("rejected_by_reason") or {})
+    lines.append(f"rejected: {meta['n_rejected']:,}" + (f" ({counts}; see rejected.csv)" if counts else ""))
     if meta.get("padded") or meta.get("resized") or meta.get("alpha_dropped"):
         lines.append(
             f"padded (white): {meta.get('padded', 0)}, resized: {meta.get('resized', 0)}, "
@@ -366,4 +438,27 @@ def summary_lines(meta: dict[str, Any]) -> list[str]:
             f"({meta['throughput_img_per_s']:,.0f} img/s, {meta['workers']} workers); "
             f"store {meta['store_bytes'] / 2**20:,.1f} MiB"
         )
+    return lines
+
+
+def _scale_and_patient_lines(meta: dict[str, Any]) -> list[str]:
+    """What the store says about its physical scale and where its patients come from."""
+    lines = []
+    if "mpp_source" in meta:
+        if meta.get("mpp") is not None:
+            value = f"{meta['mpp']:g}"
+        elif meta.get("mpp_by_magnification"):
+            value = ", ".join(f"{k} {v:g}" for k, v in meta["mpp_by_magnification"].items())
+        elif meta.get("mpp_range"):
+            value = "{:g} to {:g}".format(*meta["mpp_range"])
+        else:
+            value = "unknown"
+        lines.append(f"microns per pixel: {value} ({meta['mpp_source']})")
+    if meta.get("n_own_patient"):
+        lines.append(
+            f"WARNING patients: {meta['n_own_patient']:,} images have no patient (no patient folder, manifest "
+            "'patient' column or --patient-regex): each is its own patient, so a 'patient-level' split is by image"
+        )
+    elif meta.get("patient_source"):
+        lines.append(f"patients from: {meta['patient_source']}")
     return lines

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.run import atomic_write_bytes
+from cmafnet.files import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 SPLIT_VERSION = 1
@@ -38,6 +38,7 @@ class Split:
     ratios: tuple[float, float, float]
     label_kind: str = "label"
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    note: str = ""  # e.g. "each image is its own patient": the split is by image
 
     def indices(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -47,6 +48,7 @@ class Split:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": SPLIT_VERSION,
+            **({"note": self.note} if self.note else {}),
             "by": "patient",
             "stratify": "patient majority class",
             "label_kind": self.label_kind,
@@ -83,8 +85,8 @@ def allocate(class_sizes: dict[Any, int], ratios: tuple[float, ...]) -> dict[Any
     for c, n in class_sizes.items():
         if n < need:
             raise ValueError(
-                f"class '{c}' has {n} patient(s) but the ratios {tuple(ratios)} need at least {need} "
-                "(one per split): use fewer splits or another label kind"
+                f"class '{c}' has {n} patient(s) but the ratios {tuple(float(x) for x in ratios)} need at "
+                f"least {need} (one per split): use fewer splits or another label kind"
             )
     totals = _largest_remainder(sum(class_sizes.values()), r)
     alloc = {c: np.floor(n * r).astype(int) for c, n in class_sizes.items()}
@@ -177,10 +179,17 @@ def make_patient_split(
 def split_store(store: Any, *, ratios=(0.7, 0.1, 0.2), seed: int = 0, label_kind: str = "label") -> Split:
     """:func:`make_patient_split` on a :class:`~cmafnet.data.store.PatchStore`."""
     labels, names = store.targets(label_kind)
-    return make_patient_split(
+    split = make_patient_split(
         store.patients(), labels, ratios=ratios, seed=seed, store_hash=store.store_hash,
         label_kind=label_kind, class_names=names,
     )  # fmt: skip
+    own = int((getattr(store, "meta", None) or {}).get("n_own_patient", 0))
+    if own:
+        split.note = (
+            f"{own} of {len(labels)} images had no patient in the store (ingest: no patient folder, manifest "
+            "column or --patient-regex): each is its own patient, so this split is by image, not by patient"
+        )
+    return split
 
 
 def save_split(split: Split, path: str | Path, *, overwrite: bool = False) -> None:
@@ -216,10 +225,11 @@ def load_split(path: str | Path, store: Any | None = None) -> Split:
             patients={s: list(parts[s]["patients"]) for s in SPLITS},
             store_hash=d["store_hash"], seed=int(d["seed"]), ratios=tuple(d["ratios"]),
             label_kind=d.get("label_kind", "label"),
-            class_counts={s: parts[s].get("class_counts", {}) for s in SPLITS},
+            class_counts={s: parts[s].get("class_counts", {}) for s in SPLITS}, note=d.get("note", ""),
         )  # fmt: skip
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise RunFolderError(f"{path}: corrupt split file ({err!r})") from None
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:120]
+        raise RunFolderError(f"{path}: corrupt split file ({what})") from None
     seen: dict[str, str] = {}
     for s in SPLITS:
         for p in split.patients[s]:
@@ -241,6 +251,6 @@ def load_split(path: str | Path, store: Any | None = None) -> Split:
             bad = set(pat[split.indices(s)].astype(str)) - set(split.patients[s])
             if bad:
                 raise RunFolderError(
-                    f"{path}: {s} holds images of patients not listed in it: {sorted(bad)[:5]}"
+                    f"{path}: {s} holds images of patients not listed in it: {', '.join(str(b) for b in sorted(bad)[:5])}"
                 )
     return split

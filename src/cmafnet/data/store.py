@@ -10,19 +10,24 @@ A store folder holds::
     rejected.csv   path, reason, detail for every file the input policy refused
 
 ``store_hash`` is the sha256 of ``index.csv``'s bytes plus the array shape: it changes whenever
-the images, labels, patients or their order change, and splits and runs record it.
+the source images, labels, patients or their order change, and splits and runs record it. The
+decoded pixels and the meaning-bearing meta fields are covered by a separate content hash
+(:mod:`cmafnet.data.integrity`), checked on open as well.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cmafnet.data.integrity import verify_content
+from cmafnet.data.safety import one_line
 from cmafnet.errors import ConfigError, RunFolderError
 
 IMAGES_FILE = "images.npy"
@@ -46,6 +51,16 @@ def compute_store_hash(index_bytes: bytes, shape: tuple[int, ...]) -> str:
 def read_index(path: str | Path) -> pd.DataFrame:
     """Read ``index.csv`` keeping ids such as '8863' and empty subtypes as strings."""
     return pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False)
+
+
+def _read(file: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(file)``, with any failure as one line naming the file (exit 4)."""
+    try:
+        return load(file)
+    except (ValueError, OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        empty = file.is_file() and file.stat().st_size == 0
+        what = "is empty (0 bytes)" if empty else f"is corrupt ({one_line(err)})"
+        raise RunFolderError(f"{file}: {what}; re-ingest the store ('cmafnet ingest ... --force')") from None
 
 
 class PatchStore:
@@ -73,12 +88,15 @@ class PatchStore:
         self.store_hash: str = meta["store_hash"]
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> PatchStore:
+    def open(cls, path: str | Path, *, verify: bool = True, verify_pixels: bool | None = None) -> PatchStore:
         """Open a store folder.
 
         Args:
             path: the folder written by ``cmafnet ingest``.
-            verify: recompute the store hash from ``index.csv`` (cheap) and compare.
+            verify: recompute the store hash from ``index.csv`` (cheap) and check the content hash
+                (meta fields; pixels per ``verify_pixels``).
+            verify_pixels: hash ``images.npy`` and compare; None = unless ``CMAFNET_SKIP_PIXEL_HASH``
+                is set (:mod:`cmafnet.data.integrity`).
 
         Raises:
             RunFolderError: missing files, an unfinished ingest, or files that do not match.
@@ -87,16 +105,15 @@ class PatchStore:
         if not path.is_dir():
             raise RunFolderError(f"{path}: store folder not found")
         for name in (META_FILE, INDEX_FILE, IMAGES_FILE):
-            if not (path / name).exists():
+            if not (path / name).is_file():
                 hint = " (ingest unfinished? re-run 'cmafnet ingest' to resume)" if name == META_FILE else ""
                 raise RunFolderError(f"{path}: not a patch store, {name} missing{hint}")
-        try:
-            meta = json.loads((path / META_FILE).read_text())
-            images = np.load(path / IMAGES_FILE, mmap_mode="r")
-            index_bytes = (path / INDEX_FILE).read_bytes()
-            index = read_index(path / INDEX_FILE)
-        except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as err:
-            raise RunFolderError(f"{path}: corrupt store ({err})") from None
+        meta = _read(path / META_FILE, lambda p: json.loads(p.read_text()))
+        images = _read(path / IMAGES_FILE, lambda p: np.load(p, mmap_mode="r"))
+        index_bytes = _read(path / INDEX_FILE, Path.read_bytes)
+        index = _read(path / INDEX_FILE, read_index)
+        if not isinstance(meta, dict):
+            raise RunFolderError(f"{path}: corrupt store ({META_FILE} is not a JSON object)")
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise RunFolderError(
                 f"{path}: {IMAGES_FILE} is {images.dtype} {images.shape}, expected uint8 (N,H,W,3)"
@@ -108,8 +125,11 @@ class PatchStore:
             raise RunFolderError(f"{path}: corrupt store (index columns {missing} / meta keys missing)")
         if verify and compute_store_hash(index_bytes, images.shape) != meta["store_hash"]:
             raise RunFolderError(
-                f"{path}: store hash mismatch (index.csv or images.npy changed after ingest)"
+                f"{path}: store hash mismatch (index.csv, the number or size of images, or meta.json's "
+                "store_hash changed after ingest)"
             )
+        if verify:
+            verify_content(path, meta, images, path / IMAGES_FILE, pixels=verify_pixels)
         return cls(path, images, index, meta)
 
     def __len__(self) -> int:

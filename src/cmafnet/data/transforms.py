@@ -5,7 +5,7 @@ augmentation (training only, ``data.augment``) -> resize to ``img_size`` (bicubi
 50 -> 224 for IDC) -> clamp to [0, 1] (bicubic overshoots) -> ``(x - mean) / std``.
 
 ``data.mean`` / ``data.std`` are filled from the model's weights when training starts
-(:func:`cmafnet.models.weights.resolve_normalization`) and stored in the run's config; a config
+(:func:`cmafnet.models.pretrained.resolve_normalization`) and stored in the run's config; a config
 that leaves them unset here normalises as a model without pretrained weights (ImageNet, timm's
 constants).
 """

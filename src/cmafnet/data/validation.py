@@ -10,8 +10,10 @@ documented in ``docs/decisions/data.md``:
 * a store size given with ``--size`` resizes every accepted image (PIL bicubic, antialiased).
 
 Rejection reasons are the module constants below; the first failing check wins, in the order
-zero bytes, 16-bit, not an image, mode (grayscale/palette/...), truncated, transparency, size.
-This module does not import torch so ingest worker processes start fast.
+not found / not a regular file / too large (bytes; :mod:`cmafnet.data.safety`), zero bytes,
+16-bit, not an image, too large (pixels), mode (grayscale/palette/...), truncated, transparency,
+size. :func:`decode_image` never raises for a bad file. This module does not import torch so
+ingest worker processes start fast.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-NOT_FOUND = "file not found"
+from cmafnet.data.safety import (
+    NOT_FOUND,
+    NOT_REGULAR,
+    TOO_LARGE,
+    Limits,
+    UnsafeFile,
+    check_pixels,
+    limits,
+    one_line,
+    pil_guard,
+    read_bytes,
+)
+
 ZERO_BYTES = "zero bytes"
 NOT_IMAGE = "not an image"
 TRUNCATED = "truncated or corrupt"
@@ -37,7 +51,7 @@ BAD_NAME = "name does not parse"
 LABEL_MISMATCH = "label folder disagrees with name"
 
 REASONS = (
-    NOT_FOUND, ZERO_BYTES, NOT_IMAGE, TRUNCATED, GRAYSCALE, TRANSPARENT, BIT16,
+    NOT_FOUND, NOT_REGULAR, TOO_LARGE, ZERO_BYTES, NOT_IMAGE, TRUNCATED, GRAYSCALE, TRANSPARENT, BIT16,
     UNSUPPORTED_MODE, BAD_SIZE, BAD_NAME, LABEL_MISMATCH,
 )  # fmt: skip
 
@@ -111,24 +125,44 @@ def _png_bit_depth(head: bytes) -> int | None:
     return None
 
 
-def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> Decoded:
-    """Read, check and decode one file into an RGB uint8 array (placed per ``policy``)."""
+def decode_image(
+    path: str | os.PathLike, policy: SizePolicy | None = None, lim: Limits | None = None
+) -> Decoded:
+    """Read, check and decode one file into an RGB uint8 array (placed per ``policy``).
+
+    Never raises for a bad file: every problem, including the caps of :mod:`cmafnet.data.safety`
+    (``lim``, default :func:`~cmafnet.data.safety.limits`), is a :class:`Decoded` with a reason.
+    """
+    lim = lim or limits()
     try:
-        data = open(path, "rb").read()  # noqa: SIM115 - one read, closed by refcount
-    except FileNotFoundError:
-        return Decoded(None, NOT_FOUND)
-    except OSError as err:
-        return Decoded(None, NOT_IMAGE, f"unreadable: {err}")
+        data = read_bytes(path, lim)
+    except UnsafeFile as err:
+        return Decoded(None, err.reason, err.detail)
     if not data:
         return Decoded(None, ZERO_BYTES)
     sha = hashlib.sha256(data).hexdigest()
     if _png_bit_depth(data[:32]) == 16:
         return Decoded(None, BIT16, "PNG with 16 bits per sample", sha)
     try:
+        with pil_guard():
+            return _decode(data, sha, policy, lim.max_pixels)
+    except UnsafeFile as err:
+        return Decoded(None, err.reason, err.detail, sha)
+    except MemoryError:
+        return Decoded(None, TOO_LARGE, "out of memory while decoding", sha)
+    except Exception as err:  # a decoder bug or an exotic file must not stop a job
+        return Decoded(None, TRUNCATED, f"{type(err).__name__}: {one_line(err, 120)}", sha)
+
+
+def _decode(data: bytes, sha: str, policy: SizePolicy | None, max_pixels: int) -> Decoded:
+    try:
         im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return Decoded(None, NOT_IMAGE, str(err)[:120], sha)
+    except UnidentifiedImageError:
+        return Decoded(None, NOT_IMAGE, "format not recognised", sha)
+    except (OSError, SyntaxError, ValueError) as err:
+        return Decoded(None, NOT_IMAGE, one_line(err, 120), sha)
     w, h = im.size
+    check_pixels(im, max_pixels)  # header only: before a single pixel is decoded
     mode = im.mode
     if mode in _BIT16_MODES:
         return Decoded(None, BIT16, f"mode {mode}", sha, h, w)
@@ -139,7 +173,7 @@ def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> D
     try:
         im.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, zlib.error... on damaged data
-        return Decoded(None, TRUNCATED, str(err)[:120], sha, h, w)
+        return Decoded(None, TRUNCATED, one_line(err, 120), sha, h, w)
     arr = np.asarray(im)
     dropped = False
     if mode == "RGBA":

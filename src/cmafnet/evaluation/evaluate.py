@@ -21,18 +21,13 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.evaluation.metrics import (
-    classification_metrics,
-    sensitivity_at_specificity,
-    threshold_for_sensitivity,
-)
-from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, update_meta, write_json
+from cmafnet.evaluation.operating import choose_temperature, operating_threshold
+from cmafnet.inference.calibration import apply_temperature
+from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, write_json
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CI_KEYS_BINARY = ("sensitivity", "specificity", "balanced_accuracy", "auprc", "auroc", "mcc", "f1")
-CI_KEYS_MULTI = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc")
 
 
 def _norm(names: list[str]) -> list[str]:
@@ -96,9 +91,10 @@ def _resolve_device(device: str | None) -> str:
 def predict_store(
     predictor: Any, store: Any, indices: np.ndarray, labels: np.ndarray, *, batch_size: int = 256
 ) -> np.ndarray:
-    """Class probabilities ``(len(indices), C)`` in ``indices`` order, through the data contract.
+    """Uncalibrated logits ``(len(indices), C)`` in ``indices`` order, through the data contract.
 
-    ``labels`` are store-wide ``(N,)`` (the loader indexes them with ``indices``).
+    ``labels`` are store-wide ``(N,)`` (the loader indexes them with ``indices``). The caller
+    applies the temperature (:func:`cmafnet.inference.calibration.apply_temperature`).
     """
     import torch
 
@@ -118,9 +114,9 @@ def predict_store(
     pos = {int(i): k for k, i in enumerate(indices)}
     with torch.inference_mode():
         for x, _y, idx in loader:  # x: uint8 (B, 3, H, W) on the device
-            probs = predictor.probs_from_input(predictor.preprocess(x))  # (B, C)
+            logits = predictor.logits_from_input(predictor.preprocess(x))  # (B, C)
             rows = [pos[int(i)] for i in idx.cpu().tolist()]
-            out[rows] = probs
+            out[rows] = logits
     return out
 
 
@@ -149,7 +145,7 @@ def mag_label(value: Any) -> str:
         return str(value)
 
 
-def _groups(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
+def group_rows(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
     """Row positions (into ``rows``) per value of ``column``; magnifications labelled '40X'."""
     if column not in index.columns:
         return {}
@@ -177,8 +173,15 @@ def evaluate_run(
     batch_size: int = 256,
     bootstrap: int | None = None,
     choose_threshold: bool = True,
+    calibrate: bool = True,
+    scale_match: bool | None = None,
+    aggregate: str = "mean",
 ) -> dict:
     """Predict a split of ``store_path`` with the run's best model and write predictions and metrics.
+
+    On the run's own split (not zero-shot) it also fits the temperature on validation and chooses
+    the operating threshold on the *calibrated* validation probabilities (both stored in
+    run.json), and records the training scale (``patch_mpp``) from the training store.
 
     Args:
         run_dir: a run folder (``cmafnet.run``).
@@ -191,17 +194,23 @@ def evaluate_run(
         batch_size: inference batch size.
         bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
         choose_threshold: binary runs: choose the operating threshold on validation (and store it).
+        calibrate: fit (own split) and apply the run's temperature; False = uncalibrated (T = 1).
+        scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
+        aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
 
     Returns:
-        The metrics document also written to ``metrics_<name>.json`` (plus ``paths``).
+        The metrics document also written to ``metrics_<name>.json`` (plus ``paths``; with
+        ``scale_matched``: the scale-matched document, written to ``metrics_<name>_matched.json``).
 
     Raises:
         RunFolderError: no run / no model / store classes differ from the run's / split mismatch.
         ConfigError: bad ``split`` or ``--zero-shot`` on a multi-class run.
     """
     from cmafnet.data.store import PatchStore
-    from cmafnet.evaluation.stats import metric_cis
+    from cmafnet.evaluation.calibration import calibration_report
+    from cmafnet.evaluation.rows import metric_rows
     from cmafnet.inference.predict import Predictor, run_classes
+    from cmafnet.inference.scale import record_run_scale
     from cmafnet.run import load_run
 
     run_dir = Path(run_dir)
@@ -220,7 +229,7 @@ def evaluate_run(
         run = load_run(run_dir, device=_resolve_device(device))
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    predictor = Predictor(run, _resolve_device(device))
+    predictor = Predictor(run, _resolve_device(device), calibrate=False)  # logits; T applied here
     binary = len(classes) == 2
 
     split_obj = None
@@ -238,9 +247,27 @@ def evaluate_run(
     rows = _select(split, split_obj, len(y_all))
     name = ("zeroshot_" if zero_shot else "") + split
 
-    probs = predict_store(predictor, store, rows, y_all, batch_size=batch_size)
+    logits = predict_store(predictor, store, rows, y_all, batch_size=batch_size)
     y = y_all[rows]
+    if not zero_shot:
+        meta = record_run_scale(run_dir, meta, store, None if split_obj is None else split_obj.train)
+    val = None if (split_obj is None or zero_shot) else np.asarray(getattr(split_obj, "val", []))
+    val_logits, y_val = None, None
+    if val is not None and val.size:
+        val_logits = (
+            logits if split == "val" else predict_store(predictor, store, val, y_all, batch_size=batch_size)
+        )
+        y_val = y_all[val]
+    temp, cal_source, meta = choose_temperature(run_dir, meta, val_logits, y_val, calibrate)
+    probs = apply_temperature(logits, temp)
     n_bins = cfg.eval.ece_bins
+    op = None
+    if binary:
+        p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
+        op = operating_threshold(run_dir, meta, cfg, p_val, y_val, temp, choose_threshold and not zero_shot)
+    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
+    index = store.index
+    patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
     doc: dict[str, Any] = {
         "run": str(run_dir),
         "store": str(store_path),
@@ -253,105 +280,32 @@ def evaluate_run(
         "classes": classes,
         "store_classes": list(store.classes),
         "n": len(rows),
-        "metrics": classification_metrics(y, probs, 0.5, classes, n_bins=n_bins),
-    }
-
-    if binary:  # the clinical reading of a ROC curve: sensitivity at a fixed high specificity
-        doc["sensitivity_at_specificity"] = {
-            f"{spec:.2f}": sensitivity_at_specificity(y, probs[:, 1], spec) for spec in (0.90, 0.95, 0.99)
-        }
-
-    # Operating threshold: chosen on validation of the run's own split, reused for zero-shot.
-    if binary:
-        thr = _operating_threshold(
-            run_dir, meta, cfg, predictor, store, y_all, split_obj, split, probs, y, choose_threshold, zero_shot,
-            batch_size,
-        )  # fmt: skip
-        if thr is not None:
-            doc["operating_point"] = {
-                **thr,
-                "metrics": classification_metrics(y, probs, thr["value"], classes, n_bins=n_bins),
-            }
-
-    # Per magnification (BreakHis) with both thresholds.
-    index = store.index
-    by_mag = {}
-    for mag, sel in _groups(index, rows, "magnification").items():
-        entry = {
-            "n": int(sel.size),
-            "metrics": classification_metrics(y[sel], probs[sel], 0.5, classes, n_bins=n_bins),
-        }
-        if "operating_point" in doc:
-            entry["operating_metrics"] = classification_metrics(
-                y[sel], probs[sel], doc["operating_point"]["value"], classes, n_bins=n_bins
-            )
-        by_mag[mag] = entry
-    if by_mag:
-        doc["by_magnification"] = by_mag
-
-    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
-    if n_boot > 0:
-        patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
-        keys = CI_KEYS_BINARY if binary else CI_KEYS_MULTI
-        doc["ci"] = metric_cis(y, probs, keys=keys, groups=patients, n_boot=n_boot, seed=0)
+        "scale": {"mode": "squeeze", "description": f"every image resized to the model's {cfg.model.img_size} px input"},
+        "calibration": {**calibration_report(y, logits, temp, n_bins), "source": cal_source},
+        **metric_rows(y, probs, classes, op=op, patients=patients, groups=group_rows(index, rows, "magnification"),
+                      n_bins=n_bins, n_boot=n_boot),
+    }  # fmt: skip
 
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / f"predictions_{name}.csv"
     metrics_path = out / f"metrics_{name}.json"
     thr_value = doc.get("operating_point", {}).get("value", 0.5)
-    write_predictions(pred_path, index, rows, y, probs, classes, threshold=thr_value)
+    write_predictions(pred_path, index, rows, y, probs, classes, threshold=thr_value, logits=logits)
     doc["paths"] = {"predictions": str(pred_path), "metrics": str(metrics_path)}
+    if scale_match if scale_match is not None else zero_shot:
+        from cmafnet.evaluation.matched import scale_matched_evaluation
+
+        matched = scale_matched_evaluation(
+            predictor, store, rows, y, classes, doc, meta=meta, temp=temp, op=op, n_bins=n_bins, n_boot=n_boot,
+            aggregate=aggregate, out=out, batch_size=batch_size,
+        )  # fmt: skip
+        doc["paths"]["scale_matched"] = matched["paths"]["metrics"]
+        write_json(metrics_path, doc)
+        doc["scale_matched"] = matched
+        return doc
     write_json(metrics_path, doc)
     return doc
-
-
-def _operating_threshold(
-    run_dir: Path,
-    meta: dict,
-    cfg: Any,
-    predictor: Any,
-    store: Any,
-    y_all: np.ndarray,
-    split_obj: Any,
-    split: str,
-    probs: np.ndarray,
-    y: np.ndarray,
-    choose: bool,
-    zero_shot: bool,
-    batch_size: int,
-) -> dict | None:
-    """Choose (on validation) and store the operating threshold, or reuse the stored one."""
-    target = float(cfg.eval.target_sensitivity)
-    val = None if split_obj is None else np.asarray(getattr(split_obj, "val", []))
-    if choose and not zero_shot and val is not None and val.size:
-        if split == "val":
-            p_val, y_val = probs[:, 1], y
-        else:
-            p_val = predict_store(predictor, store, val, y_all, batch_size=batch_size)[:, 1]
-            y_val = y_all[val]
-        if not (y_val == 1).any():
-            log.warning("validation split has no positive sample: no operating threshold chosen")
-        else:
-            t = threshold_for_sensitivity(y_val, p_val, target)
-            info = {
-                "value": t,
-                "target_sensitivity": target,
-                "chosen_on": "val",
-                "n_val": int(y_val.size),
-                "val_sensitivity": float(np.mean(p_val[y_val == 1] >= t)),
-                "val_specificity": float(np.mean(p_val[y_val == 0] < t)) if (y_val == 0).any() else None,
-            }
-            update_meta(run_dir, threshold=t, threshold_info=info)
-            return info
-    stored = meta.get("threshold")
-    if isinstance(stored, dict):
-        stored = stored.get("value")
-    if isinstance(stored, (int, float)):
-        info = dict(meta.get("threshold_info") or {})
-        info.update(value=float(stored), chosen_on=info.get("chosen_on", "run.json"))
-        return info
-    return None
 
 
 def write_predictions(
@@ -363,8 +317,10 @@ def write_predictions(
     classes: list[str],
     *,
     threshold: float = 0.5,
+    logits: np.ndarray | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Per-image predictions CSV (atomic write)."""
+    """Per-image predictions CSV (atomic write): calibrated ``prob_<class>``, raw ``logit_<class>``."""
     import pandas as pd
 
     from cmafnet.run import atomic_write_bytes
@@ -384,6 +340,11 @@ def write_predictions(
         df["pred"] = probs.argmax(1)
     for col in ("subtype", "magnification", "source"):
         df[col] = sub[col].to_numpy() if col in sub.columns else None
+    if logits is not None:
+        for k, c in enumerate(classes):
+            df[f"logit_{c}"] = logits[:, k]
+    for col, values in (extra or {}).items():
+        df[col] = values
     atomic_write_bytes(path, df.to_csv(index=False).encode())
 
 
@@ -398,4 +359,6 @@ def load_predictions(path: str | Path) -> tuple[Any, list[str]]:
     classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
     if not classes or "label" not in df.columns:
         raise RunFolderError(f"{path}: not a predictions file (needs label and prob_<class> columns)")
+    # Rows without probabilities (not assessable at the training scale) carry no prediction.
+    df = df.dropna(subset=[f"prob_{c}" for c in classes]).reset_index(drop=True)
     return df, classes

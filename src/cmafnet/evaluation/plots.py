@@ -160,7 +160,8 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
     ]
     vals = [c for c in numeric if c.startswith("val_") and c[4:] in VAL_CURVES]
     info = [c for c in numeric if c.startswith("mi_") or c.startswith("i_")]
-    lrs = [c for c in numeric if c == "lr" or c.startswith("lr_") or c.endswith("_lr")]
+    # the learning rate and the effective learning rate per class (lr x the class's mean loss weight)
+    lrs = [c for c in numeric if c == "lr" or c.startswith(("lr_", "eff_lr_")) or c.endswith("_lr")]
     panels = [
         (n, cols)
         for n, cols in (
@@ -304,5 +305,39 @@ def plot_method_comparison(
     ax.set(ylabel="value", title="method comparison")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], n_bins: int = 10, title: str = ""
+) -> Figure:
+    """Reliability diagram: observed frequency vs mean predicted probability, before/after calibration.
+
+    ``curves`` maps a name to ``(y_true01, p_uncalibrated, p_calibrated)`` where ``y_true01`` is
+    the event (positive class, or "top label correct" for multi-class) and the probabilities are
+    the model's for that event. Bins are equal-width (``sklearn.calibration.calibration_curve``).
+    """
+    from sklearn.calibration import calibration_curve
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 4.3), squeeze=False)
+    for ax, (name, (y, p0, p1)) in zip(axes[0], curves.items()):
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
+        for p, label, color in (
+            (p0, "uncalibrated (T = 1)", _COLORS[1]),
+            (p1, "temperature-scaled", _COLORS[0]),
+        ):
+            frac, mean = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+            ax.plot(mean, frac, marker="o", color=color, label=label)
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="mean predicted probability",
+            ylabel="observed frequency",
+            title=name,
+        )
+        ax.legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -38,16 +38,16 @@ from cmafnet.evaluation.tables import (
     RunInfo,
     Table,
     as_table,
-    ci_tables,
+    calibration_tables,
     collect_run,
     fmt_cell,
     magnification_tables,
-    mcnemar_tests,
     paper_comparison,
     seed_aggregate,
     summary_tables,
     zero_shot_tables,
 )
+from cmafnet.evaluation.tables_stats import ci_tables, mcnemar_tests
 from cmafnet.run import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ def run_figures(run: RunInfo) -> list[tuple[str, bytes]]:
             figs.append(
                 (f"{run.name}: normalised confusion matrix, {ev_name} (Fig. 6 style)", plots.figure_png(fig))
             )
+    fig = reliability_figure(run)
+    if fig is not None:
+        figs.append(
+            (f"{run.name}: reliability diagrams before and after temperature scaling", plots.figure_png(fig))
+        )
     fig = plots.plot_training_curves(run.history, title=run.name)
     if fig is not None:
         figs.append((f"{run.name}: training curves (metrics.csv)", plots.figure_png(fig)))
@@ -116,6 +121,34 @@ def run_figures(run: RunInfo) -> list[tuple[str, bytes]]:
             (f"{run.name}: per-head attention entropy and temperature (Fig. 4)", plots.figure_png(fig))
         )
     return figs
+
+
+def reliability_figure(run: RunInfo) -> Any:
+    """Reliability diagrams of a run's evaluations whose predictions hold the raw logits (or None).
+
+    Binary: the positive class; multi-class: the top label (the event "argmax is right").
+    """
+    from scipy.special import softmax
+
+    from cmafnet.evaluation.evaluate import load_predictions
+
+    curves = {}
+    for ev_name, path in run.predictions.items():
+        try:
+            df, classes = load_predictions(path)
+        except RunFolderError:
+            continue
+        if not all(f"logit_{c}" in df.columns for c in classes) or len(df) == 0:
+            continue
+        y = df["label"].to_numpy(dtype=int)
+        p1 = df[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+        p0 = softmax(df[[f"logit_{c}" for c in classes]].to_numpy(dtype=float), axis=1)
+        if len(classes) == 2:
+            curves[ev_name] = ((y == 1).astype(int), p0[:, 1], p1[:, 1])
+        else:
+            correct = (p1.argmax(1) == y).astype(int)  # argmax is the same at any temperature
+            curves[ev_name] = (correct, p0.max(1), p1.max(1))
+    return plots.plot_reliability(curves, title=run.name) if curves else None
 
 
 def method_label(run: RunInfo) -> str:
@@ -244,6 +277,9 @@ def write_report(
     sections: list[tuple[str, list[Table], list[tuple[str, bytes]]]] = []
     summary, summary_data = summary_tables(runs)
     sections.append(("Metrics", summary + magnification_tables(runs) + ci_tables(runs), []))
+    cal_tables = calibration_tables(runs)
+    if cal_tables:
+        sections.append(("Calibration", cal_tables, []))
     agg_tables, agg_data = seed_aggregate(runs)
     if agg_tables:
         sections.append(("Mean ± std across runs (seeds)", agg_tables, []))

@@ -8,7 +8,6 @@ runs into :class:`Table` objects plus the plain data behind them (for ``report.j
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -16,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cmafnet.errors import RunFolderError
 from cmafnet.evaluation.metrics import FRACTION_METRICS, format_metric, format_metric_for
 from cmafnet.evaluation.paper import format_paper_cell, paper_table, paper_value
-from cmafnet.evaluation.stats import aggregate_seeds, format_mean_std, mcnemar, mean_std
+from cmafnet.evaluation.rows import short_rule, threshold_rule
+from cmafnet.evaluation.stats import aggregate_seeds, format_mean_std, mean_std
 from cmafnet.run import METRICS_FILE, read_meta
 
 log = logging.getLogger(__name__)
@@ -126,20 +124,26 @@ def summary_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
             if kind not in tables:
                 head = ["run", "evaluation", "n", "threshold", *cols]
                 note = (
-                    "percent except " + ", ".join(c for c in cols if c in FRACTION_METRICS) + " (fractions)"
-                )
+                    "percent except " + ", ".join(c for c in cols if c in FRACTION_METRICS) + " (fractions). "
+                    + ("Threshold: 'op t' = the run's operating threshold t, the highest whose validation "
+                       "sensitivity reaches the target (chosen on calibrated validation probabilities); "
+                       "'0.5' = the untuned default." if kind == "binary" else "Decisions by argmax.")
+                )  # fmt: skip
                 tables[kind] = Table(f"Summary ({kind})", head, [], note)
-            points = [(0.5, ev.get("metrics", {}))]
+            binary = kind == "binary"
+            points = [(0.5 if binary else None, None, ev.get("metrics", {}))]
             if "operating_point" in ev:
-                points.append((ev["operating_point"].get("value"), ev["operating_point"].get("metrics", {})))
-            for thr, m in points:
-                thr_txt = "argmax" if kind == "multi-class" else (f"{thr:.4f}" if thr is not None else "n/a")
+                op = ev["operating_point"]
+                points.insert(0, (op.get("value"), op, op.get("metrics", {})))  # operating point first
+            for thr, op, m in points:
                 tables[kind].rows.append(
-                    [run.name, name, ev.get("n"), thr_txt, *(_metric_cell(c, m.get(c)) for c in cols)]
-                )
+                    [run.name, ev_label(name, ev), ev.get("n"), short_rule(op, binary),
+                     *(_metric_cell(c, m.get(c)) for c in cols)]
+                )  # fmt: skip
                 data.setdefault(kind, []).append(
-                    {"run": run.name, "evaluation": name, "threshold": thr, **{c: m.get(c) for c in cols}}
-                )
+                    {"run": run.name, "evaluation": name, "threshold": thr, "rule": threshold_rule(op, binary),
+                     **{c: m.get(c) for c in cols}}
+                )  # fmt: skip
             if kind == "multi-class":
                 recall = ev.get("metrics", {}).get("per_class_recall") or {}
                 t = Table(
@@ -154,20 +158,33 @@ def summary_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], dict]:
     return list(tables.values()), data
 
 
-def ci_tables(runs: Sequence[RunInfo]) -> list[Table]:
-    """Bootstrap confidence intervals written by ``cmafnet evaluate`` (threshold 0.5)."""
+def ev_label(name: str, ev: dict) -> str:
+    """An evaluation's name with its scale mode when it is not the plain squeeze."""
+    scale = ev.get("scale") or {}
+    return f"{name} (scale-matched)" if scale.get("mode") == "match" else name
+
+
+def calibration_tables(runs: Sequence[RunInfo]) -> list[Table]:
+    """Temperature, ECE and Brier before / after calibration of every evaluation."""
     rows = []
     for run in runs:
         for name, ev in run.evaluations.items():
-            for metric, ci in (ev.get("ci") or {}).items():
-                pct = metric not in FRACTION_METRICS
-                f = lambda v, pct=pct: format_metric(v, 2 if pct else 3, percent=pct)  # noqa: E731
-                rows.append([run.name, name, metric, f(ci.get("point")), f(ci.get("low")), f(ci.get("high")),
-                             ci.get("by"), f"{ci.get('n_valid')}/{ci.get('n_boot')}"])  # fmt: skip
+            cal = ev.get("calibration")
+            if not cal:
+                continue
+            f = lambda v: format_metric(v, 3, percent=False)  # noqa: E731
+            rows.append([run.name, ev_label(name, ev), cal.get("n"), f"{cal.get('temperature', 1.0):.4g}",
+                         f(cal.get("ece_before")), f(cal.get("ece_after")), f(cal.get("brier_before")),
+                         f(cal.get("brier_after"))])  # fmt: skip
     if not rows:
         return []
-    cols = ["run", "evaluation", "metric", "point", "low", "high", "resampled by", "valid resamples"]
-    return [Table("Bootstrap 95% confidence intervals (percentile)", cols, rows)]
+    cols = ["run", "evaluation", "n", "temperature", "ECE before", "ECE after", "Brier before", "Brier after"]
+    note = (
+        "Temperature scaling: one scalar T fitted on the run's validation split by NLL; probabilities = "
+        "softmax(logits / T). It never changes a decision or a ranking metric, only what the probability means. "
+        "ECE: top-label, equal-width bins; Brier: positive class (binary only)."
+    )
+    return [Table("Calibration (temperature scaling)", cols, rows, note)]
 
 
 def zero_shot_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
@@ -185,15 +202,20 @@ def zero_shot_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
             if not ev.get("zero_shot") or not by_mag:
                 continue
             cols = [m for m in mags if m in by_mag] + [m for m in by_mag if m not in mags]
-            for label, key in (("0.5", "metrics"), ("operating", "operating_metrics")):
+            mode = "scale-matched" if (ev.get("scale") or {}).get("mode") == "match" else "squeezed"
+            op = ev.get("operating_point")
+            for label, key in ((short_rule(op), "operating_metrics"), ("0.5", "metrics")):
                 vals = [(by_mag[m].get(key) or {}).get("sensitivity") for m in cols]
                 if all(v is None for v in vals):
                     continue
+                counts = [by_mag[m].get("n") for m in cols]
                 mean, std, _ = mean_std(vals)
-                rows.append([f"{run.name} / {name} @ {label}", *(format_metric(v) for v in vals),
-                             format_metric(mean), format_metric(std)])  # fmt: skip
-                data.append({"run": run.name, "evaluation": name, "threshold": label, **dict(zip(cols, vals)),
-                             "average": mean, "std": std})  # fmt: skip
+                cells = [f"{format_metric(v)} (n={c})" for v, c in zip(vals, counts)]
+                rows.append(
+                    [f"{run.name} / {mode} @ {label}", *cells, format_metric(mean), format_metric(std)]
+                )
+                data.append({"run": run.name, "evaluation": name, "scale": mode, "threshold": label,
+                             **dict(zip(cols, vals)), "n": dict(zip(cols, counts)), "average": mean, "std": std})  # fmt: skip
     if not rows:
         return [], []
     for prow in paper["rows"]:
@@ -201,7 +223,12 @@ def zero_shot_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
             cells = [format_paper_cell(prow.get(m)) for m in mags]
             rows.append([f"paper: {prow['method']}", *cells, format_paper_cell(prow.get("average")),
                          format_paper_cell(prow.get("std_dev"))])  # fmt: skip
-    note = "Sensitivity (%) per magnification; std over magnifications (ddof=1). Paper rows from Table 3."
+    note = (
+        "Sensitivity (%) per magnification (n = images evaluated); std over magnifications (ddof=1). "
+        "'squeezed' resizes each whole image into the model input; 'scale-matched' resamples it to the "
+        "training microns per pixel and tiles it with the training patch size (images smaller than half a "
+        "patch at that scale are excluded). Paper rows from Table 3."
+    )
     return [Table("Zero-shot BreakHis (Table 3 layout)", ["run", *mags, "average", "std"], rows, note)], data
 
 
@@ -212,16 +239,24 @@ def magnification_tables(runs: Sequence[RunInfo]) -> list[Table]:
             by_mag = ev.get("by_magnification")
             if not by_mag:
                 continue
-            cols = _columns_for(ev.get("classes") or [])
-            rows = [
-                [mag, e.get("n"), *(_metric_cell(c, e["metrics"].get(c)) for c in cols)]
-                for mag, e in by_mag.items()
-            ]
-            rows.append(["overall", ev.get("n"), *(_metric_cell(c, ev["metrics"].get(c)) for c in cols)])
+            classes = ev.get("classes") or []
+            cols = _columns_for(classes)
+            op = ev.get("operating_point") if len(classes) == 2 else None
+            rows = []
+            overall = {
+                "n": ev.get("n"),
+                "metrics": ev.get("metrics", {}),
+                "operating_metrics": (op or {}).get("metrics"),
+            }
+            for mag, e in [*by_mag.items(), ("overall", overall)]:
+                points = [(short_rule(op), e.get("operating_metrics"))] if op else []
+                points.append((short_rule(None, len(classes) == 2), e.get("metrics")))
+                for rule, m in points:
+                    rows.append([mag, e.get("n"), rule, *(_metric_cell(c, (m or {}).get(c)) for c in cols)])
             out.append(
                 Table(
-                    f"Per magnification — {run.name} / {name} (threshold 0.5)",
-                    ["magnification", "n", *cols],
+                    f"Per magnification — {run.name} / {ev_label(name, ev)}",
+                    ["magnification", "n", "threshold", *cols],
                     rows,
                 )
             )
@@ -329,7 +364,8 @@ def paper_comparison(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
     if not rows:
         return [], []
     note = (
-        "Paper values as printed (mean ± std over 5 seeds); ours on this run's evaluation at threshold 0.5."
+        "Paper values as printed (mean ± std over 5 seeds); ours on this run's evaluation at threshold 0.5 "
+        "(the paper does not say which threshold its numbers use)."
     )
     return [
         Table(
@@ -339,72 +375,3 @@ def paper_comparison(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
             note,
         )
     ], data
-
-
-def mcnemar_tests(
-    runs: Sequence[RunInfo], pairs: Sequence[tuple[str, str]] | None = None
-) -> tuple[list[Table], list[dict]]:
-    """Exact McNemar between every pair of runs evaluated on the same images (same ids, same labels).
-
-    Predictions at 0.5 (binary) / argmax (multi-class), so every run is compared at the same rule.
-    """
-    from cmafnet.evaluation.evaluate import load_predictions
-
-    by_name = {r.path.name: r for r in runs} | {r.name: r for r in runs}  # display or folder name
-    if pairs:
-        for a, b in pairs:
-            for n in (a, b):
-                if n not in by_name:
-                    raise RunFolderError(
-                        f"--compare: '{n}' is not one of the report's runs {sorted(by_name)}"
-                    )
-        todo = [(by_name[a], by_name[b]) for a, b in pairs]
-    else:
-        todo = list(itertools.combinations(runs, 2))
-    rows, data = [], []
-    for ra, rb in todo:
-        for ev in sorted(set(ra.predictions) & set(rb.predictions)):
-            da, ca = load_predictions(ra.predictions[ev])
-            db, cb = load_predictions(rb.predictions[ev])
-            key = "id" if "id" in da.columns and da["id"].notna().all() else "row"
-            if ca != cb or len(da) != len(db) or set(da[key]) != set(db[key]):
-                continue  # not the same test set
-            merged = da.merge(db, on=key, suffixes=("_a", "_b"))
-            if not (merged["label_a"] == merged["label_b"]).all():
-                continue
-            y = merged["label_a"].to_numpy()
-            pa = _decide(merged, ca, "_a")
-            pb = _decide(merged, cb, "_b")
-            r = mcnemar(y, pa, pb)
-            rows.append(
-                [
-                    ra.name,
-                    rb.name,
-                    ev,
-                    r["n"],
-                    format_metric(r["acc_a"]),
-                    format_metric(r["acc_b"]),
-                    r["b"],
-                    r["c"],
-                    f"{r['pvalue']:.3g}",
-                ]
-            )
-            data.append({"run_a": ra.name, "run_b": rb.name, "evaluation": ev, **r})
-    if not rows:
-        return [], []
-    note = "b = A right & B wrong, c = A wrong & B right; two-sided exact binomial test on b of b + c (scipy binomtest)."
-    return [
-        Table(
-            "Exact McNemar tests (paired predictions)",
-            ["run A", "run B", "evaluation", "n", "acc A (%)", "acc B (%)", "b", "c", "p-value"],
-            rows,
-            note,
-        )
-    ], data
-
-
-def _decide(df: Any, classes: list[str], suffix: str) -> np.ndarray:
-    probs = np.stack([df[f"prob_{c}{suffix}"].to_numpy(dtype=float) for c in classes], axis=1)
-    if len(classes) == 2:
-        return (probs[:, 1] >= 0.5).astype(int)
-    return probs.argmax(1)

@@ -305,7 +305,7 @@ def table8(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     dev, size, batch = first.get("device"), first.get("img_size"), first.get("batch")
     tab.notes.append(
         f"Measured on {dev or '?'} at {size} px, batch {batch} (train/infer), {get_path(first, 'bench.amp')} autocast, "
-        "by cmafnet.analysis.profiling. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
+        "by cmafnet.bench. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); "
         "the paper's FPS matches batch-1 latency (SPEC §7), compare it with our Batch-1 FPS. Train img/s is the "
         "training recipe's step: with SAM (two forward/backward passes) for CMAF-Net, plain AdamW for baselines; "
         "peak memory is that of the plain step."

@@ -1,6 +1,10 @@
-"""Rough GPU cost of each table at paper scale, from measured anchor throughputs.
+"""Rough GPU cost of each table at paper scale, from measured throughputs.
 
-Assumptions (printed by ``cmafnet experiment --list``):
+``cmafnet experiment --list --calibrate RUN_DIR`` replaces the assumed training throughput of a run's
+model with what that run measured (``run.json`` ``stage_throughput``: images per second of each stage's
+optimiser steps with their data path), stage by stage for rows whose stages it measured.
+
+Assumptions otherwise (printed by ``cmafnet experiment --list``):
 
 * throughputs: a file named by ``CMAFNET_GPU_ANCHOR`` (anchor JSON: one GPU, bf16, eager, 224 px, batch 128) when
   present, else the copy of those numbers below; models without an anchor are estimated from their
@@ -17,9 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
-from cmafnet.config import parse_ratio
+from cmafnet.config import load_config, parse_ratio
+from cmafnet.errors import RunFolderError
 from cmafnet.experiments.spec import RunSpec
 
 # (train img/s, infer img/s) on one H200 from gpu_anchor_h200.json, used when the file is absent.
@@ -87,6 +94,67 @@ def method_rate(model: str, rates: dict[str, tuple[float, float]]) -> tuple[floa
     return (tr / 2.0, inf)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Training throughput a run measured: img/s per stage name and over all its stages."""
+
+    model: str
+    stage_img_s: dict[str, float]
+    mean_img_s: float
+    device: str
+    img_size: int
+    source: str
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.stage_img_s.items())
+        return f"{self.model}: {stages} img/s ({self.device}, {self.img_size} px; {self.source})"
+
+
+def load_calibration(run_dir: str | Path) -> Calibration:
+    """The measured per-stage training throughput of a run folder (``cmafnet train`` records it).
+
+    Raises:
+        RunFolderError: no run.json, or a run that finished no epoch (nothing measured).
+    """
+    path = Path(run_dir) / "run.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunFolderError(
+            f"--calibrate {run_dir}: cannot read {path.name} ({type(err).__name__})"
+        ) from None
+    speed = {k: v for k, v in (meta.get("stage_throughput") or {}).items() if v.get("img_s")}
+    if not speed:
+        raise RunFolderError(
+            f"--calibrate {run_dir}: the run records no training throughput (no epoch finished)"
+        )
+    images = sum(v["images"] for v in speed.values())
+    seconds = sum(v["seconds"] for v in speed.values())
+    return Calibration(
+        model=str(meta.get("model", "cmafnet")), stage_img_s={k: float(v["img_s"]) for k, v in speed.items()},
+        mean_img_s=images / seconds, device=str(meta.get("device", "?")), img_size=int(meta.get("img_size", 0)),
+        source=str(run_dir),
+    )  # fmt: skip
+
+
+@cache
+def _stage_epochs(base: str, overrides: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple((st.name, st.epochs) for st in load_config(base, list(overrides)).train.stages)
+
+
+def _train_seconds(
+    spec: RunSpec, model: str, n_train: float, tr: float, calib: dict[str, Calibration]
+) -> float:
+    """Training seconds of a run: the calibrated stages at their measured speed, the rest at ``tr``."""
+    c = calib.get(model)
+    if c is None:
+        return EPOCHS * n_train / tr
+    return sum(
+        epochs * n_train / c.stage_img_s.get(name, c.mean_img_s)
+        for name, epochs in _stage_epochs(spec.base, spec.overrides)
+    )
+
+
 def _idc_sizes(ratio: str | None) -> tuple[float, float, float]:
     train, val, test = 0.7 * IDC_TOTAL, 0.1 * IDC_TOTAL, 0.2 * IDC_TOTAL
     if ratio:
@@ -97,8 +165,11 @@ def _idc_sizes(ratio: str | None) -> tuple[float, float, float]:
     return train, val, test
 
 
-def run_seconds(spec: RunSpec, rates: dict[str, tuple[float, float]]) -> float:
-    """Estimated seconds of one run on one GPU (paper scale)."""
+def run_seconds(
+    spec: RunSpec, rates: dict[str, tuple[float, float]], calib: dict[str, Calibration] | None = None
+) -> float:
+    """Estimated seconds of one run on one GPU (paper scale); ``calib`` maps model names to measured
+    training throughputs (:func:`load_calibration`)."""
     if spec.evaluation == "profile":
         return PROFILE_S
     model = next((o.split("=", 1)[1] for o in spec.overrides if o.startswith("model.name=")), "cmafnet")
@@ -108,12 +179,14 @@ def run_seconds(spec: RunSpec, rates: dict[str, tuple[float, float]]) -> float:
     else:
         train, val, test = _idc_sizes(spec.column)
     extra = BREAKHIS_TOTAL / inf if spec.evaluation == "zeroshot" else 0.0
-    return EPOCHS * (train / tr + val / inf) + test / inf + extra
+    return _train_seconds(spec, model, train, tr, calib or {}) + EPOCHS * val / inf + test / inf + extra
 
 
-def table_cost(specs: list[RunSpec], rates: dict[str, tuple[float, float]]) -> float:
+def table_cost(
+    specs: list[RunSpec], rates: dict[str, tuple[float, float]], calib: dict[str, Calibration] | None = None
+) -> float:
     """GPU-hours of a table's distinct runs."""
     seen: dict[str, float] = {}
     for s in specs:
-        seen.setdefault(s.run_id, run_seconds(s, rates))
+        seen.setdefault(s.run_id, run_seconds(s, rates, calib))
     return sum(seen.values()) / 3600.0

@@ -184,13 +184,12 @@ def convergence_from_curve(vals: list[float], fraction: float = 0.9, last: int =
 def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     """Table 8 for one model: params, forward GMACs, peak training memory, throughput, batch-1 latency.
 
-    Uses the benchmark module (``cmafnet.analysis.profiling``) at the config's image size; the
+    Uses the benchmark (``cmafnet.bench``, the trainer's own step) at the config's image size; the
     paper's "FLOPs (G)" are reported as MACs (FLOPs / 2), see docs/decisions/experiments.md.
     """
     import torch
 
-    from cmafnet.analysis.profiling import ModelBench, Timing, bench_model
-    from cmafnet.models import create_model
+    from cmafnet.bench import ModelBench, Timing, bench_model, trainer_parts
 
     cfg = load_config(spec.base, list(spec.overrides))
     dev = ctx.device if ctx.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,13 +203,16 @@ def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
         latency_steps=3 if smoke else 50,
     )
     batch = 4 if smoke else cfg.train.batch_size
+    parts = trainer_parts(cfg, device, cfg.model.img_size)
     rec = bench_model(
         ModelBench(
             name=spec.row,
-            build=lambda: create_model(cfg.model),
+            build=parts["build"],
+            trainer=parts["trainer"],
             channels_last=device.type == "cuda",
-            # the recipe's own optimiser step: CMAF-Net trains with SAM (two passes), baselines without
-            sam_rho=cfg.train.sam.rho if cfg.train.sam.enabled else None,
+            # the recipe's own optimiser step through the trainer: CMAF-Net trains with SAM (two passes)
+            sam=cfg.train.sam.enabled,
+            fused_adamw=cfg.train.fused_adamw,
         ),
         timing,
         size=cfg.model.img_size,

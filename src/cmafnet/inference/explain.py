@@ -10,7 +10,9 @@
   convolution, for the positive class of a binary run or the predicted class otherwise.
 
 Each map is min-max scaled per image, upsampled bilinearly to the displayed image and blended with
-a colour map; one PNG per image (image | map(s)) is written to the output folder.
+a colour map; one PNG per image (image | map(s)) is written to the output folder, under a header
+naming the file, the probability of the positive (or predicted) class and the decision with its
+threshold, and a label over each panel.
 """
 
 from __future__ import annotations
@@ -87,6 +89,26 @@ def _display(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
 
 
+HEADER_PX = 22  # title bar height
+LABEL_PX = 16  # panel label bar height
+
+
+def titled(canvas: np.ndarray, title: str, labels: list[str]) -> np.ndarray:
+    """``canvas`` (equal-width panels side by side) under a title bar and one label per panel."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = canvas.shape[:2]
+    out = Image.new("RGB", (w, h + HEADER_PX + LABEL_PX), (255, 255, 255))
+    out.paste(Image.fromarray(canvas), (0, HEADER_PX + LABEL_PX))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=12)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
+    pw = w // max(1, len(labels))
+    for k, label in enumerate(labels):
+        draw.text((k * pw + 4, HEADER_PX + 1), label, fill=(60, 60, 60), font=font)
+    return np.asarray(out)
+
+
 class Explainer:
     """Writes one overlay PNG per image for the predictor's model."""
 
@@ -97,6 +119,16 @@ class Explainer:
         self.count = 0
         self.kind: str | None = None  # "cmaf" | "gradcam", decided on the first batch
         self._cam = None
+
+    def _title(self, name: str, p: np.ndarray, decision: str) -> str:
+        classes = self.predictor.classes
+        if len(classes) == 2:
+            head = f"P({classes[1]}) = {p[1]:.3f}"
+            rule = f"threshold {self.predictor.threshold:.3g}"
+        else:
+            k = int(np.argmax(p))
+            head, rule = f"P({classes[k]}) = {p[k]:.3f}", "argmax"
+        return f"{name}  |  {head}  |  decision: {decision} ({rule})"
 
     def _name(self, path: Path) -> Path:
         self.count += 1
@@ -141,21 +173,37 @@ class Explainer:
             cams = self._cam(input_tensor=x.detach().clone(), targets=targets)  # (B, S, S) in [0, 1]
         return np.asarray(cams)
 
-    def explain(self, images: list[np.ndarray], paths: list[Path]) -> list[Path]:
-        """Write overlays for a batch of same-size uint8 RGB images; returns the PNG paths."""
+    def explain(
+        self,
+        images: list[np.ndarray],
+        paths: list[Path],
+        probs: np.ndarray | None = None,
+        decisions: list[str] | None = None,
+    ) -> list[Path]:
+        """Write overlays for a batch of same-size uint8 RGB images; returns the PNG paths.
+
+        ``probs`` ``(B, C)`` and ``decisions`` (what the prediction reported) title the panels;
+        without them the predictor computes them from the images.
+        """
         from PIL import Image
 
         x = self.predictor.to_input(images)
+        if probs is None:
+            probs = self.predictor.probs_from_input(x)
+        if decisions is None:
+            decisions = self.predictor.decide(probs)
         try:
             names, maps = self._maps(x)
         except Exception as err:  # an explanation must never stop prediction
             log.warning("explanation failed for a batch (%s: %s)", type(err).__name__, err)
             return []
         written = []
-        for img, path, m in zip(images, paths, maps):
+        for img, path, m, p, dec in zip(images, paths, maps, probs, decisions):
             disp = _display(img)
             panels = [disp] + [overlay(disp, m[k]) for k in range(len(names))]
-            canvas = np.concatenate(panels, axis=1)
+            canvas = titled(
+                np.concatenate(panels, axis=1), self._title(Path(path).name, p, dec), ["image", *names]
+            )
             target = self._name(path)
             Image.fromarray(canvas).save(target)
             written.append(target)

@@ -9,10 +9,14 @@ be at most ``tolerance`` (1e-4), otherwise :class:`ParityError` is raised.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import math
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_TOLERANCE = 1e-4
+MIN_OPSET = 18  # torch's dynamo exporter implements opset 18 and later
 
 
 class ParityError(CmafnetError):
@@ -58,23 +63,84 @@ class ExportResult:
         return self.max_abs_diff <= self.tolerance
 
 
+# Library loggers that print INFO lines for every exporter pass; shown only with ``cmafnet -v``.
+_CHATTY_LOGGERS = ("onnx", "onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Exporter chatter (deprecations, onnxscript notes, per-pass INFO logs) off unless debugging."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets the exporter can write: torch's minimum to the installed onnx's newest."""
+    import onnx.defs
+
+    return MIN_OPSET, int(onnx.defs.onnx_opset_version())
+
+
+def _written_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter (deprecations, onnxscript notes)
+    with _quiet_exporters():
         prog = torch.onnx.export(
             wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probs"],
             dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
         )  # fmt: skip
     prog.save(str(path))
+    written = _written_opset(path)
+    if written != opset:  # the sidecar must never record an opset the file does not have
+        raise CmafnetError(f"the exporter wrote opset {written} instead of the requested {opset}")
 
 
-def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+def _exported_probs(fmt: str, path: Path, x: torch.Tensor) -> np.ndarray:
+    """Probabilities of the exported file for ``x`` (onnxruntime CPU, or TorchScript)."""
+    if fmt == "onnx":
+        import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: x})[0]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.inference_mode():
+        return loaded(x).numpy()
+
+
+def _check_args(fmt: str, opset: int, tolerance: float) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a number >= 0, got {tolerance}")
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"ONNX export needs {', '.join(missing)}: pip install 'cmafnet[export]' (or -e '.[export]')"
+            )
+        lo, hi = opset_range()
+        if not lo <= opset <= hi:
+            raise ConfigError(f"--opset {opset}: the ONNX exporter writes opsets {lo} to {hi}")
 
 
 def export_model(
@@ -90,19 +156,15 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` (CPU, eval) and check parity on random inputs at several batch sizes.
 
+    The file is written under a temporary name and renamed when the export and the parity run
+    finished (a failed export leaves nothing; a failed parity check keeps the file to inspect).
+
     Raises:
-        ConfigError: unknown format.
+        ConfigError: unknown format, an opset outside :func:`opset_range`, a negative tolerance.
         CmafnetError: the exporter failed (message says which stage).
         ParityError: the reloaded model disagrees with PyTorch by more than ``tolerance``.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if fmt == "onnx":
-        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(
-                f"ONNX export needs {', '.join(missing)}: pip install 'cmafnet[export]' (or -e '.[export]')"
-            )
+    _check_args(fmt, opset, tolerance)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ProbabilityModel(model.cpu().eval()).eval()
@@ -111,37 +173,39 @@ def export_model(
     examples = [torch.randn(b, 3, img_size, img_size, generator=gen) for b in check_batch_sizes]
     with torch.inference_mode():
         refs = [wrapper(x).numpy() for x in examples]
+    tmp = out.with_name(f".{out.name}.partial")
     try:
-        if fmt == "onnx":
-            _export_onnx(wrapper, examples[-1], out, opset)
-        else:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still shipped
-                scripted = torch.jit.trace(wrapper, examples[-1], check_trace=False)
-            scripted.save(str(out))
-    except Exception as err:
-        raise CmafnetError(
-            f"{fmt} export failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}"
-        ) from err
-    diffs = []
-    for x, ref in zip(examples, refs):
-        if fmt == "onnx":
-            got = _run_onnx(out, x.numpy())
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                loaded = torch.jit.load(str(out), map_location="cpu").eval()
-            with torch.inference_mode():
-                got = loaded(x).numpy()
-        if got.shape != ref.shape:
-            raise ParityError(
-                f"exported model returned shape {got.shape} for input batch {x.shape[0]}, expected {ref.shape}"
-            )
-        diffs.append(float(np.abs(got - ref).max()))
-    result = ExportResult(
+        try:
+            if fmt == "onnx":
+                _export_onnx(wrapper, examples[-1], tmp, opset)
+            else:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter(
+                        "ignore", FutureWarning
+                    )  # torch.jit is deprecated but still shipped
+                    scripted = torch.jit.trace(wrapper, examples[-1], check_trace=False)
+                scripted.save(str(tmp))
+        except CmafnetError:
+            raise
+        except Exception as err:
+            raise CmafnetError(
+                f"{fmt} export failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}"
+            ) from err
+        diffs = []
+        for x, ref in zip(examples, refs):
+            got = _exported_probs(fmt, tmp, x)
+            if got.shape != ref.shape:
+                raise ParityError(
+                    f"exported model returned shape {got.shape} for input batch {x.shape[0]}, expected {ref.shape}"
+                )
+            diffs.append(float(np.abs(got - ref).max()))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return ExportResult(
         out, fmt, max(diffs), tolerance, tuple(check_batch_sizes), opset if fmt == "onnx" else None
     )
-    return result
 
 
 def export_run(
@@ -155,12 +219,16 @@ def export_run(
     """Export a run folder's model; writes ``<out>`` and ``<out>.json`` (classes, img_size, mean/std,
     threshold, parity). Raises :class:`ParityError` if the parity check fails (the file is kept for
     inspection)."""
+    from cmafnet.data.safety import check_output_file
     from cmafnet.data.transforms import input_normalization
     from cmafnet.inference.predict import run_classes, run_threshold
 
-    run = load_run(run_dir, device="cpu")
+    _check_args(fmt, opset, tolerance)  # before any work
     suffix = ".onnx" if fmt == "onnx" else ".pt"
-    out = Path(out) if out is not None else Path(run_dir) / f"model{suffix}"
+    out = check_output_file(
+        out if out is not None else Path(run_dir) / f"model{suffix}", "--out", f"model{suffix}"
+    )
+    run = load_run(run_dir, device="cpu")
     img_size = run.config.model.img_size
     res = export_model(run.model, img_size, out, fmt, opset=opset, tolerance=tolerance)
     threshold, source = run_threshold(run.meta)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmafnet.data.safety import check_output_dir, check_output_file, one_line, text_stream
+from cmafnet.data.validation import decode_image
 from cmafnet.errors import InputDataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -35,18 +37,22 @@ class InputItem:
 def discover_inputs(inputs: list[str | Path]) -> list[InputItem]:
     """Expand files, folders (recursive, image extensions) and CSV lists into image items.
 
-    Missing paths and unreadable CSVs raise :class:`InputDataError`; an empty folder adds nothing
-    (the caller decides whether "nothing at all" is an error). Order is stable (sorted per folder).
+    A named path that does not exist (or is not a regular file) becomes an item like any other, so
+    it gets a per-item reason exactly as the same path listed in a CSV would; an empty folder adds
+    nothing (the caller decides whether "nothing at all" is an error). Order is stable (sorted per
+    folder).
+
+    Raises:
+        InputDataError: a CSV list that is not UTF-8 text or lacks a ``path`` column.
     """
     items: list[InputItem] = []
     for raw in inputs:
         p = Path(raw)
-        if not p.exists():
-            raise InputDataError(f"{p}: no such file or folder")
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+            # not is_dir: a FIFO or device named like an image gets a per-item reason, never a read
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.is_dir())
             items.extend(InputItem(q, str(p)) for q in found)
-        elif p.suffix.lower() == ".csv":
+        elif p.suffix.lower() == ".csv" and p.exists():
             items.extend(InputItem(q, str(p)) for q in _read_csv_list(p))
         else:
             # An explicitly named file is always attempted, so a wrong extension gets a per-item reason.
@@ -56,70 +62,40 @@ def discover_inputs(inputs: list[str | Path]) -> list[InputItem]:
 
 def _read_csv_list(path: Path) -> list[Path]:
     """Paths from the ``path`` column of a CSV; relative paths are relative to the CSV's folder."""
+    reader = csv.DictReader(text_stream(path, "CSV input list"))
     try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise InputDataError(
-                    f"{path}: a CSV input list needs a 'path' column (got {reader.fieldnames})"
-                )
-            out = []
-            for row in reader:
-                value = (row.get("path") or "").strip()
-                if value:
-                    q = Path(value)
-                    out.append(q if q.is_absolute() else path.parent / q)
-            return out
-    except UnicodeDecodeError as err:
-        raise InputDataError(f"{path}: not a text CSV ({err})") from None
+        fieldnames = reader.fieldnames
+        if fieldnames is None or "path" not in fieldnames:
+            raise InputDataError(f"{path}: a CSV input list needs a 'path' column (got {fieldnames})")
+        out = []
+        for row in reader:
+            value = (row.get("path") or "").strip()
+            if value:
+                q = Path(value)
+                out.append(q if q.is_absolute() else path.parent / q)
+        return out
+    except csv.Error as err:
+        raise InputDataError(f"{path}: not a readable CSV ({one_line(err)})") from None
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """Decode one image as uint8 ``(H, W, 3)``; raise :class:`BadImageError` with the reason.
 
-    Uses the data package's input policy (:func:`cmafnet.data.validation.decode_image`) so that
-    prediction accepts and rejects exactly what ingest does, minus the dataset size policy
+    Uses the data package's input policy and safety caps (:func:`cmafnet.data.validation.decode_image`)
+    so that prediction accepts and rejects exactly what ingest does, minus the dataset size policy
     (prediction resizes any size to the model's input).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError("not found")
-    try:
-        from cmafnet.data.validation import decode_image
-    except ImportError:  # pragma: no cover - data package always present in a full install
-        return _load_rgb_pil(path)
     dec = decode_image(path)
     if dec.array is None:
         raise BadImageError(f"{dec.reason}: {dec.detail}" if dec.detail else str(dec.reason))
     return dec.array
 
 
-def _load_rgb_pil(path: Path) -> np.ndarray:
-    """Minimal PIL checks (same policy) when the data package is unavailable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise BadImageError("zero bytes")
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            im.load()  # full decode: truncated files fail here, not later
-            arr = np.asarray(im)
-    except UnidentifiedImageError:
-        raise BadImageError("not an image") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt data
-        raise BadImageError(f"truncated or corrupt: {err}") from None
-    if mode == "RGB":
-        return np.ascontiguousarray(arr)
-    if mode == "RGBA":
-        if arr[..., 3].min() < 255:
-            raise BadImageError("RGBA with transparency")
-        return np.ascontiguousarray(arr[..., :3])
-    if mode in ("L", "1", "LA"):
-        raise BadImageError(f"grayscale: mode {mode}")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        raise BadImageError(f"16-bit: mode {mode}")
-    raise BadImageError(f"unsupported colour mode: mode {mode}")
+def check_outputs(out_csv: str | Path, explain_dir: str | Path | None = None) -> None:
+    """Refuse an output CSV that is a folder, or an explanation folder that is a file."""
+    check_output_file(out_csv, "--out")
+    if explain_dir is not None:
+        check_output_dir(explain_dir, "--explain")
 
 
 def iter_images(items: list[InputItem]) -> Iterator[tuple[InputItem, np.ndarray | None, str]]:

@@ -19,10 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cmafnet.errors import InputDataError
-from cmafnet.inference.io import InputItem, discover_inputs, iter_images
+from cmafnet.errors import ConfigError, InputDataError
+from cmafnet.inference.calibration import (
+    apply_temperature,
+    run_temperature,
+    threshold_at_temperature,
+    threshold_temperature,
+)
+from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
+from cmafnet.inference.preprocess import build_preprocess
+from cmafnet.inference.scale import matching_scale, predict_scaled
 from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
 from cmafnet.run import LoadedRun, load_run
 
@@ -55,7 +62,7 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
     """
     if override is not None:
         if not 0.0 <= override <= 1.0:
-            raise InputDataError(f"--threshold must be in [0, 1], got {override}")
+            raise ConfigError(f"--threshold must be in [0, 1], got {override}")
         return float(override), "argument"
     for key in ("threshold", "operating_threshold"):
         value = meta.get(key)
@@ -64,49 +71,6 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
         if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
             return float(value), f"run.json:{key}"
     return DEFAULT_THRESHOLD, "default"
-
-
-def build_preprocess(
-    run: LoadedRun, device: torch.device
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """The run's evaluation preprocessing: uint8 ``(B, 3, H, W)`` -> normalised float at ``img_size``.
-
-    Uses the data package's ``GPUPreprocess(train=False)`` (Macenko with the run's stain reference,
-    resize, mean/std) when it is installed; otherwise resize + mean/std only, and says so.
-    Returns the callable and a short description for the log / summary.
-    """
-    cfg = run.config
-    img_size = cfg.model.img_size
-    try:
-        from cmafnet.data.transforms import GPUPreprocess
-    except ImportError:
-        GPUPreprocess = None
-    if GPUPreprocess is not None:
-        ref = run.meta.get("stain_reference")
-        pre = GPUPreprocess(cfg.data, img_size, train=False, stain_reference=ref).to(device).eval()
-        if not cfg.data.stain.enabled:
-            what = "GPUPreprocess(train=False), stain normalisation off (as in training)"
-        elif ref:
-            what = f"GPUPreprocess(train=False), Macenko with the run's stain reference ({ref.get('source', 'run.json')})"
-        else:
-            what = "GPUPreprocess(train=False), Macenko with the standard H&E reference (run.json has none)"
-        return pre, what
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    mean = torch.tensor(cfg.data.mean or IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std or IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
-    mode = cfg.data.interpolation
-
-    def fallback(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-        if x.shape[-2:] != (img_size, img_size):
-            x = F.interpolate(x, size=(img_size, img_size), mode=mode, align_corners=False, antialias=True)
-        return (x.clamp_(0, 1) - mean) / std
-
-    what = "resize+normalise (cmafnet.data.transforms missing"
-    what += ", NO stain normalisation)" if cfg.data.stain.enabled else ")"
-    log.warning("preprocessing: %s", what)
-    return fallback, what
 
 
 class Predictor:
@@ -119,6 +83,7 @@ class Predictor:
         threshold: float | None = None,
         *,
         fast: bool = False,
+        calibrate: bool = True,
     ):
         self.run = run
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -137,7 +102,16 @@ class Predictor:
             self._forward = torch.compile(self.model, dynamic=False)
         self.classes = run_classes(run)
         self.img_size = run.config.model.img_size
+        # Probabilities are softmax(logits / T) with the run's validation-fitted temperature (1 when
+        # off or never fitted); see cmafnet.inference.calibration.
+        self.temperature, self.calibration = run_temperature(run.meta, calibrate)
         self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
+        if self.threshold_source.startswith("run.json"):
+            # A stored threshold was chosen at some temperature: the same decisions at ours.
+            t_chosen = threshold_temperature(run.meta)
+            if abs(t_chosen - self.temperature) > 1e-12:
+                self.threshold = threshold_at_temperature(self.threshold, t_chosen, self.temperature)
+                self.threshold_source += f" (chosen at T={t_chosen:.4g}, mapped to T={self.temperature:.4g})"
         if len(self.classes) != 2:
             self.threshold_source = "argmax"  # multi-class: no single operating threshold
         self.preprocess, self.preprocess_desc = build_preprocess(run, self.device)
@@ -150,9 +124,10 @@ class Predictor:
         threshold: float | None = None,
         *,
         fast: bool = False,
+        calibrate: bool = True,
     ) -> Predictor:
         dev = resolve_device(device)
-        return cls(load_run(run_dir, device=str(dev)), dev, threshold, fast=fast)
+        return cls(load_run(run_dir, device=str(dev)), dev, threshold, fast=fast, calibrate=calibrate)
 
     def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
         """Same-size uint8 ``(H, W, 3)`` images -> normalised model input ``(B, 3, S, S)``."""
@@ -161,13 +136,22 @@ class Predictor:
             return self.preprocess(x)
 
     @torch.inference_mode()
-    def probs_from_input(self, x: torch.Tensor) -> np.ndarray:
+    def logits_from_input(self, x: torch.Tensor) -> np.ndarray:
+        """Uncalibrated logits ``(B, C)`` (float64) of a preprocessed batch."""
         if self.fast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = self._forward(x.contiguous(memory_format=torch.channels_last))  # (B, C)
         else:
             logits = self._forward(x)  # (B, C)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return logits.float().cpu().numpy().astype(np.float64)
+
+    def probs_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """``softmax(logits / T)`` at the predictor's temperature."""
+        return apply_temperature(logits, self.temperature)
+
+    def probs_from_input(self, x: torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities ``(B, C)`` of a preprocessed batch."""
+        return self.probs_from_logits(self.logits_from_input(x))
 
     def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities ``(B, C)`` for same-size uint8 RGB images."""
@@ -197,6 +181,8 @@ class PredictSummary:
     threshold_source: str = "default"
     preprocess: str = ""
     explain_dir: Path | None = None
+    calibration: str = ""
+    scale: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
 
     def as_dict(self) -> dict[str, Any]:
@@ -209,7 +195,7 @@ class PredictSummary:
 def _columns(classes: list[str]) -> list[str]:
     return [
         "path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
-        "tissue_fraction", "pen_fraction", "flags", "error",
+        "tissue_fraction", "pen_fraction", "flags", "scale", "n_tiles", "error",
     ]  # fmt: skip
 
 
@@ -226,22 +212,33 @@ def predict_files(
     explain_dir: str | Path | None = None,
     progress: bool = True,
     fast: bool = False,
+    calibrate: bool = True,
+    mpp: float | None = None,
+    aggregate: str = "mean",
 ) -> PredictSummary:
     """Predict every image in ``inputs`` and write ``out_csv`` (one row per input, input order).
 
     Images are decoded one at a time and grouped by size into batches (the model's resize happens
-    inside the preprocessing, as in training), so memory stays bounded by a few batches.
+    inside the preprocessing, as in training), so memory stays bounded by a few batches. With
+    ``mpp`` (the inputs' microns per pixel) every image is instead resampled to the run's training
+    scale and tiled with its patch size (:mod:`cmafnet.inference.scale`), tile probabilities
+    aggregated by ``aggregate``; an image smaller than half a patch at that scale is not assessable.
 
     Raises:
+        ConfigError: ``batch_size`` < 1, or ``out_csv`` / ``explain_dir`` is not a usable path.
         InputDataError: no inputs at all (empty folder), or not a single decodable image.
         RunFolderError: the run folder lacks a config, metadata or model weights.
     """
     if batch_size < 1:
-        raise InputDataError(f"--batch must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
+    check_outputs(out_csv, explain_dir)  # before any work: never a traceback after it
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
-    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold, fast=fast)
+    predictor = Predictor.from_run_dir(
+        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
+    )
+    scale = matching_scale(predictor.run.meta, predictor.classes, mpp, aggregate)
     explainer = None
     if explain_dir is not None:
         from cmafnet.inference.explain import Explainer
@@ -252,7 +249,10 @@ def predict_files(
     summary = PredictSummary(
         out=out_csv, n_inputs=len(items), threshold=predictor.threshold,
         threshold_source=predictor.threshold_source, preprocess=predictor.preprocess_desc,
-        explain_dir=Path(explain_dir) if explain_dir else None,
+        explain_dir=Path(explain_dir) if explain_dir else None, calibration=predictor.calibration,
+        scale=(f"matched: inputs at {mpp:g} um/px resampled to {scale.describe()}, tiles aggregated by {aggregate}"
+               if scale else f"squeezed: each image resized to the model's {predictor.img_size} px input "
+               "(pass --mpp to match the training scale)"),
     )  # fmt: skip
     classes = predictor.classes
     tmp = out_csv.with_name(f".{out_csv.name}.partial")
@@ -268,6 +268,8 @@ def predict_files(
         }  # fmt: skip
 
     def run_group(key: tuple[int, int]) -> None:
+        if scale is not None:
+            return run_scaled(key)
         batch = groups.pop(key)
         probs = predictor.predict_arrays([img for _, _, img in batch])
         decisions = predictor.decide(probs)
@@ -281,7 +283,32 @@ def predict_files(
             row["decision"], row["status"] = dec, "ok"
             summary.n_predicted += 1
         if explainer is not None:
-            explainer.explain([img for _, _, img in batch], [item.path for _, item, _ in batch])
+            explainer.explain(
+                [img for _, _, img in batch], [item.path for _, item, _ in batch], probs, decisions
+            )
+
+    def run_scaled(key: tuple[int, int]) -> None:
+        batch = groups.pop(key)
+        res = predict_scaled(predictor, [img for _, _, img in batch], [mpp] * len(batch), scale,
+                             batch_size=batch_size)  # fmt: skip
+        done = []  # (image, path, probs, decision) of the assessable images, for the explainer
+        for (i, item, img), r in zip(batch, res):
+            row = rows[i]
+            row["scale"], row["n_tiles"] = "matched", r.n_tiles
+            if r.status:
+                row["status"] = row["decision"] = NOT_ASSESSABLE
+                row["flags"] = ";".join(f for f in (row["flags"], f"{NOT_ASSESSABLE}:{r.status}") if f)
+                summary.n_not_assessable += 1
+                continue
+            p = r.probs(predictor.temperature, aggregate)
+            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
+            row["decision"], row["status"] = predictor.decide(p[None])[0], "ok"
+            summary.n_predicted += 1
+            done.append((img, item.path, p, row["decision"]))
+        if explainer is not None and done:
+            # Maps of the whole image; the title carries the scale-matched (tile-aggregated) result.
+            for img, path, p, dec in done:
+                explainer.explain([img], [path], p[None], [dec])
 
     try:
         from tqdm.auto import tqdm
@@ -316,7 +343,8 @@ def predict_files(
                             row["status"], row["decision"] = NOT_ASSESSABLE, NOT_ASSESSABLE
                             summary.n_not_assessable += 1
                     if not row["status"]:
-                        key = img.shape[:2]
+                        row["scale"] = "squeezed"
+                        key = (0, 0) if scale is not None else img.shape[:2]  # scaled: one queue
                         groups.setdefault(key, []).append((i, item, img))
                         if len(groups[key]) >= batch_size:
                             run_group(key)

@@ -10,11 +10,15 @@ Each grid cell (non-overlapping; partial edge cells are skipped) is read at the 
 resolution is the closest finer one, resized to ``tile`` pixels (area averaging), tissue-checked and,
 when assessable, classified in batches with the run's preprocessing.
 
-Outputs (in ``out_dir``): ``tiles.csv``, ``heatmap.png`` (positive-class probability over the
-thumbnail), ``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (QuPath
-annotations in level-0 pixel coordinates: tiles at or above the threshold merged into regions),
-``tiles.geojson`` (one QuPath detection per classified tile, its probabilities as measurements; see
-:mod:`cmafnet.inference.qupath`) and ``summary.json``.
+Outputs (in ``out_dir``): ``tiles.csv`` (with each tile's ``category``), ``heatmap.png`` (thumbnail
+beside the positive-class probability overlay, with a colour bar marking the threshold and a legend
+of the tile categories), ``heatmap_overlay.png`` (the overlay alone, thumbnail-sized),
+``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (QuPath annotations in level-0
+pixel coordinates: tiles at or above the threshold merged into regions), ``tiles.geojson`` (one
+QuPath detection per classified tile, its probabilities as measurements; see
+:mod:`cmafnet.inference.qupath`) and ``summary.json``. The summary counts partition the tiles
+(:mod:`cmafnet.inference.wsi_figures`): background + not assessable + classified positive +
+classified negative = total.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from cmafnet.data.safety import require_regular_file
+from cmafnet.data.scale import IDC_MPP
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
 from cmafnet.inference.predict import Predictor
+from cmafnet.inference.scale import resize_image, run_scale
 from cmafnet.inference.tissue import (
     DEFAULT_THRESHOLDS,
     NOT_ASSESSABLE,
@@ -39,11 +46,12 @@ from cmafnet.inference.tissue import (
     check_tile,
     tissue_mask,
 )
+from cmafnet.inference.wsi_figures import heatmap_figure, partition, partition_line, tile_category
 from cmafnet.run import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
-IDC_PATCH_MPP = 4.0  # ~0.25 um/px (40x) x 16 downsampling
+IDC_PATCH_MPP = IDC_MPP  # documented IDC scale (cmafnet.data.scale)
 IDC_PATCH_PX = 50
 
 
@@ -67,9 +75,7 @@ def open_slide(path: str | Path) -> Any:
         import openslide
     except ImportError as err:  # pragma: no cover - wsi extra missing
         raise ConfigError(f"whole-slide inference needs openslide-python and openslide-bin ({err})") from None
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(f"{path}: slide not found")
+    path = require_regular_file(path, "slide")  # never a folder, device or FIFO (which would block)
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -113,18 +119,21 @@ def plan_tiling(
     if level is not None:
         if not 0 <= level < slide.level_count:
             raise ConfigError(f"--level {level}: the slide has levels 0..{slide.level_count - 1}")
-        tile_px = tile or int(meta.get("patch_px", IDC_PATCH_PX))
+        tile_px = tile or run_scale(meta).tile_hw[0] or IDC_PATCH_PX
         ds = float(slide.level_downsamples[level])
         size0 = round(tile_px * ds)
         eff_mpp = base_mpp * ds if base_mpp else None
         plan = TilePlan(level, tile_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, "level")
     else:
-        target = float(mpp if mpp is not None else meta.get("patch_mpp", IDC_PATCH_MPP))
+        scale = run_scale(meta)  # the training scale: one definition for evaluate, predict and wsi
+        if mpp is None and scale.mpp is None:
+            raise ConfigError(f"the run's training scale is unknown ({scale.source}): pass --mpp or --level")
+        target = float(mpp if mpp is not None else scale.mpp)
         if target <= 0:
             raise ConfigError(f"--mpp must be > 0, got {target}")
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
-        tile_px = tile or int(meta.get("patch_px", IDC_PATCH_PX))
+        tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
         ds_target = target / base_mpp  # level-0 pixels per model pixel
         if ds_target < 1 - 1e-6:
             log.warning(
@@ -151,12 +160,8 @@ def _read_tile(slide: Any, plan: TilePlan, col: int, row: int) -> np.ndarray:
     # OpenSlide returns premultiplied RGBA; outside-scan areas are transparent: paint them white (glass).
     bg = Image.new("RGB", region.size, (255, 255, 255))
     bg.paste(region, mask=region.split()[3])
-    if plan.read_px != plan.tile_px:
-        bg = bg.resize(
-            (plan.tile_px, plan.tile_px),
-            Image.Resampling.BOX if plan.read_px > plan.tile_px else Image.Resampling.BICUBIC,
-        )
-    return np.asarray(bg)
+    # Same resampling as scale-matched predict/evaluate: area averaging down, bicubic up.
+    return resize_image(np.asarray(bg), (plan.tile_px, plan.tile_px))
 
 
 def _thumbnail(slide: Any, plan: TilePlan, max_side: int = 1024) -> tuple[np.ndarray, float]:
@@ -211,14 +216,17 @@ class WSISummary:
     slide_mpp: float | None
     plan: dict
     n_tiles: int
-    n_tissue: int
-    n_classified: int
-    n_not_assessable: int
+    n_background: int  # glass on the thumbnail or on the tile
+    n_not_assessable: int  # pen / low tissue (background excluded): the four counts sum to n_tiles
     n_positive: int
+    n_negative: int
+    n_classified: int  # n_positive + n_negative
     n_regions: int
     threshold: float
     threshold_source: str
+    calibration: str
     preprocess: str
+    partition: dict
 
 
 def predict_slide(
@@ -235,12 +243,15 @@ def predict_slide(
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     progress: bool = True,
     fast: bool = False,
+    calibrate: bool = True,
 ) -> WSISummary:
     """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks."""
     slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
     if batch_size < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch_size}")
-    predictor = Predictor.from_run_dir(run_dir, device=device, threshold=threshold, fast=fast)
+    predictor = Predictor.from_run_dir(
+        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
+    )
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     plan = plan_tiling(slide, level=level, mpp=mpp, tile=tile, meta=predictor.run.meta)
@@ -310,10 +321,12 @@ def predict_slide(
 
     grid = np.full((plan.rows, plan.cols), np.nan)
     for row in rows:
+        row["category"] = tile_category(row, positive)
         if row["status"] == "ok":
             grid[row["row"], row["col"]] = row[prob_key]
     cols = ["col", "row", "x", "y", "size0", "level", "read_px", "tile_px", "thumb_tissue", "tissue_fraction",
-            "pen_fraction", "status", *[f"prob_{k}" for k in predictor.classes], "decision", "flags"]  # fmt: skip
+            "pen_fraction", "status", *[f"prob_{k}" for k in predictor.classes], "decision", "category",
+            "flags"]  # fmt: skip
     tiles_csv = out_dir / "tiles.csv"
     tmp = tiles_csv.with_name(".tiles.csv.partial")
     with tmp.open("w", newline="") as f:
@@ -323,7 +336,15 @@ def predict_slide(
     tmp.replace(tiles_csv)
     atomic_write_bytes(out_dir / "thumbnail.png", _png_bytes(thumb))
     atomic_write_bytes(out_dir / "mask.png", _png_bytes((mask * 255).astype(np.uint8)))
-    atomic_write_bytes(out_dir / "heatmap.png", _png_bytes(_heatmap_png(thumb, grid, plan, tds)))
+    overlay = _heatmap_png(thumb, grid, plan, tds)
+    parts = partition(rows, positive)
+    atomic_write_bytes(out_dir / "heatmap_overlay.png", _png_bytes(overlay))
+    calibrated = "calibrated" if predictor.temperature != 1.0 else "uncalibrated"
+    figure = heatmap_figure(
+        thumb, overlay, title=f"{Path(slide_path).name}: {partition_line(parts)}", positive=positive,
+        threshold=predictor.threshold, calibration=calibrated, counts=parts,
+    )  # fmt: skip
+    atomic_write_bytes(out_dir / "heatmap.png", figure)
     classified = [r for r in rows if r["status"] == "ok"]
     colors = qupath.class_colors(predictor.classes, positive)
     geo = qupath.region_annotations(classified, plan.size0, positive, prob_key, colors[positive])
@@ -332,12 +353,12 @@ def predict_slide(
     atomic_write_bytes(out_dir / "tiles.geojson", (json.dumps(tiles_geo) + "\n").encode())
     summary = WSISummary(
         slide=str(slide_path), out_dir=str(out_dir), dimensions=tuple(slide.dimensions), slide_mpp=slide_mpp(slide),
-        plan=asdict(plan), n_tiles=len(rows), n_tissue=len(todo),
-        n_classified=sum(r["status"] == "ok" for r in rows),
-        n_not_assessable=sum(r["status"] == NOT_ASSESSABLE for r in rows),
-        n_positive=sum(r["decision"] == positive for r in rows), n_regions=len(geo["features"]),
+        plan=asdict(plan), n_tiles=len(rows), n_background=parts["background"],
+        n_not_assessable=parts["not assessable"], n_positive=parts["classified positive"],
+        n_negative=parts["classified negative"],
+        n_classified=parts["classified positive"] + parts["classified negative"], n_regions=len(geo["features"]),
         threshold=predictor.threshold, threshold_source=predictor.threshold_source,
-        preprocess=predictor.preprocess_desc,
+        calibration=predictor.calibration, preprocess=predictor.preprocess_desc, partition=parts,
     )  # fmt: skip
     write_json(out_dir / "summary.json", asdict(summary))
     slide.close()

@@ -110,15 +110,25 @@ class ACBFLoss(ClassificationLoss):
             return self.w_sqrt
         return self.w_sqrt + (self.w_inv - self.w_sqrt) * math.exp(-self.alpha_decay * t)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits = self._check(logits, target)  # float32 (B, C)
-        target = target.long()
+    def _logp_target(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``log p_y`` of the true class after the margins, ``(B,)``."""
         adjusted = logits
         if self.use_margin:
             adjusted = (
                 logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins[target][:, None]
             )
-        logp_t = adjusted.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+        return adjusted.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+
+    def sample_weights(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``alpha_y(t) * (1 - p_y)^{gamma_y}`` per sample (margins applied), ``(B,)``."""
+        logits, target = self._check(logits, target), target.long()
+        logp_t = self._logp_target(logits, target)
+        return self.alpha()[target] * focal_factor(logp_t, self.gamma[target])
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = self._check(logits, target)  # float32 (B, C)
+        target = target.long()
+        logp_t = self._logp_target(logits, target)  # (B,)
         loss = -self.alpha()[target] * focal_factor(logp_t, self.gamma[target]) * logp_t
         if self.entropy_weight > 0:
             logp = logits.log_softmax(dim=1)

@@ -145,6 +145,11 @@ class ClassificationLoss(nn.Module):
             )
         return logits.float()
 
+    def sample_weights(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Each sample's weight on its ``-log p_y`` term, ``(B,)``: how strongly the loss pushes on it
+        (the training monitors' effective learning rate per class). Plain cross-entropy: 1."""
+        return torch.ones_like(self._check(logits, target)[:, 0])
+
     def _reduce(self, per_sample: Tensor) -> Tensor:
         if self.reduction == "none":
             return per_sample

@@ -282,15 +282,27 @@ def attention_diversity(attn: Tensor, eps: float = 1e-12) -> Tensor:
     return -(pair + eps).sqrt().mean()
 
 
-def attention_entropy(attn: Tensor) -> Tensor:
-    """Mean entropy of each head's attention rows, divided by ``log N_t`` (so in [0, 1]); shape ``(H,)``."""
+def attention_entropy_nats(attn: Tensor) -> Tensor:
+    """Mean entropy in nats of each head's attention rows (over samples and queries); shape ``(H,)``.
+
+    The quantity of the paper's Fig. 4 (between 0 and ``log N_t``); the training monitor logs it and
+    :func:`attention_entropy` divides it by ``log N_t``.
+    """
     attn = _check_attn(attn)
-    n_t = attn.shape[-1]
-    if n_t < 2:
-        return attn.new_zeros(attn.shape[1])
     # a * log(max(a, tiny)): value and gradient finite at a = 0.
     ent = -(attn * attn.clamp_min(1e-12).log()).sum(dim=-1)  # (B, H, N_s)
-    return ent.mean(dim=(0, 2)) / math.log(n_t)
+    return ent.mean(dim=(0, 2))
+
+
+def attention_entropy(attn: Tensor) -> Tensor:
+    """:func:`attention_entropy_nats` divided by ``log N_t`` (so in [0, 1]); shape ``(H,)``.
+
+    The penalty uses the normalised value so its weight does not depend on the token count.
+    """
+    n_t = attn.shape[-1]
+    if n_t < 2:
+        return _check_attn(attn).new_zeros(attn.shape[1])
+    return attention_entropy_nats(attn) / math.log(n_t)
 
 
 class AttentionEntropyRegularizer(nn.Module):

@@ -140,10 +140,10 @@ def load_weights(
     file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
     must match the backbone exactly (a mismatch is an error, not a silent partial load). A name is
     loaded into the backbone by timm, built with ``timm_kw`` (see
-    :func:`cmafnet.models.weights.load_named_backbone`).
+    :func:`cmafnet.models.pretrained.load_named_backbone`).
     """
-    from cmafnet.models.weights import load_named_backbone, parse_weights
-    from cmafnet.run import load_state_dict_file
+    from cmafnet.models.pretrained import load_named_backbone, parse_weights
+    from cmafnet.models.weights import load_state_dict_file
 
     name = parse_weights(path)
     if name is not None:
@@ -184,6 +184,3 @@ def _factory(name: str):
 
 for _name in BASELINES:
     MODELS.add(_name, _factory(_name))
-
-# Reconstructed fusion baselines register themselves on import.
-from cmafnet.models import fusion_baselines  # noqa: E402, F401

@@ -98,6 +98,8 @@ class CMAFNet(nn.Module):
         opts = MobileViTOptions(
             attention=ct.attention,
             num_landmarks=ct.num_landmarks,
+            pinv=ct.pinv,
+            pinv_iters=ct.pinv_iters,
             patch_size=ct.patch_size,
             scale_aware_pos=ct.scale_aware_pos,
             learned_pos=ct.learned_pos,

@@ -8,7 +8,7 @@ dict loads unchanged) and adds:
 - learned absolute positional embeddings on the token grid (``learned_pos``),
 - scale-aware positional embeddings: the Sobel gradient magnitude of the input image, average-pooled
   to each transformer grid and embedded by a 1x1 conv (``scale_aware_pos``),
-- exact (SDPA) or Nystrom attention (``attention``),
+- exact (SDPA) or Nystrom attention (``attention``, ``num_landmarks``, ``pinv``, ``pinv_iters``),
 - a configurable unfold patch size (``patch_size``; timm uses 2).
 
 Both embeddings are zero-initialised, so a branch loaded from timm weights starts as exactly timm's
@@ -40,6 +40,8 @@ class MobileViTOptions:
 
     attention: str = "full"  # full | nystrom (cmafnet.models.attention.ATTENTION)
     num_landmarks: int = 16  # Nystrom landmarks per attention sequence
+    pinv: str = "iterative"  # Nystrom pseudo-inverse: iterative (Nystromformer's) | exact
+    pinv_iters: int = 6  # iterations of the iterative pseudo-inverse
     patch_size: int = 2  # unfold patch (timm / Apple default 2)
     scale_aware_pos: bool = False  # Sobel-magnitude embedding added to the tokens
     learned_pos: bool = False  # learned absolute positional embedding per transformer stage
@@ -93,7 +95,7 @@ def _grid(size: int, reduction: int) -> int:
 class TransformerLayer(nn.Module):
     """Pre-norm transformer layer with timm ``Block`` parameter names (norm1, attn, norm2, mlp)."""
 
-    def __init__(self, block: nn.Module, *, attention: str, num_landmarks: int) -> None:
+    def __init__(self, block: nn.Module, opts: MobileViTOptions) -> None:
         super().__init__()
         attn = block.attn
         dim = attn.qkv.in_features
@@ -101,8 +103,10 @@ class TransformerLayer(nn.Module):
         self.attn = SelfAttention(
             dim,
             attn.num_heads,
-            kind=attention,
-            num_landmarks=num_landmarks,
+            kind=opts.attention,
+            num_landmarks=opts.num_landmarks,
+            pinv=opts.pinv,
+            pinv_iters=opts.pinv_iters,
             attn_drop=attn.attn_drop.p,
         )
         # Reuse timm's modules so the state-dict names and initialisation are timm's own.
@@ -128,12 +132,7 @@ class MobileViTBlock(nn.Module):
         self.conv_kxk = block.conv_kxk
         self.conv_1x1 = block.conv_1x1
         dim = block.conv_1x1.out_channels
-        self.transformer = nn.Sequential(
-            *[
-                TransformerLayer(b, attention=opts.attention, num_landmarks=opts.num_landmarks)
-                for b in block.transformer
-            ]
-        )
+        self.transformer = nn.Sequential(*[TransformerLayer(b, opts) for b in block.transformer])
         self.norm = block.norm
         self.conv_proj = block.conv_proj
         self.conv_fusion = block.conv_fusion

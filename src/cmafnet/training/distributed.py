@@ -110,6 +110,15 @@ def all_mean(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world
 
 
+def all_max(value: float, info: DistInfo) -> float:
+    """Maximum of a float over ranks (the slowest rank's time)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -1,11 +1,27 @@
-"""``fit``: from a config, a store and a split to a finished (or resumable) run folder."""
+"""``fit``: from a config, a store and a split to a finished (or resumable) run folder.
+
+The stage runner is a plain loop (:func:`run_stages`)::
+
+    for stage in stages[p.stage:]:
+        st = prepare_stage(...)                 # freeze roles, AdamW, SAM, clipper, the step
+        while in this stage:
+            train_one_epoch(run, st)            # optimiser steps, periodic checkpoints, stop requests
+            end_epoch(run, st)                  # validate, metrics row, best model, early stop, checkpoint
+
+Position and book-keeping live in :class:`~cmafnet.training.progress.Progress`; a checkpoint is that
+plus the states of everything that changes, so a resumed run replays exactly the remaining steps of an
+uninterrupted one.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import os
 import random
+import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,13 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmafnet import __version__, run
-from cmafnet.config import Config, dump_config
+from cmafnet import __version__
+from cmafnet import run as runfolder
+from cmafnet.config import Config, TrainConfig, config_from_dict, dump_config, yaml_load
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.models.weights import resolve_normalization
+from cmafnet.models.pretrained import resolve_normalization
 from cmafnet.training import distributed as distr
-from cmafnet.training.checkpoint import load_checkpoint
-from cmafnet.training.loop import Callback, TrainData, Trainer
+from cmafnet.training.checkpoint import load_checkpoint, restore_run, restore_stage
+from cmafnet.training.data import prepare_data
+from cmafnet.training.epoch import end_epoch, next_stage, train_one_epoch
+from cmafnet.training.progress import Callback, TrainData, TrainRun
+from cmafnet.training.records import RunRecords, device_name, stage_throughput
+from cmafnet.training.stages import initial_roles, prepare_stage
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +61,7 @@ def kernel_selection(deterministic: bool) -> Iterator[None]:
     ``deterministic``: deterministic algorithms (warn-only where none exists) and no cuDNN
     autotuning. Otherwise cuDNN autotunes (``cudnn.benchmark``): it times the convolution
     algorithms once per new input shape and keeps the fastest. Training shapes are fixed (one
-    batch size, one image size), so that costs a few steps once and then speeds up every step;
-    ``cmafnet bench`` measures with it on, so the trainer now runs what was measured.
+    batch size, one image size), so that costs a few steps once and then speeds up every step.
     """
     prev = (
         torch.are_deterministic_algorithms_enabled(),
@@ -61,97 +81,151 @@ def kernel_selection(deterministic: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
 
 
-def _preprocess(
-    data_cfg: Any, img_size: int, train: bool, device: torch.device, reference: Any = None
-) -> Any:
-    from cmafnet.data.transforms import GPUPreprocess
-
-    pre = GPUPreprocess(data_cfg, img_size, train=train, stain_reference=reference)
-    return pre.to(device) if isinstance(pre, nn.Module) else pre
-
-
-def _stain_reference(pre: Any) -> Any:
-    for name in ("stain_reference", "reference"):
-        ref = getattr(pre, name, None)
-        if ref is not None:
-            return ref.tolist() if isinstance(ref, torch.Tensor | np.ndarray) else ref
-    return None
+def prepare_objective(objective: nn.Module, tc: TrainConfig, device: torch.device) -> nn.Module:
+    """The objective where the model lives (it holds buffers and parameters), its regularisers compiled
+    under ``train.compile`` (the model itself is compiled per stage, by ``prepare_stage``)."""
+    objective = objective.to(device)
+    objective.compile_regularizers(enable=tc.compile)
+    return objective
 
 
-def prepare_data(
-    cfg: Config, store_path: str | Path, split_path: str | Path, device: torch.device
-) -> TrainData:
-    """Open the store and split, apply the training-only undersampling, build loaders and preprocessing.
+def build_run(
+    cfg: Config,
+    model: nn.Module,
+    objective: nn.Module,
+    data: TrainData,
+    out_dir: str | Path,
+    *,
+    info: distr.DistInfo | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> TrainRun:
+    """A :class:`TrainRun` ready for :func:`run_stages` (what ``fit`` does after building model and data).
 
     Raises:
-        RunFolderError: store or split missing or mismatched.
-        ConfigError: the model's class count does not match the split's targets.
+        ConfigError: a batch larger than the training split, or ``train.cuda_graph`` where it cannot run.
     """
-    from cmafnet.data.loader import BatchLoader
-    from cmafnet.data.sampling import undersample_to_ratio
-    from cmafnet.data.splits import load_split
-    from cmafnet.data.store import PatchStore
-
-    store = PatchStore.open(store_path)
-    split = load_split(split_path, store)
-    labels, classes = store.targets(split.label_kind)
-    if cfg.model.num_classes != len(classes):
-        raise ConfigError(
-            f"model.num_classes: {cfg.model.num_classes}, but the split's '{split.label_kind}' targets have "
-            f"{len(classes)} classes {classes}"
-        )
-    train_idx = np.asarray(split.train, np.int64)
-    if cfg.data.imbalance is not None:
-        try:
-            train_idx = undersample_to_ratio(train_idx, labels, cfg.data.imbalance, cfg.train.seed)
-        except ValueError as err:
-            raise ConfigError(f"data.imbalance: {err}") from None
-    for name, idx in (("train", train_idx), ("val", split.val)):
-        if len(idx) == 0:
-            raise RunFolderError(f"{split_path}: the {name} split is empty")
-    # One copy of the uint8 images shared by both loaders: on the GPU when asked and it fits.
-    images: Any = store.images
-    resident = None
-    if device.type == "cuda":
-        fits = store.images.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
-        if cfg.data.device_cache and fits:
-            images = torch.from_numpy(np.array(store.images)).to(device)  # one host copy, then on the GPU
-        resident = bool(cfg.data.device_cache and fits)
     tc = cfg.train
-    train_loader = BatchLoader(
-        images, labels, train_idx, tc.batch_size, shuffle=True, seed=tc.seed, device=device, drop_last=True,
-        resident=resident,
+    info = info or distr.DistInfo(device=next(model.parameters()).device)
+    per_rank = distr.per_rank_batch(tc.batch_size, info)  # the global batch must split evenly over the ranks
+    if per_rank % tc.accumulate_steps:
+        raise ConfigError(
+            f"train.accumulate_steps: {tc.accumulate_steps} micro-batches do not divide the {per_rank} images "
+            f"of a rank (train.batch_size {tc.batch_size} over {info.world} ranks)"
+        )
+    n_batches = len(data.train_idx) // tc.batch_size
+    if n_batches == 0:
+        raise ConfigError(
+            f"train.batch_size: {tc.batch_size} is larger than the training split ({len(data.train_idx)})"
+        )
+    if tc.cuda_graph:
+        from cmafnet.training.graphs import check_graph_mode
+
+        check_graph_mode(tc, info.device, distributed=info.enabled)
+    objective = prepare_objective(objective, tc, info.device)
+    out = Path(out_dir)
+    return TrainRun(
+        cfg, model, objective, data, out, info, roles=initial_roles(model),  # before any stage freezes
+        steps_per_epoch=min(n_batches, tc.max_steps_per_epoch or n_batches),
+        records=RunRecords(out, info, tc),
+        scaler=torch.amp.GradScaler(info.device.type) if tc.amp == "fp16" else None,
+        show_progress=progress, stop_after_steps=stop_after_steps, callbacks=list(callbacks),
+        last_save_time=time.monotonic(),
     )  # fmt: skip
-    val_loader = BatchLoader(
-        images, labels, split.val, tc.eval_batch_size, shuffle=False, device=device, resident=resident
-    )
 
-    def make_loader(
-        indices: np.ndarray, bs: int, shuffle: bool, drop_last: bool, epoch: int, start: int
-    ) -> Any:
-        loader = train_loader if shuffle else val_loader
-        loader.set_epoch(epoch, start)
-        return loader
 
-    pre_train = _preprocess(cfg.data, cfg.model.img_size, True, device)
-    pre_eval = _preprocess(cfg.data, cfg.model.img_size, False, device, _stain_reference(pre_train))
-    split_bytes = Path(split_path).read_bytes()
-    meta = {
-        "store_hash": store.store_hash,
-        "split_hash": hashlib.sha256(split_bytes).hexdigest(),
-        "split_bytes": split_bytes,
-        "stain_reference": _stain_reference(pre_train),
-        "dataset": store.dataset,
-        "synthetic": bool(store.meta.get("synthetic", False)),
-        "label_kind": split.label_kind,
+def run_stages(run: TrainRun) -> dict:
+    """Train the remaining stages of ``run``; returns the summary (also written to run.json)."""
+    handlers = _install_signal_handlers(run)
+    try:
+        status = "finished"
+        while run.p.stage < len(run.tc.stages) and status == "finished":
+            status = _run_stage(run)
+    except BaseException as err:  # the run folder must not claim "running" after a crash
+        run.records.write_meta(
+            run.p, status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        )
+        raise
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return _finish(run, status)
+
+
+def _run_stage(run: TrainRun) -> str:
+    """The current stage's remaining epochs; ``finished`` when it ended, else stopped | interrupted."""
+    index, stage = run.p.stage, run.tc.stages[run.p.stage]
+    if stage.epochs == 0:
+        next_stage(run.p)
+        return "finished"
+    st = prepare_stage(
+        run.model, run.objective, stage, run.tc, run.roles, device=run.device, distributed=run.info.enabled,
+        scaler=run.scaler,
+    )  # fmt: skip
+    run.stage_step = st
+    if run.resume_state is not None:
+        restore_stage(run, st, run.resume_state)
+        run.resume_state = None
+    while run.p.stage == index:  # end_epoch moves on to the next stage
+        status = train_one_epoch(run, st)
+        if status != "ok":
+            return status
+        end_epoch(run, st)
+    return "finished"
+
+
+def _install_signal_handlers(run: TrainRun) -> dict:
+    """SIGINT/SIGTERM: save a checkpoint after the current step, then stop (a second signal: at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if run.stop_signal is not None:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        log.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _finish(run: TrainRun, status: str) -> dict:
+    run.records.close()
+    p = run.p
+    if run.info.is_main:
+        wpath = run.out / runfolder.WEIGHTS_FILE
+        if status == "finished" and not wpath.exists():  # no AUPRC was ever defined: keep the last weights
+            runfolder.save_weights(run.model, wpath)
+        run.records.write_meta(p, status=status)
+    distr.barrier(run.info)
+    last = run.rows[-1] if run.rows else {}
+    best = math.isfinite(p.best_metric)
+    return {
+        "status": status,
+        "out_dir": str(run.out),
+        "best_epoch": p.best_epoch if best else None,
+        "best_val_auprc": p.best_metric if best else None,
+        "epochs": p.global_epoch,
+        "global_step": p.global_step,
+        "nonfinite_steps": p.nonfinite_total,
+        "effective_batch_size": run.tc.batch_size,
+        "stage_throughput": stage_throughput(p),
+        "last_val": {k[4:]: v for k, v in last.items() if k.startswith("val_")},
     }
-    return TrainData(
-        make_loader, train_idx, np.asarray(split.val, np.int64), labels, classes, pre_train, pre_eval, meta
-    )
 
 
 def _config_without_device(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.strip().startswith("device:"))
+
+
+def _same_config(stored: str, cfg: Config) -> bool:
+    """Whether a checkpoint's config is ``cfg`` (the device aside). The stored text is validated again
+    first, so a key added to the schema since the run started (with its default) is no difference."""
+    try:
+        again = dump_config(config_from_dict(yaml_load(stored)))
+    except ConfigError:
+        return False
+    return _config_without_device(again) == _config_without_device(dump_config(cfg))
 
 
 def fit(
@@ -172,19 +246,21 @@ def fit(
         cfg: the resolved configuration.
         store_path: a patch store (``cmafnet ingest``).
         split_path: a split of that store (``cmafnet split``).
-        out_dir: the run folder (created; must not hold a run unless ``resume``).
-        resume: continue from ``out_dir/checkpoints/last.pt`` exactly where it stopped.
+        out_dir: the run folder (created; must not hold a checkpointed run unless ``resume``).
+        resume: continue from ``out_dir/checkpoints/last.pt`` exactly where it stopped; a folder whose
+            run never reached its first checkpoint starts from the beginning.
         progress: tqdm progress bars (rank 0).
         stop_after_steps: save a checkpoint and stop after this many optimiser steps (status ``stopped``).
-        callbacks: called after every step with the trainer; returning True saves and stops.
+        callbacks: called after every step with the :class:`TrainRun`; returning True saves and stops.
         device: overrides ``cfg.train.device`` (``auto | cpu | cuda | cuda:N``).
 
     Returns:
         A summary: status (finished | stopped | interrupted), best epoch and validation AUPRC, epochs,
-        steps, skipped non-finite steps, effective batch size, last validation metrics.
+        steps, skipped non-finite steps, effective batch size, training throughput per stage, last
+        validation metrics.
 
     Raises:
-        RunFolderError: ``out_dir`` already holds a run (without ``resume``) or has no checkpoint (with it).
+        RunFolderError: ``out_dir`` already holds a checkpointed run (without ``resume``).
         ConfigError: bad settings (for example a batch larger than the training split).
         CmafnetError: training diverged (too many consecutive non-finite steps).
     """
@@ -193,13 +269,7 @@ def fit(
         cfg.train.device = device
     cfg = resolve_normalization(cfg)[0]  # data.mean/std from the weights, recorded in config.yaml
     out = Path(out_dir)
-    ckpt = out / run.LAST_CHECKPOINT
-    if resume and not ckpt.exists():
-        raise RunFolderError(f"{out}: nothing to resume ({run.LAST_CHECKPOINT} missing)")
-    if not resume and ((out / run.META_FILE).exists() or ckpt.exists()):
-        raise RunFolderError(
-            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-        )
+    resume = _check_run_folder(out, resume)
     info = distr.setup(cfg.train.device)
     tc = cfg.train
     if tc.amp == "fp16" and info.device.type == "cpu":
@@ -208,55 +278,78 @@ def fit(
         with kernel_selection(tc.deterministic):
             seed_everything(tc.seed)
             data = prepare_data(cfg, store_path, split_path, info.device)
-            from cmafnet.losses.objective import Objective
-            from cmafnet.models import create_model
-
-            model = create_model(cfg.model).to(info.device)
-            if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-                model.set_grad_checkpointing(True)
-            if tc.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            objective_epochs = [s.epochs for s in tc.stages if s.loss == "objective"]
-            objective = Objective(
-                cfg.loss, cfg.regularizers, data.class_counts, num_heads=cfg.model.fusion.heads,
-                total_epochs=float(objective_epochs[-1]) if objective_epochs else None,
-            ).to(info.device)  # fmt: skip
-            if info.rank:  # the same model on every rank (DDP broadcasts it anyway), own augmentation noise
-                torch.manual_seed(tc.seed + 1_000_003 * info.rank)
-            trainer = Trainer(
+            model, objective = _build_model(cfg, data, info)
+            tr = build_run(
                 cfg, model, objective, data, out, info=info, progress=progress, stop_after_steps=stop_after_steps,
                 callbacks=callbacks or (),
             )  # fmt: skip
             log.info(
-                "effective batch size %d (%d per rank x %d ranks), %d steps per epoch, device %s",
-                tc.batch_size, trainer.local_batch, info.world, trainer.steps_per_epoch, info.device,
+                "effective batch size %d (%d micro-batches of %d per rank x %d ranks), %d steps per epoch, device %s",
+                tc.batch_size, tc.accumulate_steps, distr.per_rank_batch(tc.batch_size, info) // tc.accumulate_steps,
+                info.world, tr.steps_per_epoch, device_name(info.device),
             )  # fmt: skip
             if resume:
-                state = load_checkpoint(ckpt)
-                if _config_without_device(state["config"]) != _config_without_device(dump_config(cfg)):
-                    raise ConfigError(
-                        f"--resume: the config differs from {out / run.CONFIG_FILE} (the run's config)"
-                    )
-                state["config"] = dump_config(cfg)
-                trainer.load_state_dict(state)
-                log.info("resuming %s at stage %d, epoch %d, step %d", out, trainer.p.stage, trainer.p.epoch,
-                         trainer.p.step_in_epoch)  # fmt: skip
+                _resume(tr, out, cfg)
             elif info.is_main:
-                _start_run_folder(out, cfg, data, info, trainer)
+                _start_run_folder(out, cfg, data, info, tr)
             distr.barrier(info)
-            return trainer.run()
+            return run_stages(tr)
     finally:
         distr.teardown(info)
 
 
-def _start_run_folder(
-    out: Path, cfg: Config, data: TrainData, info: distr.DistInfo, trainer: Trainer
-) -> None:
+def _check_run_folder(out: Path, resume: bool) -> bool:
+    """Whether to resume: a folder without a checkpoint (a run stopped before its first one) starts
+    over, with or without ``--resume``; one with a checkpoint needs ``--resume``."""
+    ckpt = out / runfolder.LAST_CHECKPOINT
+    if ckpt.exists():
+        if not resume:
+            raise RunFolderError(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        return True
+    if (out / runfolder.META_FILE).exists() or resume:
+        log.warning("%s has no checkpoint yet (the run stopped before its first one): starting from the beginning",
+                    out)  # fmt: skip
+    return False
+
+
+def _build_model(cfg: Config, data: TrainData, info: distr.DistInfo) -> tuple[nn.Module, nn.Module]:
+    from cmafnet.losses.objective import Objective
+    from cmafnet.models import create_model
+
+    tc = cfg.train
+    model = create_model(cfg.model).to(info.device)
+    if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective_epochs = [s.epochs for s in tc.stages if s.loss == "objective"]
+    objective = Objective(
+        cfg.loss, cfg.regularizers, data.class_counts, num_heads=cfg.model.fusion.heads,
+        total_epochs=float(objective_epochs[-1]) if objective_epochs else None,
+    ).to(info.device)  # fmt: skip
+    if info.rank:  # the same model on every rank (DDP broadcasts it anyway), own augmentation noise
+        torch.manual_seed(tc.seed + 1_000_003 * info.rank)
+    return model, objective
+
+
+def _resume(tr: TrainRun, out: Path, cfg: Config) -> None:
+    state = load_checkpoint(out / runfolder.LAST_CHECKPOINT)
+    if not _same_config(state["config"], cfg):
+        raise ConfigError(
+            f"--resume: the config differs from {out / runfolder.CONFIG_FILE} (the run's config)"
+        )
+    restore_run(tr, state)
+    log.info("resuming %s at stage %d, epoch %d, step %d", out, tr.p.stage, tr.p.epoch, tr.p.step_in_epoch)
+
+
+def _start_run_folder(out: Path, cfg: Config, data: TrainData, info: distr.DistInfo, tr: TrainRun) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    run.atomic_write_bytes(out / run.CONFIG_FILE, dump_config(cfg).encode())
-    run.atomic_write_bytes(out / run.SPLIT_FILE, data.meta["split_bytes"])
-    run.write_json(
-        out / run.META_FILE,
+    runfolder.atomic_write_bytes(out / runfolder.CONFIG_FILE, dump_config(cfg).encode())
+    runfolder.atomic_write_bytes(out / runfolder.SPLIT_FILE, data.meta["split_bytes"])
+    runfolder.write_json(
+        out / runfolder.META_FILE,
         {
             "status": "running",
             "package_version": __version__,
@@ -274,9 +367,13 @@ def _start_run_folder(
             "dataset": data.meta.get("dataset"),
             "synthetic": data.meta.get("synthetic", False),
             "stain_reference": data.meta.get("stain_reference"),
+            **{k: data.meta.get(k) for k in ("patch_mpp", "patch_hw", "patch_px", "patch_scale_source")},
             "effective_batch_size": cfg.train.batch_size,
+            "accumulate_steps": cfg.train.accumulate_steps,
+            "micro_batch_size": cfg.train.batch_size // info.world // cfg.train.accumulate_steps,
             "world_size": info.world,
-            "steps_per_epoch": trainer.steps_per_epoch,
+            "device": device_name(info.device),
+            "steps_per_epoch": tr.steps_per_epoch,
             "best_epoch": None,
             "best_metric": None,
             "best_metric_name": "val_auprc",

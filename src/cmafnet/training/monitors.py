@@ -1,5 +1,5 @@
 """Per-epoch validation: metrics of the main logits plus the monitors of SPEC §3 (the information
-quantities themselves live in :mod:`cmafnet.analysis.information`)."""
+quantities themselves live in :mod:`cmafnet.training.information`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmafnet.analysis.information import MonitorAccumulator
+from cmafnet.training.information import MonitorAccumulator
 from cmafnet.training.step import autocast_context
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ def validate(
     C = len(data.classes)
     loader = data.make_loader(data.val_idx, tc.eval_batch_size, False, False, 0, 0)
     model.eval()
-    acc = MonitorAccumulator(C)
+    cls_loss = getattr(objective, "loss", None)
+    acc = MonitorAccumulator(C, loss_weights=getattr(cls_loss, "sample_weights", None))
     probs, ys = [], []
     first = None
     for x8, y, _ in loader:

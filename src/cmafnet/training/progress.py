@@ -1,22 +1,26 @@
-"""What the training loop works on and where it stands: the data contract and the resumable position."""
+"""What a training run works on and where it stands: the data contract, the resumable position, and the
+run context the stage runner and the epoch functions share."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from cmafnet.training.loop import Trainer
+from cmafnet.config import Config, TrainConfig
+from cmafnet.training import distributed as distr
+from cmafnet.training.records import RunRecords
 
 # A loader factory: (indices, batch_size, shuffle, drop_last, epoch, start_batch) -> iterable of
 # (x_uint8 (B,3,H,W), y (B,), idx (B,)) on the device.
 LoaderFactory = Callable[[np.ndarray, int, bool, bool, int, int], Iterable]
-Callback = Callable[["Trainer"], bool | None]  # return True to save a checkpoint and stop
+Callback = Callable[["TrainRun"], bool | None]  # called after every step; True = save a checkpoint and stop
 
 
 @dataclass
@@ -56,3 +60,48 @@ class Progress:
     epoch_sums: dict = field(default_factory=dict)  # running sums of the current epoch's terms
     epoch_count: int = 0
     lr: float = 0.0  # of the last step (logged)
+    # training time of the current epoch (steps with their data path; validation excluded) and the
+    # steps it covers; per stage: {name: [images, seconds, steps]} over its finished epochs
+    epoch_train_s: float = 0.0
+    epoch_timed_steps: int = 0
+    stage_speed: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainRun:
+    """One training run: what it trains, on what, where it writes, and where it stands.
+
+    Built by :func:`cmafnet.training.fit.fit` (or by a test) and driven by
+    :func:`cmafnet.training.fit.run_stages`; the epoch functions of :mod:`cmafnet.training.epoch` read
+    and advance it. ``p`` and ``rows`` are what a checkpoint restores.
+    """
+
+    cfg: Config
+    model: nn.Module
+    objective: nn.Module
+    data: TrainData
+    out: Path
+    info: distr.DistInfo
+    roles: dict[str, list[nn.Parameter]]
+    steps_per_epoch: int
+    records: RunRecords
+    scaler: torch.amp.GradScaler | None = None
+    show_progress: bool = True
+    prefetch: bool = True  # on CUDA, prepare batch i + 1 on a side stream during step i (same results)
+    stop_after_steps: int | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    p: Progress = field(default_factory=Progress)
+    rows: list[dict] = field(default_factory=list)
+    stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
+    resume_state: dict | None = None  # a checkpoint whose stage-specific parts load on stage entry
+    stage_step: Any = None  # the StageStep of the stage being run
+    last_save_step: int = 0  # global step of the last checkpoint (periodic checkpoints)
+    last_save_time: float = 0.0  # time.monotonic() of it
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device

@@ -3,14 +3,48 @@
 from __future__ import annotations
 
 import math
+import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmafnet import run
 from cmafnet.config import TrainConfig
 from cmafnet.errors import ConfigError
 from cmafnet.training import distributed as distr
-from cmafnet.training.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from cmafnet.training.progress import Progress
+
+
+def device_name(device: torch.device) -> str:
+    """The card's or the processor's name, for records of speed (``cuda:0`` says too little)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is empty on most Linux systems
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def stage_throughput(p: Progress) -> dict[str, dict[str, float]]:
+    """Mean training throughput per stage over its finished epochs: img/s and ms per step, with the
+    images, seconds and steps they come from (validation excluded, the data path included)."""
+    res = {}
+    for name, (images, seconds, steps) in p.stage_speed.items():
+        res[name] = {
+            "img_s": round(images / seconds, 2) if seconds > 0 else None,
+            "step_ms": round(1e3 * seconds / steps, 3) if steps else None,
+            "images": images, "seconds": round(seconds, 4), "steps": steps,
+        }  # fmt: skip
+    return res
 
 
 class RunRecords:
@@ -34,7 +68,7 @@ class RunRecords:
         run.update_meta(
             self.out, best_epoch=p.best_epoch if best is not None else None, best_metric=best,
             best_metric_name="val_auprc", global_step=p.global_step, epochs_done=p.global_epoch,
-            nonfinite_steps=p.nonfinite_total, **fields,
+            nonfinite_steps=p.nonfinite_total, stage_throughput=stage_throughput(p), **fields,
         )  # fmt: skip
 
     def log_tensorboard(self, row: dict) -> None:

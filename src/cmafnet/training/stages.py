@@ -7,17 +7,30 @@ The stage list itself is data (``cfg.train.stages``, paper §4.5)::
     end_to_end 30 ep  lr 1e-5 cyclic         everything but the temporary heads, full objective
 
 A one-stage schedule (``train: all``) is the "w/o progressive training" ablation.
+
+:func:`prepare_stage` builds what a stage trains with (frozen roles, AdamW, SAM, clipper, the
+DDP/compile wrapping and the :class:`~cmafnet.training.step.TrainStep`, captured per epoch under
+``train.cuda_graph``): the trainer runs the :class:`StageStep` it returns and ``cmafnet bench`` times it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmafnet.config import StageConfig
+from cmafnet.config import StageConfig, TrainConfig
 from cmafnet.errors import ConfigError
+from cmafnet.training.clipping import GradClipper
+from cmafnet.training.graphs import GraphMode, write_lr
+from cmafnet.training.optim import build_adamw, param_groups
+from cmafnet.training.sam import SAM
+from cmafnet.training.step import StepResult, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,21 @@ def configure_trainable(
     for _, p in named:
         p.requires_grad_(id(p) in trainable)
     return [(n, p) for n, p in named if p.requires_grad]
+
+
+def branch_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Stage 1's independent parts: each branch with its temporary head (``aux_heads.<branch>``).
+
+    The two branches share no parameter and each head reads one branch, so with SAM's radius and the
+    clipping taken per part (its own gradient norm) each branch's update is the one it would get if it
+    were trained alone (docs/decisions/training.md).
+    """
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in named:
+        top, _, rest = name.partition(".")
+        part = rest.partition(".")[0] if top == "aux_heads" else top
+        groups.setdefault(part, []).append(p)
+    return list(groups.values())
 
 
 def initial_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -101,3 +129,102 @@ def stage_loss(
 def uses_ramp(stage: StageConfig) -> bool:
     """The beta ramp clock runs from the first stage that trains the fusion (stage 2 onwards)."""
     return stage.train != "branches"
+
+
+class StageLoss:
+    """The loss of a stage as the step calls it: ``loss(out, y) -> (total, terms)``.
+
+    ``epoch`` is the fractional epoch the loss schedules read (the A-CBFL alpha schedule; the beta
+    ramp is set on the objective by the loop): the loop advances it every step, or sets it to the
+    epoch's midpoint once per epoch under ``train.cuda_graph`` (a captured step freezes it).
+    ``on_forward`` runs once the forward pass is queued (the prefetcher launches the next batch's
+    preprocessing then, so its host time hides behind the forward pass).
+    """
+
+    def __init__(self, stage: StageConfig, objective: nn.Module) -> None:
+        self.stage, self.objective = stage, objective
+        self.epoch = 0.0
+        self.on_forward: Callable[[], None] | None = None
+
+    def __call__(self, out: object, y: Tensor) -> tuple[Tensor, dict]:
+        if self.on_forward is not None:
+            self.on_forward()
+        return stage_loss(out, y, self.stage, self.objective, epoch=self.epoch)
+
+
+@dataclass
+class StageStep:
+    """What one stage trains with; ``stage_step(x, y) -> StepResult`` is one optimiser update."""
+
+    stage: StageConfig
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    loss: StageLoss
+    step: TrainStep
+    graph: GraphMode | None  # train.cuda_graph: the step captured per epoch
+
+    def set_lr(self, lr: float) -> None:
+        write_lr(self.optimizer, lr)  # in place when a captured step reads it
+
+    def new_epoch(self) -> None:
+        if self.graph is not None:
+            self.graph.new_epoch()  # re-captured at the next step, with this epoch's loss schedule
+
+    def __call__(self, x: Tensor, y: Tensor, after_launch: Callable[[], None] | None = None) -> StepResult:
+        if self.graph is not None:
+            return self.graph(x, y, after_launch)
+        res = self.step.result(self.step(x, y))
+        if after_launch is not None:
+            after_launch()
+        return res
+
+
+def prepare_stage(
+    model: nn.Module,
+    objective: nn.Module,
+    stage: StageConfig,
+    tc: TrainConfig,
+    roles: dict[str, list[nn.Parameter]],
+    *,
+    device: torch.device,
+    distributed: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StageStep:
+    """Freeze what ``stage`` does not train and build its optimiser, SAM, clipper and step.
+
+    Args:
+        model: the unwrapped model (DDP and ``torch.compile`` wrap it here, per stage).
+        objective: the stage's objective (its own parameters train in ``loss: objective`` stages).
+        roles: :func:`initial_roles` of ``model``, taken before any stage froze anything.
+        distributed: wrap the model in DDP (one process per device).
+        scaler: the run's GradScaler (fp16), kept across stages.
+    """
+    named = configure_trainable(model, stage, roles)
+    uses_objective = stage.loss == "objective"
+    for p in objective.parameters():
+        p.requires_grad_(uses_objective)
+    obj_params = list(objective.parameters()) if uses_objective else []
+    groups = param_groups(named, tc.weight_decay, extra_no_decay=obj_params)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_adamw(groups, stage.lr, fused=tc.fused_adamw, device=device)
+    sam = SAM(params, tc.sam.rho, tc.sam.adaptive) if tc.sam.enabled else None
+    train_model: nn.Module = model
+    gc.collect()  # free the previous stage's DDP wrapper (its reducer hooks go with it)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        # Stages freeze parts of the model; a frozen role may still sit on the forward path.
+        train_model = DDP(train_model, device_ids=ids, find_unused_parameters=True)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    loss = StageLoss(stage, objective)
+    step = TrainStep(
+        train_model, loss, optimizer, params, clipper=GradClipper(tc.clip, device), sam=sam, amp=tc.amp,
+        sdpa_backend=tc.sdpa_backend, scaler=scaler, accumulate=tc.accumulate_steps, graph_safe=tc.cuda_graph,
+        sync_ranks=distributed, groups=branch_groups(model, named) if stage.train == "branches" else None,
+    )  # fmt: skip
+    graph = GraphMode(step) if tc.cuda_graph else None
+    log.info("stage '%s' (%s): %d trainable parameters, lr %.2e", stage.name, stage.train,
+             sum(p.numel() for p in params), stage.lr)  # fmt: skip
+    return StageStep(stage, optimizer, params, loss, step, graph)

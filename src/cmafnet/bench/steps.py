@@ -1,20 +1,19 @@
-"""Training steps to time: forward + loss under autocast, backward, (SAM), AdamW; and their parts.
+"""The references' plain training step, and where a training step's time goes (its parts timed alone).
 
-Nothing here knows about CMAF-Net: a step is built from a model, a ``loss_fn(model, x, y)`` and an
-optimiser, so the same code times CMAF-Net with its objective and a timm baseline with
-cross-entropy.
+Nothing here knows about CMAF-Net: the breakdown takes a model, a ``loss_fn(model, x, y)`` and an
+optimiser, so the same code splits CMAF-Net's step (the trainer's objective and AdamW) and the naive
+reference's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmafnet.analysis.profiling.timing import Timing, time_per_step
+from cmafnet.bench.timing import Timing, time_per_step
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 # objective_fn(model, x, y) -> run: builds one model output (called under no_grad) and returns a
@@ -38,70 +37,24 @@ def make_optimizer(model: nn.Module, *, lr: float = 1e-4, weight_decay: float = 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def make_train_step(
-    model: nn.Module,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    timing: Timing,
-    *,
-    sam_rho: float | None = None,
-    sam: Any = None,
-    autocast_cache: bool = True,
+def plain_ce_step(
+    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, timing: Timing
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """One optimiser step on a batch: forward + loss under autocast, backward, (SAM), AdamW.
-
-    With ``sam_rho`` the step is SAM (Foret et al., 2021): after the first backward the weights move
-    by ``rho * g / ||g||``, a second forward/backward at the perturbed weights gives the gradient the
-    optimiser uses, and the weights move back before ``optimizer.step()``. ``sam`` may be an object
-    with ``perturb()`` / ``restore()`` (``cmafnet.training.sam.SAM``); without it an inline version
-    with ``torch._foreach`` kernels is used. fp16 uses a GradScaler; ``g / ||g||`` does not depend on
-    the loss scale, so the inline version needs no unscale before the perturbation.
-    ``autocast_cache=False`` re-casts the weights at every use (required inside a CUDA graph).
-    """
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    """The references' training step: forward + loss under autocast, backward, AdamW (a GradScaler
+    with fp16). This is how the anchors were measured; CMAF-Net is timed through the trainer's own step
+    (:func:`cmafnet.bench.suite.trainer_parts`), never through this one."""
     scaler = torch.amp.GradScaler(timing.device.type) if timing.amp == "fp16" else None
-
-    def loss_of(x: Tensor, y: Tensor) -> Tensor:
-        with timing.autocast(cache_enabled=autocast_cache):
-            return loss_fn(model, x, y)
-
-    def backward(loss: Tensor) -> None:
-        (scaler.scale(loss) if scaler else loss).backward()
-
-    @torch.no_grad()
-    def inline_perturb() -> list[Tensor]:
-        with_grad = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in with_grad]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        eps = torch._foreach_mul(grads, sam_rho / (norm + 1e-12))
-        torch._foreach_add_(with_grad, eps)  # w + e(w)
-        return [with_grad, eps]
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(x, y)
-        backward(loss)
-        if sam_rho:
-            if sam is not None:
-                if scaler:  # the project's SAM wants the true gradient (its contract)
-                    with torch.no_grad():
-                        torch._foreach_mul_(
-                            [p.grad for p in params if p.grad is not None], 1 / scaler.get_scale()
-                        )
-                sam.perturb()
-            else:
-                moved, eps = inline_perturb()
-            optimizer.zero_grad(set_to_none=True)
-            backward(loss_of(x, y))
-            if sam is not None:
-                sam.restore()
-            else:
-                with torch.no_grad():
-                    torch._foreach_sub_(moved, eps)  # back to w
+        with timing.autocast():
+            loss = loss_fn(model, x, y)
         if scaler:
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
+            loss.backward()
             optimizer.step()
         return loss.detach()
 

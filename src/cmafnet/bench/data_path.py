@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmafnet.analysis.profiling.timing import Timing, time_per_step
+from cmafnet.bench.timing import Timing, time_per_step
 from cmafnet.data.prefetch import Prefetcher, batch_seed
 
 IDC_SIZE = 277_524

@@ -1,38 +1,41 @@
-"""Information-theoretic training monitors (paper §4.5, §6.3; Fig. 4).
+"""Information-theoretic training monitors (paper §4.5, §6.3; Fig. 4), accumulated over a validation pass.
 
-All values are in nats and computed without gradients from a :class:`~cmafnet.models.ModelOutput`:
+All values are in nats and computed without gradients from a :class:`~cmafnet.models.ModelOutput`.
+Each quantity the objective penalises is monitored with the objective's own definition
+(:mod:`cmafnet.losses.regularizers`), on the whole validation pass instead of one batch:
 
-- ``I(Z;X)`` upper bound per branch: ``E_x KL(q(z|x) || N(0, I))`` of the variational bottleneck,
-  summed over the feature dimension and averaged over tokens and samples (Alemi et al., 2017).
-- ``I(Z_s;Z_t)`` estimate: Gaussian mutual information of the pooled bottleneck codes,
-  ``0.5 (log|S_s| + log|S_t| - log|S|)``, with Ledoit-Wolf shrinkage covariances (sklearn) fitted
-  on the whole validation set (a batch is far too small for a D x D covariance).
-- ``I(Z_fused;Y)`` lower bound: ``H(Y) - CE`` (Barber & Agakov): the label entropy minus the
-  classifier's cross-entropy; any classifier's CE upper-bounds ``H(Y|Z)``.
-- attention entropy per head (mean over samples and query tokens of the key distribution's entropy)
-  and the temperature per head; gate mean and standard deviation; class margins (mean over the
-  samples of class c of ``logit_c - max_{j != c} logit_j``).
+- ``mi_zs_x`` / ``mi_zt_x``: the ``I(Z;X)`` upper bound per branch, ``E_x KL(q(z|x) || N(0, I))`` of the
+  variational bottleneck (:func:`~cmafnet.losses.regularizers.gaussian_kl_per_sample`, the KL terms).
+- ``mi_zs_zt``: the Gaussian (CCA) estimate of ``I(Z_s;Z_t)`` of the pooled bottleneck codes with
+  Ledoit-Wolf shrinkage (:func:`~cmafnet.losses.regularizers.gaussian_mutual_information`, the
+  redundancy term), from up to ``max_codes`` validation samples.
+- ``attn_entropy_h<h>``: mean attention entropy per head in nats, as Fig. 4 plots it
+  (:func:`~cmafnet.losses.regularizers.attention_entropy_nats`; the penalty divides it by ``log N_t``).
+
+With the classification loss's per-sample weights (``loss_weights``), ``loss_weight_c<c>``: the mean
+weight of class c's samples on their ``-log p`` term (A-CBFL: ``alpha_c(t) * (1 - p_c)^{gamma_c}``), from
+which the trainer logs the effective learning rate per class (``eff_lr_c<c>`` = lr x that weight).
+
+And what the objective does not penalise: the ``I(Z_fused;Y)`` lower bound ``H(Y) - CE`` (Barber &
+Agakov: any classifier's cross-entropy upper-bounds ``H(Y|Z)``), the temperature per head, gate mean
+and standard deviation, and class margins (mean over the samples of class c of
+``logit_c - max_{j != c} logit_j``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cmafnet.losses.regularizers import gaussian_kl_per_sample
-
-# Per-sample KL(N(mu, exp(logvar)) || N(0, I)) of ``(B, N, D)`` or ``(B, D)`` -> ``(B,)``: the training
-# regulariser's own definition (one implementation for the loss and the monitor).
-kl_to_standard_normal = gaussian_kl_per_sample
-
-
-def attention_entropy(attn: Tensor) -> Tensor:
-    """Mean entropy per head of attention maps ``(B, H, N_q, N_k)`` (rows sum to 1) -> ``(H,)``."""
-    a = attn.float().clamp_min(1e-12)
-    return -(a * a.log()).sum(-1).mean(dim=(0, 2))
+from cmafnet.losses.regularizers import (
+    attention_entropy_nats,
+    gaussian_kl_per_sample,
+    gaussian_mutual_information,
+)
 
 
 def class_margins(logits: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -53,29 +56,20 @@ def label_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def gaussian_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
-    """Gaussian MI estimate between samples ``a (N, Da)`` and ``b (N, Db)`` with Ledoit-Wolf shrinkage."""
-    from sklearn.covariance import LedoitWolf
-
-    if a.shape[0] < 3:
-        return float("nan")
-
-    def logdet(x: np.ndarray) -> float:
-        cov = LedoitWolf().fit(x).covariance_
-        sign, val = np.linalg.slogdet(cov)
-        return float(val) if sign > 0 else float("nan")
-
-    mi = 0.5 * (logdet(a) + logdet(b) - logdet(np.concatenate([a, b], axis=1)))
-    return max(mi, 0.0)
-
-
 class MonitorAccumulator:
     """Accumulates the monitors over the batches of an evaluation pass; :meth:`result` gives a flat
     dict of floats (keys such as ``mi_zs_x``, ``attn_entropy_h0``, ``tau_h0``, ``margin_c1``)."""
 
-    def __init__(self, num_classes: int, max_codes: int = 4096):
+    def __init__(
+        self,
+        num_classes: int,
+        max_codes: int = 4096,
+        loss_weights: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ):
         self.num_classes = num_classes
-        self.max_codes = max_codes  # cap on stored pooled codes for the MI estimate
+        self.loss_weights = loss_weights  # (logits, target) -> (B,) weights of the classification loss
+        self.weight_sum = torch.zeros(num_classes, dtype=torch.float64)
+        self.max_codes = max_codes  # cap on stored pooled codes for the I(Z_s;Z_t) estimate
         self.n = 0
         self.sums: dict[str, float] = {}
         self.ce_sum = 0.0
@@ -85,8 +79,8 @@ class MonitorAccumulator:
         self.attn_ent: Tensor | None = None
         self.tau: Tensor | None = None
         self.gate_sum = self.gate_sq = self.gate_n = 0.0
-        self.z_s: list[np.ndarray] = []
-        self.z_t: list[np.ndarray] = []
+        self.z_s: list[Tensor] = []
+        self.z_t: list[Tensor] = []
         self.n_codes = 0
 
     def _add(self, key: str, value: float) -> None:
@@ -103,11 +97,14 @@ class MonitorAccumulator:
         s, c = class_margins(logits, target, self.num_classes)
         self.margin_sum += s.cpu()
         self.margin_count += c.cpu()
+        if self.loss_weights is not None:
+            w = self.loss_weights(logits, target).detach().double()
+            self.weight_sum += w.new_zeros(self.num_classes).index_add_(0, target, w).cpu()
         for name, mu, lv in (("mi_zs_x", out.mu_s, out.logvar_s), ("mi_zt_x", out.mu_t, out.logvar_t)):
             if mu is not None and lv is not None:
-                self._add(name, float(kl_to_standard_normal(mu, lv).sum()))
+                self._add(name, float(gaussian_kl_per_sample(mu, lv).sum()))
         if out.attn is not None:
-            ent = attention_entropy(out.attn).cpu() * b
+            ent = attention_entropy_nats(out.attn).cpu() * b
             self.attn_ent = ent if self.attn_ent is None else self.attn_ent + ent
         if out.tau is not None:
             self.tau = out.tau.detach().float().cpu()
@@ -117,8 +114,8 @@ class MonitorAccumulator:
             self.gate_sq += float(g.pow(2).sum())
             self.gate_n += g.numel()
         if out.z_s is not None and out.z_t is not None and self.n_codes < self.max_codes:
-            self.z_s.append(out.z_s.float().reshape(b, -1).cpu().numpy())
-            self.z_t.append(out.z_t.float().reshape(b, -1).cpu().numpy())
+            self.z_s.append(out.z_s.float().reshape(b, -1).cpu())
+            self.z_t.append(out.z_t.float().reshape(b, -1).cpu())
             self.n_codes += b
 
     def result(self) -> dict[str, float]:
@@ -131,6 +128,8 @@ class MonitorAccumulator:
         for c in range(self.num_classes):
             if self.margin_count[c] > 0:
                 res[f"margin_c{c}"] = float(self.margin_sum[c] / self.margin_count[c])
+                if self.loss_weights is not None:
+                    res[f"loss_weight_c{c}"] = float(self.weight_sum[c] / self.margin_count[c])
         if self.attn_ent is not None:
             for h, v in enumerate((self.attn_ent / self.n).tolist()):
                 res[f"attn_entropy_h{h}"] = v
@@ -141,6 +140,7 @@ class MonitorAccumulator:
             mean = self.gate_sum / self.gate_n
             res["gate_mean"] = mean
             res["gate_std"] = math.sqrt(max(self.gate_sq / self.gate_n - mean * mean, 0.0))
-        if self.z_s:
-            res["mi_zs_zt"] = gaussian_mutual_information(np.concatenate(self.z_s), np.concatenate(self.z_t))
+        if self.n_codes >= 2:
+            z_s, z_t = torch.cat(self.z_s)[: self.max_codes], torch.cat(self.z_t)[: self.max_codes]
+            res["mi_zs_zt"] = float(gaussian_mutual_information(z_s, z_t))
         return res

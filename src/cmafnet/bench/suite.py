@@ -1,7 +1,6 @@
-"""What `cmafnet bench` times for CMAF-Net and its references: the model, the trainer's stage-3 loss,
-optimiser, SAM and graph step (:func:`cmaf_parts`), the measurement list with its variants
-(:func:`build_specs`) and the real input path on a generated IDC-sized store
-(:func:`measure_cmaf_data_path`)."""
+"""What `cmafnet bench` times for CMAF-Net and its references: CMAF-Net through the trainer's own stage
+step (:func:`trainer_parts`), the measurement list with its variants (:func:`build_specs`) and the real
+input path on a generated IDC-sized store (:func:`measure_cmaf_data_path`)."""
 
 from __future__ import annotations
 
@@ -14,36 +13,60 @@ from typing import Any
 log = logging.getLogger("cmafnet.bench")
 
 
-def cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
-    """CMAF-Net's builder, stage-3 loss, optimiser and SAM, as the trainer makes them.
+def trainer_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
+    """A model as the trainer trains it in its config's last stage (CMAF-Net: stage 3, end to end, the
+    full objective with every regulariser at full weight, past the beta ramp).
 
-    The loss is the objective with every regulariser at full weight (past the beta ramp); the
-    optimiser is the trainer's AdamW (weights-only decay) over the model and the objective's own
-    parameters; SAM is ``cmafnet.training.sam.SAM`` when that module is importable.
+    Returns ``build`` (the model), ``trainer(model, **switches) -> StageStep`` (the trainer's own
+    :func:`~cmafnet.training.prepare_stage`: AdamW with weights-only decay, SAM, AutoClip, the
+    non-finite skip, ``train.compile`` and ``train.cuda_graph`` as the switches say) and, for the step
+    breakdown, ``loss_fn(model, x, y)`` and ``objective_fn(model, x, y)`` (the objective alone on one
+    fixed model output).
     """
     from dataclasses import fields, replace
 
     import torch
 
+    from cmafnet.bench.data_path import IDC_CLASS_COUNTS
     from cmafnet.losses import Objective
     from cmafnet.models import create_model
+    from cmafnet.training import prepare_objective, prepare_stage
+    from cmafnet.training.stages import initial_roles
 
     n = cfg.model.num_classes
-    from cmafnet.analysis.profiling.data_path import IDC_CLASS_COUNTS
-
     counts = list(IDC_CLASS_COUNTS) if n == 2 else [1000 * (i + 1) for i in range(n)]
     objective = Objective(cfg.loss, cfg.regularizers, counts, num_heads=cfg.model.fusion.heads).to(dev)
     objective.set_beta_progress(float(cfg.regularizers.ramp_epochs) + 1.0)
-    stage3_epoch = float(sum(s.epochs for s in cfg.train.stages[:-1]))  # first stage-3 epoch
-    parts: dict[str, Any] = {"optimizer": None, "sam": None}
+    stage = cfg.train.stages[-1]
+    epoch = float(sum(s.epochs for s in cfg.train.stages[:-1]))  # the last stage's first epoch
 
     def build() -> torch.nn.Module:
         return create_model(cfg.model, img_size=size)
 
+    def trainer(
+        model: torch.nn.Module,
+        *,
+        sam: bool,
+        compile: bool,
+        cuda_graph: bool,
+        fused: bool,
+        channels_last: bool,
+        amp: str,
+    ) -> Any:
+        sam_cfg = cfg.train.sam.model_copy(update={"enabled": sam, "rho": cfg.train.sam.rho or 0.05})
+        tc = cfg.train.model_copy(update={
+            "sam": sam_cfg, "compile": compile, "cuda_graph": cuda_graph, "fused_adamw": fused,
+            "channels_last": channels_last, "amp": amp,
+        })  # fmt: skip
+        prepare_objective(objective, tc, dev)
+        scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
+        st = prepare_stage(model, objective, stage, tc, initial_roles(model), device=dev, scaler=scaler)
+        st.loss.epoch = epoch
+        return st
+
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model(x, return_aux=True)
-        total, _ = objective(out, y, epoch=stage3_epoch, use_regularizers=True)
-        return total
+        return objective(out, y, epoch=epoch, use_regularizers=stage.train != "branches")[0]
 
     def objective_only(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
         out = model(x, return_aux=True)
@@ -57,42 +80,11 @@ def cmaf_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
         def run() -> torch.Tensor:
             for v in leaves.values():
                 v.grad = None
-            return objective(fixed, y, epoch=stage3_epoch, use_regularizers=True)[0]
+            return objective(fixed, y, epoch=epoch, use_regularizers=True)[0]
 
         return run
 
-    parts.update(build=build, loss_fn=loss_fn, objective_fn=objective_only)
-    try:
-        from cmafnet.training.optim import build_adamw, param_groups
-        from cmafnet.training.sam import SAM
-    except ImportError as err:  # the trainer's pieces are missing: the generic ones are used
-        log.warning("cmafnet.training not importable (%s): generic AdamW and inline SAM", err)
-        return parts
-
-    def optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
-        groups = param_groups(model.named_parameters(), cfg.train.weight_decay, objective.parameters())
-        return build_adamw(groups, cfg.train.stages[-1].lr, fused=fused, device=dev)
-
-    def sam(opt: torch.optim.Optimizer) -> Any:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        return SAM(params, rho=cfg.train.sam.rho or 0.05, adaptive=cfg.train.sam.adaptive)
-
-    def device_step(model: torch.nn.Module, opt: torch.optim.Optimizer, with_sam: bool, amp: str) -> Any:
-        """The trainer's ``train.cuda_graph`` step: SAM, AutoClip, non-finite skip, all on the device."""
-        from cmafnet.training.graphed import DeviceClipper, DeviceStep
-
-        params = [p for g in opt.param_groups for p in g["params"]]
-
-        def loss(out: Any, y: torch.Tensor) -> Any:
-            return objective(out, y, epoch=stage3_epoch, use_regularizers=True)
-
-        return DeviceStep(
-            model, loss, opt, params, clipper=DeviceClipper(cfg.train.clip, dev),
-            sam=sam(opt) if with_sam else None, amp=amp, sdpa_backend=cfg.train.sdpa_backend,
-        )  # fmt: skip
-
-    parts.update(optimizer=optimizer, sam=sam, device_step=device_step, setup=objective.compile_regularizers)
-    return parts
+    return {"build": build, "trainer": trainer, "loss_fn": loss_fn, "objective_fn": objective_only}
 
 
 def build_specs(
@@ -103,20 +95,21 @@ def build_specs(
     compile_: bool,
     profile: Path | None = None,
     graph: bool = False,
+    amp: str = "bf16",
 ) -> dict[str, Any]:
     from dataclasses import replace
 
     import timm
 
-    from cmafnet.analysis.naive_reference import create_naive_reference
-    from cmafnet.analysis.profiling.models import ModelBench
+    from cmafnet.bench.models import ModelBench
+    from cmafnet.bench.naive import create_naive_reference
 
     nc = cfg.model.num_classes
     variant, fusion = cfg.model.contextual.variant, cfg.model.fusion
     specs: dict[str, ModelBench] = {}
     if "cmafnet" in names:
         try:
-            parts = cmaf_parts(cfg, dev, size)
+            parts = trainer_parts(cfg, dev, size)
         except Exception as err:  # the model or objective is not importable: report, go on
             msg = f"{type(err).__name__}: {err}"
             if "kornia" in str(err):
@@ -125,18 +118,11 @@ def build_specs(
             def unavailable(msg: str = msg) -> Any:
                 raise RuntimeError(f"CMAF-Net unavailable ({msg})")
 
-            parts = {
-                "build": unavailable,
-                "loss_fn": None,
-                "optimizer": None,
-                "sam": None,
-                "device_step": None,
-            }
+            parts = {"build": unavailable, "trainer": None, "loss_fn": None, "objective_fn": None}
         specs["cmafnet"] = ModelBench(
             "cmafnet", parts["build"], loss_fn=parts["loss_fn"], channels_last=cfg.train.channels_last,
-            sam_rho=cfg.train.sam.rho or 0.05, aux_infer=True, fused_adamw=cfg.train.fused_adamw,
-            optimizer=parts["optimizer"], sam=parts["sam"], breakdown=True, objective_fn=parts.get("objective_fn"),
-            device_step=parts.get("device_step"), setup=parts.get("setup"),
+            sam=True, aux_infer=True, fused_adamw=cfg.train.fused_adamw, trainer=parts["trainer"],
+            breakdown=True, objective_fn=parts["objective_fn"],
             profile_path=str(profile / "profile_cmafnet.txt") if profile else None,
         )  # fmt: skip
     if "naive" in names:
@@ -152,8 +138,9 @@ def build_specs(
         specs["mobilevit_s"] = ModelBench(
             "mobilevit_s", lambda: timm.create_model("mobilevit_s", num_classes=nc)
         )
-    graph = graph and dev.type == "cuda" and "cmafnet" in specs
-    if graph:  # the same step, captured whole and replayed (cmafnet.training.graphs)
+    # train.cuda_graph: the same step, captured whole and replayed (fp16's GradScaler cannot be captured)
+    graph = graph and dev.type == "cuda" and "cmafnet" in specs and amp != "fp16"
+    if graph:
         specs["cmafnet+graph"] = replace(
             specs["cmafnet"], name="cmafnet+graph", cuda_graph=True, gmacs=False, latency=False,
             breakdown=False, profile_path=None, aux_infer=False,
@@ -181,9 +168,8 @@ def measure_cmaf_data_path(
     import numpy as np
     import torch
 
-    from cmafnet.analysis.profiling.data_path import cycle_batches, make_store, measure_data_path
-    from cmafnet.analysis.profiling.models import make_inputs
-    from cmafnet.analysis.profiling.steps import make_optimizer, make_train_step
+    from cmafnet.bench.data_path import cycle_batches, make_store, measure_data_path
+    from cmafnet.bench.models import make_inputs
 
     dev = timing.device
     rec: dict[str, Any] = {"store_size": args.store_size, "epoch_fraction": args.epoch_fraction}
@@ -216,25 +202,22 @@ def measure_cmaf_data_path(
     if isinstance(prep, torch.nn.Module):
         prep = prep.to(dev)
     rec["loader_setup_s"] = time.perf_counter() - t0
-    parts = cmaf_parts(cfg, dev, size)
+    parts = trainer_parts(cfg, dev, size)
     model = parts["build"]().to(dev)
     cl = cfg.train.channels_last
     if cl:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    fused = cfg.train.fused_adamw and dev.type == "cuda"
-    opt = parts["optimizer"](model, fused) if parts["optimizer"] else make_optimizer(model, fused=fused)
-    graphed = args.graph and dev.type == "cuda" and parts.get("device_step") and timing.amp != "fp16"
+    # the trainer's step, captured (train.cuda_graph) where it can be: the fastest step leaves the input
+    # path the least to hide behind
+    graphed = bool(args.graph and dev.type == "cuda" and timing.amp != "fp16")
+    st = parts["trainer"](
+        model, sam=False, compile=False, cuda_graph=graphed, fused=cfg.train.fused_adamw and dev.type == "cuda",
+        channels_last=cl, amp=timing.amp,
+    )  # fmt: skip
     premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
     rec["step"] = "cuda_graph" if graphed else "eager"
-    if (
-        graphed
-    ):  # the trainer's train.cuda_graph step, the fastest: the input path has the least to hide behind
-        from cmafnet.training.graphs import GraphedStep
-
-        step = GraphedStep(parts["device_step"](model, opt, False, timing.amp), list(premade), optimizer=opt)
-    else:
-        step = make_train_step(model, parts["loss_fn"], opt, timing)
+    step = st
 
     def preprocess(xb: torch.Tensor) -> torch.Tensor:
         x = prep(xb)

@@ -1,0 +1,133 @@
+"""Evaluation at the training scale: resample each image to the run's µm/px, tile, aggregate.
+
+The squeezed evaluation (:func:`cmafnet.evaluation.evaluate.evaluate_run`) resizes every image to
+the model's input; this one applies :mod:`cmafnet.inference.scale` to the same images and writes
+``metrics_<name>_matched.json`` and ``predictions_<name>_matched.csv`` beside it. Images that cannot
+be seen at the training scale (smaller than half a training patch, or of unknown µm/px) are
+excluded from the metrics and counted, overall and per magnification.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmafnet.run import write_json
+
+
+def _calibration(y: np.ndarray, before: np.ndarray, after: np.ndarray, temp: float, n_bins: int) -> dict:
+    from sklearn.metrics import brier_score_loss
+
+    from cmafnet.evaluation.metrics import expected_calibration_error
+
+    out: dict[str, Any] = {
+        "temperature": float(temp),
+        "n": len(y),
+        "applied_to": "tile logits, then aggregated",
+    }
+    for tag, p in (("before", before), ("after", after)):
+        out[f"ece_{tag}"] = expected_calibration_error(y, p, n_bins)
+        out[f"brier_{tag}"] = float(brier_score_loss(y, p[:, 1], pos_label=1)) if p.shape[1] == 2 else None
+    return out
+
+
+def scale_matched_evaluation(
+    predictor: Any,
+    store: Any,
+    rows: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    squeezed: dict,
+    *,
+    meta: dict,
+    temp: float,
+    op: dict | None,
+    n_bins: int,
+    n_boot: int,
+    aggregate: str,
+    out: Path,
+    batch_size: int = 256,
+) -> dict:
+    """The scale-matched counterpart of the evaluation document ``squeezed`` (written to ``out``)."""
+    from cmafnet.data.scale import image_mpp
+    from cmafnet.evaluation.evaluate import group_rows, mag_label, write_predictions
+    from cmafnet.evaluation.rows import metric_rows
+    from cmafnet.inference.scale import MIN_COVERAGE, predict_scaled, run_scale
+
+    scale = run_scale(meta)
+    mpps = image_mpp(store, rows)
+    res = predict_scaled(
+        predictor, (store.images[int(i)] for i in rows), list(mpps), scale, batch_size=batch_size
+    )
+    ok = np.array([r.status == "" for r in res], dtype=bool)
+    index = store.index
+    mags = index["magnification"].to_numpy()[rows] if "magnification" in index.columns else None
+    excluded = Counter(r.status for r in res if r.status)
+    by_mag_excluded: dict[str, dict[str, int]] = {}
+    if mags is not None:
+        for r, m in zip(res, mags):
+            if r.status:
+                d = by_mag_excluded.setdefault(mag_label(m), {})
+                d[r.status] = d.get(r.status, 0) + 1
+    name = f"{squeezed['name']}_matched"
+    doc: dict[str, Any] = {
+        **{k: squeezed[k] for k in ("run", "store", "store_hash", "dataset", "split", "zero_shot", "target", "classes", "store_classes")},
+        "name": name,
+        "n": int(ok.sum()),
+        "scale": {
+            "mode": "match",
+            "description": f"resampled to {scale.describe()}, tiled, tile probabilities aggregated by {aggregate}",
+            "mpp": scale.mpp,
+            "tile_hw": list(scale.tile_hw),
+            "aggregate": aggregate,
+            "min_coverage": MIN_COVERAGE,
+            "n_total": len(rows),
+            "n_assessable": int(ok.sum()),
+            "excluded": dict(excluded),
+            "excluded_by_magnification": by_mag_excluded,
+            "tiles_per_image": float(np.mean([r.n_tiles for r in res if not r.status])) if ok.any() else None,
+        },
+    }  # fmt: skip
+    n_classes = len(classes)
+    after = np.full((len(rows), n_classes), np.nan)
+    if ok.any():
+        after[ok] = np.stack([r.probs(temp, aggregate) for r, k in zip(res, ok) if k])
+        before = np.stack([r.probs(1.0, aggregate) for r, k in zip(res, ok) if k])
+        sel = np.flatnonzero(ok)
+        patients = index["patient"].to_numpy()[rows][sel] if "patient" in index.columns else None
+        groups = {
+            m: np.flatnonzero(np.isin(sel, g)) for m, g in group_rows(index, rows, "magnification").items()
+        }
+        groups = {m: g for m, g in groups.items() if g.size}
+        doc["calibration"] = _calibration(y[sel], before, after[sel], temp, n_bins)
+        doc.update(
+            metric_rows(
+                y[sel],
+                after[sel],
+                classes,
+                op=op,
+                patients=patients,
+                groups=groups,
+                n_bins=n_bins,
+                n_boot=n_boot,
+            )
+        )
+    else:
+        doc["metrics"] = {}
+        doc["note"] = "no image could be evaluated at the training scale (see scale.excluded)"
+    pred_path = out / f"predictions_{name}.csv"
+    metrics_path = out / f"metrics_{name}.json"
+    extra = {
+        "scale_status": [r.status or "ok" for r in res],
+        "n_tiles": [r.n_tiles for r in res],
+        "mpp": mpps,
+        "resampled_hw": [f"{r.resampled_hw[0]}x{r.resampled_hw[1]}" for r in res],
+    }
+    thr = (doc.get("operating_point") or {}).get("value", 0.5)
+    write_predictions(pred_path, index, rows, y, after, classes, threshold=thr, extra=extra)
+    doc["paths"] = {"predictions": str(pred_path), "metrics": str(metrics_path)}
+    write_json(metrics_path, doc)
+    return doc

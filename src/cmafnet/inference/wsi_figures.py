@@ -1,0 +1,107 @@
+"""Readable whole-slide outputs: the tile partition and the heatmap figure (colour bar and legend).
+
+Every tile of the grid falls in exactly one category, so the counts add up to the tile total:
+
+* ``background``: glass on the thumbnail (never read) or on the tile itself;
+* ``not assessable``: pen / ink, or too little tissue to classify;
+* ``classified positive`` / ``classified negative``: at the operating threshold.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from cmafnet.inference.tissue import NOT_ASSESSABLE
+
+BACKGROUND = "background"
+NOT_ASSESSABLE_CAT = "not assessable"
+POSITIVE = "classified positive"
+NEGATIVE = "classified negative"
+CATEGORIES = (BACKGROUND, NOT_ASSESSABLE_CAT, POSITIVE, NEGATIVE)
+
+
+def tile_category(row: dict, positive: str) -> str:
+    """The one category of a ``tiles.csv`` row (see the module docstring)."""
+    if row.get("status") == "ok":
+        return POSITIVE if row.get("decision") == positive else NEGATIVE
+    flags = str(row.get("flags") or "")
+    return BACKGROUND if f"{NOT_ASSESSABLE}:background" in flags.split(";") else NOT_ASSESSABLE_CAT
+
+
+def partition(rows: list[dict], positive: str) -> dict[str, Any]:
+    """Counts per category (summing to ``len(rows)``) and the not-assessable reasons."""
+    counts = Counter(tile_category(r, positive) for r in rows)
+    reasons: Counter = Counter()
+    for r in rows:
+        if tile_category(r, positive) == NOT_ASSESSABLE_CAT:
+            for f in str(r.get("flags") or "").split(";"):
+                if f.startswith(f"{NOT_ASSESSABLE}:"):
+                    reasons[f.split(":", 1)[1]] += 1
+    out = {c: int(counts.get(c, 0)) for c in CATEGORIES}
+    out["total"] = len(rows)
+    out["not_assessable_reasons"] = dict(reasons)
+    return out
+
+
+def partition_line(p: dict[str, Any]) -> str:
+    """``35 tiles = 12 background + 8 not assessable (pen 3, low_tissue 5) + 4 positive + 11 negative``."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(p["not_assessable_reasons"].items()))
+    return (
+        f"{p['total']} tiles = {p[BACKGROUND]} background + {p[NOT_ASSESSABLE_CAT]} not assessable"
+        + (f" ({reasons})" if reasons else "")
+        + f" + {p[POSITIVE]} classified positive + {p[NEGATIVE]} classified negative"
+    )
+
+
+def heatmap_figure(
+    thumb: np.ndarray,
+    overlay: np.ndarray,
+    *,
+    title: str,
+    positive: str,
+    threshold: float,
+    calibration: str,
+    counts: dict[str, Any],
+) -> bytes:
+    """PNG of the overlay with a colour bar (probability) and a legend of the tile categories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+
+    h, w = thumb.shape[:2]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(2 * 6.0 * min(1.6, w / h) + 1.5, 6.4))
+    ax0.imshow(thumb)
+    ax0.set_title("slide (thumbnail)")
+    ax1.imshow(overlay)
+    ax1.set_title(f"P({positive}), threshold {threshold:.3g}")
+    for ax in (ax0, ax1):
+        ax.set_axis_off()
+    sm = ScalarMappable(norm=Normalize(0, 1), cmap=matplotlib.colormaps["jet"])
+    bar = fig.colorbar(sm, ax=ax1, fraction=0.046, pad=0.02)
+    bar.set_label(f"probability of '{positive}' ({calibration})")
+    bar.ax.axhline(threshold, color="white", lw=2)
+    bar.ax.axhline(threshold, color="black", lw=1, ls="--")
+    legend = [
+        Patch(facecolor="none", edgecolor="grey", label=f"no colour: background ({counts[BACKGROUND]}) or "
+              f"not assessable ({counts[NOT_ASSESSABLE_CAT]})"),
+        Patch(facecolor="red", alpha=0.45, label=f"classified tiles ({counts[POSITIVE] + counts[NEGATIVE]}): colour "
+              "= probability"),
+        Patch(facecolor="white", edgecolor="black", ls="--", label=f"dashed line on the bar: threshold "
+              f"({counts[POSITIVE]} positive, {counts[NEGATIVE]} negative)"),
+    ]  # fmt: skip
+    fig.legend(handles=legend, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,118 @@
+"""Every number names its threshold; CIs for every row carry a small-cohort warning; McNemar at operating points."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from cmafnet.cli.evaluate import summary_lines
+from cmafnet.evaluation.evaluate import write_predictions
+from cmafnet.evaluation.metrics import classification_metrics, format_metric_for
+from cmafnet.evaluation.report import collect_run, write_report
+from cmafnet.evaluation.rows import MIN_CI_PATIENTS, ci_warning, metric_rows, threshold_rule
+from cmafnet.evaluation.stats import mcnemar
+from cmafnet.evaluation.tables_stats import ci_tables, mcnemar_tests
+from cmafnet.run import write_json
+
+OP = {"value": 0.3, "target_sensitivity": 0.95, "chosen_on": "val", "n_val": 40, "temperature": 1.7}
+
+
+def test_rule_names_threshold_and_how_it_was_chosen():
+    assert threshold_rule(None) == "threshold 0.5 (default, not tuned)"
+    assert threshold_rule(None, binary=False) == "argmax (multi-class)"
+    assert threshold_rule(OP) == (
+        "operating threshold 0.3000 (highest with validation sensitivity >= 0.95; chosen on val (n=40); "
+        "calibrated probabilities, T=1.7)"
+    )
+    assert ci_warning(MIN_CI_PATIENTS) is None and "only 2 patient(s)" in ci_warning(2)
+
+
+def test_every_row_has_patient_cis_with_a_warning_below_ten_patients():
+    rng = np.random.default_rng(0)
+    n = 120
+    y = np.arange(n) % 2
+    p1 = np.clip(0.5 * y + 0.5 * rng.random(n), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    patients = np.array([f"p{i % 4}" for i in range(n)])
+    mags = {"40X": np.arange(0, n, 2), "100X": np.arange(1, n, 2)}
+    doc = metric_rows(y, probs, ["a", "b"], op=OP, patients=patients, groups=mags, n_boot=30)
+    assert doc["metrics_rule"].startswith("threshold 0.5") and doc["operating_point"][
+        "rule"
+    ] == threshold_rule(OP)
+    cis = [doc["ci"], doc["operating_point"]["ci"]]
+    cis += [e[k] for e in doc["by_magnification"].values() for k in ("ci", "operating_ci")]
+    for block in cis:
+        for ci in block.values():
+            assert (
+                ci["by"] == "patient" and ci["n_patients"] in (2, 4) and ci["warning"].startswith("WARNING")
+            )
+    # The operating row's CI is computed at the operating threshold, not at 0.5.
+    assert (
+        doc["operating_point"]["ci"]["specificity"]["point"]
+        == classification_metrics(y, probs, 0.3)["specificity"]
+    )
+    assert doc["operating_point"]["ci"]["specificity"]["point"] < doc["ci"]["specificity"]["point"]
+    # Console: the operating row first, every row naming its threshold, and the warning printed.
+    text = summary_lines(
+        {**doc, "name": "test", "n": n, "classes": ["a", "b"], "paths": {"predictions": "p", "metrics": "m"}},
+        format_metric_for,
+    )
+    lines = text.splitlines()
+    assert "threshold op 0.3000 (val sens>=0.95)" in lines[1] and threshold_rule(OP) in lines[2]
+    assert "threshold 0.5" in lines[3] and "WARNING: only 4 patient(s)" in text
+
+
+def _run(path, y, p1, op_value, patients):
+    path.mkdir()
+    write_json(path / "run.json", {"classes": ["a", "b"], "name": path.name})
+    (path / "config.yaml").write_text("model:\n  name: cmafnet\n")
+    probs = np.stack([1 - p1, p1], 1)
+    idx = pd.DataFrame({"id": [f"i{k}" for k in range(len(y))], "patient": patients})
+    write_predictions(
+        path / "predictions_test.csv", idx, np.arange(len(y)), y, probs, ["a", "b"], threshold=op_value
+    )
+    op = {**OP, "value": op_value}
+    doc = {"name": "test", "n": len(y), "classes": ["a", "b"],
+           **metric_rows(y, probs, ["a", "b"], op=op, patients=patients, groups={}, n_boot=20)}  # fmt: skip
+    write_json(path / "metrics_test.json", doc)
+    return path
+
+
+def test_mcnemar_uses_each_runs_operating_threshold_and_says_so(tmp_path):
+    y = np.array([1] * 10 + [0] * 30)
+    patients = np.array([f"p{k % 3}" for k in range(40)])
+    # At 0.5 both runs call everything negative (b = c = 0, p = 1); at their operating thresholds they differ.
+    pa = np.r_[np.full(10, 0.40), np.full(30, 0.10)]  # A at 0.35: all right
+    pb = np.r_[np.full(10, 0.20), np.full(25, 0.10), np.full(5, 0.30)]  # B at 0.25: misses 10, 5 false +
+    ra = _run(tmp_path / "A", y, pa, 0.35, patients)
+    rb = _run(tmp_path / "B", y, pb, 0.25, patients)
+    tables, data = mcnemar_tests([collect_run(ra), collect_run(rb)])
+    (r,) = data
+    expected = mcnemar(y, (pa >= 0.35).astype(int), (pb >= 0.25).astype(int))
+    assert (
+        (r["b"], r["c"], r["pvalue"])
+        == (expected["b"], expected["c"], expected["pvalue"])
+        == (15, 0, r["pvalue"])
+    )
+    assert r["pvalue"] < 0.001 and mcnemar(y, (pa >= 0.5) * 1, (pb >= 0.5) * 1)["pvalue"] == 1.0
+    assert "operating threshold 0.3500" in r["rule_a"] and "operating threshold 0.2500" in r["rule_b"]
+    assert "operating threshold" in tables[0].title and "op 0.3500 (val sens>=0.95)" in tables[0].rows[0]
+    # CI table: every row names its threshold and carries the small-cohort warning (3 patients).
+    (ct,) = ci_tables([collect_run(ra)])
+    assert {row[2] for row in ct.rows} == {"op 0.3500 (val sens>=0.95)", "0.5"}
+    assert all(row[-1] == "⚠ 3 patients" for row in ct.rows) and "fewer than 10 patients" in ct.note
+    # Markdown and HTML carry the same threshold column.
+    html = write_report([ra, rb], tmp_path / "rep").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for text in (html, md):
+        assert "op 0.3500 (val sens&gt;=0.95)" in text or "op 0.3500 (val sens>=0.95)" in text
+        assert "⚠ 3 patients" in text and "at each run&#x27;s operating threshold" in text.replace(
+            "'", "&#x27;"
+        )
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())["summary"]["binary"]
+    assert [row["rule"].split(" (")[0] for row in summary][:2] == [
+        "operating threshold 0.3500",
+        "threshold 0.5",
+    ]
