@@ -37,6 +37,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_bench_cpu_writes_json(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
     rc = main(["bench", *TINY, "--models", "cmafnet,naive", "--data-path", "--store-size", "8", "--epoch-fraction", "0.5",

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from cmafnet.cli import main
 
 ROW = re.compile(
@@ -11,6 +13,7 @@ ROW = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_demo_writes_a_report_with_both_models(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main([

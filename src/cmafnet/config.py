@@ -311,14 +311,18 @@ class DataConfig(_Section):
     stain: StainConfig = StainConfig()
     augment: AugmentConfig = AugmentConfig()
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Input normalisation; None = what the model's weights state (timm pretrained_cfg, or the
+    # weights file's own config), resolved when training starts and written to the run's config.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     device_cache: bool = True  # keep the uint8 store on the training device when it fits
 
     @model_validator(mode="after")
     def _ratio(self) -> DataConfig:
         if self.imbalance is not None:
             parse_ratio(self.imbalance)
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std {self.std} must be positive")
         return self
 
 

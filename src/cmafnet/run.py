@@ -21,7 +21,7 @@ from typing import Any
 
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.files import atomic_write_bytes, load_plain_torch_file, write_json
-from cmafnet.models.weights import load_state_dict_file, save_weights
+from cmafnet.models.weights import load_state_dict_file, save_weights, without_init_weights
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
@@ -89,7 +89,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     except ConfigError as err:  # a damaged run folder, not a bad argument
         msg = str(err)
         raise RunFolderError(msg if msg.startswith(str(cfg_path)) else f"{cfg_path}: {msg}") from None
-    model = create_model(cfg.model)
+    model = create_model(without_init_weights(cfg.model))  # the run's own weights replace them
     missing, unexpected = model.load_state_dict(load_state_dict_file(wpath), strict=False)
     if missing or unexpected:
         raise RunFolderError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cmafnet.config import AugmentConfig, DataConfig
 from cmafnet.data.augment import HEDJitter, build_augment
@@ -54,9 +55,14 @@ def test_gpu_preprocess_shapes_and_stats() -> None:
     assert train(x).shape == (4, 3, 64, 64) and evalp(x).shape == (4, 3, 64, 64)
     assert torch.equal(evalp(x), evalp(x))  # eval is deterministic
     assert train.stain_reference["he_ref"][0] == pytest.approx([0.5626, 0.2159])
-    plain = GPUPreprocess(DataConfig(stain={"enabled": False}, augment={"enabled": False}), 50, train=True)
-    y = plain(x)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(y, (x.float() / 255 - mean) / std)  # no stain, no aug, no resize
+    off = {"stain": {"enabled": False}, "augment": {"enabled": False}}
+    plain = GPUPreprocess(DataConfig(**off, mean=(0.6, 0.5, 0.4), std=(0.2, 0.25, 0.3)), 50, train=True)
+    mean = torch.tensor([0.6, 0.5, 0.4]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain(x), (x.float() / 255 - mean) / std)  # no stain, no aug, no resize
     assert plain.stain_reference is None
+    # mean/std unset (not resolved from any weights): ImageNet's, as timm states them
+    unset = GPUPreprocess(DataConfig(**off), 50, train=True)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(unset(x), (x.float() / 255 - mean) / std)

@@ -70,7 +70,6 @@ def test_resolve_targets(store_factory):
         resolve_targets(["a", "b", "c"], bh)
 
 
-@pytest.mark.slow
 def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factory):
     idc = store_factory("idc", n=24)
     bh = store_factory(
@@ -108,7 +107,6 @@ def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factor
     assert tables and data[0]["evaluation"] == "zeroshot_all" and "400X" in data[0]
 
 
-@pytest.mark.slow
 def test_real_breakhis_samples_zero_shot_and_8_class(tmp_path, sample_data, store_factory):
     """Real BreakHis files through ingest: zero-shot per magnification and an 8-class evaluation."""
     from cmafnet.data.ingest import ingest

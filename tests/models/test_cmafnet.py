@@ -1,4 +1,4 @@
-"""CMAF-Net: every Table 6 architecture ablation as config, the CMAF block maths, temperatures, weights."""
+"""CMAF-Net: every Table 6 / 7 row (from the experiment definitions) as config, the CMAF block maths, weights."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import timm
 import torch
 
-from cmafnet.config import FusionConfig, ModelConfig, TauInit
+from cmafnet.config import FusionConfig, ModelConfig, TauInit, load_config
 from cmafnet.errors import ConfigError
+from cmafnet.experiments.tables import expand
+from cmafnet.losses.objective import Objective
 from cmafnet.models import ModelOutput, create_model
 from cmafnet.models.cmafnet import CMAFNet
 from cmafnet.models.fusion import FUSIONS, TAU_MIN, CMAFBlock, init_log_tau
@@ -34,34 +36,60 @@ def _cfg(**over: dict) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-# Every architecture ablation of Table 6 plus the other model switches.
-VARIANTS = {
-    "full": {},
-    "vit_only": {"spatial": {"enabled": False}},
-    "cnn_only": {"contextual": {"enabled": False}},
-    "concat": {"fusion": {"kind": "concat"}},
-    "no_temperature_learning": {
-        "fusion": {"learn_temperature": False, "tau_init": {"kind": "fixed", "a": 1.0}}
-    },
-    "single_head": {"fusion": {"heads": 1}},
-    "no_gate": {"fusion": {"gate": False}},
-    "nystrom": {"contextual": {"attention": "nystrom"}},
-    "patch4_no_pos_plain_resnet": {
-        "contextual": {"patch_size": 4, "scale_aware_pos": False, "learned_pos": False},
-        "spatial": {"skip_merge": False, "spatial_gate": False},
-    },
-    "no_bottleneck_cosine_head": {"bottleneck": False, "head": {"normalized": True, "hidden": 0}},
-    "grad_checkpointing_drop_path": {"grad_checkpointing": True, "drop_path": 0.1},
+# The small CMAF-Net of BASE as overrides of the shipped smoke config (rows' overrides follow).
+TINY = [
+    f"model.img_size={SIZE}",
+    "model.contextual.variant=xxs",
+    "model.contextual.num_landmarks=2",
+    "model.fusion.dim=32",
+    "model.fusion.heads=4",
+    "model.head.hidden=16",
+    "model.head.dropout=0.1",
+]
+# Every row of Tables 6 (ablations) and 7 (temperature initialisations), read from the experiment
+# definitions, so a new row is tested here without editing this file ...
+PAPER_ROWS = {
+    s.row: list(s.overrides) for t in ("table6", "table7") for s in expand(t, seeds=1, scale="smoke")
 }
+# ... plus the model switches no paper row uses.
+SWITCHES = {
+    "nystrom": ["model.contextual.attention=nystrom"],
+    "patch4_no_pos_plain_resnet": [
+        "model.contextual.patch_size=4",
+        "model.contextual.scale_aware_pos=false",
+        "model.contextual.learned_pos=false",
+        "model.spatial.skip_merge=false",
+        "model.spatial.spatial_gate=false",
+    ],
+    "no_bottleneck_cosine_head": [
+        "model.bottleneck=false",
+        "model.head.normalized=true",
+        "model.head.hidden=0",
+    ],
+    "grad_checkpointing_drop_path": ["model.grad_checkpointing=true", "model.drop_path=0.1"],
+}
+VARIANTS = {**PAPER_ROWS, **SWITCHES}
+# Objective term -> the regulariser weight that switches it off when 0.
+TERM_WEIGHTS = {"redundancy": "beta2", "diversity": "diversity", "attn_entropy": "entropy",
+                "orthogonality": "orthogonality", "kl_s": "beta1", "kl_t": "beta1"}  # fmt: skip
+
+
+def test_paper_rows_are_read_from_the_tables() -> None:
+    assert len(PAPER_ROWS) == 19 + 7 - 1  # Table 7's LogNormal(0, 0.1) row is Table 6's full model
+    assert {"cmafnet", "cmafnet__no_contextual", "cmafnet__no_gate", "cmafnet__tau_uniform"} <= set(
+        PAPER_ROWS
+    )
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_forward_backward(name: str) -> None:
+    """Each row's model and objective, one step: shapes, the row's terms, every parameter a gradient."""
     torch.manual_seed(0)
-    cfg = _cfg(**VARIANTS[name])
+    full = load_config("smoke", [*TINY, *VARIANTS[name]])
+    cfg = full.model
     model = create_model(cfg)
     model.train()
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 1])
     out = model(x, return_aux=True)
     assert isinstance(out, ModelOutput)
     assert out.logits.shape == (2, 2)
@@ -70,11 +98,17 @@ def test_variant_forward_backward(name: str) -> None:
     assert set(out.aux_logits) == {
         b for b, on in (("spatial", cfg.spatial.enabled), ("contextual", cfg.contextual.enabled)) if on
     }
-    loss = out.logits.square().sum() + sum(v.square().sum() for v in out.aux_logits.values())
-    if out.logvar_s is not None:  # the KL term the objective adds (exercises the logvar heads)
-        loss = loss + out.logvar_s.exp().mean()
-    if out.logvar_t is not None:
-        loss = loss + out.logvar_t.exp().mean()
+    objective = Objective(
+        full.loss, full.regularizers, [30, 10], num_heads=cfg.fusion.heads, total_epochs=3.0
+    )
+    objective.set_beta_progress(full.regularizers.ramp_epochs)  # past the ramp: full betas
+    total, terms = objective(out, y, epoch=1.0)
+    assert torch.isfinite(total)
+    for term, weight in TERM_WEIGHTS.items():  # a regulariser the row weights 0 is not computed
+        if getattr(full.regularizers, weight) == 0:
+            assert term not in terms, term
+    # The aux heads are trained by stage 1's cross-entropy, not by the objective.
+    loss = total + sum(v.square().sum() for v in out.aux_logits.values())
     loss.backward()
     frozen = model.frozen_parameter_names()
     for pname, p in model.named_parameters():

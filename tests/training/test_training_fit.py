@@ -19,6 +19,7 @@ from cmafnet.training.checkpoint import load_checkpoint, save_checkpoint
 FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.max_steps_per_epoch=2"]
 
 
+@pytest.mark.slow
 def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, caplog):
     store, split = store_and_split
     out = tmp_path / "run"
@@ -70,6 +71,7 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, ca
     assert again["status"] == "finished" and again["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_fit_resume_checks_config_and_stops(store_and_split, tmp_path):
     store, split = store_and_split
     cfg = load_config("smoke", [*FAST, "train.sam.enabled=false", "model.head.dropout=0.0"])

@@ -15,8 +15,10 @@ the slide to state its mpp. --level L instead reads --tile-pixel tiles at pyrami
 outputs in DIR: tiles.csv (col, row, x, y, size0 = level-0 footprint, level, read_px, tile_px,
 thumb_tissue, tissue_fraction, pen_fraction, status, prob_<class>, decision, category, flags),
 heatmap.png (thumbnail | probability overlay with colour bar, threshold and legend),
-heatmap_overlay.png, thumbnail.png, mask.png (tissue), positive.geojson (level-0 pixel coordinates, tiles at/above the
-threshold merged into regions; opens in QuPath) and summary.json.
+heatmap_overlay.png, thumbnail.png, mask.png (tissue), positive.geojson (QuPath annotations: tiles
+at/above the threshold merged into regions), tiles.geojson (a QuPath detection per classified tile,
+probabilities as measurements) and summary.json. GeoJSON coordinates are level-0 pixels; import
+both in QuPath with File > Import objects from file (docs/qupath.md).
 
 exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --mpp);
 3 slide not found, unsupported slide format, no mpp stated without --level, slide smaller than a
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         f"({s.threshold_source}); probabilities: {s.calibration}"
     )
     print(
-        f"outputs: {s.out_dir}/heatmap.png heatmap_overlay.png tiles.csv positive.geojson thumbnail.png mask.png "
-        "summary.json"
+        f"outputs: {s.out_dir}/heatmap.png heatmap_overlay.png tiles.csv positive.geojson tiles.geojson "
+        "thumbnail.png mask.png summary.json"
     )
     return 0

@@ -3,6 +3,11 @@
 ``uint8 (B, 3, h, w)`` -> float [0, 255] -> Macenko (``data.stain.enabled``) -> [0, 1] ->
 augmentation (training only, ``data.augment``) -> resize to ``img_size`` (bicubic by default,
 50 -> 224 for IDC) -> clamp to [0, 1] (bicubic overshoots) -> ``(x - mean) / std``.
+
+``data.mean`` / ``data.std`` are filled from the model's weights when training starts
+(:func:`cmafnet.models.pretrained.resolve_normalization`) and stored in the run's config; a config
+that leaves them unset here normalises as a model without pretrained weights (ImageNet, timm's
+constants).
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ from torch import nn
 from cmafnet.config import DataConfig
 from cmafnet.data.augment import build_augment
 from cmafnet.data.stain import MacenkoNormalizer, build_normalizer
+
+
+def input_normalization(data_cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the config, timm's ImageNet defaults where unset."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = data_cfg.mean if data_cfg.mean is not None else IMAGENET_DEFAULT_MEAN
+    std = data_cfg.std if data_cfg.std is not None else IMAGENET_DEFAULT_STD
+    return tuple(mean), tuple(std)
 
 
 class GPUPreprocess(nn.Module):
@@ -52,8 +66,9 @@ class GPUPreprocess(nn.Module):
                 else build_normalizer(s.Io, s.alpha, s.beta, s.reference)
             )
         self.augment = build_augment(data_cfg.augment) if train else nn.Sequential()
-        self.register_buffer("mean", torch.tensor(data_cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_cfg.std).view(1, 3, 1, 1), persistent=False)
+        mean, std = input_normalization(data_cfg)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def stain_reference(self) -> dict[str, Any] | None:

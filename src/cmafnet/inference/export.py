@@ -220,6 +220,7 @@ def export_run(
     threshold, parity). Raises :class:`ParityError` if the parity check fails (the file is kept for
     inspection)."""
     from cmafnet.data.safety import check_output_file
+    from cmafnet.data.transforms import input_normalization
     from cmafnet.inference.predict import run_classes, run_threshold
 
     _check_args(fmt, opset, tolerance)  # before any work
@@ -231,9 +232,10 @@ def export_run(
     img_size = run.config.model.img_size
     res = export_model(run.model, img_size, out, fmt, opset=opset, tolerance=tolerance)
     threshold, source = run_threshold(run.meta)
+    mean, std = input_normalization(run.config.data)
     sidecar = {
         "format": fmt, "input": {"name": "input", "shape": ["batch", 3, img_size, img_size],
-        "dtype": "float32", "mean": list(run.config.data.mean), "std": list(run.config.data.std),
+        "dtype": "float32", "mean": list(mean), "std": list(std),
         "stain_normalisation": run.config.data.stain.model_dump(), "stain_reference": run.meta.get("stain_reference")},
         "output": {"name": "probs", "classes": run_classes(run)}, "threshold": threshold,
         "threshold_source": source, "parity": {"max_abs_diff": res.max_abs_diff, "tolerance": tolerance,

@@ -38,8 +38,10 @@ def build_preprocess(
         else:
             what = "GPUPreprocess(train=False), Macenko with the standard H&E reference (run.json has none)"
         return pre, what
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = torch.tensor(cfg.data.mean or IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std or IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
     mode = cfg.data.interpolation
 
     def fallback(x: torch.Tensor) -> torch.Tensor:

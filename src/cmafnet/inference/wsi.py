@@ -13,10 +13,12 @@ when assessable, classified in batches with the run's preprocessing.
 Outputs (in ``out_dir``): ``tiles.csv`` (with each tile's ``category``), ``heatmap.png`` (thumbnail
 beside the positive-class probability overlay, with a colour bar marking the threshold and a legend
 of the tile categories), ``heatmap_overlay.png`` (the overlay alone, thumbnail-sized),
-``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (level-0 pixel coordinates;
-tiles at or above the threshold merged into regions) and ``summary.json``. The summary counts
-partition the tiles (:mod:`cmafnet.inference.wsi_figures`): background + not assessable +
-classified positive + classified negative = total.
+``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (QuPath annotations in level-0
+pixel coordinates: tiles at or above the threshold merged into regions), ``tiles.geojson`` (one
+QuPath detection per classified tile, its probabilities as measurements; see
+:mod:`cmafnet.inference.qupath`) and ``summary.json``. The summary counts partition the tiles
+(:mod:`cmafnet.inference.wsi_figures`): background + not assessable + classified positive +
+classified negative = total.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from cmafnet.data.safety import require_regular_file
 from cmafnet.data.scale import IDC_MPP
 from cmafnet.errors import ConfigError, InputDataError
+from cmafnet.inference import qupath
 from cmafnet.inference.predict import Predictor
 from cmafnet.inference.scale import resize_image, run_scale
 from cmafnet.inference.tissue import (
@@ -173,34 +176,6 @@ def _thumbnail(slide: Any, plan: TilePlan, max_side: int = 1024) -> tuple[np.nda
     bg.paste(thumb, mask=thumb.split()[3])
     arr = np.asarray(bg)
     return arr, w0 / arr.shape[1]
-
-
-def _regions_geojson(rows: list[dict], plan: TilePlan, positive: str, prob_key: str) -> dict:
-    """FeatureCollection of positive regions (level-0 px): merged tiles (shapely) or one square each."""
-    pos = [r for r in rows if r["decision"] == positive]
-    boxes = [(r["x"], r["y"], r["x"] + plan.size0, r["y"] + plan.size0, float(r[prob_key])) for r in pos]
-    features = []
-    try:
-        from shapely.geometry import box, mapping
-        from shapely.ops import unary_union
-    except ImportError:  # pragma: no cover - shapely is in the wsi extra
-        for x0, y0, x1, y1, p in boxes:
-            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                             "properties": {"classification": {"name": positive}, "n_tiles": 1, "mean_prob": p, "max_prob": p}})  # fmt: skip
-        return {"type": "FeatureCollection", "features": features}
-    if boxes:
-        merged = unary_union([box(x0, y0, x1, y1) for x0, y0, x1, y1, _ in boxes])
-        polys = list(getattr(merged, "geoms", [merged]))
-        for poly in polys:
-            ps = [p for x0, y0, x1, y1, p in boxes if poly.contains(box(x0, y0, x1, y1).centroid)]
-            features.append({
-                "type": "Feature", "geometry": mapping(poly),
-                "properties": {"classification": {"name": positive}, "n_tiles": len(ps),
-                               "mean_prob": float(np.mean(ps)), "max_prob": float(np.max(ps)),
-                               "area_px0": float(poly.area)},
-            })  # fmt: skip
-    return {"type": "FeatureCollection", "features": features}
 
 
 def _heatmap_png(thumb: np.ndarray, grid: np.ndarray, plan: TilePlan, thumb_ds: float) -> np.ndarray:
@@ -370,8 +345,12 @@ def predict_slide(
         threshold=predictor.threshold, calibration=calibrated, counts=parts,
     )  # fmt: skip
     atomic_write_bytes(out_dir / "heatmap.png", figure)
-    geo = _regions_geojson([r for r in rows if r["status"] == "ok"], plan, positive, prob_key)
+    classified = [r for r in rows if r["status"] == "ok"]
+    colors = qupath.class_colors(predictor.classes, positive)
+    geo = qupath.region_annotations(classified, plan.size0, positive, prob_key, colors[positive])
     atomic_write_bytes(out_dir / "positive.geojson", (json.dumps(geo) + "\n").encode())
+    tiles_geo = qupath.tile_detections(classified, plan.size0, predictor.classes, colors)
+    atomic_write_bytes(out_dir / "tiles.geojson", (json.dumps(tiles_geo) + "\n").encode())
     summary = WSISummary(
         slide=str(slide_path), out_dir=str(out_dir), dimensions=tuple(slide.dimensions), slide_mpp=slide_mpp(slide),
         plan=asdict(plan), n_tiles=len(rows), n_background=parts["background"],

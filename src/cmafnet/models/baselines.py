@@ -131,15 +131,24 @@ class TimmClassifier(nn.Module):
         return {"spatial": list(self.backbone.parameters()), "head": list(self.head.parameters())}
 
 
-def load_weights(model: nn.Module, path: str, backbone_attr: str = "backbone") -> None:
-    """Load a local weights file into ``model``.
+def load_weights(
+    model: nn.Module, path: str, backbone_attr: str = "backbone", timm_kw: dict[str, Any] | None = None
+) -> None:
+    """Load a local weights file or a pretrained name (``timm:...``, ``hf-hub:...``) into ``model``.
 
     A whole-model state dict (keys as in ``model.state_dict()``) is loaded strictly. Otherwise the
     file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
-    must match the backbone exactly (a mismatch is an error, not a silent partial load).
+    must match the backbone exactly (a mismatch is an error, not a silent partial load). A name is
+    loaded into the backbone by timm, built with ``timm_kw`` (see
+    :func:`cmafnet.models.pretrained.load_named_backbone`).
     """
+    from cmafnet.models.pretrained import load_named_backbone, parse_weights
     from cmafnet.models.weights import load_state_dict_file
 
+    name = parse_weights(path)
+    if name is not None:
+        load_named_backbone(getattr(model, backbone_attr), name, "model.weights", **(timm_kw or {}))
+        return
     sd = load_state_dict_file(path)
     own = model.state_dict()
     if set(sd) == set(own):
@@ -165,7 +174,7 @@ def _factory(name: str):
     def build(cfg: ModelConfig) -> TimmClassifier:
         model = TimmClassifier(spec, cfg)
         if cfg.weights:
-            load_weights(model, cfg.weights)
+            load_weights(model, cfg.weights, timm_kw=timm_kwargs(spec, cfg))
         return model
 
     build.__name__ = f"build_{name}"

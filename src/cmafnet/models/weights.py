@@ -1,9 +1,11 @@
-"""Weight files: reading and writing state dicts, and loading them into CMAF-Net or one of its branches
-(no hub access needed).
+"""Weight files: reading and writing state dicts, and loading them into CMAF-Net or one of its branches.
 
-Files are read by :func:`load_state_dict_file` (safetensors, or torch with ``weights_only=True``). Branch files may be timm state dicts (``resnet18``, ``mobilevit_<v>``) or
-a branch of a saved CMAF-Net (keys prefixed ``spatial.body.`` / ``contextual.``), so a user can
-start from timm's pretrained weights or reuse the extractors of an earlier run.
+Files are read by :func:`load_state_dict_file` (safetensors, or torch with ``weights_only=True``).
+Branch files may be timm state dicts (``resnet18``, ``mobilevit_<v>``) or a branch of a saved
+CMAF-Net (keys prefixed ``spatial.body.`` / ``contextual.``), so a user can start from timm's
+pretrained weights or reuse the extractors of an earlier run. A branch's weights may also be a
+pretrained name (``timm:resnet18.a1_in1k``, ``hf-hub:org/repo``), fetched by timm: see
+:mod:`cmafnet.models.pretrained`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.files import atomic_write_bytes, load_plain_torch_file
+from cmafnet.models.pretrained import create_pretrained, parse_weights
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -58,12 +62,18 @@ def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def load_branch_weights(branch: nn.Module, path: str | Path, role: str) -> None:
-    """Load ``path`` into a branch (``role`` 'spatial' or 'contextual').
+    """Load a file or pretrained name into a branch (``role`` 'spatial' or 'contextual').
 
     Raises:
-        ConfigError: the file does not fit the branch.
+        ConfigError: the weights do not fit the branch, or a name cannot be fetched.
         RunFolderError: the file is missing or not a plain weights file.
     """
+    name = parse_weights(path)
+    if name is not None:
+        arch = branch.backbone if role == "spatial" else f"mobilevit_{branch.variant}"
+        source = create_pretrained(name, f"model.{role}.weights", expect_arch=arch, num_classes=0)
+        branch.load_timm_state_dict(source.state_dict(), source=str(name))
+        return
     sd = load_state_dict_file(path)
     if not isinstance(sd, dict):
         raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
@@ -76,8 +86,13 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load a whole-model state dict (strict: every key must match).
 
     Raises:
-        ConfigError: keys or shapes do not match the configured model.
+        ConfigError: keys or shapes do not match the configured model, or ``path`` is a name.
     """
+    if parse_weights(path) is not None:
+        raise ConfigError(
+            f"model.weights: {path}: CMAF-Net takes a whole-model file here; pretrained names go to "
+            "model.spatial.weights / model.contextual.weights"
+        )
     sd = load_state_dict_file(path)
     if not isinstance(sd, dict):
         raise ConfigError(f"model.weights: {path} does not hold a state dict")
@@ -91,3 +106,14 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
             f"model.weights: {path} does not fit the configured model "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def without_init_weights(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with every initial-weights option cleared (a run's own weights replace them anyway).
+
+    Rebuilding a trained model must neither re-read the files nor fetch the names it started from.
+    """
+    data = cfg.model_dump()
+    data["weights"] = None
+    data["spatial"]["weights"] = data["contextual"]["weights"] = None
+    return ModelConfig.model_validate(data)

@@ -35,6 +35,7 @@ from cmafnet import run as runfolder
 from cmafnet.config import Config, TrainConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models.complexity import forward_macs
+from cmafnet.models.pretrained import resolve_normalization
 from cmafnet.training import distributed as distr
 from cmafnet.training.budget import resolve_budget, stage_steps
 from cmafnet.training.checkpoint import restore_stage
@@ -270,6 +271,7 @@ def fit(
     if device is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.train.device = device
+    cfg = resolve_normalization(cfg)[0]  # data.mean/std from the weights, recorded in config.yaml
     out = Path(out_dir)
     resume = check_run_folder(out, resume)
     info = distr.setup(cfg.train.device)

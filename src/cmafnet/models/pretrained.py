@@ -1,0 +1,276 @@
+"""Pretrained weights by name, and the input normalisation a model's weights state.
+
+A weights option (``model.spatial.weights``, ``model.contextual.weights``, a baseline's
+``model.weights``) takes a local file (see :mod:`cmafnet.models.weights`) or a name:
+
+- ``timm:<architecture>[.<tag>]``, a timm pretrained tag such as ``timm:resnet18.a1_in1k``;
+- ``hf-hub:<org>/<repo>[@<revision>]``, a timm model on the Hugging Face Hub.
+
+Names are resolved by timm itself (``timm.create_model(..., pretrained=True)``), so files are
+downloaded and cached where timm and huggingface_hub cache them (``HF_HOME`` / ``HF_HUB_CACHE``;
+``TORCH_HOME`` for the few URL-only weights) and are read from that cache afterwards. A name that
+cannot be fetched (no network and no cached copy) is a :class:`~cmafnet.errors.ConfigError`
+saying how to pass a local file instead.
+
+The input normalisation (mean/std) comes with the weights: a name's timm ``pretrained_cfg``, or a
+local file's own ``config.json`` (timm / Hugging Face layout) or ``config.yaml`` (a cmafnet run
+folder) beside it; see :func:`resolve_normalization`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from cmafnet.config import Config, ModelConfig
+from cmafnet.errors import ConfigError
+from cmafnet.registry import suggest
+
+log = logging.getLogger(__name__)
+
+TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf-hub:"
+_HF_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+
+Norm = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
+
+
+@dataclass(frozen=True)
+class WeightsName:
+    """A pretrained name: ``timm:resnet18.a1_in1k`` or ``hf-hub:timm/resnet18.a1_in1k``."""
+
+    source: Literal["timm", "hf-hub"]
+    name: str  # after the prefix
+
+    @property
+    def timm_id(self) -> str:
+        """What ``timm.create_model`` takes."""
+        return self.name if self.source == "timm" else HF_PREFIX + self.name
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+def parse_weights(value: str | Path) -> WeightsName | None:
+    """The pretrained name in ``value``, or None when it is a local file path.
+
+    Raises:
+        ConfigError: a ``timm:`` / ``hf-hub:`` value without a well-formed name.
+    """
+    text = str(value)
+    if text.startswith(TIMM_PREFIX):
+        name = text[len(TIMM_PREFIX) :]
+        if not re.fullmatch(r"[\w-]+(\.[\w-]+)?", name):
+            raise ConfigError(
+                f"weights '{text}': expected timm:<architecture>[.<tag>], e.g. timm:resnet18.a1_in1k"
+            )
+        return WeightsName("timm", name)
+    if text.startswith(HF_PREFIX):
+        name = text[len(HF_PREFIX) :]
+        if not _HF_ID.fullmatch(name):
+            raise ConfigError(
+                f"weights '{text}': expected hf-hub:<org>/<repo>[@<revision>], e.g. hf-hub:timm/resnet18.a1_in1k"
+            )
+        return WeightsName("hf-hub", name)
+    return None
+
+
+def _fetch_error(option: str, w: WeightsName, err: Exception) -> ConfigError:
+    """One line: why ``w`` could not be fetched and how to pass a local file instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(err, LocalEntryNotFoundError):
+        why = f"not in the Hugging Face cache {constants.HF_HUB_CACHE}, " + (
+            "and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "and the Hub could not be reached"
+        )
+    else:
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return ConfigError(
+        f"{option}: {w} could not be fetched ({why}); pass a local weights file instead: "
+        f"--set {option}=/path/to/model.safetensors"
+    )
+
+
+def pretrained_config(w: WeightsName, option: str) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a name (``architecture``, ``mean``, ``std``, ...).
+
+    ``timm:`` names are looked up in timm's registry (no download); ``hf-hub:`` names read the
+    repository's ``config.json`` (downloaded once, then cached).
+
+    Raises:
+        ConfigError: unknown architecture or tag, or the configuration cannot be fetched.
+    """
+    import timm
+
+    if w.source == "timm":
+        arch = w.name.split(".", 1)[0]
+        if not timm.is_model(arch):
+            raise ConfigError(
+                f"{option}: '{arch}' is not a timm architecture.{suggest(arch, timm.list_models())}"
+            )
+        try:
+            cfg = timm.get_pretrained_cfg(w.name)
+        except RuntimeError:  # timm: "Invalid pretrained tag (...) for <arch>."
+            cfg = None
+        if cfg is None:
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise ConfigError(
+                f"{option}: timm has no pretrained weights '{w.name}'.{suggest(w.name, tags)} "
+                f"Known: {', '.join(tags) or 'none'}"
+            )
+        return {**cfg.to_dict(), "architecture": arch}
+    from timm.models import load_model_config_from_hf
+
+    try:
+        cfg, arch, _ = load_model_config_from_hf(w.name)
+    except Exception as err:  # offline (LocalEntryNotFoundError), unknown repository, HTTP errors
+        raise _fetch_error(option, w, err) from None
+    return {**cfg, "architecture": arch}
+
+
+def create_pretrained(
+    w: WeightsName, option: str, expect_arch: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)``, checking the architecture first.
+
+    Raises:
+        ConfigError: the name is for another architecture, or its weights cannot be fetched.
+    """
+    import timm
+
+    arch = pretrained_config(w, option)["architecture"]
+    if expect_arch is not None and arch != expect_arch:
+        raise ConfigError(f"{option}: {w} holds {arch} weights; this model needs {expect_arch}")
+    try:
+        return timm.create_model(w.timm_id, pretrained=True, **kwargs)
+    except Exception as err:  # offline or missing files (OSError), HTTP errors, bad checkpoints
+        raise _fetch_error(option, w, err) from None
+
+
+def load_named_backbone(backbone: nn.Module, w: WeightsName, option: str, **kwargs: Any) -> None:
+    """Load a pretrained name into a timm backbone (a baseline's), through timm's own loading.
+
+    The source model is built by timm with ``kwargs`` (those the backbone was built with, so timm
+    adapts what depends on them, e.g. a ViT's position embeddings to ``img_size``); every backbone
+    tensor must be found in it. Keys the backbone lacks (a classifier, layers past a
+    ``features_only`` cut) are not used.
+
+    Raises:
+        ConfigError: another architecture, a tensor missing or of another shape, or a fetch failure.
+    """
+    arch = getattr(backbone, "pretrained_cfg", {}).get("architecture")
+    kwargs = {"num_classes": 0, **{k: v for k, v in kwargs.items() if k != "pretrained"}}
+    source = create_pretrained(w, option, expect_arch=arch, **kwargs).state_dict()
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in source]
+    wrong = [k for k in own if k in source and source[k].shape != own[k].shape]
+    if missing or wrong:
+        raise ConfigError(
+            f"{option}: {w} does not fit {arch} (missing {missing[:3]}, other shape {wrong[:3]})"
+        )
+    backbone.load_state_dict({k: source[k] for k in own})
+
+
+# --------------------------------------------------------------------------------- normalisation
+def _norm_of(cfg: dict[str, Any]) -> Norm | None:
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
+
+
+def _file_norm(path: Path) -> tuple[Norm, str] | None:
+    """The normalisation a local weights file states beside itself, if any."""
+    cfg_json = path.parent / "config.json"  # timm save_for_hf / Hugging Face snapshot layout
+    if cfg_json.is_file():
+        try:
+            doc = json.loads(cfg_json.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        norm = _norm_of(doc.get("pretrained_cfg", doc)) if isinstance(doc, dict) else None
+        if norm:
+            return norm, str(cfg_json)
+    run_cfg = path.parent / "config.yaml"  # a cmafnet run folder (e.g. its model.safetensors)
+    if run_cfg.is_file():
+        from cmafnet.config import load_config
+
+        try:
+            data = load_config(run_cfg).data
+        except ConfigError:
+            return None
+        if data.mean is not None and data.std is not None:
+            return (data.mean, data.std), str(run_cfg)
+    return None
+
+
+def weights_normalization(weights: str | Path, option: str) -> tuple[Norm, str] | None:
+    """(mean, std) the weights were trained with and where that was read, or None if unstated."""
+    w = parse_weights(weights)
+    if w is None:
+        return _file_norm(Path(weights))
+    norm = _norm_of(pretrained_config(w, option))
+    return (norm, f"{w} pretrained_cfg") if norm else None
+
+
+def default_normalization() -> Norm:
+    """ImageNet mean/std (timm's constants): the normalisation of a model without pretrained weights."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)  # type: ignore[return-value]
+
+
+def _weight_options(m: ModelConfig) -> list[tuple[str, str]]:
+    """(option, value) of the configured initial weights, the one that decides the input first."""
+    opts = [("model.weights", m.weights)]
+    if m.name == "cmafnet":
+        if m.spatial.enabled:
+            opts.append(("model.spatial.weights", m.spatial.weights))
+        if m.contextual.enabled:
+            opts.append(("model.contextual.weights", m.contextual.weights))
+    return [(k, v) for k, v in opts if v]
+
+
+def resolve_normalization(cfg: Config) -> tuple[Config, str]:
+    """Fill ``data.mean`` / ``data.std`` left unset (None) from the model's weights.
+
+    Order: the whole-model weights, then (CMAF-Net) the spatial and the contextual branch's; the
+    first that states a normalisation decides. Without any, ImageNet's (timm's defaults). A
+    branch whose weights state another normalisation is logged: the one input feeds both branches.
+
+    Returns:
+        The config with both set (a copy when anything changed) and where they came from.
+
+    Raises:
+        ConfigError: a name is unknown or its configuration cannot be fetched.
+    """
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return cfg, "data.mean / data.std"
+    found: list[tuple[str, Norm, str]] = []
+    for option, value in _weight_options(cfg.model):
+        got = weights_normalization(value, option)
+        if got is not None:
+            found.append((option, *got))
+    if found:
+        first, norm, where = found[0]
+        for option, other, other_where in found[1:]:
+            if other != norm:
+                log.warning(
+                    "%s states mean %s std %s (%s); the one input is normalised as %s states (%s)",
+                    option, other[0], other[1], other_where, first, where,
+                )  # fmt: skip
+    else:
+        norm, where = default_normalization(), "timm IMAGENET_DEFAULT_MEAN/STD (no pretrained normalisation)"
+    cfg = cfg.model_copy(deep=True)
+    if cfg.data.mean is None:
+        cfg.data.mean = norm[0]
+    if cfg.data.std is None:
+        cfg.data.std = norm[1]
+    log.info("input normalisation mean %s std %s (%s)", cfg.data.mean, cfg.data.std, where)
+    return cfg, where
