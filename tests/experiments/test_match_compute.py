@@ -186,3 +186,23 @@ def test_cost_of_a_matched_run_is_cmafnets_macs_at_the_baselines_speed() -> None
     with pytest.raises(ValueError, match="reference"):
         run_seconds(matched, rates)
     assert table_cost(list(specs.values()), rates) > table_cost(expand("table1", 1, "paper"), rates)
+
+
+@pytest.mark.slow
+def test_the_cost_estimates_forward_macs_are_the_models_own() -> None:
+    """GMACS_224 (what --list derives a matched baseline's epochs from) is what the MAC counter gives."""
+    import torch
+
+    from cmafnet.config import load_config
+    from cmafnet.models import create_model
+    from cmafnet.models.complexity import forward_macs
+
+    for name, gmacs in GMACS_224.items():
+        cfg = (
+            load_config("paper")
+            if name == "cmafnet"
+            else load_config("baseline_paper", [f"model.name={name}"])
+        )
+        with torch.no_grad():
+            measured = forward_macs(create_model(cfg.model).eval(), cfg.model.img_size) / 1e9
+        assert measured == pytest.approx(gmacs, rel=0.01), name
