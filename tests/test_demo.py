@@ -13,8 +13,11 @@ ROW = re.compile(
 )
 
 
+RUNS = ("cmafnet", "resnet18_equal_compute", "resnet18_equal_epochs")
+
+
 @pytest.mark.slow
-def test_demo_writes_a_report_with_both_models(tmp_path, capsys):
+def test_demo_writes_a_report_with_every_model_and_its_budget(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main([
         "demo", "--out", str(out), "--patients", "6", "--patches", "24", "--device", "cpu",
@@ -22,16 +25,42 @@ def test_demo_writes_a_report_with_both_models(tmp_path, capsys):
     ])  # fmt: skip
     assert rc == 0
     html = (out / "report" / "report.html").read_text()
-    assert "cmafnet" in html and "resnet18" in html
+    assert all(run in html for run in RUNS)
     assert "McNemar" in html
-    for run in ("cmafnet", "resnet18"):
+    for run in RUNS:
         assert (out / "runs" / run / "model.safetensors").exists()
         assert (out / "runs" / run / "metrics_test.json").exists()
     out_text = capsys.readouterr().out
     assert "Report:" in out_text
+    # The ResNet-18 at equal compute spends the training MACs the CMAF-Net run recorded (within one of its
+    # steps): derived from that run, not hard-coded; the equal-epoch one trains CMAF-Net's 5 epochs.
+    meta = {run: json.loads((out / "runs" / run / "run.json").read_text()) for run in RUNS}
+    cmaf_macs = meta["cmafnet"]["cost"]["total"]["macs"]
+    budget = meta["resnet18_equal_compute"]["budget"]
+    assert budget["kind"] == "match" and budget["target_macs"] == cmaf_macs
+    assert abs(meta["resnet18_equal_compute"]["cost"]["total"]["macs"] - cmaf_macs) <= budget["macs_per_step"]
+    assert meta["resnet18_equal_epochs"]["budget"] is None
+    assert (
+        meta["resnet18_equal_epochs"]["cost"]["total"]["steps"] == meta["cmafnet"]["cost"]["total"]["steps"]
+    )
+    # The report names each model's budget (training MACs, steps, epochs), and so does the summary.
+    report = json.loads((out / "report" / "report.json").read_text())
+    cost = {r["run"]: r for r in report["training_cost"]}
+    assert cost["resnet18_equal_compute"]["budget"] == f"cmafnet's training MACs ({cmaf_macs:.3g})"
+    assert cost["cmafnet"]["budget"] == cost["resnet18_equal_epochs"]["budget"] == "the configured epochs"
+    for run in RUNS:
+        total = meta[run]["cost"]["total"]
+        assert (cost[run]["macs"], cost[run]["steps"]) == (total["macs"], total["steps"])
+        assert f"<td>{run}</td>" in html.split("Training cost</h3>")[1].split("</table>")[0]
+        line = out_text.split(f"] {run}: held-out test patients")[1].split("\n[")[0]
+        assert (
+            f"budget: {cost[run]['budget']}; trained " in line
+            and f"{total['macs']:.3g} training MACs" in line
+        )
+        assert f"{total['steps']} steps" in line
     # The summary prints each run's operating-point row first, and its numbers are the report's.
-    summary = json.loads((out / "report" / "report.json").read_text())["summary"]["binary"]
-    for run in ("cmafnet", "resnet18"):
+    summary = report["summary"]["binary"]
+    for run in RUNS:
         block = out_text.split(f"] {run}: held-out test patients")[1].splitlines()[1:4]
         assert block[0].strip().startswith("at the operating threshold") and "at threshold 0.5" in block[1]
         m = ROW.search(block[0])

@@ -74,3 +74,29 @@ def test_table6_end_to_end(idc_store: Path, tmp_path: Path, capsys: pytest.Captu
     assert (out / "table6" / "figure.png").stat().st_size > 1000
     cfg = (out / "runs" / "cmafnet__concat" / "seed0" / "config.yaml").read_text()
     assert "kind: concat" in cfg
+
+
+def test_table1_match_compute_end_to_end(
+    idc_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """ResNet-50 at the paper's epochs and at its CMAF-Net run's recorded training MACs: CMAF-Net trains
+    first, the matched run spends its MACs (within one step), and the table prints both rows with MACs."""
+    out = tmp_path / "exp"
+    args = ["experiment", "table1", "--store", str(idc_store), "--scale", "smoke", "--seeds", "1",
+            "--out", str(out), "--device", "cpu", "--match-compute",
+            "--only", "cmafnet", "resnet50", "resnet50__cmafnet_compute", *_sets(TINY)]  # fmt: skip
+    assert main(args) == 0
+    assert "3 trained" in capsys.readouterr().out
+    runs = out / "runs"
+    ref = json.loads((runs / "cmafnet" / "seed0" / "run.json").read_text())
+    meta = json.loads((runs / "resnet50__cmafnet_compute" / "seed0" / "run.json").read_text())
+    budget, macs = meta["budget"], ref["cost"]["total"]["macs"]
+    assert budget["kind"] == "match" and budget["target_macs"] == macs
+    assert Path(budget["match"]) == runs / "cmafnet" / "seed0"
+    assert abs(meta["cost"]["total"]["macs"] - macs) <= budget["macs_per_step"]
+    md = (out / "table1" / "table.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
+    for label in ("ResNet-50 (equal epochs)", "ResNet-50 (CMAF-Net's compute)", "CMAF-Net (Ours)"):
+        assert "…" not in rows[label][1] and "…" not in rows[label][-1], label  # sensitivity, MACs
+    assert rows["ResNet-50 (CMAF-Net's compute)"][-1].strip(" |") == f"{meta['cost']['total']['macs']:.3g}"
+    assert (out / "table1" / "compute.png").stat().st_size > 1000

@@ -46,6 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="config override for every run of the table (recorded in each run's fingerprint; repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--match-compute", action="store_true",
+        help="table1, table2: also train every baseline row at the training MACs its CMAF-Net run recorded "
+        "(same seed and column; CMAF-Net is trained first) and print both rows with their MACs; with --list: "
+        "cost those extra runs",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
@@ -53,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _list(seeds: int, calibrate: list[Path]) -> int:
+def _list(seeds: int, calibrate: list[Path], match_compute: bool = False) -> int:
     from cmafnet.experiments.cost import anchor_rates, load_calibration, table_cost
     from cmafnet.experiments.tables import TABLES, expand
 
@@ -70,7 +76,7 @@ def _list(seeds: int, calibrate: list[Path]) -> int:
     total = 0.0
     every = []
     for name, t in TABLES.items():
-        specs = expand(name, seeds, "paper")
+        specs = expand(name, seeds, "paper", match_compute and t.compute_reference is not None)
         every += specs
         n_rows = len({s.config_key for s in specs})
         hours = table_cost(specs, rates, calib)
@@ -89,11 +95,17 @@ def _list(seeds: int, calibrate: list[Path]) -> int:
     cmaf = (
         "" if "cmafnet" in calib else "CMAF-Net at half the naive dual-branch proxy speed (SAM: two passes); "
     )
+    matched = (
+        "; with --match-compute, Tables 1 and 2 also train each baseline at CMAF-Net's training MACs (its "
+        "epochs x 2 SAM passes x its forward MACs over the baseline's forward MACs at 224 px)"
+        if match_compute
+        else ""
+    )
     print(
         f"Assumptions: throughputs from {source} (except the calibrated models above); 100 epochs per run (no "
         "early stopping), one validation pass per epoch; IDC 194k train / 28k val / 56k test images; "
-        f"{cmaf}TransFuse/MMTM/HRFNet estimated from their parts. --scale smoke runs take seconds to minutes on "
-        "a CPU."
+        f"{cmaf}TransFuse/MMTM/HRFNet estimated from their parts{matched}. --scale smoke runs take seconds to "
+        "minutes on a CPU."
     )
     return 0
 
@@ -102,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.experiments.spec import parse_shard
 
     if args.list:
-        return _list(args.seeds, args.calibrate)
+        return _list(args.seeds, args.calibrate, args.match_compute)
     if args.calibrate:
         raise ConfigError("--calibrate goes with --list (it changes the cost estimate, not the runs)")
     if not args.name:
@@ -116,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     shard = parse_shard(args.shard)
+    if args.match_compute:
+        from cmafnet.experiments.tables import check_match_compute
+
+        check_match_compute(args.name)
 
     from cmafnet.experiments.aggregate import aggregate
     from cmafnet.experiments.runner import Context, run_table
@@ -131,21 +147,33 @@ def run(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
     )
     if not args.aggregate_only:
-        s = run_table(args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run)
+        s = run_table(
+            args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run,
+            match_compute=args.match_compute,
+        )  # fmt: skip
+        waiting = f", {len(s.waiting)} waiting for their CMAF-Net run" if s.waiting else ""
         print(
             f"{args.name}: {s.total} runs in the table, {s.selected} in shard {shard[0]}/{shard[1]}: "
             f"{len(s.trained)} trained, {len(s.resumed)} resumed, {len(s.skipped)} already finished, "
-            f"{len(s.evaluated)} evaluated"
+            f"{len(s.evaluated)} evaluated{waiting}"
         )
         for line in s.planned:
             print(f"  would {line}")
+        for line in s.waiting:
+            print(f"  waiting: {line}")
+        if s.waiting:
+            print(
+                "  A run at CMAF-Net's compute starts once that CMAF-Net run has finished (another shard may "
+                "be training it): rerun this command then."
+            )
         if args.dry_run:
             return 0
     if args.no_aggregate:
         return 0
     table, paths = aggregate(
-        args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides)
-    )
+        args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides),
+        match_compute=args.match_compute,
+    )  # fmt: skip
     print(table.markdown())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

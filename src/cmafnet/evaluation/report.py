@@ -8,11 +8,11 @@ folder (``run.json``, ``config.yaml``, ``metrics.csv``, ``metrics_<name>.json``,
     report.md     the same tables; figures as PNG files in figures/
     report.json   the numbers behind every table (for scripts)
 
-Sections: summary metrics (0.5 and operating threshold), mean ± std across the given runs, the
-paper's numbers beside ours where a run matches a paper row, ROC/PR curves, confusion matrices,
-per-magnification results, training curves, per-head attention entropy / temperature (Fig. 4),
-exact McNemar tests between runs evaluated on the same images, and extra tables / figures passed
-in by experiments.
+Sections: summary metrics (0.5 and operating threshold), each run's training cost and budget, mean ±
+std across the given runs, the paper's numbers beside ours where a run matches a paper row, ROC/PR
+curves, confusion matrices, per-magnification results, training curves, per-head attention entropy
+/ temperature (Fig. 4), exact McNemar tests between runs evaluated on the same images, and extra
+tables / figures passed in by experiments.
 
 The tables are built in :mod:`cmafnet.evaluation.tables`; this module draws and writes.
 
@@ -47,6 +47,7 @@ from cmafnet.evaluation.tables import (
     summary_tables,
     zero_shot_tables,
 )
+from cmafnet.evaluation.tables_cost import cost_tables
 from cmafnet.evaluation.tables_stats import ci_tables, mcnemar_tests
 from cmafnet.run import atomic_write_bytes, write_json
 
@@ -277,6 +278,9 @@ def write_report(
     sections: list[tuple[str, list[Table], list[tuple[str, bytes]]]] = []
     summary, summary_data = summary_tables(runs)
     sections.append(("Metrics", summary + magnification_tables(runs) + ci_tables(runs), []))
+    cost_table, cost_data = cost_tables(runs)
+    if cost_table:
+        sections.append(("Training cost", cost_table, []))
     cal_tables = calibration_tables(runs)
     if cal_tables:
         sections.append(("Calibration", cal_tables, []))
@@ -358,6 +362,7 @@ def write_report(
                 for r in runs
             ],
             "summary": summary_data,
+            "training_cost": cost_data,
             "across_runs": agg_data,
             "paper_comparison": paper_data,
             "zero_shot": zs_data,

@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 
 from cmafnet.evaluation.paper import find_row, paper_table
+from cmafnet.experiments.compute import (
+    MACS_HEADER,
+    MACS_KEY,
+    MACS_NOTE,
+    macs_cell,
+    view_rows,
+    write_compute_outputs,
+)
 from cmafnet.experiments.layout import (
     Cell,
     Table,
@@ -28,7 +36,7 @@ from cmafnet.experiments.layout import (
 )
 from cmafnet.experiments.runner import load_results
 from cmafnet.experiments.spec import Scale
-from cmafnet.experiments.tables import get_table
+from cmafnet.experiments.tables import check_match_compute, get_table
 from cmafnet.run import atomic_write_bytes, write_json
 
 MAGS = ("40X", "100X", "200X", "400X")
@@ -58,39 +66,44 @@ def _rows_by_method(
     out: Path,
     metrics: list[tuple[str, str, str]],
     overrides: tuple[str, ...],
+    match_compute: bool = False,
 ) -> Table:
-    """Tables 1, 6: one row per method/ablation, one column per metric."""
+    """Tables 1, 6: one row per method/ablation (per view with ``match_compute``), one column per metric."""
     t = get_table(name)
     pt = paper_table(name)
     units = pt["units"]
     header = dict(zip(pt["columns"], pt["header"][1:], strict=False))
-    results = load_results(name, out, seeds, scale, overrides)
+    results = load_results(name, out, seeds, scale, overrides, match_compute)
     groups, planned = group_results(results), planned_counts(results)
     label_field = "configuration" if name == "table6" else "method"
     table = Table(name, t.title, "Configuration" if name == "table6" else "Method", [])
     table.columns = [(k, header.get(k, k)) for k, _, _ in metrics]
-    for row in t.rows:
-        prow = _paper_row(name, **{label_field: row.paper_label or row.name})
-        cells = {}
-        for key, path, unit_key in metrics:
-            cells[key] = _cell(
-                groups[(row.key, None)],
-                path,
-                planned[(row.key, None)],
-                units.get(unit_key, "fraction"),
-                prow.get(key),
-            )
-        table.rows.append((row.name, cells))
+    for row in view_rows(t, match_compute):
+        prow = _paper_row(name, **{label_field: row.paper.paper_label or row.paper.name}) if row.paper else {}
+        docs, n = groups[(row.key, None)], planned[(row.key, None)]
+        cells = {
+            key: _cell(docs, path, n, units.get(unit_key, "fraction"), prow.get(key))
+            for key, path, unit_key in metrics
+        }
+        if match_compute:
+            cells[MACS_KEY] = macs_cell(docs, n)
+        table.rows.append((row.label, cells))
+    if match_compute:
+        table.columns.append((MACS_KEY, MACS_HEADER))
+        table.ours_only = (MACS_KEY,)
+        table.notes.append(MACS_NOTE)
     return table
 
 
-def table1(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
+def table1(
+    seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = (), match_compute: bool = False
+) -> Table:
     m = [
         (k, f"metrics.{k}", k)
         for k in ("sensitivity", "specificity", "balanced_accuracy", "auprc", "mcc", "f1")
     ]
     m.append(("params_m", "params_m", "params_m"))
-    tab = _rows_by_method("table1", seeds, scale, out, m, overrides)
+    tab = _rows_by_method("table1", seeds, scale, out, m, overrides, match_compute)
     tab.notes.append("Metrics on the IDC test split at threshold 0.5 (argmax).")
     return tab
 
@@ -109,15 +122,18 @@ def table6(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     return tab
 
 
-def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ()) -> Table:
+def table2(
+    seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = (), match_compute: bool = False
+) -> Table:
     t = get_table("table2")
     pt = paper_table("table2")
-    results = load_results("table2", out, seeds, scale, overrides)
+    results = load_results("table2", out, seeds, scale, overrides, match_compute)
     groups, planned = group_results(results), planned_counts(results)
     cols = [("70:30" if c is None else c, "70:30 (original)" if c is None else c) for c in t.columns]
-    tab = Table("table2", t.title, "Method", cols)
-    for row in t.rows:
-        prow = _paper_row("table2", method=row.paper_label or row.name)
+    tab = Table("table2", t.title, "Method", list(cols))
+    macs_cols = [(f"{MACS_KEY} {k}", f"MACs {k}") for k, _ in cols] if match_compute else []
+    for row in view_rows(t, match_compute):
+        prow = _paper_row("table2", method=row.paper.paper_label or row.paper.name) if row.paper else {}
         cells = {
             key: _cell(
                 groups[(row.key, col)],
@@ -128,7 +144,9 @@ def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
             )
             for (key, _), col in zip(cols, t.columns, strict=True)
         }
-        tab.rows.append((row.name, cells))
+        for (key, _), col in zip(macs_cols, t.columns, strict=False):
+            cells[key] = macs_cell(groups[(row.key, col)], planned[(row.key, col)])
+        tab.rows.append((row.label, cells))
     # relative retention of CMAF-Net (last row), as in the paper
     last = tab.rows[-1][1]
     base = last["70:30"].mean
@@ -139,6 +157,10 @@ def table2(seeds: int, scale: Scale, out: Path, overrides: tuple[str, ...] = ())
     }
     tab.rows.append(("Relative retention of CMAF-Net (%)", ret))
     tab.notes.append(f"Sensitivity (%) on the natural-ratio test split; paper caption: {pt['caption']}")
+    if match_compute:
+        tab.columns += macs_cols
+        tab.ours_only = tuple(k for k, _ in macs_cols)
+        tab.notes.append(MACS_NOTE + " 'MACs <ratio>': the training MACs of that column's runs.")
     return tab
 
 
@@ -326,12 +348,26 @@ AGGREGATORS: dict[str, Callable[..., Table]] = {
 
 
 def aggregate(
-    name: str, out: Path, *, seeds: int, scale: Scale, overrides: tuple[str, ...] = ()
+    name: str,
+    out: Path,
+    *,
+    seeds: int,
+    scale: Scale,
+    overrides: tuple[str, ...] = (),
+    match_compute: bool = False,
 ) -> tuple[Table, dict[str, Path]]:
-    """Build table ``name`` from the runs under ``out`` and write ``table.md/csv/json`` and ``figure.png``."""
+    """Build table ``name`` from the runs under ``out`` and write ``table.md/csv/json`` and ``figure.png``.
+
+    ``match_compute`` (Tables 1, 2): both views of every baseline row with their training MACs, and
+    ``compute.png`` / ``compute.json``: every finished run's balanced accuracy and AUPRC against its
+    training MACs.
+    """
     from cmafnet.experiments.figures import FIGURES, paper_style_figure
 
-    table = AGGREGATORS[name](seeds, scale, Path(out), tuple(overrides))
+    extra = {"match_compute": True} if match_compute else {}
+    if match_compute:
+        check_match_compute(name)
+    table = AGGREGATORS[name](seeds, scale, Path(out), tuple(overrides), **extra)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "table.md", "csv": folder / "table.csv", "json": folder / "table.json"}
@@ -355,4 +391,6 @@ def aggregate(
     )
     if paper_fig is not None:
         paths["paper_figure"] = paper_fig
+    if match_compute:
+        paths.update(write_compute_outputs(name, Path(out), folder, seeds, scale, tuple(overrides)))
     return table, paths

@@ -13,6 +13,8 @@ Assumptions otherwise (printed by ``cmafnet experiment --list``):
   because SAM does two forward/backward passes per step;
 * every run goes the full 100 epochs (early stopping can only make it cheaper), one validation pass
   per epoch, one test pass; data loading hidden behind compute;
+* a baseline at CMAF-Net's compute (``--match-compute``) trains CMAF-Net's training MACs (its stages'
+  epochs x 2 SAM passes x its forward MACs) at its own forward MACs (``GMACS_224``) and speed;
 * IDC: 277,524 patches, 28.4% IDC-positive, patient split 70/10/20 -> 194,267 train / 27,752 val /
   55,505 test; controlled ratios undersample the training minority only; BreakHis: 7,909 images.
 """
@@ -50,6 +52,13 @@ _TIMM = {
     "swin_t": "swin_tiny_patch4_window7_224",
     "deit_s": "deit_small_patch16_224",
 }
+# Forward GMACs per image at 224 px of each model in its paper config (models.complexity.forward_macs; a
+# slow test checks them): what a compute-matched baseline's epochs are derived from.
+GMACS_224 = {
+    "resnet18": 1.814, "resnet50": 4.087, "densenet121": 2.833, "efficientnet_b3": 0.961,
+    "convnext_tiny": 4.455, "vit_s16": 4.598, "swin_t": 4.490, "deit_s": 4.598, "transfuse": 8.742,
+    "hrfnet": 4.560, "mmtm": 6.413, "cmafnet": 3.398,
+}  # fmt: skip
 IDC_TOTAL, IDC_POS_FRAC, BREAKHIS_TOTAL = 277_524, 78_786 / 277_524, 7_909
 EPOCHS = 100
 PROFILE_S = 120.0  # Table 8: about two minutes of benchmarking per model
@@ -142,11 +151,37 @@ def _stage_epochs(base: str, overrides: tuple[str, ...]) -> tuple[tuple[str, int
     return tuple((st.name, st.epochs) for st in load_config(base, list(overrides)).train.stages)
 
 
+@cache
+def _passes(base: str, overrides: tuple[str, ...]) -> int:
+    sam = load_config(base, list(overrides)).train.sam
+    return 2 if sam.enabled and sam.rho > 0 else 1
+
+
+def _model(spec: RunSpec) -> str:
+    return next((o.split("=", 1)[1] for o in spec.overrides if o.startswith("model.name=")), "cmafnet")
+
+
+def matched_epochs(spec: RunSpec, reference: RunSpec) -> float:
+    """Epochs a compute-matched baseline trains: its reference's training MACs (every epoch of every stage,
+    x 2 passes under SAM, at the reference's forward MACs) over the MACs of one of its own epochs."""
+    ref_epochs = sum(e for _, e in _stage_epochs(reference.base, reference.overrides))
+    ref_macs = ref_epochs * _passes(reference.base, reference.overrides) * GMACS_224[_model(reference)]
+    return ref_macs / (_passes(spec.base, spec.overrides) * GMACS_224[_model(spec)])
+
+
 def _train_seconds(
-    spec: RunSpec, model: str, n_train: float, tr: float, calib: dict[str, Calibration]
+    spec: RunSpec,
+    model: str,
+    n_train: float,
+    tr: float,
+    calib: dict[str, Calibration],
+    epochs: float | None = None,
 ) -> float:
-    """Training seconds of a run: the calibrated stages at their measured speed, the rest at ``tr``."""
+    """Training seconds of a run: the calibrated stages at their measured speed, the rest at ``tr``;
+    ``epochs``: a compute-matched run's length (one stage)."""
     c = calib.get(model)
+    if epochs is not None:
+        return epochs * n_train / (tr if c is None else c.mean_img_s)
     if c is None:
         return EPOCHS * n_train / tr
     return sum(
@@ -166,27 +201,41 @@ def _idc_sizes(ratio: str | None) -> tuple[float, float, float]:
 
 
 def run_seconds(
-    spec: RunSpec, rates: dict[str, tuple[float, float]], calib: dict[str, Calibration] | None = None
+    spec: RunSpec,
+    rates: dict[str, tuple[float, float]],
+    calib: dict[str, Calibration] | None = None,
+    reference: RunSpec | None = None,
 ) -> float:
     """Estimated seconds of one run on one GPU (paper scale); ``calib`` maps model names to measured
-    training throughputs (:func:`load_calibration`)."""
+    training throughputs (:func:`load_calibration`); ``reference``: the run a compute-matched run
+    (``spec.match``) takes its training MACs from."""
     if spec.evaluation == "profile":
         return PROFILE_S
-    model = next((o.split("=", 1)[1] for o in spec.overrides if o.startswith("model.name=")), "cmafnet")
+    model = _model(spec)
     tr, inf = method_rate(model, rates)
     if spec.dataset == "breakhis":
         train, val, test = 0.7 * BREAKHIS_TOTAL, 0.1 * BREAKHIS_TOTAL, 0.2 * BREAKHIS_TOTAL
     else:
         train, val, test = _idc_sizes(spec.column)
     extra = BREAKHIS_TOTAL / inf if spec.evaluation == "zeroshot" else 0.0
-    return _train_seconds(spec, model, train, tr, calib or {}) + EPOCHS * val / inf + test / inf + extra
+    epochs = None
+    if spec.match is not None:
+        if reference is None or reference.run_id != spec.match:
+            raise ValueError(
+                f"{spec.run_id}: the cost of a compute-matched run needs its reference {spec.match}"
+            )
+        epochs = matched_epochs(spec, reference)
+    train_s = _train_seconds(spec, model, train, tr, calib or {}, epochs)
+    return train_s + (epochs or EPOCHS) * val / inf + test / inf + extra
 
 
 def table_cost(
     specs: list[RunSpec], rates: dict[str, tuple[float, float]], calib: dict[str, Calibration] | None = None
 ) -> float:
-    """GPU-hours of a table's distinct runs."""
+    """GPU-hours of a table's distinct runs (a compute-matched run's reference must be among them)."""
+    by_id = {s.run_id: s for s in specs}
     seen: dict[str, float] = {}
     for s in specs:
-        seen.setdefault(s.run_id, run_seconds(s, rates, calib))
+        if s.run_id not in seen:
+            seen[s.run_id] = run_seconds(s, rates, calib, by_id.get(s.match) if s.match else None)
     return sum(seen.values()) / 3600.0

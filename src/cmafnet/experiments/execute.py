@@ -58,13 +58,12 @@ def ensure_split(ctx: Any, dataset: str) -> Path:
 
 
 def train_run(spec: RunSpec, run_dir: Path, ctx: Any, resume: bool) -> None:
-    """Train (or resume) one run with the project's trainer."""
+    """Train (or resume) one run with the project's trainer (a compute-matched run with its budget)."""
+    from cmafnet.experiments.runner import training_config
     from cmafnet.training import fit
 
-    overrides = [*spec.overrides]
-    if ctx.device != "auto":
-        overrides.append(f"train.device={ctx.device}")
-    cfg = load_config(spec.base, overrides)
+    device = (f"train.device={ctx.device}",) if ctx.device != "auto" else ()
+    cfg = training_config(spec, ctx.out, device)
     store = ctx.store if spec.dataset == "idc" else ctx.breakhis_store
     fit(cfg, store, ensure_split(ctx, spec.dataset), run_dir, resume=resume)
 

@@ -18,6 +18,7 @@ class Cell:
     planned: int
     paper: Any = None  # the paper's cell as stored (number, {mean, std} or None)
     digits: int = 2
+    scientific: bool = False  # large counts (training MACs): 3 significant digits, e.g. 1.23e+12
 
     @property
     def mean(self) -> float | None:
@@ -30,9 +31,10 @@ class Cell:
     def text(self) -> str:
         if not self.values:
             return "…"
-        s = f"{self.mean:.{self.digits}f}"
+        fmt = ".3g" if self.scientific else f".{self.digits}f"
+        s = f"{self.mean:{fmt}}"
         if self.std is not None:
-            s += f" ± {self.std:.{self.digits}f}"
+            s += f" ± {self.std:{'.2g' if self.scientific else fmt}}"
         if len(self.values) < self.planned:
             s += f" (n={len(self.values)}/{self.planned})"
         return s
@@ -46,11 +48,12 @@ class Table:
     columns: list[tuple[str, str]]  # (key, header)
     rows: list[tuple[str, dict[str, Cell]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ours_only: tuple[str, ...] = ()  # column keys the paper has no counterpart for (one column, ours)
 
     def markdown(self) -> str:
         head = [self.row_header]
-        for _, h in self.columns:
-            head += [f"{h} (ours)", f"{h} (paper)"]
+        for key, h in self.columns:
+            head += [h] if key in self.ours_only else [f"{h} (ours)", f"{h} (paper)"]
         lines = [
             f"## {self.name}: {self.title}",
             "",
@@ -61,7 +64,9 @@ class Table:
             out = [label]
             for key, _ in self.columns:
                 c = cells.get(key)
-                out += [c.text() if c else "", format_paper_cell(c.paper) if c else ""]
+                out.append(c.text() if c else "")
+                if key not in self.ours_only:
+                    out.append(format_paper_cell(c.paper) if c else "")
             lines.append("| " + " | ".join(out) + " |")
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]

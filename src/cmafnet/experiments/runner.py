@@ -10,6 +10,11 @@ Layout under ``--out``::
 A run folder is shared by every table that needs the same training (same base config, overrides,
 seed and dataset); ``experiment.json`` records its fingerprint and a mismatch is an error rather
 than a silent reuse.
+
+With ``match_compute`` a baseline run is also trained at the training MACs its CMAF-Net run recorded
+(``runs/<row>__cmafnet_compute[__imb<ratio>]/seed<k>``, ``train.budget.match`` = that run's folder).
+Such a run starts only once its reference has finished; until then it is reported as waiting (another
+shard may still be training the reference), never trained on another budget.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from cmafnet.config import load_config
+from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.experiments.tables import expand, get_table
@@ -62,10 +67,30 @@ class Summary:
     skipped: list[str] = field(default_factory=list)  # finished before this call
     evaluated: list[str] = field(default_factory=list)
     planned: list[str] = field(default_factory=list)  # --dry-run
+    waiting: list[str] = field(default_factory=list)  # compute-matched runs whose reference is not finished
 
 
-def run_dir_of(out: Path, spec: RunSpec) -> Path:
-    return Path(out) / "runs" / spec.run_id
+def run_dir_of(out: Path, spec: RunSpec | str) -> Path:
+    """The run folder of a spec (or of a run id) under the experiment folder ``out``."""
+    return Path(out) / "runs" / (spec if isinstance(spec, str) else spec.run_id)
+
+
+def training_config(spec: RunSpec, out: Path, extra: tuple[str, ...] = ()) -> Config:
+    """The config a run trains with: its base and overrides (+ ``extra``), and for a compute-matched run
+    ``train.budget.match`` = its reference's run folder (set here, not as an override, so the run's
+    fingerprint does not depend on where ``out`` lies).
+
+    Raises:
+        ConfigError: an invalid override, or a compute-matched run given a budget of its own by ``--set``.
+    """
+    cfg = load_config(spec.base, [*spec.overrides, *extra])
+    if spec.match is not None:
+        if cfg.train.budget is not None:
+            raise ConfigError(
+                f"{spec.run_id}: --match-compute sets train.budget itself; drop the --set train.budget..."
+            )
+        cfg.train.budget = BudgetConfig(match=str(run_dir_of(out, spec.match)))
+    return cfg
 
 
 def result_path(run_dir: Path, spec: RunSpec) -> Path:
@@ -110,14 +135,22 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
 
 
 def table_specs(
-    name: str, seeds: int, scale: Scale, only: list[str] | None = None, overrides: tuple[str, ...] = ()
+    name: str,
+    seeds: int,
+    scale: Scale,
+    only: list[str] | None = None,
+    overrides: tuple[str, ...] = (),
+    match_compute: bool = False,
 ) -> list[RunSpec]:
     """All runs of a table, optionally filtered by glob patterns on the run id (``resnet50*``).
 
     ``overrides`` (``--set``) are appended to every run's overrides, so they are validated with
     the run's config and change its fingerprint (a folder trained without them is not reused).
+    ``match_compute`` adds the baseline runs at CMAF-Net's compute (:func:`~.tables.expand`).
     """
-    specs = [replace(s, overrides=(*s.overrides, *overrides)) for s in expand(name, seeds, scale)]
+    specs = [
+        replace(s, overrides=(*s.overrides, *overrides)) for s in expand(name, seeds, scale, match_compute)
+    ]
     if only:
         specs = [s for s in specs if any(fnmatch(s.run_id, p) or fnmatch(s.row, p) for p in only)]
         if not specs:
@@ -133,6 +166,7 @@ def run_table(
     shard: tuple[int, int] = (0, 1),
     only: list[str] | None = None,
     dry_run: bool = False,
+    match_compute: bool = False,
     train_fn: TrainFn | None = None,
     eval_fn: EvalFn | None = None,
     profile_fn: ProfileFn | None = None,
@@ -141,7 +175,8 @@ def run_table(
 
     Every run is independent: an interrupted call is simply repeated; finished runs are skipped
     (``run.json`` status ``finished`` and a result file), unfinished ones resume from their
-    checkpoint.
+    checkpoint. A compute-matched run (``match_compute``) whose reference has not finished is listed
+    in ``Summary.waiting`` and left for a later call.
     """
     from cmafnet.experiments import execute
 
@@ -149,11 +184,12 @@ def run_table(
     eval_fn = eval_fn or execute.evaluate_spec
     profile_fn = profile_fn or execute.profile_spec
     get_table(name)
-    specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides)
-    mine = select_shard(specs, shard)
+    specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides, match_compute)
+    # references before the runs that match their compute (stable: table order otherwise)
+    mine = sorted(select_shard(specs, shard), key=lambda s: s.match is not None)
     summary = Summary(name, len({s.run_id for s in specs}), len(mine))
     for spec in mine:  # every config must validate before any work starts
-        load_config(spec.base, list(spec.overrides))
+        training_config(spec, ctx.out)
     if not dry_run:
         execute.check_inputs(name, ctx, need_training=any(s.evaluation != "profile" for s in mine))
     for spec in mine:
@@ -174,9 +210,14 @@ def run_table(
         if status == "finished" and res.exists():
             summary.skipped.append(spec.run_id)
             continue
+        wait = _reference_pending(spec, ctx.out, status, {s.run_id for s in mine} if dry_run else set())
+        if wait is not None:
+            summary.waiting.append(f"{spec.run_id} waits for {spec.match} ({wait})")
+            continue
         if dry_run:
             what = {"finished": "evaluate", "partial": "resume", "missing": "train"}[status]
-            summary.planned.append(f"{what} {spec.run_id}")
+            after = f" at the training MACs of {spec.match}" if spec.match and status != "finished" else ""
+            summary.planned.append(f"{what} {spec.run_id}{after}")
             continue
         _claim(run_dir, spec)
         if status != "finished":
@@ -193,18 +234,50 @@ def run_table(
     return summary
 
 
+def _reference_pending(spec: RunSpec, out: Path, status: str, planned: set[str]) -> str | None:
+    """Why a compute-matched run cannot train yet (its reference is not finished), or None.
+
+    A run already trained needs no reference; under ``--dry-run`` a reference planned in the same call
+    (``planned``) will be finished by the time the run comes.
+    """
+    if spec.match is None or status == "finished" or spec.match in planned:
+        return None
+    ref = training_status(run_dir_of(out, spec.match))
+    if ref == "finished":
+        return None
+    return {"partial": "started, not finished", "missing": "not started"}[ref]
+
+
+def recorded_cost(run_dir: Path) -> dict | None:
+    """``run.json``'s training cost totals (images, steps, passes, MACs, seconds), or None."""
+    try:
+        meta = json.loads((run_dir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (meta.get("cost") or {}).get("total")
+
+
 def load_results(
-    name: str, out: Path, seeds: int, scale: Scale, overrides: tuple[str, ...] = ()
+    name: str,
+    out: Path,
+    seeds: int,
+    scale: Scale,
+    overrides: tuple[str, ...] = (),
+    match_compute: bool = False,
 ) -> list[tuple[RunSpec, dict | None]]:
     """Every run of the table with its result document (``None`` while not done).
 
-    A result whose fingerprint differs (another ``--set``) counts as not done.
+    A result whose fingerprint differs (another ``--set``) counts as not done. Each document gets
+    ``cost``: the training cost its run folder records (None for runs that predate cost records).
     """
     rows: list[tuple[RunSpec, Any]] = []
-    for spec in table_specs(name, seeds, scale, None, overrides):
-        p = result_path(run_dir_of(out, spec), spec)
+    for spec in table_specs(name, seeds, scale, None, overrides, match_compute):
+        run_dir = run_dir_of(out, spec)
+        p = result_path(run_dir, spec)
         doc = json.loads(p.read_text()) if p.exists() else None
         if doc is not None and doc.get("spec", {}).get("fingerprint") not in (None, spec.fingerprint):
             doc = None
+        if doc is not None:
+            doc["cost"] = recorded_cost(run_dir)
         rows.append((spec, doc))
     return rows

@@ -62,6 +62,8 @@ class TableDef:
     columns: tuple[str | None, ...] = (None,)  # table2: imbalance ratios (None = original)
     seeded: bool = True  # table8 (profiling) has one run per row, no seeds
     notes: tuple[str, ...] = ()
+    # the row whose measured training compute ``--match-compute`` gives every baseline row (table1, table2)
+    compute_reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class RunSpec:
     evaluation: EvalKind
     base: str  # config name (paper, smoke, baseline_paper, baseline_smoke)
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    # run id of the run whose recorded training MACs this run spends (``train.budget.match``), or None
+    match: str | None = None
 
     @property
     def config_key(self) -> str:
@@ -92,8 +96,11 @@ class RunSpec:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of what defines the training (base, overrides, seed, dataset)."""
-        doc = json.dumps([self.base, list(self.overrides), self.seed, self.dataset], sort_keys=True)
+        """Hash of what defines the training (base, overrides, seed, dataset; the matched run if any)."""
+        parts: list = [self.base, list(self.overrides), self.seed, self.dataset]
+        if self.match is not None:  # appended only when set: runs without a budget keep their fingerprint
+            parts.append({"budget_match": self.match})
+        doc = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -107,6 +114,7 @@ class RunSpec:
             "evaluation": self.evaluation,
             "base": self.base,
             "overrides": list(self.overrides),
+            "match": self.match,
             "run_id": self.run_id,
             "fingerprint": self.fingerprint,
         }

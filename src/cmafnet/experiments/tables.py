@@ -8,6 +8,8 @@ is trained once and reused.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cmafnet.errors import ConfigError
 from cmafnet.experiments.spec import Recipe, Row, RunSpec, Scale, TableDef, base_config_name
 
@@ -88,6 +90,7 @@ TABLES: dict[str, TableDef] = {
             ]
             + [_row("cmafnet", "CMAF-Net (Ours)", group="Ours")]
         ),
+        compute_reference="cmafnet",
     ),
     "table2": TableDef(
         "table2",
@@ -97,6 +100,7 @@ TABLES: dict[str, TableDef] = {
             for k in ("resnet50", "densenet121", "efficientnet_b3", "transfuse", "transfuse-bsm", "cmafnet")
         ),
         columns=IMBALANCE_RATIOS,
+        compute_reference="cmafnet",
     ),
     "table3": TableDef(
         "table3",
@@ -239,17 +243,57 @@ def _resolve(overrides: tuple[str, ...], scale: Scale) -> tuple[str, ...]:
     return tuple(ONE_STAGE[scale] if o == ONE_STAGE_TOKEN else o for o in overrides)
 
 
-def expand(name: str, seeds: int = SEEDS_DEFAULT, scale: Scale = "paper") -> list[RunSpec]:
+MATCHED_SUFFIX = "__{ref}_compute"  # row key of a baseline trained at the reference row's compute
+EQUAL_EPOCHS, MATCHED = "equal epochs", "{ref}'s compute"  # the two views' row labels
+
+
+def matched_row_key(row_key: str, reference: str) -> str:
+    """``resnet50`` -> ``resnet50__cmafnet_compute``: the row of a baseline given the reference's compute."""
+    return row_key + MATCHED_SUFFIX.format(ref=reference)
+
+
+def view_label(label: str, reference_label: str | None) -> str:
+    """A baseline row's label in one of the two views (``reference_label`` None: equal epochs)."""
+    view = EQUAL_EPOCHS if reference_label is None else MATCHED.format(ref=reference_label)
+    return f"{label} ({view})"
+
+
+def match_compute_tables() -> list[str]:
+    """The tables ``--match-compute`` applies to."""
+    return [k for k, t in TABLES.items() if t.compute_reference is not None]
+
+
+def check_match_compute(name: str) -> TableDef:
+    """The table, if ``--match-compute`` applies to it.
+
+    Raises:
+        ConfigError: a table without a compute reference row.
+    """
+    table = get_table(name)
+    if table.compute_reference is None:
+        raise ConfigError(
+            f"--match-compute: {name} has no CMAF-Net row to match; it applies to "
+            f"{', '.join(match_compute_tables())}"
+        )
+    return table
+
+
+def expand(
+    name: str, seeds: int = SEEDS_DEFAULT, scale: Scale = "paper", match_compute: bool = False
+) -> list[RunSpec]:
     """All runs of a table (rows x columns x seeds), in table order.
 
     Args:
         name: ``table1`` ... ``table8``.
         seeds: number of seeds (0 .. seeds-1); ignored for unseeded tables (Table 8).
         scale: ``paper`` (paper.yaml / baseline_paper.yaml) or ``smoke`` (tiny, for tests and demos).
+        match_compute: also train every baseline row at the training MACs its table's reference row
+            (CMAF-Net) recorded for the same seed and column (``train.budget.match``). These runs come
+            after all the others, so a call that does the whole table trains their references first.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    table = get_table(name)
+    table = check_match_compute(name) if match_compute else get_table(name)
     out = []
     for row in table.rows:
         for col in table.columns:
@@ -273,4 +317,24 @@ def expand(name: str, seeds: int = SEEDS_DEFAULT, scale: Scale = "paper") -> lis
                         overrides=ov,
                     )
                 )
+    if match_compute:
+        out += _matched(table, out)
     return out
+
+
+def _matched(table: TableDef, specs: list[RunSpec]) -> list[RunSpec]:
+    """The baseline runs again, each at the compute of the reference run of its seed and column."""
+    ref_key = table.compute_reference
+    ref_row = next(r for r in table.rows if r.key == ref_key)
+    refs = {(s.column, s.seed): s for s in specs if s.row == ref_key}
+    baselines = {r.key for r in table.rows if r.recipe.base == "baseline"}
+    return [
+        replace(
+            s,
+            row=matched_row_key(s.row, ref_key),
+            label=view_label(s.label, ref_row.recipe.label),
+            match=refs[(s.column, s.seed)].run_id,
+        )
+        for s in specs
+        if s.row in baselines
+    ]
