@@ -35,7 +35,7 @@ METRICS_FILE = "metrics.csv"
 # too); they are part of this module's interface.
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "LAST_CHECKPOINT", "META_FILE", "METRICS_FILE", "SPLIT_FILE",
-    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "load_plain_torch_file", "load_run",
+    "WEIGHTS_FILE", "LoadedRun", "atomic_write_bytes", "cost_total", "load_plain_torch_file", "load_run",
     "load_state_dict_file", "read_meta", "save_weights", "update_meta", "write_json",
 ]  # fmt: skip
 
@@ -51,6 +51,12 @@ def read_meta(run_dir: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise RunFolderError(f"{p}: not a JSON object")
     return meta
+
+
+def cost_total(meta: dict) -> dict | None:
+    """The training cost a run records in run.json (``cost.total``: images, steps, passes, MACs,
+    seconds), or None for a run that has not recorded one."""
+    return (meta.get("cost") or {}).get("total")
 
 
 def update_meta(run_dir: str | Path, **fields: Any) -> dict:

@@ -31,7 +31,16 @@ from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.experiments.tables import expand, get_table
-from cmafnet.run import CONFIG_FILE, LAST_CHECKPOINT, META_FILE, METRICS_FILE, SPLIT_FILE, write_json
+from cmafnet.run import (
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    META_FILE,
+    METRICS_FILE,
+    SPLIT_FILE,
+    cost_total,
+    read_meta,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +260,9 @@ def _reference_pending(spec: RunSpec, out: Path, status: str, planned: set[str])
 def recorded_cost(run_dir: Path) -> dict | None:
     """``run.json``'s training cost totals (images, steps, passes, MACs, seconds), or None."""
     try:
-        meta = json.loads((run_dir / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return cost_total(read_meta(run_dir))
+    except RunFolderError:
         return None
-    return (meta.get("cost") or {}).get("total")
 
 
 def load_results(

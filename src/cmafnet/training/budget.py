@@ -12,12 +12,15 @@ what was asked for into run.json (``budget``).
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 from pathlib import Path
 
 from cmafnet.config import Config
 from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.run import cost_total, read_meta
+
+log = logging.getLogger(__name__)
 
 
 def stage_steps(stage: object, steps_per_epoch: int) -> int:
@@ -41,18 +44,15 @@ def recorded_macs(run_dir: str | Path) -> float:
     Raises:
         RunFolderError: no readable run.json, or a run that recorded no cost (no step finished).
     """
-    path = Path(run_dir) / "run.json"
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"train.budget.match: cannot read {path} ({type(err).__name__})") from None
-    macs = ((meta.get("cost") or {}).get("total") or {}).get("macs")
+        meta = read_meta(run_dir)
+    except RunFolderError as err:
+        raise RunFolderError(f"train.budget.match: {err}") from None
+    macs = (cost_total(meta) or {}).get("macs")
     if not macs:
         raise RunFolderError(f"train.budget.match: {run_dir} records no training cost (did it train a step?)")
     if meta.get("status") != "finished":
-        import logging
-
-        logging.getLogger(__name__).warning(
+        log.warning(
             "train.budget.match: %s is %s, not finished: matching the %.3g MACs it has spent so far",
             run_dir, meta.get("status"), macs,
         )  # fmt: skip
