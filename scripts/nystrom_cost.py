@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from cmafnet.models.attention import full_attention, nystrom_attention
 from cmafnet.models.mobilevit import MobileViT, MobileViTOptions
+from cmafnet.models.nystrom import full_attention, nystrom_attention
 
 # (tokens per sequence, head dim, layers) of MobileViT-S's three transformer stages at 224 px,
 # 4 heads each.

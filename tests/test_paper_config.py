@@ -136,7 +136,7 @@ def test_protocol_outside_the_config() -> None:
 
     from cmafnet.cli import split as split_cli
     from cmafnet.data.splits import split_store
-    from cmafnet.experiments.tables import SEEDS_DEFAULT
+    from cmafnet.experiments.paper_tables import SEEDS_DEFAULT
 
     assert SEEDS_DEFAULT == 5  # §5.4 five runs with different random seeds
     # §5.1 70% training, 10% validation, 20% testing: `cmafnet split` and the experiment runner
@@ -160,7 +160,7 @@ def test_paper_model_is_built_as_described() -> None:
     import torch
 
     from cmafnet.models import create_model
-    from cmafnet.models.attention import SelfAttention
+    from cmafnet.models.nystrom import SelfAttention
 
     torch.manual_seed(0)
     cfg = load_config("paper")

@@ -16,14 +16,14 @@ from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.evaluation.calibration import calibration_report
 from cmafnet.evaluation.evaluate import evaluate_run
-from cmafnet.inference.calibration import (
+from cmafnet.inference.predict import Predictor, predict_files
+from cmafnet.inference.temperature import (
     apply_temperature,
     fit_temperature,
     nll,
     run_temperature,
     threshold_at_temperature,
 )
-from cmafnet.inference.predict import Predictor, predict_files
 from cmafnet.run import save_weights, write_json
 
 

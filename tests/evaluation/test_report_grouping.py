@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from cmafnet.evaluation.tables import RunInfo, paper_comparison, seed_aggregate
+from cmafnet.evaluation.report_tables import RunInfo, paper_comparison, seed_aggregate
 
 
 def _run(name: str, model: str, seed: int, bacc: float, synthetic: bool = False) -> RunInfo:

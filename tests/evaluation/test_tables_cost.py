@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmafnet.evaluation.tables import RunInfo
+from cmafnet.evaluation.report_tables import RunInfo
 from cmafnet.evaluation.tables_cost import cost_line, cost_tables
 
 

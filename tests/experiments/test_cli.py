@@ -8,7 +8,7 @@ import pytest
 
 from cmafnet.cli import main
 from cmafnet.experiments.cost import anchor_rates, method_rate, run_seconds
-from cmafnet.experiments.tables import expand
+from cmafnet.experiments.paper_tables import expand
 
 
 def test_list_prints_every_table_with_runs_and_cost(capsys: pytest.CaptureFixture) -> None:

@@ -14,9 +14,9 @@ from cmafnet.cli import main
 from cmafnet.errors import ConfigError
 from cmafnet.experiments.aggregate import aggregate
 from cmafnet.experiments.cost import GMACS_224, _idc_sizes, anchor_rates, method_rate, run_seconds, table_cost
+from cmafnet.experiments.paper_tables import expand
 from cmafnet.experiments.runner import Context, Summary, run_dir_of, run_table, table_specs, training_config
 from cmafnet.experiments.spec import RunSpec, select_shard
-from cmafnet.experiments.tables import expand
 from cmafnet.run import LAST_CHECKPOINT, write_json
 
 

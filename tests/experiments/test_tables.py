@@ -8,7 +8,7 @@ from cmafnet.config import dump_config, load_config
 from cmafnet.errors import ConfigError
 from cmafnet.evaluation.paper import paper_table
 from cmafnet.experiments import TABLES, expand, parse_shard, select_shard
-from cmafnet.experiments.tables import IMBALANCE_RATIOS
+from cmafnet.experiments.paper_tables import IMBALANCE_RATIOS
 
 
 def _paper_rows(name: str, field: str) -> list[str]:

@@ -71,7 +71,7 @@ def test_wsi_outputs(baseline_run, sample_data, tmp_path):
 
 def test_wsi_cli_high_threshold_no_regions(baseline_run, sample_data, tmp_path, capsys):
     out = tmp_path / "wsi"
-    rc = main(["wsi", str(baseline_run), str(sample_data / SLIDE), "--out", str(out), "--mpp", "16",
+    rc = main(["wsi", str(baseline_run), str(sample_data / SLIDE), "--out", str(out), "--target-mpp", "16",
                "--threshold", "1.0", "--device", "cpu", "--no-progress"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out

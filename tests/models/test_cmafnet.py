@@ -10,7 +10,7 @@ import torch
 
 from cmafnet.config import FusionConfig, ModelConfig, TauInit, load_config
 from cmafnet.errors import ConfigError
-from cmafnet.experiments.tables import expand
+from cmafnet.experiments.paper_tables import expand
 from cmafnet.losses.objective import Objective
 from cmafnet.models import ModelOutput, create_model
 from cmafnet.models.cmafnet import CMAFNet
@@ -325,8 +325,8 @@ def test_grad_checkpointing_same_gradients_cpu(monkeypatch: pytest.MonkeyPatch) 
     Caught the spatial branch checkpointing the ResNet stem's ``ReLU(inplace=True)`` (timm 1.0.29's
     FeatureListNet), whose in-place write invalidated the tensor saved for recompute.
     """
-    import cmafnet.models.branches as branches_mod
     import cmafnet.models.mobilevit as mobilevit_mod
+    import cmafnet.models.spatial as branches_mod
     from cmafnet.config import load_config
 
     calls = {"spatial": 0, "contextual": 0}

@@ -67,7 +67,7 @@ def test_grad_checkpointing_same_gradients() -> None:
 def test_nystrom_iterative_pinv_replays_from_a_cuda_graph(dtype: torch.dtype) -> None:
     """The paper's Nystrom layer (iterative pseudo-inverse) has no host sync: it can be captured
     (train.cuda_graph, the bench's graphed step) and replays what eager computes."""
-    from cmafnet.models.attention import SelfAttention
+    from cmafnet.models.nystrom import SelfAttention
 
     torch.manual_seed(0)
     layer = SelfAttention(144, 4, kind="nystrom", num_landmarks=16).cuda().eval()

@@ -1,7 +1,12 @@
-"""The training step, pinned bit for bit: parameters after four steps on a toy model equal those recorded
-with the step implementation the package had before its training code was restructured (commit
-3f9a418, ``training.step.train_step``), for plain and SAM steps, AutoClip and norm clipping, fp32, bf16
-and fp16 with loss scaling, including a skipped non-finite step."""
+"""The training step, pinned: parameters after four steps on a toy model equal those recorded with the step
+implementation the package had before its training code was restructured (commit 3f9a418,
+``training.step.train_step``), for plain and SAM steps, AutoClip and norm clipping, fp32, bf16 and fp16
+with loss scaling, including a skipped non-finite step.
+
+Bit for bit on the machine that recorded them; across CPUs (AVX-512 or not) the kernels sum in another
+order, so values are compared to 1e-4 (fp32) / 1e-2 (bf16, its own precision). Two entries are not compared: the toy's
+first conv bias sits before batch norm, so its true gradient is zero and Adam turns the rounding
+noise into steps of +-lr whose sign depends on the CPU; the running mean that follows carries it."""
 
 from __future__ import annotations
 
@@ -31,14 +36,19 @@ CASES = {
 }
 
 
+# Zero true gradient (a bias before batch norm) and what it feeds: rounding noise only, CPU-dependent.
+NOISE_ONLY = ("spatial.0.bias", "spatial.1.running_mean")
+
+
 def _batches(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_step_equals_the_recorded_reference_bit_for_bit(name: str) -> None:
+def test_step_equals_the_recorded_reference(name: str) -> None:
     rho, adaptive, clip, amp, dropout, nan_step = CASES[name]
+    rtol = 1e-2 if amp == "bf16" else 1e-4
     ref = {k.split(".", 1)[1]: v for k, v in load_file(str(REFERENCE)).items() if k.startswith(name + ".")}
     cfg = toy_config()
     stage = cfg.train.stages[2]  # end_to_end: everything trains, full objective
@@ -66,7 +76,7 @@ def test_step_equals_the_recorded_reference_bit_for_bit(name: str) -> None:
     assert [r.skipped for r in results] == ref["__skipped"].tolist()
     for r, loss, norm in zip(results, ref["__loss"].tolist(), ref["__grad_norm"].tolist(), strict=True):
         if not r.skipped:
-            assert r.loss == pytest.approx(loss, rel=1e-6) and r.grad_norm == pytest.approx(norm, rel=1e-6)
+            assert r.loss == pytest.approx(loss, rel=rtol) and r.grad_norm == pytest.approx(norm, rel=rtol)
     state = model.state_dict()
-    for key, expected in ((k, v) for k, v in ref.items() if not k.startswith("__")):
-        assert torch.equal(state[key], expected), f"{name}: {key} differs from the recorded step"
+    for key, expected in ((k, v) for k, v in ref.items() if not k.startswith("__") and k not in NOISE_ONLY):
+        assert torch.allclose(state[key], expected, rtol=rtol, atol=rtol * 0.1), f"{name}: {key} differs"

@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _list(seeds: int, calibrate: list[Path], match_compute: bool = False) -> int:
     from cmafnet.experiments.cost import anchor_rates, load_calibration, table_cost
-    from cmafnet.experiments.tables import TABLES, expand
+    from cmafnet.experiments.paper_tables import TABLES, expand
 
     rates, source = anchor_rates()
     calib = {}
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     shard = parse_shard(args.shard)
     if args.match_compute:
-        from cmafnet.experiments.tables import check_match_compute
+        from cmafnet.experiments.paper_tables import check_match_compute
 
         check_match_compute(args.name)
 

@@ -47,11 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-calibration", action="store_true",
                    help="uncalibrated probabilities (T = 1) instead of the run's validation-fitted temperature; "
                         "a stored operating threshold is mapped so the decisions stay the same")  # fmt: skip
-    p.add_argument("--mpp", type=float, default=None, metavar="M",
+    p.add_argument("--input-mpp", type=float, default=None, metavar="M",
                    help="microns per pixel of the inputs: resample every image to the run's training scale and "
                         "tile it with the training patch size instead of squeezing it into the model input")  # fmt: skip
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
-                   help="with --mpp: per-image probability = mean of the tiles (default) or max of the positive class")  # fmt: skip
+                   help="with --input-mpp: per-image probability = mean of the tiles (default) or max of the positive class")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fast", action="store_true",
                    help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_files(
         args.run_dir, args.inputs, args.out, batch_size=args.batch, device=args.device,
         threshold=args.threshold, tissue_check=not args.no_tissue_check, explain_dir=args.explain,
-        progress=not args.no_progress, fast=args.fast, calibrate=not args.no_calibration, mpp=args.mpp,
+        progress=not args.no_progress, fast=args.fast, calibrate=not args.no_calibration, mpp=args.input_mpp,
         aggregate=args.aggregate,
     )  # fmt: skip
     print(

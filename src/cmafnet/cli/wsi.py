@@ -9,7 +9,7 @@ from cmafnet.cli._common import add_device_arg, int_range, positive_float, posit
 EPILOG = """\
 scale: by default tiles are cut at the run's training scale in microns per pixel (run.json patch_mpp,
 recorded by 'cmafnet evaluate' from the training store; else 4.0 um/px = the IDC patches' ~2.5x) with
---tile pixels (run.json patch_px, else 50); the same scale logic as 'predict --mpp'. This needs
+--tile pixels (run.json patch_px, else 50); the same scale logic as 'predict --input-mpp'. This needs
 the slide to state its mpp. --level L instead reads --tile-pixel tiles at pyramid level L as they are.
 
 outputs in DIR: tiles.csv (col, row, x, y, size0 = level-0 footprint, level, read_px, tile_px,
@@ -20,7 +20,7 @@ at/above the threshold merged into regions), tiles.geojson (a QuPath detection p
 probabilities as measurements) and summary.json. GeoJSON coordinates are level-0 pixels; import
 both in QuPath with File > Import objects from file (docs/qupath.md).
 
-exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --mpp);
+exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --target-mpp);
 3 slide not found, unsupported slide format, no mpp stated without --level, slide smaller than a
 tile, a slide path that is not a regular file; 4 run folder without config/run.json/model.safetensors,
 or one of them corrupt; 1 runtime failure; 130 interrupted.
@@ -42,7 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--level", type=int_range(0), default=None, metavar="L", help="pyramid level to tile")
     g.add_argument(
-        "--mpp", type=positive_float, default=None, metavar="M", help="target microns per pixel (default 4.0)"
+        "--target-mpp",
+        type=positive_float,
+        default=None,
+        metavar="M",
+        help="target microns per pixel (default 4.0)",
     )
     p.add_argument("--tile", type=int, default=None, metavar="PX", help="tile edge in pixels (default 50)")
     p.add_argument("--batch", type=positive_int, default=64, metavar="N")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # before the model is loaded
 
     s = predict_slide(
-        args.run_dir, args.slide, args.out, level=args.level, mpp=args.mpp, tile=args.tile,
+        args.run_dir, args.slide, args.out, level=args.level, mpp=args.target_mpp, tile=args.tile,
         batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
         fast=args.fast, calibrate=not args.no_calibration,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """Calibration in evaluations: ECE, Brier and NLL before and after temperature scaling.
 
-The temperature itself is fitted and applied by :mod:`cmafnet.inference.calibration` (one
+The temperature itself is fitted and applied by :mod:`cmafnet.inference.temperature` (one
 implementation for ``evaluate``, ``predict`` and ``wsi``); this module measures its effect.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cmafnet.inference.calibration import apply_temperature, nll
+from cmafnet.inference.temperature import apply_temperature, nll
 
 
 def calibration_report(

@@ -22,7 +22,7 @@ import numpy as np
 
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.operating import choose_temperature, operating_threshold
-from cmafnet.inference.calibration import apply_temperature
+from cmafnet.inference.temperature import apply_temperature
 from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, write_json
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def predict_store(
     """Uncalibrated logits ``(len(indices), C)`` in ``indices`` order, through the data contract.
 
     ``labels`` are store-wide ``(N,)`` (the loader indexes them with ``indices``). The caller
-    applies the temperature (:func:`cmafnet.inference.calibration.apply_temperature`).
+    applies the temperature (:func:`cmafnet.inference.temperature.apply_temperature`).
     """
     import torch
 
@@ -210,7 +210,7 @@ def evaluate_run(
     from cmafnet.evaluation.calibration import calibration_report
     from cmafnet.evaluation.rows import metric_rows
     from cmafnet.inference.predict import Predictor, run_classes
-    from cmafnet.inference.scale import record_run_scale
+    from cmafnet.inference.resampling import record_run_scale
     from cmafnet.run import load_run
 
     run_dir = Path(run_dir)

@@ -1,7 +1,7 @@
 """Evaluation at the training scale: resample each image to the run's µm/px, tile, aggregate.
 
 The squeezed evaluation (:func:`cmafnet.evaluation.evaluate.evaluate_run`) resizes every image to
-the model's input; this one applies :mod:`cmafnet.inference.scale` to the same images and writes
+the model's input; this one applies :mod:`cmafnet.inference.resampling` to the same images and writes
 ``metrics_<name>_matched.json`` and ``predictions_<name>_matched.csv`` beside it. Images that cannot
 be seen at the training scale (smaller than half a training patch, or of unknown µm/px) are
 excluded from the metrics and counted, overall and per magnification.
@@ -55,7 +55,7 @@ def scale_matched_evaluation(
     from cmafnet.data.scale import image_mpp
     from cmafnet.evaluation.evaluate import group_rows, mag_label, write_predictions
     from cmafnet.evaluation.rows import metric_rows
-    from cmafnet.inference.scale import MIN_COVERAGE, predict_scaled, run_scale
+    from cmafnet.inference.resampling import MIN_COVERAGE, predict_scaled, run_scale
 
     scale = run_scale(meta)
     mpps = image_mpp(store, rows)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.evaluation.metrics import threshold_for_sensitivity
-from cmafnet.inference.calibration import (
+from cmafnet.inference.temperature import (
     fit_temperature,
     run_temperature,
     threshold_at_temperature,

@@ -14,7 +14,7 @@ curves, confusion matrices, per-magnification results, training curves, per-head
 / temperature (Fig. 4), exact McNemar tests between runs evaluated on the same images, and extra
 tables / figures passed in by experiments.
 
-The tables are built in :mod:`cmafnet.evaluation.tables`; this module draws and writes.
+The tables are built in :mod:`cmafnet.evaluation.report_tables`; this module draws and writes.
 
 A run is matched to a paper row by ``run.json`` ``"paper": {"table": "table1", "row": "<method>"}``
 (written by the experiment runners); a CMAF-Net run evaluated on an IDC test split without that key
@@ -33,8 +33,7 @@ from typing import Any
 
 from cmafnet.errors import RunFolderError
 from cmafnet.evaluation import plots
-from cmafnet.evaluation.stats import mean_std
-from cmafnet.evaluation.tables import (
+from cmafnet.evaluation.report_tables import (
     RunInfo,
     Table,
     as_table,
@@ -47,6 +46,7 @@ from cmafnet.evaluation.tables import (
     summary_tables,
     zero_shot_tables,
 )
+from cmafnet.evaluation.stats import mean_std
 from cmafnet.evaluation.tables_cost import cost_tables
 from cmafnet.evaluation.tables_stats import ci_tables, mcnemar_tests
 from cmafnet.run import atomic_write_bytes, write_json

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cmafnet.evaluation.tables import RunInfo, Table
+from cmafnet.evaluation.report_tables import RunInfo, Table
 
 COLUMNS = [
     "run", "model", "budget", "epochs per stage", "epochs", "optimiser steps", "training images",

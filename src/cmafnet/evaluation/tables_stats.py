@@ -10,9 +10,9 @@ import numpy as np
 
 from cmafnet.errors import RunFolderError
 from cmafnet.evaluation.metrics import FRACTION_METRICS, format_metric
+from cmafnet.evaluation.report_tables import RunInfo, Table, ev_label
 from cmafnet.evaluation.rows import MIN_CI_PATIENTS, short_rule, threshold_rule
 from cmafnet.evaluation.stats import mcnemar
-from cmafnet.evaluation.tables import RunInfo, Table, ev_label
 
 
 def ci_tables(runs: Sequence[RunInfo]) -> list[Table]:

@@ -1,7 +1,7 @@
 """The paper's experiments: one command per table (``cmafnet experiment tableN``).
 
 * :mod:`~cmafnet.experiments.spec` -- ``RunSpec``, table/row data types, sharding;
-* :mod:`~cmafnet.experiments.tables` -- Tables 1-8 as data, ``expand``;
+* :mod:`~cmafnet.experiments.paper_tables` -- Tables 1-8 as data, ``expand``;
 * :mod:`~cmafnet.experiments.runner` -- skip finished / resume unfinished / evaluate;
 * :mod:`~cmafnet.experiments.execute` -- the default training, evaluation and profiling of one run;
 * :mod:`~cmafnet.experiments.aggregate`, :mod:`~cmafnet.experiments.layout`,
@@ -9,7 +9,7 @@
 * :mod:`~cmafnet.experiments.cost` -- GPU-hour estimates for ``--list``.
 """
 
+from cmafnet.experiments.paper_tables import TABLES, expand
 from cmafnet.experiments.spec import RunSpec, parse_shard, select_shard
-from cmafnet.experiments.tables import TABLES, expand
 
 __all__ = ["TABLES", "RunSpec", "expand", "parse_shard", "select_shard"]

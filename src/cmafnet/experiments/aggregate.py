@@ -34,9 +34,9 @@ from cmafnet.experiments.layout import (
     planned_counts,
     unit_scale,
 )
+from cmafnet.experiments.paper_tables import check_match_compute, get_table
 from cmafnet.experiments.runner import load_results
 from cmafnet.experiments.spec import Scale
-from cmafnet.experiments.tables import check_match_compute, get_table
 from cmafnet.run import atomic_write_bytes, write_json
 
 MAGS = ("40X", "100X", "200X", "400X")

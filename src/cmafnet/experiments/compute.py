@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from cmafnet.experiments.layout import Cell, get_path
+from cmafnet.experiments.paper_tables import matched_row_key, view_label
 from cmafnet.experiments.spec import Row, RunSpec, Scale, TableDef
-from cmafnet.experiments.tables import matched_row_key, view_label
 
 MACS_KEY, MACS_HEADER = "train_macs", "Training MACs"
 MACS_NOTE = (
@@ -139,8 +139,8 @@ def write_compute_outputs(
     name: str, out: Path, folder: Path, seeds: int, scale: Scale, overrides: tuple[str, ...]
 ) -> dict[str, Path]:
     """``compute.json`` (every finished run's training MACs and metrics) and ``compute.png`` in ``folder``."""
+    from cmafnet.experiments.paper_tables import get_table
     from cmafnet.experiments.runner import load_results
-    from cmafnet.experiments.tables import get_table
     from cmafnet.run import write_json
 
     results = load_results(name, out, seeds, scale, overrides, match_compute=True)

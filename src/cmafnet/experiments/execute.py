@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def check_inputs(table: str, ctx: Any, *, need_training: bool) -> None:
     """Fail early, with the flag to pass, when a table's data is missing."""
-    from cmafnet.experiments.tables import get_table
+    from cmafnet.experiments.paper_tables import get_table
 
     t = get_table(table)
     if not need_training:

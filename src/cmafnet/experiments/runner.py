@@ -29,8 +29,8 @@ from typing import Any
 
 from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.experiments.paper_tables import expand, get_table
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
-from cmafnet.experiments.tables import expand, get_table
 from cmafnet.run import (
     CONFIG_FILE,
     LAST_CHECKPOINT,

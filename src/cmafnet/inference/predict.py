@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from cmafnet.errors import ConfigError, InputDataError
-from cmafnet.inference.calibration import (
+from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
+from cmafnet.inference.preprocess import build_preprocess
+from cmafnet.inference.resampling import matching_scale, predict_scaled
+from cmafnet.inference.temperature import (
     apply_temperature,
     run_temperature,
     threshold_at_temperature,
     threshold_temperature,
 )
-from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
-from cmafnet.inference.preprocess import build_preprocess
-from cmafnet.inference.scale import matching_scale, predict_scaled
 from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
 from cmafnet.run import LoadedRun, load_run
 
@@ -103,7 +103,7 @@ class Predictor:
         self.classes = run_classes(run)
         self.img_size = run.config.model.img_size
         # Probabilities are softmax(logits / T) with the run's validation-fitted temperature (1 when
-        # off or never fitted); see cmafnet.inference.calibration.
+        # off or never fitted); see cmafnet.inference.temperature.
         self.temperature, self.calibration = run_temperature(run.meta, calibrate)
         self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
         if self.threshold_source.startswith("run.json"):
@@ -221,7 +221,7 @@ def predict_files(
     Images are decoded one at a time and grouped by size into batches (the model's resize happens
     inside the preprocessing, as in training), so memory stays bounded by a few batches. With
     ``mpp`` (the inputs' microns per pixel) every image is instead resampled to the run's training
-    scale and tiled with its patch size (:mod:`cmafnet.inference.scale`), tile probabilities
+    scale and tiled with its patch size (:mod:`cmafnet.inference.resampling`), tile probabilities
     aggregated by ``aggregate``; an image smaller than half a patch at that scale is not assessable.
 
     Raises:
@@ -252,7 +252,7 @@ def predict_files(
         explain_dir=Path(explain_dir) if explain_dir else None, calibration=predictor.calibration,
         scale=(f"matched: inputs at {mpp:g} um/px resampled to {scale.describe()}, tiles aggregated by {aggregate}"
                if scale else f"squeezed: each image resized to the model's {predictor.img_size} px input "
-               "(pass --mpp to match the training scale)"),
+               "(pass --input-mpp to match the training scale)"),
     )  # fmt: skip
     classes = predictor.classes
     tmp = out_csv.with_name(f".{out_csv.name}.partial")

@@ -38,7 +38,7 @@ from cmafnet.data.scale import IDC_MPP
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
 from cmafnet.inference.predict import Predictor
-from cmafnet.inference.scale import resize_image, run_scale
+from cmafnet.inference.resampling import resize_image, run_scale
 from cmafnet.inference.tissue import (
     DEFAULT_THRESHOLDS,
     NOT_ASSESSABLE,
@@ -112,7 +112,7 @@ def plan_tiling(
     meta = meta or {}
     w0, h0 = slide.dimensions
     if level is not None and mpp is not None:
-        raise ConfigError("give either --level or --mpp, not both")
+        raise ConfigError("give either --level or --target-mpp, not both")
     if tile is not None and tile < 8:
         raise ConfigError(f"--tile must be >= 8 pixels, got {tile}")
     base_mpp = slide_mpp(slide)
@@ -127,10 +127,12 @@ def plan_tiling(
     else:
         scale = run_scale(meta)  # the training scale: one definition for evaluate, predict and wsi
         if mpp is None and scale.mpp is None:
-            raise ConfigError(f"the run's training scale is unknown ({scale.source}): pass --mpp or --level")
+            raise ConfigError(
+                f"the run's training scale is unknown ({scale.source}): pass --target-mpp or --level"
+            )
         target = float(mpp if mpp is not None else scale.mpp)
         if target <= 0:
-            raise ConfigError(f"--mpp must be > 0, got {target}")
+            raise ConfigError(f"--target-mpp must be > 0, got {target}")
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
         tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
@@ -147,7 +149,7 @@ def plan_tiling(
         plan = TilePlan(lvl, read_px, tile_px, size0, w0 // size0, h0 // size0, target, "mpp")
     if plan.cols == 0 or plan.rows == 0:
         raise InputDataError(
-            f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --mpp or --level"
+            f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --target-mpp or --level"
         )
     return plan
 

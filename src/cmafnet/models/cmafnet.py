@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from cmafnet.config import ModelConfig
 from cmafnet.models import MODELS
 from cmafnet.models.bottleneck import VariationalBottleneck
-from cmafnet.models.branches import SpatialBranch
 from cmafnet.models.fusion import FUSIONS
 from cmafnet.models.mobilevit import MobileViT, MobileViTOptions
 from cmafnet.models.output import ModelOutput
+from cmafnet.models.spatial import SpatialBranch
 from cmafnet.models.weights import load_branch_weights, load_model_weights
 
 ROLES = ("spatial", "contextual", "fusion", "head", "aux_heads")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cmafnet.errors import ConfigError
-from cmafnet.models.attention import SelfAttention
+from cmafnet.models.nystrom import SelfAttention
 
 VARIANTS = ("xxs", "xs", "s")
 STAGE_REDUCTIONS = (2, 4, 8, 16, 32)  # output stride of each of MobileViT v1's five stages
@@ -38,7 +38,7 @@ STAGE_REDUCTIONS = (2, 4, 8, 16, 32)  # output stride of each of MobileViT v1's 
 class MobileViTOptions:
     """The paper's modifications; all off gives timm's MobileViT."""
 
-    attention: str = "full"  # full | nystrom (cmafnet.models.attention.ATTENTION)
+    attention: str = "full"  # full | nystrom (cmafnet.models.nystrom.ATTENTION)
     num_landmarks: int = 16  # Nystrom landmarks per attention sequence
     pinv: str = "iterative"  # Nystrom pseudo-inverse: iterative (Nystromformer's) | exact
     pinv_iters: int = 6  # iterations of the iterative pseudo-inverse

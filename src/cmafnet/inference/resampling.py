@@ -103,7 +103,7 @@ def matching_scale(meta: dict, classes: list[str], mpp: float | None, aggregate:
         raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
     scale = run_scale(meta)
     if scale.mpp is None:
-        raise ConfigError(f"--mpp: the run records no training scale to match ({scale.source})")
+        raise ConfigError(f"--input-mpp: the run records no training scale to match ({scale.source})")
     return scale
 
 
@@ -171,7 +171,7 @@ class ScaledImage:
     status: str = ""  # "" = predicted, else SMALLER_THAN_PATCH / MPP_UNKNOWN
 
     def probs(self, temperature: float, how: str = "mean") -> np.ndarray | None:
-        from cmafnet.inference.calibration import apply_temperature
+        from cmafnet.inference.temperature import apply_temperature
 
         if self.logits is None:
             return None

@@ -13,9 +13,8 @@ from cmafnet.data.splits import split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.data.synthetic import write_breakhis_like
 from cmafnet.errors import ConfigError
-from cmafnet.inference.calibration import apply_temperature
 from cmafnet.inference.predict import Predictor, predict_files
-from cmafnet.inference.scale import (
+from cmafnet.inference.resampling import (
     SMALLER_THAN_PATCH,
     aggregate,
     make_tiles,
@@ -23,6 +22,7 @@ from cmafnet.inference.scale import (
     run_scale,
     tile_origins,
 )
+from cmafnet.inference.temperature import apply_temperature
 
 
 def test_documented_values_and_stored_mpp():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmafnet.errors import ConfigError
-from cmafnet.models.attention import (
+from cmafnet.models.nystrom import (
     ATTENTION,
     SelfAttention,
     full_attention,
@@ -173,7 +173,7 @@ def test_nystrom_uneven_segments_and_layer() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nystrom_under_autocast(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Half-precision autocast: the landmark maths and the pseudo-inverse run in float32."""
-    import cmafnet.models.attention as attention
+    import cmafnet.models.nystrom as attention
 
     seen = []
 
