@@ -142,9 +142,9 @@ def test_bench_times_the_trainers_own_step(tmp_path, monkeypatch, one_thread):
 
     calls: list[int] = []
 
-    def call(self, x, y, after_launch=None):
+    def call(self, x, y, sched, after_forward=None):
         calls.append(id(self))
-        return real_call(self, x, y, after_launch)
+        return real_call(self, x, y, sched, after_forward)
 
     monkeypatch.setattr(cmafnet.training, "prepare_stage", prepare)
     monkeypatch.setattr(stages.StageStep, "__call__", call)

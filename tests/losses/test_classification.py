@@ -54,8 +54,7 @@ def test_degenerate_setting_equals_cross_entropy(name, kw, uniform, counts) -> N
     logits, target = _data(c)
     logits.requires_grad_(True)
     loss = create_loss(name, class_counts=counts, **kw)
-    loss.set_epoch(5.0)
-    ours = loss(logits, target)
+    ours = loss(logits, target, epoch=5.0)
     ref = F.cross_entropy(logits, target)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     (g_ours,) = torch.autograd.grad(ours, logits)
@@ -117,12 +116,13 @@ def test_ldam_margins_follow_cao_formula() -> None:
 def test_ldam_drw_switches_on_at_drw_epoch() -> None:
     logits, target = _data(2)
     loss = create_loss("ldam", class_counts=BINARY, drw_epoch=8)
-    loss.set_epoch(7.9)
-    before = loss(logits, target)
-    assert not loss.reweighting
-    loss.set_epoch(8.0)
-    after = loss(logits, target)
-    assert loss.reweighting and not torch.allclose(before, after)
+    before = loss(logits, target, epoch=7.9)
+    assert loss.class_weight(7.9) is None
+    after = loss(logits, target, epoch=8.0)
+    assert loss.class_weight(8.0) is not None and not torch.allclose(before, after)
+    # the clock as a 0-d tensor (a captured step): the switch is taken on the device, same values
+    for t, expected in ((7.9, before), (8.0, after)):
+        torch.testing.assert_close(loss(logits, target, epoch=torch.tensor(t)), expected)
     w = effective_number_weights(torch.tensor(BINARY, dtype=torch.float64), 0.9999)
     adj = logits.clone()
     adj[torch.arange(len(target)), target] -= loss.margins[target]
@@ -184,7 +184,9 @@ def test_bad_arguments_raise_value_error_naming_the_argument() -> None:
     with pytest.raises(ValueError, match="drw_epoch"):
         create_loss("ldam", class_counts=BINARY)
     with pytest.raises(ValueError, match="epoch"):
-        create_loss("ce").set_epoch(-1)
+        create_loss("ldam", class_counts=BINARY, drw_epoch=1)(*_data(2), epoch=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        create_loss("acbfl", class_counts=BINARY)(*_data(2), epoch=float("nan"))
     with pytest.raises(ConfigError, match="Did you mean 'focal'"):
         create_loss("focall")
 

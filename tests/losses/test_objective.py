@@ -59,12 +59,11 @@ def test_returns_every_term_and_total_is_the_weighted_sum() -> None:
     obj = _objective(beta1=0.01, beta2=0.005, diversity=0.02, entropy=0.03, orthogonality=0.04)
     out = _output()
     target = torch.randint(0, 2, (B,))
-    total, terms = obj(out, target, epoch=2.0)
+    total, terms = obj(out, target, epoch=2.0, beta_ramp=1.0)
     assert set(terms) == set(TERM_NAMES)
     # Each term recomputed independently.
     cls = create_loss("acbfl", class_counts=COUNTS)
-    cls.set_epoch(2.0)
-    torch.testing.assert_close(terms["cls"], cls(out.logits, target))
+    torch.testing.assert_close(terms["cls"], cls(out.logits, target, epoch=2.0))
     torch.testing.assert_close(terms["kl_s"], gaussian_kl(out.mu_s, out.logvar_s))
     torch.testing.assert_close(terms["redundancy"], gaussian_mutual_information(out.z_s, out.z_t))
     torch.testing.assert_close(terms["diversity"], attention_diversity(out.attn))
@@ -86,7 +85,7 @@ def test_returns_every_term_and_total_is_the_weighted_sum() -> None:
 def test_gradients_reach_inputs_and_entropy_weights() -> None:
     obj = _objective()
     out = _output(requires_grad=True)
-    total, _ = obj(out, torch.randint(0, 2, (B,)), epoch=0.0)
+    total, _ = obj(out, torch.randint(0, 2, (B,)), epoch=0.0, beta_ramp=1.0)
     total.backward()
     assert obj.entropy_reg.head_logits.grad is not None
     assert list(obj.parameters()) == [obj.entropy_reg.head_logits]
@@ -99,14 +98,14 @@ def test_ablations_skip_terms_without_inputs_or_weight() -> None:
     # CNN-only model: no attention, no contextual branch.
     out.attn = out.f_att = out.mu_t = out.logvar_t = out.z_t = None
     target = torch.randint(0, 2, (B,))
-    total, terms = _objective()(out, target, epoch=1.0)
+    total, terms = _objective()(out, target, epoch=1.0, beta_ramp=1.0)
     assert set(terms) == {"cls", "kl_s", "total", "beta1", "beta2"}
     # Zero weights skip the computation.
     obj = _objective(beta2=0.0, diversity=0.0, entropy=0.0, orthogonality=0.0)
-    _, terms = obj(_output(), target, epoch=1.0)
+    _, terms = obj(_output(), target, epoch=1.0, beta_ramp=1.0)
     assert not {"redundancy", "diversity", "attn_entropy", "orthogonality"} & set(terms)
     # use_regularizers=False: classification loss only.
-    total, terms = _objective()(_output(), target, epoch=1.0, use_regularizers=False)
+    total, terms = _objective()(_output(), target, epoch=1.0, beta_ramp=1.0, use_regularizers=False)
     torch.testing.assert_close(total, terms["cls"])
     assert set(terms) == {"cls", "total", "beta1", "beta2"}
     # The Table 6 regulariser rows are valid configs.
@@ -114,26 +113,31 @@ def test_ablations_skip_terms_without_inputs_or_weight() -> None:
         Objective(LossConfig(), RegularizerConfig(**overrides["regularizers"]), COUNTS)
 
 
-def test_beta_ramp_progress() -> None:
-    obj = Objective(
-        LossConfig(), RegularizerConfig(beta1=0.01, beta2=0.004, ramp_epochs=10), COUNTS, num_heads=H
-    )
-    assert obj.betas() == (0.0, 0.0)
-    _, terms = obj(_output(), torch.randint(0, 2, (B,)), epoch=0.0)
-    assert "kl_s" not in terms and "redundancy" not in terms  # weight 0 at the ramp start
-    obj.set_beta_progress(5.0)
-    assert obj.betas() == pytest.approx((0.005, 0.002))
-    obj.set_beta_progress(30.0)
-    assert obj.betas() == pytest.approx((0.01, 0.004))
-    with pytest.raises(ValueError, match="epochs_into_ramp"):
-        obj.set_beta_progress(-1.0)
+def test_betas_are_the_configured_weights_times_the_ramp() -> None:
+    """beta_i = regularizers.beta_i * beta_ramp, a number or a 0-d tensor (a captured step); the terms are
+    computed at every ramp value, 0 included, so a run logs the same terms at every step."""
+    reg = RegularizerConfig(beta1=0.01, beta2=0.004, diversity=0.0, entropy=0.0, orthogonality=0.0)
+    obj = Objective(LossConfig(), reg, COUNTS, num_heads=H)
+    out, target = _output(), torch.randint(0, 2, (B,))
+    cls, _ = obj(out, target, epoch=1.0, beta_ramp=0.0, use_regularizers=False)
+    for ramp in (0.0, 0.5, torch.tensor(0.5), 1.0):
+        total, terms = obj(out, target, epoch=1.0, beta_ramp=ramp)
+        assert {"kl_s", "kl_t", "redundancy"} <= set(terms)
+        assert float(terms["beta1"]) == pytest.approx(0.01 * float(ramp))
+        assert float(terms["beta2"]) == pytest.approx(0.004 * float(ramp))
+        kl = terms["kl_s"] + terms["kl_t"]
+        torch.testing.assert_close(
+            total, cls + 0.01 * float(ramp) * kl + 0.004 * float(ramp) * terms["redundancy"]
+        )
+        if ramp == 0.0:
+            assert torch.equal(total, cls)  # the ramp's start adds exactly nothing
 
 
 def test_objective_moves_buffers_and_validates_heads() -> None:
     obj = Objective(LossConfig(), RegularizerConfig(), COUNTS, num_heads=8)
     assert "loss.w_inv" in dict(obj.named_buffers())
     with pytest.raises(ValueError, match="num_heads"):
-        obj(_output(), torch.randint(0, 2, (B,)), epoch=0.0)  # attention has 4 heads
+        obj(_output(), torch.randint(0, 2, (B,)), epoch=0.0, beta_ramp=1.0)  # attention has 4 heads
     with pytest.raises(ValueError, match="class_counts"):
         Objective(LossConfig(), RegularizerConfig(), [10, 0])
 
@@ -173,13 +177,12 @@ def test_compiled_regularizers_equal_eager_without_recompiling() -> None:
     torch.manual_seed(0)
     model = create_model(cfg.model, img_size=64).train()
     objective = Objective(cfg.loss, cfg.regularizers, [300, 100], num_heads=cfg.model.fusion.heads)
-    objective.set_beta_progress(100.0)
     x, y = torch.randn(6, 3, 64, 64), torch.randint(0, 2, (6,))
 
     def run() -> tuple[dict, list]:
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks
-        total, terms = objective(model(x, return_aux=True), y, epoch=3.0)
+        total, terms = objective(model(x, return_aux=True), y, epoch=3.0, beta_ramp=1.0)
         total.backward()
         return terms, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -195,7 +198,7 @@ def test_compiled_regularizers_equal_eager_without_recompiling() -> None:
     for a, b in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    objective.set_beta_progress(0.5)  # other weights, other epoch: the same compiled graph
-    objective(model(x, return_aux=True), y, epoch=5.5)
+    # other weights (the ramp's start among them), other epoch: the same compiled graph
+    objective(model(x, return_aux=True), y, epoch=5.5, beta_ramp=0.0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     objective.compile_regularizers(False)

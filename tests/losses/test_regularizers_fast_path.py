@@ -102,7 +102,7 @@ def test_objective_with_every_regularizer_never_reads_a_device_value(
     out = _output()
     y = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1])
     with count_syncs() as c:
-        total, terms = obj(out, y, epoch=1.0)
+        total, terms = obj(out, y, epoch=1.0, beta_ramp=1.0)
         total.backward()
     assert c.syncs == 0
     for name in ("cls", "kl_s", "kl_t", "redundancy", "diversity", "attn_entropy", "orthogonality", "total"):

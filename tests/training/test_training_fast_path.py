@@ -15,6 +15,7 @@ from cmafnet.models.output import ModelOutput
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM, unscale_grads
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import TrainStep
 
 
@@ -99,7 +100,7 @@ def _step(model: nn.Module, *, sam: bool, loss_fn=None, clip: str = "none", fuse
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     params = list(model.parameters())
 
-    def ce(out, target):
+    def ce(out, target, sched):
         loss = F.cross_entropy(out.logits.float(), target)
         return loss, {"cls": loss.detach(), "total": loss.detach()}
 
@@ -108,7 +109,7 @@ def _step(model: nn.Module, *, sam: bool, loss_fn=None, clip: str = "none", fuse
     step = TrainStep(
         model, loss_fn or ce, opt, params, clipper=clipper, sam=SAM(params, rho=0.1) if sam else None
     )
-    return step.result(step(x, y)), clipper
+    return step.result(step(x, y, ScheduleValues(lr=0.1, epoch=0.0, beta_ramp=1.0))), clipper
 
 
 @pytest.mark.parametrize("sam", [False, True])
@@ -129,7 +130,7 @@ def test_nonfinite_loss_with_finite_gradients_skips_before_the_clipper() -> None
     model = Deep()
     w0 = [p.detach().clone() for p in model.parameters()]
 
-    def inf_loss(out, target):
+    def inf_loss(out, target, sched):
         loss = F.cross_entropy(out.logits.float(), target) + torch.tensor(float("inf"))  # grads stay finite
         return loss, {"total": loss.detach()}
 
@@ -187,7 +188,7 @@ def test_skipped_step_restores_batchnorm_buffers_of_every_dtype() -> None:
     model = BNNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def nan_loss(out, target):
+    def nan_loss(out, target, sched):
         loss = F.cross_entropy(out.logits.float(), target) * float("nan")
         return loss, {"total": loss.detach()}
 

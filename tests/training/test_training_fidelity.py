@@ -17,13 +17,17 @@ from cmafnet.training.checkpoint import load_checkpoint
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.information import MonitorAccumulator
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.stages import branch_groups
 from cmafnet.training.step import TrainStep
 
 
-def _ce(out, y):
+def _ce(out, y, sched):
     loss = F.cross_entropy(out.logits.float(), y)
     return loss, {"cls": loss.detach(), "beta1": 0.5}
+
+
+SCHED = ScheduleValues(lr=1e-2, epoch=0.0, beta_ramp=1.0)  # the optimisers' own lr
 
 
 def _batches(n: int, b: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -40,7 +44,7 @@ def _train(accumulate: int, sam: bool) -> tuple[list, list[torch.Tensor]]:
         model, _ce, opt, params, clipper=GradClipper(ClipConfig(kind="autoclip", history=8, percentile=50.0)),
         sam=SAM(params, 0.05) if sam else None, accumulate=accumulate,
     )  # fmt: skip
-    results = [step.result(step(x, y)) for x, y in _batches(4)]
+    results = [step.result(step(x, y, SCHED)) for x, y in _batches(4)]
     return results, [p.detach().clone() for p in params]
 
 
@@ -92,7 +96,7 @@ def _stage1(model: ToyNet, only: str | None, per_branch: bool = True) -> TrainSt
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=1e-2, foreach=True)
     return TrainStep(
-        model, stage1_loss, opt, params, clipper=GradClipper(ClipConfig(kind="autoclip", history=4, percentile=10.0)),
+        model, lambda out, y, sched: stage1_loss(out, y), opt, params, clipper=GradClipper(ClipConfig(kind="autoclip", history=4, percentile=10.0)),
         sam=SAM(params, 0.05), groups=branch_groups(model, named) if only is None and per_branch else None,
     )  # fmt: skip
 
@@ -107,7 +111,7 @@ def test_stage1_updates_each_branch_as_if_it_were_trained_alone() -> None:
         model = ToyNet(dropout=0.0, bn=True)
         step = _stage1(model, only, per_branch)
         for x, y in batches:
-            assert not step.result(step(x, y)).skipped
+            assert not step.result(step(x, y, SCHED)).skipped
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     together, joint = run(None), run(None, per_branch=False)  # joint: one norm for both branches
@@ -125,13 +129,12 @@ def test_stage1_updates_each_branch_as_if_it_were_trained_alone() -> None:
 
 def test_acbfl_sample_weights_are_alpha_times_the_focal_factor() -> None:
     loss = ACBFLoss([90, 10], margin=False, entropy_weight=0.0)
-    loss.set_epoch(3.0)
     logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 1])
     p_true = logits.softmax(1)[torch.arange(3), target]
-    expected = loss.alpha()[target] * (1 - p_true) ** loss.gamma[target]
-    torch.testing.assert_close(loss.sample_weights(logits, target), expected)
+    expected = loss.alpha(3.0)[target] * (1 - p_true) ** loss.gamma[target]
+    torch.testing.assert_close(loss.sample_weights(logits, target, epoch=3.0), expected)
     # the loss is exactly sum(weight * -log p) / B
-    torch.testing.assert_close(loss(logits, target), (expected * -p_true.log()).mean())
+    torch.testing.assert_close(loss(logits, target, epoch=3.0), (expected * -p_true.log()).mean())
 
 
 def test_effective_learning_rate_per_class_is_logged_per_epoch(tmp_path) -> None:

@@ -10,6 +10,7 @@ from cmafnet.config import ClipConfig
 from cmafnet.training import run_stages
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import TrainStep
 
 pytestmark = [
@@ -18,7 +19,7 @@ pytestmark = [
 ]
 
 
-def _ce(out, y):
+def _ce(out, y, sched):
     loss = torch.nn.functional.cross_entropy(out.logits.float(), y)
     return loss, {"total": loss.detach()}
 
@@ -34,7 +35,7 @@ def _delta(amp: str) -> torch.Tensor:
         model, _ce, torch.optim.SGD(params, lr=0.1), params, clipper=GradClipper(ClipConfig(kind="none"), "cuda"),
         scaler=scaler, sam=SAM(params, 0.5), amp=amp,
     )  # fmt: skip
-    assert not step.result(step(x, y)).skipped
+    assert not step.result(step(x, y, ScheduleValues(lr=0.1, epoch=0.0, beta_ramp=1.0))).skipped
     return torch.cat([p.detach().flatten() for p in params]) - w0
 
 
@@ -59,8 +60,8 @@ def test_trainer_on_cuda(tmp_path, amp, compile_):
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_trainer_cuda_graph_replays_what_the_eager_device_step_computes(tmp_path, monkeypatch, compile_):
-    """A full 3-stage toy run with train.cuda_graph (warm-up, a capture per epoch, replays, SAM,
-    AutoClip, tensor learning rates) ends with the weights of the same run never captured."""
+    """A full 3-stage toy run with train.cuda_graph (warm-up, a capture per stage, replays following the
+    per-step schedules, SAM, AutoClip) ends with the weights of the same run never captured."""
     from cmafnet.training import graphs, stages
 
     torch.backends.cudnn.benchmark = False

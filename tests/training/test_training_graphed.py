@@ -18,10 +18,11 @@ from cmafnet.training import run_stages
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.graphs import GraphMode, plain_optimizer_state, set_tensor_lr
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import TrainStep
 
 
-def _ce(out, y):
+def _ce(out, y, sched):
     loss = F.cross_entropy(out.logits.float(), y)
     return loss, {"cls": loss.detach(), "beta1": 0.5}
 
@@ -97,7 +98,7 @@ def test_device_skip_equals_host_skip(sam: bool) -> None:
         results = []
         for x, y in batches:
             before = {k: v.clone() for k, v in model.state_dict().items()}
-            res = step.result(step(x, y))
+            res = step.result(step(x, y, ScheduleValues(lr=1e-2, epoch=0.0, beta_ramp=1.0)))
             if res.skipped:  # weights and BatchNorm statistics untouched
                 for k, v in model.state_dict().items():
                     torch.testing.assert_close(v, before[k], rtol=0, atol=0)

@@ -11,6 +11,7 @@ from cmafnet.config import ClipConfig
 from cmafnet.models.output import ModelOutput
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import TrainStep
 
 RHO, LR = 0.5, 0.1
@@ -33,7 +34,7 @@ def _setup(seed=0):
     return model, x, y
 
 
-def _ce(out, y):
+def _ce(out, y, sched):
     loss = F.cross_entropy(out.logits.float(), y)
     return loss, {"total": loss.detach()}
 
@@ -44,7 +45,7 @@ def _step(model, x, y, *, amp="none", sam=True, loss_fn=_ce, scaler=None):
     clipper = GradClipper(ClipConfig(kind="none"))
     helper = SAM(params, RHO) if sam else None
     step = TrainStep(model, loss_fn, opt, params, clipper=clipper, scaler=scaler, sam=helper, amp=amp)
-    return step.result(step(x, y))
+    return step.result(step(x, y, ScheduleValues(lr=LR, epoch=0.0, beta_ramp=1.0)))
 
 
 def _reference_sam_update(model, x, y) -> list[torch.Tensor]:
@@ -111,9 +112,9 @@ def test_skip_on_inf_in_second_pass_restores_weights():
     w0 = [p.detach().clone() for p in model.parameters()]
     calls = {"n": 0}
 
-    def second_pass_inf(out, target):
+    def second_pass_inf(out, target, sched):
         calls["n"] += 1
-        loss, terms = _ce(out, target)
+        loss, terms = _ce(out, target, sched)
         return (loss * float("inf") if calls["n"] == 2 else loss), terms
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)

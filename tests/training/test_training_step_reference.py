@@ -11,6 +11,7 @@ noise into steps of +-lr whose sign depends on the CPU; the running mean that fo
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from cmafnet.losses.objective import Objective
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.stages import stage_loss
 from cmafnet.training.step import TrainStep
 
@@ -58,9 +60,8 @@ def test_step_equals_the_recorded_reference(name: str) -> None:
     groups = param_groups(model.named_parameters(), 1e-4, extra_no_decay=objective.parameters())
     params = [p for g in groups for p in g["params"]]
     opt = build_adamw(groups, 1e-2, fused=False, device=torch.device("cpu"))
-    epoch = {"value": 0.0}
     step = TrainStep(
-        model, lambda out, t: stage_loss(out, t, stage, objective, epoch=epoch["value"]), opt, params,
+        model, partial(stage_loss, stage=stage, objective=objective), opt, params,
         clipper=GradClipper(ClipConfig(kind=clip, history=3, percentile=50.0, max_norm=0.5)),
         sam=SAM(params, rho, adaptive) if rho else None, amp=amp,
         scaler=torch.amp.GradScaler("cpu") if amp == "fp16" else None,
@@ -71,8 +72,8 @@ def test_step_equals_the_recorded_reference(name: str) -> None:
         if i == nan_step:
             x = x.clone()
             x[0, 0, 0, 0] = math.nan
-        epoch["value"] = i / 4
-        results.append(step.result(step(x, y)))
+        # the recorded loss clock; the beta ramp at its start (regularisers weighted 0); lr constant
+        results.append(step.result(step(x, y, ScheduleValues(lr=1e-2, epoch=i / 4, beta_ramp=0.0))))
     assert [r.skipped for r in results] == ref["__skipped"].tolist()
     for r, loss, norm in zip(results, ref["__loss"].tolist(), ref["__grad_norm"].tolist(), strict=True):
         if not r.skipped:

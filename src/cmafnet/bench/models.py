@@ -48,8 +48,8 @@ class ModelBench:
     # graphs, replayed per batch (cmafnet.training.graphs; CUDA only)
     cuda_graph: bool = False
     fused_adamw: bool = True
-    # trainer(model, sam=, compile=, cuda_graph=, fused=, channels_last=, amp=) -> StageStep: the
-    # trainer's own step (cmafnet.training.prepare_stage), timed as the trainer runs it. None = the
+    # trainer(model, sam=, compile=, cuda_graph=, fused=, channels_last=, amp=) -> (step(x, y), optimizer):
+    # the trainer's own step (cmafnet.training.prepare_stage), timed as the trainer runs it. None = the
     # references' plain cross-entropy step (steps.plain_ce_step)
     trainer: Callable[..., Any] | None = None
     train: bool = True
@@ -148,11 +148,10 @@ def _training_step(
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], Any], torch.optim.Optimizer]:
     """The step to time and its optimiser: the trainer's own for CMAF-Net, the plain one for references."""
     if spec.trainer is not None:
-        st = spec.trainer(
+        return spec.trainer(
             model, sam=sam, compile=spec.compile, cuda_graph=spec.cuda_graph and timing.device.type == "cuda",
             fused=rec["fused_adamw"], channels_last=spec.channels_last, amp=timing.amp,
         )  # fmt: skip
-        return st, st.optimizer
     opt = make_optimizer(model, fused=rec["fused_adamw"])
     return plain_ce_step(run_model, spec.loss_fn, opt, timing), opt
 

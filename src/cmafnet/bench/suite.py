@@ -17,13 +17,15 @@ def trainer_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
     """A model as the trainer trains it in its config's last stage (CMAF-Net: stage 3, end to end, the
     full objective with every regulariser at full weight, past the beta ramp).
 
-    Returns ``build`` (the model), ``trainer(model, **switches) -> StageStep`` (the trainer's own
-    :func:`~cmafnet.training.prepare_stage`: AdamW with weights-only decay, SAM, AutoClip, the
-    non-finite skip, ``train.compile`` and ``train.cuda_graph`` as the switches say) and, for the step
+    Returns ``build`` (the model), ``trainer(model, **switches) -> (step(x, y), optimizer)`` (the
+    trainer's own :func:`~cmafnet.training.prepare_stage`: AdamW with weights-only decay, SAM, AutoClip,
+    the non-finite skip, ``train.compile`` and ``train.cuda_graph`` as the switches say, called with
+    that stage's first schedule values, the ramp complete) and, for the step
     breakdown, ``loss_fn(model, x, y)`` and ``objective_fn(model, x, y)`` (the objective alone on one
     fixed model output).
     """
     from dataclasses import fields, replace
+    from functools import partial
 
     import torch
 
@@ -31,14 +33,15 @@ def trainer_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
     from cmafnet.losses import Objective
     from cmafnet.models import create_model
     from cmafnet.training import prepare_objective, prepare_stage
+    from cmafnet.training.schedules import ScheduleValues
     from cmafnet.training.stages import initial_roles
 
     n = cfg.model.num_classes
     counts = list(IDC_CLASS_COUNTS) if n == 2 else [1000 * (i + 1) for i in range(n)]
     objective = Objective(cfg.loss, cfg.regularizers, counts, num_heads=cfg.model.fusion.heads).to(dev)
-    objective.set_beta_progress(float(cfg.regularizers.ramp_epochs) + 1.0)
     stage = cfg.train.stages[-1]
     epoch = float(sum(s.epochs for s in cfg.train.stages[:-1]))  # the last stage's first epoch
+    sched = ScheduleValues(lr=stage.lr, epoch=epoch, beta_ramp=1.0)  # past the beta ramp: full weights
 
     def build() -> torch.nn.Module:
         return create_model(cfg.model, img_size=size)
@@ -61,12 +64,11 @@ def trainer_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
         prepare_objective(objective, tc, dev)
         scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
         st = prepare_stage(model, objective, stage, tc, initial_roles(model), device=dev, scaler=scaler)
-        st.loss.epoch = epoch
-        return st
+        return partial(st, sched=sched), st.optimizer
 
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model(x, return_aux=True)
-        return objective(out, y, epoch=epoch, use_regularizers=stage.train != "branches")[0]
+        return objective(out, y, epoch=epoch, beta_ramp=1.0, use_regularizers=stage.train != "branches")[0]
 
     def objective_only(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
         out = model(x, return_aux=True)
@@ -80,7 +82,7 @@ def trainer_parts(cfg: Any, dev: Any, size: int) -> dict[str, Any]:
         def run() -> torch.Tensor:
             for v in leaves.values():
                 v.grad = None
-            return objective(fixed, y, epoch=epoch, use_regularizers=True)[0]
+            return objective(fixed, y, epoch=epoch, beta_ramp=1.0, use_regularizers=True)[0]
 
         return run
 

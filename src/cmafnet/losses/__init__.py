@@ -3,12 +3,10 @@
 Public API (docs/architecture.md "losses")::
 
     loss = create_loss("acbfl", class_counts=[198738, 78786])
-    loss.set_epoch(3.5)
-    value = loss(logits, target)
+    value = loss(logits, target, epoch=3.5)  # the schedules' clock: passed at every call
 
     objective = Objective(cfg.loss, cfg.regularizers, class_counts, num_heads=cfg.model.fusion.heads)
-    objective.set_beta_progress(epochs_into_stage2)
-    total, terms = objective(model(x, return_aux=True), y, epoch=epoch)
+    total, terms = objective(model(x, return_aux=True), y, epoch=epoch, beta_ramp=ramp)
 """
 
 from __future__ import annotations

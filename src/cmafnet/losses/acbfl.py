@@ -8,7 +8,8 @@ Per sample ``i`` with target ``y``::
 * ``alpha_c(t) = w_sqrt + (w_inv - w_sqrt) * exp(-rate * t)``: inverse-frequency weights at t = 0
   moving exponentially toward the square-root weights of §3.3 (``w_1 / w_0 = sqrt(pi_0 / pi_1)``).
   Both weight vectors are normalised to mean 1, so ``alpha(t)`` keeps mean 1 and a balanced data set
-  gives ``alpha = 1``. ``dynamic_alpha=False`` fixes ``alpha = w_sqrt``.
+  gives ``alpha = 1``. ``dynamic_alpha=False`` fixes ``alpha = w_sqrt``. ``t`` is the ``epoch`` argument
+  of every call (the trainer passes the fractional epoch within the stage).
 * ``H(p_i)`` is the entropy of the predicted distribution (from the logits without margins). It is
   a confidence penalty (Pereyra et al. 2017): the term *lowers* the loss for higher entropy, not the
   sign Eq. 14 prints.
@@ -103,12 +104,13 @@ class ACBFLoss(ClassificationLoss):
         self.register_buffer("w_sqrt", power_weights(counts, 0.5))  # (C,) alpha as t -> inf
         self.register_buffer("margins", ldam_margins(counts, max_margin if margin else 0.0))  # (C,)
 
-    def alpha(self, epoch: float | None = None) -> Tensor:
-        """``alpha_c(t)`` at ``epoch`` (default: the epoch given to ``set_epoch``), shape ``(C,)``."""
-        t = self.epoch if epoch is None else float(epoch)
+    def alpha(self, epoch: float | Tensor) -> Tensor:
+        """``alpha_c(t)`` at ``t = epoch`` (a number, or a 0-d tensor read on the device), shape ``(C,)``."""
+        t = self._clock(epoch)
         if not self.dynamic_alpha:
             return self.w_sqrt
-        return self.w_sqrt + (self.w_inv - self.w_sqrt) * math.exp(-self.alpha_decay * t)
+        decay = torch.exp(-self.alpha_decay * t) if isinstance(t, Tensor) else math.exp(-self.alpha_decay * t)
+        return self.w_sqrt + (self.w_inv - self.w_sqrt) * decay
 
     def _logp_target(self, logits: Tensor, target: Tensor) -> Tensor:
         """``log p_y`` of the true class after the margins, ``(B,)``."""
@@ -119,17 +121,17 @@ class ACBFLoss(ClassificationLoss):
             )
         return adjusted.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
 
-    def sample_weights(self, logits: Tensor, target: Tensor) -> Tensor:
-        """``alpha_y(t) * (1 - p_y)^{gamma_y}`` per sample (margins applied), ``(B,)``."""
+    def sample_weights(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
+        """``alpha_y(t) * (1 - p_y)^{gamma_y}`` per sample at ``t = epoch`` (margins applied), ``(B,)``."""
         logits, target = self._check(logits, target), target.long()
         logp_t = self._logp_target(logits, target)
-        return self.alpha()[target] * focal_factor(logp_t, self.gamma[target])
+        return self.alpha(epoch)[target] * focal_factor(logp_t, self.gamma[target])
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)  # float32 (B, C)
         target = target.long()
         logp_t = self._logp_target(logits, target)  # (B,)
-        loss = -self.alpha()[target] * focal_factor(logp_t, self.gamma[target]) * logp_t
+        loss = -self.alpha(epoch)[target] * focal_factor(logp_t, self.gamma[target]) * logp_t
         if self.entropy_weight > 0:
             logp = logits.log_softmax(dim=1)
             # H(p) = -sum p log p; written with exp(log p) so p = 0 contributes 0 value and 0 gradient.

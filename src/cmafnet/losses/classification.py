@@ -1,6 +1,7 @@
 """Classification losses for imbalanced data: the baselines of Table 1 and their shared pieces.
 
-Every loss takes logits ``(B, C)`` and integer targets ``(B,)``, works for binary and multi-class
+Every loss takes logits ``(B, C)``, integer targets ``(B,)`` and the training clock ``epoch`` (the
+fractional epoch, a float or a 0-d tensor; only scheduled losses read it), works for binary and multi-class
 problems, computes in float32 (also under bf16/fp16 autocast) and reduces to
 ``F.cross_entropy`` in its degenerate setting (see ``tests/losses``):
 
@@ -13,7 +14,8 @@ problems, computes in float32 (also under bf16/fp16 autocast) and reduces to
   normalised (cosine) classifier: set ``model.head.normalized: true`` with it.
 * ``balanced_softmax`` -- Ren et al. 2020, cross-entropy of ``logits + log prior``.
 
-Scheduled losses read the epoch given to :meth:`ClassificationLoss.set_epoch`.
+The schedules are functions of ``epoch`` (A-CBFL's alpha(t), LDAM's DRW): the caller passes it at every
+call, the losses keep no clock of their own.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def focal_factor(logp_t: Tensor, gamma: float | Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------- base class
 class ClassificationLoss(nn.Module):
-    """Base class: argument checks, the epoch for scheduled losses, and the reduction."""
+    """Base class: argument checks and the reduction; ``forward(logits, target, epoch=0.0)``."""
 
     def __init__(self, class_counts: Sequence[float] | Tensor | None = None, reduction: Reduction = "mean"):
         super().__init__()
@@ -122,14 +124,13 @@ class ClassificationLoss(nn.Module):
         self.num_classes: int | None = None if counts is None else len(counts)
         # Counts are kept for inspection; they also travel with .to(device) like every class weight.
         self.register_buffer("class_counts", None if counts is None else counts.float(), persistent=False)
-        self.epoch = 0.0
 
-    def set_epoch(self, epoch: float) -> None:
-        """Tell a scheduled loss the (fractional) training epoch; a no-op for static losses."""
-        epoch = float(epoch)
-        if not math.isfinite(epoch) or epoch < 0:
+    @staticmethod
+    def _clock(epoch: float | Tensor) -> float | Tensor:
+        """A scheduled loss's ``epoch``: a number is checked here, a device scalar is not read."""
+        if not isinstance(epoch, Tensor) and not (math.isfinite(epoch) and epoch >= 0):
             raise ValueError(f"epoch must be finite and >= 0, got {epoch}")
-        self.epoch = epoch
+        return epoch
 
     def _check(self, logits: Tensor, target: Tensor) -> Tensor:
         """Validate shapes (no device sync) and return float32 logits."""
@@ -145,9 +146,9 @@ class ClassificationLoss(nn.Module):
             )
         return logits.float()
 
-    def sample_weights(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Each sample's weight on its ``-log p_y`` term, ``(B,)``: how strongly the loss pushes on it
-        (the training monitors' effective learning rate per class). Plain cross-entropy: 1."""
+    def sample_weights(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
+        """Each sample's weight on its ``-log p_y`` term at ``epoch``, ``(B,)``: how strongly the loss
+        pushes on it (the training monitors' effective learning rate per class). Plain cross-entropy: 1."""
         return torch.ones_like(self._check(logits, target)[:, 0])
 
     def _reduce(self, per_sample: Tensor) -> Tensor:
@@ -178,7 +179,7 @@ class CrossEntropyLoss(ClassificationLoss):
         self.label_smoothing = label_smoothing
         self.register_buffer("weight", as_class_weights(weight))
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
             raise ValueError(
@@ -223,7 +224,7 @@ class FocalLoss(ClassificationLoss):
             alpha = [1.0 - alpha, float(alpha)]
         self.register_buffer("alpha", as_class_weights(alpha, "alpha"))
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         target = target.long()
         logp_t = logits.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
@@ -272,7 +273,7 @@ class ClassBalancedLoss(ClassificationLoss):
         )
         self.register_buffer("weight", effective_number_weights(self.class_counts, beta))
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         target = target.long()
         if self.loss_type == "softmax":
@@ -335,23 +336,27 @@ class LDAMLoss(ClassificationLoss):
         self.register_buffer("margins", ldam_margins(self.class_counts, max_margin))
         self.register_buffer("drw_weight", effective_number_weights(self.class_counts, beta))
 
-    @property
-    def reweighting(self) -> bool:
-        """Whether the deferred re-weighting is active at the current epoch."""
-        return self.drw and self.drw_epoch is not None and self.epoch >= self.drw_epoch
+    def class_weight(self, epoch: float | Tensor) -> Tensor | None:
+        """The cross-entropy's class weights at ``epoch``: the DRW weights from ``drw_epoch`` on, else None
+        (at a device-scalar epoch: ones before it, chosen on the device)."""
+        epoch = self._clock(epoch)
+        if not self.drw or self.drw_epoch is None:
+            return None
+        if isinstance(epoch, Tensor):
+            return torch.where(epoch >= self.drw_epoch, self.drw_weight, torch.ones_like(self.drw_weight))
+        return self.drw_weight if epoch >= self.drw_epoch else None
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         target = target.long()
         # Subtract the target's margin from its own logit only.
         adjusted = (
             logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins[target][:, None]
         )
-        weight = self.drw_weight if self.reweighting else None
         return F.cross_entropy(
             self.s * adjusted,
             target,
-            weight=weight,
+            weight=self.class_weight(epoch),
             label_smoothing=self.label_smoothing,
             reduction=self.reduction,
         )
@@ -378,7 +383,7 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         prior = self.class_counts / self.class_counts.sum()
         self.register_buffer("log_prior", prior.log())
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         return F.cross_entropy(
             logits + self.log_prior,

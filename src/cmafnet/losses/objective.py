@@ -3,13 +3,13 @@
 ``total = cls + beta1(t) * (kl_s + kl_t) + beta2(t) * redundancy
           + diversity_w * diversity + entropy_w * attn_entropy + orthogonality_w * orthogonality``
 
-The redundancy is *penalised* (+beta2; Eq. 5/9 print a minus sign). beta1 and beta2 ramp linearly
-from 0 over ``regularizers.ramp_epochs`` epochs (``set_beta_progress``) or stay fixed.
+The redundancy is *penalised* (+beta2; Eq. 5/9 print a minus sign). ``beta_i(t) = regularizers.beta_i *
+beta_ramp``: the caller passes the ramp (0 -> 1 over ``regularizers.ramp_epochs``, or 1 when fixed;
+:func:`cmafnet.training.schedules.beta_ramp`) and the classification loss's ``epoch`` at every call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +24,6 @@ from cmafnet.losses.regularizers import (
     attention_diversity,
     gaussian_kl,
     orthogonality,
-    ramp_weight,
     redundancy,
 )
 from cmafnet.models.output import ModelOutput
@@ -175,7 +174,6 @@ class Objective(nn.Module):
         self.loss_cfg, self.reg_cfg = loss_cfg, reg_cfg
         self.loss = create_loss_from_config(loss_cfg, class_counts, total_epochs=total_epochs)
         self.entropy_reg = AttentionEntropyRegularizer(num_heads)
-        self.beta_progress = 0.0
         self._compiled_terms: Callable[..., dict[str, Tensor]] | None = None
 
     def compile_regularizers(self, enable: bool = True, **compile_kw: Any) -> None:
@@ -206,24 +204,14 @@ class Objective(nn.Module):
             values["orthogonality"] = orthogonality(out.f_s, out.f_att)
         return values
 
-    def set_beta_progress(self, epochs_into_ramp: float) -> None:
-        """Epochs since the beta ramp started (0 at the start of stage 2)."""
-        epochs_into_ramp = float(epochs_into_ramp)
-        if not math.isfinite(epochs_into_ramp) or epochs_into_ramp < 0:
-            raise ValueError(f"epochs_into_ramp must be finite and >= 0, got {epochs_into_ramp}")
-        self.beta_progress = epochs_into_ramp
-
-    def betas(self) -> tuple[float, float]:
-        """The current (beta1, beta2)."""
-        r = self.reg_cfg
-        kw = {"schedule": r.beta_schedule, "ramp_epochs": r.ramp_epochs}
-        return (
-            ramp_weight(r.beta1, self.beta_progress, **kw),
-            ramp_weight(r.beta2, self.beta_progress, **kw),
-        )
-
     def forward(
-        self, out: ModelOutput, target: Tensor, *, epoch: float, use_regularizers: bool = True
+        self,
+        out: ModelOutput,
+        target: Tensor,
+        *,
+        epoch: float | Tensor,
+        beta_ramp: float | Tensor,
+        use_regularizers: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Total loss and its terms.
 
@@ -231,24 +219,28 @@ class Objective(nn.Module):
             out: the model's structured output (``model(x, return_aux=True)``).
             target: ``(B,)`` class indices.
             epoch: fractional epoch for the scheduled classification loss (A-CBFL alpha, LDAM DRW).
+            beta_ramp: the beta ramp in [0, 1] (``beta_i = regularizers.beta_i * beta_ramp``).
             use_regularizers: ``False`` gives the classification loss alone.
+
+        ``epoch`` and ``beta_ramp`` are numbers, or 0-d device tensors in a captured step (never read
+        on the host).
 
         Returns:
             ``(total, terms)``: ``terms`` holds detached 0-dim tensors for every computed term and
-            ``total`` (call ``.item()`` when logging, to avoid a device sync per step), and floats
-            ``beta1``, ``beta2``. Terms whose inputs are ``None`` (ablations) or whose weight is 0
-            are skipped and absent; :data:`TERM_NAMES` lists every possible key.
+            ``total`` (call ``.item()`` when logging, to avoid a device sync per step), and ``beta1``,
+            ``beta2`` (numbers, or tensors). Terms whose inputs are ``None`` (ablations) or whose
+            configured weight is 0 are skipped and absent; a term the ramp weights by 0 is computed, so
+            a run logs the same terms at every step. :data:`TERM_NAMES` lists every possible key.
         """
-        self.loss.set_epoch(epoch)
-        cls = self.loss(out.logits, target)
+        cls = self.loss(out.logits, target, epoch)
         total = cls
-        beta1, beta2 = self.betas()
+        r = self.reg_cfg
+        beta1, beta2 = r.beta1 * beta_ramp, r.beta2 * beta_ramp
         terms: dict[str, Tensor | float] = {"cls": cls.detach(), "beta1": beta1, "beta2": beta2}
         if use_regularizers:
-            r = self.reg_cfg
             weights = {"kl_s": beta1, "kl_t": beta1, "redundancy": beta2, "diversity": r.diversity,
                        "attn_entropy": r.entropy, "orthogonality": r.orthogonality}  # fmt: skip
-            values = (self._compiled_terms or self.regularizer_terms)(out, beta1 > 0, beta2 > 0)
+            values = (self._compiled_terms or self.regularizer_terms)(out, r.beta1 > 0, r.beta2 > 0)
             for name, value in values.items():
                 total = total + weights[name] * value
                 terms[name] = value.detach()

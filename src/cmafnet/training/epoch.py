@@ -16,13 +16,13 @@ from cmafnet.config import StageConfig
 from cmafnet.data.prefetch import Prefetcher, batch_seed
 from cmafnet.errors import CmafnetError
 from cmafnet.training import distributed as distr
-from cmafnet.training.budget import epoch_steps, stage_epochs, stage_steps
+from cmafnet.training.budget import epoch_steps, stage_epochs
 from cmafnet.training.checkpoint import save_run
 from cmafnet.training.monitors import validate
 from cmafnet.training.progress import TrainRun
 from cmafnet.training.records import add_step_cost, total_cost
-from cmafnet.training.schedules import lr_factor
-from cmafnet.training.stages import StageStep, freeze_eval, uses_ramp
+from cmafnet.training.schedules import schedule_at, uses_ramp
+from cmafnet.training.stages import StageStep, freeze_eval
 from cmafnet.training.step import StepResult
 
 log = logging.getLogger(__name__)
@@ -37,28 +37,15 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
     limit = epoch_steps(stage, p.epoch, run.steps_per_epoch)
     bar = _progress_bar(run, stage, limit)
     batches = _batches(run, loader, limit)
-    if st.graph is not None:
-        # a captured step freezes the loss schedules: re-capture each epoch, at its midpoint values
-        if uses_ramp(stage):
-            run.objective.set_beta_progress(p.ramp_epochs + 0.5)
-        st.loss.epoch = p.epoch + 0.5
-        st.new_epoch()
-    else:
-        st.loss.on_forward = batches.launch_next
     passes = 2 if any(g.sam is not None and g.sam.rho > 0 for g in st.step.groups) else 1  # SAM: two
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches, start=p.step_in_epoch):
-        frac = i / run.steps_per_epoch
-        total = stage_steps(stage, run.steps_per_epoch)
-        warm = round(stage.warmup_epochs * run.steps_per_epoch)
-        p.lr = stage.lr * lr_factor(stage.schedule, p.epoch * run.steps_per_epoch + i, total, warmup=warm,
-                                    cycles=stage.cyclic_cycles)  # fmt: skip
-        st.set_lr(p.lr)
-        if st.graph is None:
-            if uses_ramp(stage):
-                run.objective.set_beta_progress(p.ramp_epochs + frac)
-            st.loss.epoch = p.epoch + frac
-        res = st(x, y, after_launch=batches.launch_next if st.graph is not None else None)
+        sched = schedule_at(
+            stage, run.cfg.regularizers, epoch=p.epoch, step=i, steps_per_epoch=run.steps_per_epoch,
+            ramp_epochs=p.ramp_epochs,
+        )  # fmt: skip
+        p.lr = sched.lr
+        res = st(x, y, sched, after_forward=batches.launch_next)
         p.step_in_epoch, p.global_step = i + 1, p.global_step + 1
         _record_step(run, res, stage)
         seconds = time.perf_counter() - t0  # the step read its result back: its work is done
@@ -80,7 +67,6 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
                 bar.close()
             return status
         t0 = time.perf_counter()  # a periodic checkpoint is not training time
-    st.loss.on_forward = None
     if bar is not None:
         bar.close()
     return "ok"
@@ -176,12 +162,10 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
     """Validate, record, keep the best model, early-stop check, checkpoint. True = the stage ends."""
     p, tc, stage = run.p, run.tc, st.stage
     t0 = time.perf_counter()
-    cls_loss = getattr(run.objective, "loss", None)
-    if cls_loss is not None:  # the loss weights the monitors report: the schedule at the epoch's end
-        cls_loss.set_epoch(p.epoch + 1.0)
+    # the loss weights the monitors report: the loss clock at the epoch's end
     metrics, monitors = validate(
         run.model, run.data, tc, head=run.roles.get("head") or list(run.model.parameters())[-2:],
-        objective=run.objective, device=run.device,
+        objective=run.objective, device=run.device, loss_epoch=p.epoch + 1.0,
     )  # fmt: skip
     row = _epoch_row(run, stage, metrics, monitors)
     row["val_s"] = round(time.perf_counter() - t0, 3)  # the validation pass and its monitors

@@ -20,23 +20,24 @@ capture: re-capture when they change, or keep them in device tensors.
 
 :class:`GraphMode` is how the trainer uses it (``train.cuda_graph``): the stage's
 :class:`~cmafnet.training.step.TrainStep` (built ``graph_safe``) runs eagerly for a few warm-up steps,
-then is captured at the first step of every epoch and replayed. What is frozen at capture, and
-therefore re-captured at every epoch start, are the Python values the loss reads (the beta ramp, the
-A-CBFL alpha schedule): taken at the epoch's midpoint, so a linear ramp averages to the same value
-over the epoch (docs/decisions/fast_path.md). The learning rate is a device tensor written before
-each replay. On an H100 the eager-model stage-3 step went from 66.9 ms (host-bound) to 63.0 ms, about
-its kernel time, and the compiled one from 52.9 to 46.7 ms (docs/performance.md).
+then is captured once and replayed for the rest of the stage. The step's schedule (learning rate, loss
+clock, beta ramp) lives in 0-d device tensors that the captured step reads and that are written
+before every replay, so a replayed step follows the per-step schedule exactly as an eager one does
+(docs/decisions/fast_path.md). On an H100 the eager-model stage-3 step went from 66.9 ms (host-bound)
+to 63.0 ms, about its kernel time, and the compiled one from 52.9 to 46.7 ms (docs/performance.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from cmafnet.errors import ConfigError
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import StepResult, TrainStep
 
 
@@ -106,15 +107,6 @@ def set_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device)
 
 
-def write_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate: in place when it is a device tensor (read by a captured step)."""
-    for g in optimizer.param_groups:
-        if isinstance(g["lr"], Tensor):
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = lr
-
-
 def plain_optimizer_state(state: dict) -> dict:
     """An optimiser ``state_dict`` with tensor learning rates as floats (a checkpoint loads into an
     eager run, whose foreach AdamW refuses tensor learning rates)."""
@@ -140,12 +132,14 @@ def check_graph_mode(tc: Any, device: torch.device, *, distributed: bool) -> Non
 
 
 class GraphMode:
-    """A stage's :class:`TrainStep` warmed up, captured per epoch and replayed.
+    """A stage's :class:`TrainStep` warmed up, captured once and replayed.
 
     The first ``warmup`` steps of a stage run the step eagerly on a side stream (they create the
-    optimiser state, autotune cuDNN, compile when ``train.compile``); later steps replay a graph
-    captured at the first step of each epoch (after :meth:`new_epoch`). Warm-up and replayed steps
-    compute the same update. Off CUDA (the CPU tests of this flow) every step runs eagerly.
+    optimiser state, autotune cuDNN, compile when ``train.compile``); the next step is captured and
+    every later one replays it. Every step, warm-up or replayed, reads its schedule from
+    :attr:`schedule`, persistent 0-d float32 device tensors written before it runs (the static-input
+    pattern): warm-up and replayed steps compute the same update, with the current step's schedule.
+    Off CUDA (the CPU tests of this flow) every step runs eagerly, on the same tensors.
     """
 
     WARMUP = 2  # eager steps per stage before the first capture
@@ -156,6 +150,9 @@ class GraphMode:
         self.device = step.params[0].device
         self.warmup = self.WARMUP if warmup is None else warmup
         self.prepare_optimizer()
+        self.schedule = ScheduleValues(
+            *(torch.zeros((), dtype=torch.float32, device=self.device) for _ in fields(ScheduleValues))
+        )
         self.graph: GraphedStep | None = None
         self.warm_steps = 0
         self.captures = 0
@@ -165,16 +162,16 @@ class GraphMode:
         make_capturable(self.optimizer)
         set_tensor_lr(self.optimizer)
 
-    def new_epoch(self) -> None:
-        """Drop the previous graph: the next step captures one with the loss's current schedule."""
-        self.graph = None
-        self.step_fn.term_keys = None
-
-    def __call__(self, x: Tensor, y: Tensor, after_launch: Callable[[], None] | None = None) -> StepResult:
-        """One update on ``(x, y)``; ``after_launch`` runs once the step is queued (the next batch's
-        preprocessing goes onto its side stream while the GPU trains), before the one host read."""
+    def __call__(
+        self, x: Tensor, y: Tensor, sched: ScheduleValues, after_forward: Callable[[], None] | None = None
+    ) -> StepResult:
+        """One update on ``(x, y)`` with the schedule ``sched``; ``after_forward`` runs once the step is
+        queued (the next batch's preprocessing goes onto its side stream while the GPU trains), before
+        the one host read."""
+        for f in fields(ScheduleValues):  # queued before the step on the current stream: no host read
+            getattr(self.schedule, f.name).fill_(getattr(sched, f.name))
         if self.graph is None and self.warm_steps >= self.warmup:
-            self.graph = GraphedStep(self.step_fn, [x, y], warmup=0)
+            self.graph = GraphedStep(lambda x, y: self.step_fn(x, y, self.schedule), [x, y], warmup=0)
             self.captures += 1
         if self.graph is not None:
             packed = self.graph(x, y)
@@ -183,12 +180,12 @@ class GraphMode:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                packed = self.step_fn(x, y)
+                packed = self.step_fn(x, y, self.schedule)
             main.wait_stream(side)
             self.warm_steps += 1
         else:  # never captured off CUDA (check_graph_mode refuses it); eager, for the CPU tests
-            packed = self.step_fn(x, y)
+            packed = self.step_fn(x, y, self.schedule)
             self.warm_steps += 1
-        if after_launch is not None:
-            after_launch()
+        if after_forward is not None:
+            after_forward()
         return self.step_fn.result(packed)

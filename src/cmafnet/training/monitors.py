@@ -4,6 +4,7 @@ quantities themselves live in :mod:`cmafnet.training.information`)."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ def validate(
     head: list[nn.Parameter],
     objective: nn.Module,
     device: torch.device,
+    loss_epoch: float,
 ) -> tuple[dict, dict]:
     """Metrics (``classification_metrics``; multi-class adds macro one-vs-rest AUPRC) and monitors.
 
@@ -68,6 +70,7 @@ def validate(
         tc: the ``train`` config section (eval batch, amp, channels_last).
         head: the classifier parameters for the per-class gradient norms.
         objective: for its learned per-head entropy weights, when it has them.
+        loss_epoch: the classification loss's clock for the per-class loss weights it reports.
     """
     from cmafnet.evaluation.metrics import classification_metrics
 
@@ -75,7 +78,8 @@ def validate(
     loader = data.make_loader(False, 0, 0)
     model.eval()
     cls_loss = getattr(objective, "loss", None)
-    acc = MonitorAccumulator(C, loss_weights=getattr(cls_loss, "sample_weights", None))
+    weights = getattr(cls_loss, "sample_weights", None)
+    acc = MonitorAccumulator(C, loss_weights=None if weights is None else partial(weights, epoch=loss_epoch))
     probs, ys = [], []
     first = None
     for x8, y, _ in loader:

@@ -9,7 +9,7 @@ The stage list itself is data (``cfg.train.stages``, paper §4.5)::
 A one-stage schedule (``train: all``) is the "w/o progressive training" ablation.
 
 :func:`prepare_stage` builds what a stage trains with (frozen roles, AdamW, SAM, clipper, the
-DDP/compile wrapping and the :class:`~cmafnet.training.step.TrainStep`, captured per epoch under
+DDP/compile wrapping and the :class:`~cmafnet.training.step.TrainStep`, captured once under
 ``train.cuda_graph``): the trainer runs the :class:`StageStep` it returns and ``cmafnet bench`` times it.
 """
 
@@ -19,6 +19,7 @@ import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,10 @@ from torch import Tensor, nn
 from cmafnet.config import StageConfig, TrainConfig
 from cmafnet.errors import ConfigError
 from cmafnet.training.clipping import GradClipper
-from cmafnet.training.graphs import GraphMode, write_lr
+from cmafnet.training.graphs import GraphMode
 from cmafnet.training.optim import build_adamw, param_groups
 from cmafnet.training.sam import SAM
+from cmafnet.training.schedules import ScheduleValues
 from cmafnet.training.step import StepResult, TrainStep
 
 log = logging.getLogger(__name__)
@@ -104,13 +106,14 @@ def freeze_eval(module: nn.Module) -> None:
 
 
 def stage_loss(
-    out: object, target: Tensor, stage: StageConfig, objective: nn.Module, *, epoch: float
+    out: object, target: Tensor, sched: ScheduleValues, *, stage: StageConfig, objective: nn.Module
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss a stage minimises and its detached terms for logging.
+    """The loss a stage minimises and its detached terms for logging (the step's ``loss_fn``).
 
     ``loss: ce`` in a ``branches`` stage: summed cross-entropy of the temporary branch heads
     (``out.aux_logits``); ``loss: ce`` elsewhere: cross-entropy of the main logits;
-    ``loss: objective``: the full objective, regularisers on outside ``branches`` stages.
+    ``loss: objective``: the full objective at the step's loss clock and beta ramp, regularisers on
+    outside ``branches`` stages.
     """
     if stage.loss == "ce":
         if stage.train == "branches":
@@ -123,60 +126,28 @@ def stage_loss(
         return total, {"total": total.detach()}
     if stage.train == "branches" and not out.aux_logits:
         raise ConfigError(f"train.stages: stage '{stage.name}' trains branch heads but the model has none")
-    return objective(out, target, epoch=epoch, use_regularizers=stage.train != "branches")
-
-
-def uses_ramp(stage: StageConfig) -> bool:
-    """The beta ramp clock runs from the first stage that trains the fusion (stage 2 onwards)."""
-    return stage.train != "branches"
-
-
-class StageLoss:
-    """The loss of a stage as the step calls it: ``loss(out, y) -> (total, terms)``.
-
-    ``epoch`` is the fractional epoch the loss schedules read (the A-CBFL alpha schedule; the beta
-    ramp is set on the objective by the loop): the loop advances it every step, or sets it to the
-    epoch's midpoint once per epoch under ``train.cuda_graph`` (a captured step freezes it).
-    ``on_forward`` runs once the forward pass is queued (the prefetcher launches the next batch's
-    preprocessing then, so its host time hides behind the forward pass).
-    """
-
-    def __init__(self, stage: StageConfig, objective: nn.Module) -> None:
-        self.stage, self.objective = stage, objective
-        self.epoch = 0.0
-        self.on_forward: Callable[[], None] | None = None
-
-    def __call__(self, out: object, y: Tensor) -> tuple[Tensor, dict]:
-        if self.on_forward is not None:
-            self.on_forward()
-        return stage_loss(out, y, self.stage, self.objective, epoch=self.epoch)
+    return objective(
+        out, target, epoch=sched.epoch, beta_ramp=sched.beta_ramp, use_regularizers=stage.train != "branches"
+    )
 
 
 @dataclass
 class StageStep:
-    """What one stage trains with; ``stage_step(x, y) -> StepResult`` is one optimiser update."""
+    """What one stage trains with; ``stage_step(x, y, schedule, after_forward=None) -> StepResult`` is one
+    optimiser update (see :class:`~cmafnet.training.step.TrainStep`)."""
 
     stage: StageConfig
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
-    loss: StageLoss
     step: TrainStep
-    graph: GraphMode | None  # train.cuda_graph: the step captured per epoch
+    graph: GraphMode | None  # train.cuda_graph: the step captured once, replayed
 
-    def set_lr(self, lr: float) -> None:
-        write_lr(self.optimizer, lr)  # in place when a captured step reads it
-
-    def new_epoch(self) -> None:
+    def __call__(
+        self, x: Tensor, y: Tensor, sched: ScheduleValues, after_forward: Callable[[], None] | None = None
+    ) -> StepResult:
         if self.graph is not None:
-            self.graph.new_epoch()  # re-captured at the next step, with this epoch's loss schedule
-
-    def __call__(self, x: Tensor, y: Tensor, after_launch: Callable[[], None] | None = None) -> StepResult:
-        if self.graph is not None:
-            return self.graph(x, y, after_launch)
-        res = self.step.result(self.step(x, y))
-        if after_launch is not None:
-            after_launch()
-        return res
+            return self.graph(x, y, sched, after_forward)
+        return self.step.result(self.step(x, y, sched, after_forward))
 
 
 def prepare_stage(
@@ -218,7 +189,7 @@ def prepare_stage(
         train_model = DDP(train_model, device_ids=ids, find_unused_parameters=True)
     if tc.compile:
         train_model = torch.compile(train_model)
-    loss = StageLoss(stage, objective)
+    loss = partial(stage_loss, stage=stage, objective=objective)
     step = TrainStep(
         train_model, loss, optimizer, params, clipper=GradClipper(tc.clip, device), sam=sam, amp=tc.amp,
         sdpa_backend=tc.sdpa_backend, scaler=scaler, accumulate=tc.accumulate_steps, graph_safe=tc.cuda_graph,
@@ -227,4 +198,4 @@ def prepare_stage(
     graph = GraphMode(step) if tc.cuda_graph else None
     log.info("stage '%s' (%s): %d trainable parameters, lr %.2e", stage.name, stage.train,
              sum(p.numel() for p in params), stage.lr)  # fmt: skip
-    return StageStep(stage, optimizer, params, loss, step, graph)
+    return StageStep(stage, optimizer, params, step, graph)

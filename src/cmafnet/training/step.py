@@ -2,9 +2,13 @@
 
 The trainer runs it eagerly, ``train.cuda_graph`` captures the very same object in a CUDA graph
 (:mod:`cmafnet.training.graphs`), and ``cmafnet bench`` times it through the trainer's stage set-up.
-The order of operations::
+The loop passes each step its :class:`~cmafnet.training.schedules.ScheduleValues` (learning rate, loss
+clock, beta ramp: numbers, or 0-d device tensors in a captured step) and, optionally, a hook to run
+once the first forward pass is queued. The order of operations::
 
-    pass 1    for each micro-batch: autocast forward -> loss / k -> backward (scaled with fp16)
+    lr        every parameter group's learning rate := the schedule's (in place when a device tensor)
+    pass 1    for each micro-batch: autocast forward -> loss(out, y, schedule) / k -> backward
+              (scaled with fp16)
     SAM       unscale (fp16) -> gradient norm -> w + e -> pass 2 over the micro-batches -> back to w
     clip      unscale (fp16) -> total norm -> finite? -> clip (AutoClip records only finite norms)
 
@@ -34,8 +38,9 @@ from torch import Tensor, nn
 
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.sam import SAM, unscale_grads
+from cmafnet.training.schedules import ScheduleValues
 
-LossFn = Callable[[object, Tensor], tuple[Tensor, dict]]
+LossFn = Callable[[object, Tensor, ScheduleValues], tuple[Tensor, dict]]
 
 
 @dataclass
@@ -72,6 +77,17 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(kinds[backend])
 
 
+def write_lr(optimizer: torch.optim.Optimizer, lr: float | Tensor) -> None:
+    """Set every group's learning rate: in place when it is a device tensor (read by a captured step)."""
+    for g in optimizer.param_groups:
+        if not isinstance(g["lr"], Tensor):
+            g["lr"] = lr
+        elif isinstance(lr, Tensor):
+            g["lr"].copy_(lr)  # a kernel of the step: a captured step follows the scalar it reads
+        else:
+            g["lr"].fill_(lr)
+
+
 def total_grad_norm(params: list[nn.Parameter]) -> Tensor:
     """Total L2 norm of the gradients (0-d tensor, no sync); non-finite iff some gradient is."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -92,13 +108,15 @@ class _Group:
 class TrainStep:
     """One training update of ``params`` on a batch ``(x, y)``; see the module docstring for the order.
 
-    ``step(x, y)`` returns a 1-d float32 tensor ``[loss, *terms, grad_norm, skipped]`` (term keys in
-    :attr:`term_keys`, known after the first call); :meth:`result` turns it into a
-    :class:`StepResult` with one host read.
+    ``step(x, y, schedule, after_forward=None)`` returns a 1-d float32 tensor
+    ``[loss, *terms, grad_norm, skipped]`` (term keys in :attr:`term_keys`, known after the first
+    call); :meth:`result` turns it into a :class:`StepResult` with one host read. ``after_forward``
+    runs once, when the first forward pass is queued (the prefetcher launches the next batch then, so
+    its host time hides behind the step's).
 
     Args:
         model: the module to call as ``model(x, return_aux=True)`` (possibly DDP-wrapped or compiled).
-        loss_fn: ``loss_fn(out, y) -> (loss, terms)``; reads no device value on the host.
+        loss_fn: ``loss_fn(out, y, schedule) -> (loss, terms)``; reads no device value on the host.
         optimizer: AdamW over ``params``; when fused (and no ``scaler``), its ``found_inf`` input skips
             a non-finite update on the device.
         params: the trainable parameters.
@@ -173,7 +191,9 @@ class TrainStep:
         ddp = getattr(self.model, "_orig_mod", self.model)  # compiled DDP: the wrapper underneath
         return ddp.no_sync() if hasattr(ddp, "no_sync") else contextlib.nullcontext()
 
-    def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+    def _forward_backward(
+        self, x: Tensor, y: Tensor, sched: ScheduleValues, after_forward: Callable[[], None] | None = None
+    ) -> tuple[Tensor, dict]:
         """One pass: forward and backward over the micro-batches; returns the mean loss and terms."""
         k = self.accumulate
         device = self.params[0].device
@@ -185,7 +205,10 @@ class TrainStep:
                     sdpa_context(self.sdpa_backend),
                 ):
                     out = self.model(xi, return_aux=True)
-                    loss, terms = self.loss_fn(out, yi)
+                    if after_forward is not None:
+                        after_forward()
+                        after_forward = None
+                    loss, terms = self.loss_fn(out, yi, sched)
                 scaled = loss if k == 1 else loss / k
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if k == 1:
@@ -196,10 +219,13 @@ class TrainStep:
         return torch.stack(losses).mean(), {key: v / k for key, v in term_sums.items()}
 
     # ------------------------------------------------------------------------------ step
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+    def __call__(
+        self, x: Tensor, y: Tensor, sched: ScheduleValues, after_forward: Callable[[], None] | None = None
+    ) -> Tensor:
+        write_lr(self.optimizer, sched.lr)
         saved = [b.clone() for b in self.buffers]  # BatchNorm statistics, put back on a skip
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = self._forward_backward(x, y)
+        loss, terms = self._forward_backward(x, y, sched, after_forward)
         finite = torch.isfinite(loss)
         if any(g.sam is not None and g.sam.rho > 0 for g in self.groups):
             unscale_grads(self.params, self.scaler)  # SAM's direction needs the true gradient
@@ -209,7 +235,7 @@ class TrainStep:
                 g.sam.perturb(g.sam.grad_norm() if g.sam.adaptive else norm1)
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                self._forward_backward(x, y)
+                self._forward_backward(x, y, sched)
             finally:
                 for g in self.groups:
                     g.sam.restore()  # back to w, keeping the gradient taken at w + e
