@@ -252,8 +252,8 @@ class TrainConfig(_Section):
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     channels_last: bool = True
     compile: bool = False
-    # replay each training step from a CUDA graph (cmafnet.training.graphed): CUDA, bf16/none,
-    # fused AdamW, one process; loss schedules advance per epoch instead of per step
+    # replay each training step from a CUDA graph (cmafnet.training.graphs): CUDA, bf16/none,
+    # fused AdamW, one process; the schedules still advance every step (device scalars)
     cuda_graph: bool = False
     sdpa_backend: Literal["auto", "flash", "efficient", "math"] = "auto"
     fused_adamw: bool = True

@@ -96,7 +96,8 @@ def _stage1(model: ToyNet, only: str | None, per_branch: bool = True) -> TrainSt
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=1e-2, foreach=True)
     return TrainStep(
-        model, lambda out, y, sched: stage1_loss(out, y), opt, params, clipper=GradClipper(ClipConfig(kind="autoclip", history=4, percentile=10.0)),
+        model, lambda out, y, sched: stage1_loss(out, y), opt, params,
+        clipper=GradClipper(ClipConfig(kind="autoclip", history=4, percentile=10.0)),
         sam=SAM(params, 0.05), groups=branch_groups(model, named) if only is None and per_branch else None,
     )  # fmt: skip
 

@@ -213,13 +213,12 @@ def measure_cmaf_data_path(
     # the trainer's step, captured (train.cuda_graph) where it can be: the fastest step leaves the input
     # path the least to hide behind
     graphed = bool(args.graph and dev.type == "cuda" and timing.amp != "fp16")
-    st = parts["trainer"](
+    step, _ = parts["trainer"](
         model, sam=False, compile=False, cuda_graph=graphed, fused=cfg.train.fused_adamw and dev.type == "cuda",
         channels_last=cl, amp=timing.amp,
     )  # fmt: skip
     premade = make_inputs(batch, size, cfg.model.num_classes, timing, cl)
     rec["step"] = "cuda_graph" if graphed else "eager"
-    step = st
 
     def preprocess(xb: torch.Tensor) -> torch.Tensor:
         x = prep(xb)
