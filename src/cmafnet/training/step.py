@@ -80,12 +80,10 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
 def write_lr(optimizer: torch.optim.Optimizer, lr: float | Tensor) -> None:
     """Set every group's learning rate: in place when it is a device tensor (read by a captured step)."""
     for g in optimizer.param_groups:
-        if not isinstance(g["lr"], Tensor):
-            g["lr"] = lr
-        elif isinstance(lr, Tensor):
-            g["lr"].copy_(lr)  # a kernel of the step: a captured step follows the scalar it reads
+        if isinstance(g["lr"], Tensor):
+            g["lr"].fill_(lr)  # from a device scalar: a kernel of the step, so a captured step follows it
         else:
-            g["lr"].fill_(lr)
+            g["lr"] = lr
 
 
 def total_grad_norm(params: list[nn.Parameter]) -> Tensor:
