@@ -372,11 +372,17 @@ def _write_store(
 def _record_mpp(ds: Dataset, index: pd.DataFrame, records: list[dict], policy: SizePolicy) -> dict[str, Any]:
     """Add the per-image ``mpp`` column to ``index`` (in place); return the meta.json fields."""
     values, aniso = [], 0
-    for rec, oh, ow in zip(records, index["orig_h"], index["orig_w"]):
+    lo, hi = scale.MPP_RANGE
+    for rec, oh, ow, source in zip(records, index["orig_h"], index["orig_w"], index["source"]):
         v, a = scale.stored_mpp(
             ds.source_mpp(rec, (int(oh), int(ow))), (int(oh), int(ow)), policy.out_hw, policy.canvas_hw,
             policy.resize_any,
         )  # fmt: skip
+        if v is not None and not lo <= v <= hi:  # the source's value is in range: the resize took it out
+            raise ConfigError(
+                f"--size {policy.out_hw[0]}x{policy.out_hw[1]}: {source} ({oh}x{ow} px) would be stored at "
+                f"{v:g} microns per pixel, outside {lo:g} to {hi:g}"
+            )
         values.append(np.nan if v is None else round(v, 6))
         aniso += a
     index["mpp"] = values
