@@ -11,7 +11,6 @@ Defaults follow the paper where it gives a value and ``docs/decisions.md`` where
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,40 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cmafnet.errors import ConfigError
 from cmafnet.registry import suggest
+from cmafnet.yamlio import yaml_load
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1 base-60 integers, so ``imbalance: 90:10`` stays a string."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML with the project's loader (no base-60 numbers; '1e-3' is a float)."""
-    return yaml.load(text, Loader=_Loader)
-
-
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every number finite: an .inf or .nan (e.g. train.budget.macs=.inf) is refused here, not by a traceback
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -387,13 +360,6 @@ def _format_error(err: ValidationError) -> str:
     return f"{key}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error as one line: the problem and where (PyYAML's text spans several lines)."""
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    mark = getattr(err, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse 'a.b.c=value' into (['a','b','c'], value) with YAML scalar typing."""
     if "=" not in text:
@@ -401,10 +367,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        return key.split("."), yaml_load(raw) if raw != "" else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(err)})") from None
+    return key.split("."), yaml_load(raw, f"--set {text}") if raw != "" else None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -481,9 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = resolve_config_path(path)
         try:
-            data = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(err)})") from None
+            data = yaml_load(p.read_text(), str(p)) or {}
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{p}: unreadable ({str(err).splitlines()[0][:120]})") from None
         if not isinstance(data, dict):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -12,11 +14,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cmafnet
 from cmafnet.config import dump_config, load_config
 from cmafnet.models import create_model
 from cmafnet.run import CONFIG_FILE, META_FILE, WEIGHTS_FILE, save_weights, write_json
 
 STORE_CLASSES = ["non-IDC", "IDC"]
+# `train` in a second: the smoke config on the corpus store, one step per epoch, 32 px, no stain step
+SMOKE_SETS = ["train.batch_size=8", "train.eval_batch_size=16", "train.max_steps_per_epoch=1",
+              "data.stain.enabled=false", "model.img_size=32"]  # fmt: skip
+FAST = [
+    "--config",
+    "smoke",
+    *(a for s in SMOKE_SETS for a in ("--set", s)),
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def png_header(path: Path, width: int, height: int) -> Path:
@@ -84,3 +98,53 @@ def make_run(root: Path, classes: list[str] = STORE_CLASSES) -> Path:
     torch.manual_seed(0)
     save_weights(create_model(cfg.model), root / WEIGHTS_FILE)
     return root
+
+
+def python(script: str, *args: object) -> subprocess.Popen:
+    """``script`` in a fresh Python with this cmafnet importable; stdin and stdout are pipes (text)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(cmafnet.__file__).parents[1])}
+    argv = [sys.executable, "-c", script, *map(str, args)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+HOLD = """import sys
+from cmafnet.files import hold_folder
+with hold_folder(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin (or kills us)
+"""
+
+
+class Holder:
+    """Another process holding ``folder`` as ``what`` (:func:`cmafnet.files.hold_folder`) until
+    :meth:`release` or :meth:`kill` (``kill -9``); killed on exit whatever happened."""
+
+    def __init__(self, folder: Path, what: str = "cmafnet train") -> None:
+        self.proc = python(HOLD, folder, what)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "held"
+        self.pid = self.proc.pid
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(60) == 0
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no cleanup of any kind runs in the holder
+        self.proc.wait(60)
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (the lock file aside) with its size and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 
-FAST = ["--config", "smoke", "--set", "train.batch_size=8", "--set", "train.eval_batch_size=16",
-        "--set", "train.max_steps_per_epoch=1", "--set", "data.stain.enabled=false", "--set", "model.img_size=32",
-        "--no-progress", "--device", "cpu"]  # fmt: skip
+from _corpus import FAST
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts(cli, store_dir, split_file, tmp_path):

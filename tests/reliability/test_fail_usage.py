@@ -37,7 +37,7 @@ CASES = {
     "train --stop-after-steps -1": ([*TRAIN, "--stop-after-steps", "-1"], "--stop-after-steps"),
     "train --set unparseable": (
         [*TRAIN, "--set", "train.batch_size=[1"],
-        "--set train.batch_size=[1: the value",
+        "--set train.batch_size=[1: not valid YAML",
     ),
     "train.stages=[]": ([*TRAIN, "--set", "train.stages=[]"], "train.stages: the stage list is empty"),
     "every stage 0 epochs": (

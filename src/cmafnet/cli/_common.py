@@ -67,3 +67,10 @@ positive_int = int_range(1)
 non_negative_int = int_range(0)
 probability = float_range(0.0, 1.0)
 positive_float = float_range(0.0, lo_open=True)
+
+
+def microns_per_pixel(text: str) -> float:
+    """An argparse ``type``: µm/px within :data:`cmafnet.data.scale.MPP_RANGE` (imported only when used)."""
+    from cmafnet.data.scale import MPP_RANGE
+
+    return float_range(*MPP_RANGE)(text)

@@ -53,27 +53,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+    from pathlib import Path
+
     from cmafnet.data.safety import check_output_dir
+    from cmafnet.errors import RunFolderError
     from cmafnet.evaluation.evaluate import evaluate_run
     from cmafnet.evaluation.metrics import format_metric_for
+    from cmafnet.files import hold_folder
 
     if args.out is not None:
         check_output_dir(args.out, "--out")  # before the model runs
-    doc = evaluate_run(
-        args.run_dir,
-        args.store,
-        split_path=args.split_file,
-        split="all" if args.all else args.split,
-        zero_shot=args.zero_shot,
-        device=args.device,
-        out_dir=args.out,
-        batch_size=args.batch_size,
-        bootstrap=args.bootstrap,
-        choose_threshold=not args.no_threshold,
-        calibrate=not args.no_calibration,
-        scale_match=args.scale_match,
-        aggregate=args.aggregate,
-    )
+    if not Path(args.run_dir).is_dir():
+        raise RunFolderError(f"{args.run_dir}: run folder not found")  # not created by the lock below
+    with ExitStack() as held:  # the run folder (run.json gets the threshold, temperature, scale) and --out
+        for folder in (args.run_dir, args.out or args.run_dir):  # one folder twice: held once
+            held.enter_context(hold_folder(folder, "cmafnet evaluate"))
+        doc = evaluate_run(
+            args.run_dir,
+            args.store,
+            split_path=args.split_file,
+            split="all" if args.all else args.split,
+            zero_shot=args.zero_shot,
+            device=args.device,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            bootstrap=args.bootstrap,
+            choose_threshold=not args.no_threshold,
+            calibrate=not args.no_calibration,
+            scale_match=args.scale_match,
+            aggregate=args.aggregate,
+        )
     print(summary_lines(doc, format_metric_for))
     if "scale_matched" in doc:
         print(summary_lines(doc["scale_matched"], format_metric_for))

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             match_compute=args.match_compute,
         )  # fmt: skip
         waiting = f", {len(s.waiting)} waiting for their CMAF-Net run" if s.waiting else ""
+        waiting += f", {len(s.busy)} in use by another process" if s.busy else ""
         print(
             f"{args.name}: {s.total} runs in the table, {s.selected} in shard {shard[0]}/{shard[1]}: "
             f"{len(s.trained)} trained, {len(s.resumed)} resumed, {len(s.skipped)} already finished, "
@@ -161,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  would {line}")
         for line in s.waiting:
             print(f"  waiting: {line}")
+        for line in s.busy:
+            print(f"  left to another process: {line}")
         if s.waiting:
             print(
                 "  A run at CMAF-Net's compute starts once that CMAF-Net run has finished (another shard may "

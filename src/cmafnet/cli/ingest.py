@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import positive_int
+from cmafnet.cli._common import microns_per_pixel, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="overwrite a store made from another source")
     p.add_argument(
-        "--mpp", type=float, default=None, metavar="M",
+        "--mpp", type=microns_per_pixel, default=None, metavar="M",
         help="microns per pixel of the source images (folder data; for idc it replaces the documented 4.0, for "
         "breakhis it is the 40X value, the others scaled by 40/M); recorded per image in the store",
     )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg, positive_int, probability
+from cmafnet.cli._common import add_device_arg, microns_per_pixel, positive_int, probability
 
 EPILOG = """\
 inputs: image files, folders (searched recursively for .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp) or
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-calibration", action="store_true",
                    help="uncalibrated probabilities (T = 1) instead of the run's validation-fitted temperature; "
                         "a stored operating threshold is mapped so the decisions stay the same")  # fmt: skip
-    p.add_argument("--input-mpp", type=float, default=None, metavar="M",
+    p.add_argument("--input-mpp", type=microns_per_pixel, default=None, metavar="M",
                    help="microns per pixel of the inputs: resample every image to the run's training scale and "
                         "tile it with the training patch size instead of squeezing it into the model input")  # fmt: skip
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean",

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cmafnet.config import load_config
-    from cmafnet.errors import ConfigError
+    from cmafnet.errors import ConfigError, RunFolderError
     from cmafnet.run import CONFIG_FILE
     from cmafnet.training import fit
 
@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume:
             raise ConfigError("--config is required (a YAML file or a shipped name: paper, smoke, ...)")
         config = Path(args.out) / CONFIG_FILE
+        try:
+            load_config(config)  # the run folder's own file: a fault there is the folder's (exit 4)
+        except ConfigError as err:
+            raise RunFolderError(str(err)) from None
     cfg = load_config(config, args.overrides)
     device = None if args.device == "auto" else args.device
     summary = fit(

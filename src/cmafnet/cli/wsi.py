@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg, int_range, positive_float, positive_int, probability
+from cmafnet.cli._common import add_device_arg, int_range, microns_per_pixel, positive_int, probability
 
 EPILOG = """\
 scale: by default tiles are cut at the run's training scale in microns per pixel (run.json patch_mpp,
@@ -20,7 +20,8 @@ at/above the threshold merged into regions), tiles.geojson (a QuPath detection p
 probabilities as measurements) and summary.json. GeoJSON coordinates are level-0 pixels; import
 both in QuPath with File > Import objects from file (docs/qupath.md).
 
-exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --target-mpp);
+exit codes: 0 done; 2 bad arguments (e.g. --level out of range, both --level and --target-mpp, --target-mpp
+outside 0.01-100, a tile plan past the pixel cap per read or 1,000,000 tiles);
 3 slide not found, unsupported slide format, no mpp stated without --level, slide smaller than a
 tile, a slide path that is not a regular file; 4 run folder without config/run.json/model.safetensors,
 or one of them corrupt; 1 runtime failure; 130 interrupted.
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--level", type=int_range(0), default=None, metavar="L", help="pyramid level to tile")
     g.add_argument(
         "--target-mpp",
-        type=positive_float,
+        type=microns_per_pixel,
         default=None,
         metavar="M",
         help="target microns per pixel (default 4.0)",

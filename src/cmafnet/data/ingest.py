@@ -40,8 +40,8 @@ from cmafnet.data.store import (
     compute_store_hash,
 )  # fmt: skip
 from cmafnet.data.validation import SizePolicy, decode_image
-from cmafnet.errors import InputDataError, RunFolderError
-from cmafnet.files import atomic_write_bytes, write_json
+from cmafnet.errors import ConfigError, InputDataError, RunFolderError
+from cmafnet.files import atomic_write_bytes, hold_folder, write_json
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"
@@ -76,12 +76,8 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        from cmafnet.errors import ConfigError
-
         raise ConfigError(f"--size '{text}' must look like HxW, e.g. 50x50") from None
     if h < 8 or w < 8:
-        from cmafnet.errors import ConfigError
-
         raise ConfigError(f"--size '{text}' is too small (min 8x8)")
     return h, w
 
@@ -141,7 +137,8 @@ def ingest(
 
     Raises:
         InputDataError: no files, every file rejected, or a rejection under ``strict``.
-        RunFolderError: ``out`` holds a store from another source (without ``force``).
+        RunFolderError: ``out`` holds a store from another source (without ``force``), or another live
+            process holds it (:func:`cmafnet.files.hold_folder`).
     """
     t0 = time.perf_counter()
     out = check_output_dir(out, "--out")  # before any work: a file there is bad usage
@@ -152,7 +149,15 @@ def ingest(
         raise InputDataError(f"{ds.root}: no image files found (extensions .png .jpg .tif .bmp)")
     policy = ds.size_policy()
     fp = _fingerprint(ds, files, policy)
+    with hold_folder(out, "cmafnet ingest"):  # before the folder is read or written
+        return _write_store(ds, files, policy, fp, out, t0, workers, strict, force, progress)
 
+
+def _write_store(
+    ds: Dataset, files: list[Path], policy: SizePolicy, fp: str, out: Path, t0: float, workers: int | None,
+    strict: bool, force: bool, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`ingest` once ``out`` is held: no-op, resume or (re)build the store."""
     meta_path = out / META_FILE
     if meta_path.exists():
         try:
@@ -367,11 +372,17 @@ def ingest(
 def _record_mpp(ds: Dataset, index: pd.DataFrame, records: list[dict], policy: SizePolicy) -> dict[str, Any]:
     """Add the per-image ``mpp`` column to ``index`` (in place); return the meta.json fields."""
     values, aniso = [], 0
-    for rec, oh, ow in zip(records, index["orig_h"], index["orig_w"]):
+    lo, hi = scale.MPP_RANGE
+    for rec, oh, ow, source in zip(records, index["orig_h"], index["orig_w"], index["source"]):
         v, a = scale.stored_mpp(
             ds.source_mpp(rec, (int(oh), int(ow))), (int(oh), int(ow)), policy.out_hw, policy.canvas_hw,
             policy.resize_any,
         )  # fmt: skip
+        if v is not None and not lo <= v <= hi:  # the source's value is in range: the resize took it out
+            raise ConfigError(
+                f"--size {policy.out_hw[0]}x{policy.out_hw[1]}: {source} ({oh}x{ow} px) would be stored at "
+                f"{v:g} microns per pixel, outside {lo:g} to {hi:g}"
+            )
         values.append(np.nan if v is None else round(v, 6))
         aniso += a
     index["mpp"] = values

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from cmafnet.errors import CmafnetError, ConfigError, RunFolderError
+
 IDC_MPP = 4.0  # assumption: 0.25 µm/px at 40x, downsampled 16:1 to the patches' 2.5x
 IDC_MPP_SOURCE = (
     "IDC documented scale: 2.5x patches of 40x scans (Janowczyk & Madabhushi 2016); "
@@ -38,6 +40,10 @@ BREAKHIS_MPP_SOURCE = (
     "et al. 2016, which state no pixel size; pass --mpp (the 40X value) to override"
 )
 ANISOTROPY_TOLERANCE = 0.01  # a resize changing the aspect by more than 1% is counted in meta
+# Physical µm/px accepted anywhere (a source, a stored image, a slide, a target): 10 nm is 5x finer than
+# BreakHis 400X's assumed 0.049 (the finest pixel here) and far below optical resolution; 100 µm/px is
+# coarser than a whole slide's 1000-px thumbnail. Outside it a value is a unit slip (nm, mm) or garbage.
+MPP_RANGE = (0.01, 100.0)
 
 
 def breakhis_mpp(magnification: int, mpp_40x: float | None = None) -> float:
@@ -59,16 +65,15 @@ def magnification_number(value: Any) -> int:
         return -1
 
 
-def check_mpp(value: Any, what: str = "--mpp") -> float:
-    """A positive finite µm/px value, else ``ConfigError`` naming ``what``."""
-    from cmafnet.errors import ConfigError
-
+def check_mpp(value: Any, what: str = "--mpp", error: type[CmafnetError] = ConfigError) -> float:
+    """A µm/px value within :data:`MPP_RANGE`, else ``error`` (one line naming ``what``)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number of microns per pixel, got {value!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ConfigError(f"{what} must be > 0 microns per pixel, got {value!r}")
+        raise error(f"{what} must be a number of microns per pixel, got {value!r}") from None
+    lo, hi = MPP_RANGE
+    if not lo <= v <= hi:  # NaN fails too
+        raise error(f"{what} must be {lo:g} to {hi:g} microns per pixel, got {value!r}")
     return v
 
 
@@ -124,16 +129,17 @@ def image_mpp(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
 
     Reads the ``mpp`` column; a store ingested before the column existed falls back to its
     ``meta.json`` ``mpp``, then to the documented values of its dataset (IDC, BreakHis by
-    magnification) at the stored size.
+    magnification) at the stored size. A recorded value outside :data:`MPP_RANGE` is a
+    ``RunFolderError``.
     """
-    index = store.index
+    index, folder = store.index, getattr(store, "path", "store")
     rows = np.arange(len(index)) if rows is None else np.asarray(rows)
     if "mpp" in index.columns:
         col = np.asarray(index["mpp"].replace("", np.nan), dtype=np.float64)
-        return col[rows]
+        return _in_range(col[rows], rows, f"{folder}/index.csv column mpp")
     meta = getattr(store, "meta", {}) or {}
     if isinstance(meta.get("mpp"), (int, float)):
-        return np.full(len(rows), float(meta["mpp"]))
+        return _in_range(np.full(len(rows), float(meta["mpp"])), rows, f"{folder}/meta.json mpp")
     _, w = store.image_size
     if store.dataset == "idc":
         return np.full(len(rows), IDC_MPP * 50.0 / w)
@@ -142,6 +148,19 @@ def image_mpp(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
         nums = [magnification_number(m) for m in mags]
         return np.array([breakhis_mpp(m) * 700.0 / w if m in BREAKHIS_MPP else np.nan for m in nums])
     return np.full(len(rows), np.nan)
+
+
+def _in_range(vals: np.ndarray, rows: np.ndarray, where: str) -> np.ndarray:
+    """``vals`` (NaN = unknown) if every known one is within :data:`MPP_RANGE`, else ``RunFolderError``
+    naming the first image past it (a store ingested before the range was enforced)."""
+    lo, hi = MPP_RANGE
+    bad = np.flatnonzero(np.isfinite(vals) & ((vals < lo) | (vals > hi)))
+    if bad.size:
+        raise RunFolderError(
+            f"{where}: image {int(rows[bad[0]])} is {vals[bad[0]]:g} microns per pixel, outside {lo:g} to "
+            f"{hi:g}; re-ingest the store with a correct --mpp"
+        )
+    return vals
 
 
 def store_scale(store: Any, rows: np.ndarray | None = None) -> tuple[float | None, tuple[int, int], str]:

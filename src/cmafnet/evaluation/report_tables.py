@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmafnet.errors import RunFolderError
+from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.metrics import FRACTION_METRICS, format_metric, format_metric_for
 from cmafnet.evaluation.paper import format_paper_cell, paper_table, paper_value
 from cmafnet.evaluation.rows import short_rule, threshold_rule
@@ -52,7 +52,10 @@ def collect_run(run_dir: str | Path) -> RunInfo:
         raise RunFolderError(f"{run_dir}: run folder not found")
     meta = read_meta(run_dir)
     cfg_path = run_dir / "config.yaml"
-    config = (yaml_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
+    try:
+        config = (yaml_load(cfg_path.read_text(), str(cfg_path)) or {}) if cfg_path.exists() else {}
+    except ConfigError as err:  # the run folder's own file: a fault there is the folder's
+        raise RunFolderError(str(err)) from None
     info = RunInfo(path=run_dir, name=str(meta.get("name") or run_dir.name), meta=meta, config=config)
     for p in sorted(run_dir.glob("metrics_*.json")):
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -31,6 +32,7 @@ from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.paper_tables import expand, get_table
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
+from cmafnet.files import FolderInUse, hold_folder
 from cmafnet.run import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
@@ -77,6 +79,7 @@ class Summary:
     evaluated: list[str] = field(default_factory=list)
     planned: list[str] = field(default_factory=list)  # --dry-run
     waiting: list[str] = field(default_factory=list)  # compute-matched runs whose reference is not finished
+    busy: list[str] = field(default_factory=list)  # run folders another live process holds (left for it)
 
 
 def run_dir_of(out: Path, spec: RunSpec | str) -> Path:
@@ -185,7 +188,8 @@ def run_table(
     Every run is independent: an interrupted call is simply repeated; finished runs are skipped
     (``run.json`` status ``finished`` and a result file), unfinished ones resume from their
     checkpoint. A compute-matched run (``match_compute``) whose reference has not finished is listed
-    in ``Summary.waiting`` and left for a later call.
+    in ``Summary.waiting`` and left for a later call; a run whose folder another live process holds
+    (another shard or table on the same ``--out``) is listed in ``Summary.busy`` and left to it.
     """
     from cmafnet.experiments import execute
 
@@ -201,46 +205,64 @@ def run_table(
         training_config(spec, ctx.out)
     if not dry_run:
         execute.check_inputs(name, ctx, need_training=any(s.evaluation != "profile" for s in mine))
+    planned = {s.run_id for s in mine} if dry_run else set()
+    work = None if dry_run else (train_fn, eval_fn, profile_fn)
     for spec in mine:
         run_dir = run_dir_of(ctx.out, spec)
-        res = result_path(run_dir, spec)
-        if spec.evaluation == "profile":
-            if res.exists():
-                summary.skipped.append(spec.run_id)
-                continue
-            if dry_run:
-                summary.planned.append(f"profile {spec.run_id}")
-                continue
-            _claim(run_dir, spec)
-            write_json(res, profile_fn(spec, run_dir, ctx))
-            summary.evaluated.append(spec.run_id)
-            continue
-        status = training_status(run_dir)
-        if status == "finished" and res.exists():
-            summary.skipped.append(spec.run_id)
-            continue
-        wait = _reference_pending(spec, ctx.out, status, {s.run_id for s in mine} if dry_run else set())
-        if wait is not None:
-            summary.waiting.append(f"{spec.run_id} waits for {spec.match} ({wait})")
-            continue
-        if dry_run:
-            what = {"finished": "evaluate", "partial": "resume", "missing": "train"}[status]
-            after = f" at the training MACs of {spec.match}" if spec.match and status != "finished" else ""
-            summary.planned.append(f"{what} {spec.run_id}{after}")
-            continue
-        _claim(run_dir, spec)
-        if status != "finished":
-            resume = (run_dir / LAST_CHECKPOINT).exists()
-            if not resume:
-                _clear_unstarted(run_dir)
-            log.info("%s %s", "resuming" if resume else "training", spec.run_id)
-            train_fn(spec, run_dir, ctx, resume)
-            (summary.resumed if resume else summary.trained).append(spec.run_id)
-            if training_status(run_dir) != "finished":
-                raise RunFolderError(f"{run_dir}: training returned but run.json status is not 'finished'")
-        write_json(res, {"spec": spec.to_dict(), **eval_fn(spec, run_dir, ctx)})
-        summary.evaluated.append(spec.run_id)
+        with ExitStack() as held:  # each run folder, not --out: the shards of a table share --out
+            if work is not None:
+                try:
+                    held.enter_context(hold_folder(run_dir, "cmafnet experiment"))
+                except FolderInUse as err:
+                    summary.busy.append(f"{spec.run_id} (in use by {err.holder})")
+                    continue
+            _one_run(spec, run_dir, ctx, summary, planned, work)
     return summary
+
+
+def _one_run(
+    spec: RunSpec, run_dir: Path, ctx: Context, summary: Summary, planned: set[str],
+    work: tuple[TrainFn, EvalFn, ProfileFn] | None,
+) -> None:  # fmt: skip
+    """Skip, plan (``work`` None: ``--dry-run``), train/resume, evaluate or profile one run; the caller
+    holds ``run_dir`` when there is work."""
+    res = result_path(run_dir, spec)
+    if spec.evaluation == "profile":
+        if res.exists():
+            summary.skipped.append(spec.run_id)
+        elif work is None:
+            summary.planned.append(f"profile {spec.run_id}")
+        else:
+            _claim(run_dir, spec)
+            write_json(res, work[2](spec, run_dir, ctx))
+            summary.evaluated.append(spec.run_id)
+        return
+    status = training_status(run_dir)
+    if status == "finished" and res.exists():
+        summary.skipped.append(spec.run_id)
+        return
+    wait = _reference_pending(spec, ctx.out, status, planned)
+    if wait is not None:
+        summary.waiting.append(f"{spec.run_id} waits for {spec.match} ({wait})")
+        return
+    if work is None:
+        what = {"finished": "evaluate", "partial": "resume", "missing": "train"}[status]
+        after = f" at the training MACs of {spec.match}" if spec.match and status != "finished" else ""
+        summary.planned.append(f"{what} {spec.run_id}{after}")
+        return
+    train_fn, eval_fn, _ = work
+    _claim(run_dir, spec)
+    if status != "finished":
+        resume = (run_dir / LAST_CHECKPOINT).exists()
+        if not resume:
+            _clear_unstarted(run_dir)
+        log.info("%s %s", "resuming" if resume else "training", spec.run_id)
+        train_fn(spec, run_dir, ctx, resume)
+        (summary.resumed if resume else summary.trained).append(spec.run_id)
+        if training_status(run_dir) != "finished":
+            raise RunFolderError(f"{run_dir}: training returned but run.json status is not 'finished'")
+    write_json(res, {"spec": spec.to_dict(), **eval_fn(spec, run_dir, ctx)})
+    summary.evaluated.append(spec.run_id)
 
 
 def _reference_pending(spec: RunSpec, out: Path, status: str, planned: set[str]) -> str | None:

@@ -23,7 +23,7 @@ import torch
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
-from cmafnet.inference.resampling import matching_scale, predict_scaled
+from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scaled
 from cmafnet.inference.temperature import (
     apply_temperature,
     run_temperature,
@@ -295,6 +295,12 @@ def predict_files(
         for (i, item, img), r in zip(batch, res):
             row = rows[i]
             row["scale"], row["n_tiles"] = "matched", r.n_tiles
+            if r.status == TOO_LARGE:  # past the pixel cap once resampled: an error, like a decoder's
+                row["status"], row["error"] = "error", r.error
+                summary.n_errors += 1
+                if len(summary.errors) < 20:
+                    summary.errors.append((str(item.path), r.error))
+                continue
             if r.status:
                 row["status"] = row["decision"] = NOT_ASSESSABLE
                 row["flags"] = ";".join(f for f in (row["flags"], f"{NOT_ASSESSABLE}:{r.status}") if f)

@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from cmafnet.data import safety
 from cmafnet.errors import ConfigError
 
 MIN_COVERAGE = 0.5  # an image must fill half a training patch at the training scale
 AGGREGATES = ("mean", "max")
 SMALLER_THAN_PATCH = "smaller_than_patch"
 MPP_UNKNOWN = "mpp_unknown"
+TOO_LARGE = "too_large"  # past the pixel cap once resampled
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def matching_scale(meta: dict, classes: list[str], mpp: float | None, aggregate:
         return None
     from cmafnet.data.scale import check_mpp
 
-    check_mpp(mpp)
+    check_mpp(mpp, "--input-mpp")
     if aggregate not in AGGREGATES:
         raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if aggregate == "max" and len(classes) != 2:
@@ -119,10 +121,23 @@ def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 
 
 def resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
-    """An RGB uint8 ``(H, W, 3)`` image from ``src_mpp`` to ``dst_mpp`` µm/px (same field of view)."""
+    """An RGB uint8 ``(H, W, 3)`` image from ``src_mpp`` to ``dst_mpp`` µm/px (same field of view).
+
+    Raises:
+        UnsafeFile: the resampled image would exceed the pixel cap (``CMAFNET_MAX_IMAGE_PIXELS``), the
+            same rule as for a decoded image: a 50-px patch at 1000x enlargement is refused, not made.
+    """
     f = float(src_mpp) / float(dst_mpp)  # output pixels per input pixel
     h, w = image.shape[:2]
-    return resize_image(image, (max(1, round(w * f)), max(1, round(h * f))))
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    cap = safety.limits().max_pixels
+    if size[0] * size[1] > cap:
+        raise safety.UnsafeFile(
+            safety.TOO_LARGE,
+            f"resampled from {src_mpp:g} to {dst_mpp:g} um/px it would be {size[0]} x {size[1]} pixels, "
+            f"limit {cap:,} ({safety.MAX_PIXELS_ENV})",
+        )
+    return resize_image(image, size)
 
 
 def tile_origins(length: int, tile: int) -> list[int]:
@@ -168,7 +183,8 @@ class ScaledImage:
     logits: np.ndarray | None
     n_tiles: int
     resampled_hw: tuple[int, int]
-    status: str = ""  # "" = predicted, else SMALLER_THAN_PATCH / MPP_UNKNOWN
+    status: str = ""  # "" = predicted, else SMALLER_THAN_PATCH / MPP_UNKNOWN / TOO_LARGE
+    error: str = ""  # with TOO_LARGE: why (an error, not an assessment)
 
     def probs(self, temperature: float, how: str = "mean") -> np.ndarray | None:
         from cmafnet.inference.temperature import apply_temperature
@@ -206,7 +222,11 @@ def predict_scaled(
         if mpp is None or not math.isfinite(mpp) or mpp <= 0:
             out.append(ScaledImage(None, 0, (0, 0), MPP_UNKNOWN))
             continue
-        small = resample(img, mpp, scale.mpp)
+        try:
+            small = resample(img, mpp, scale.mpp)
+        except safety.UnsafeFile as err:
+            out.append(ScaledImage(None, 0, (0, 0), TOO_LARGE, str(err)))
+            continue
         tiles, status = make_tiles(small, scale.tile_hw, min_coverage)
         out.append(ScaledImage(None, len(tiles), tuple(small.shape[:2]), status))
         for t in tiles:

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from cmafnet.data.safety import require_regular_file
-from cmafnet.data.scale import IDC_MPP
+from cmafnet.data.safety import MAX_PIXELS_ENV, limits, require_regular_file
+from cmafnet.data.scale import IDC_MPP, MPP_RANGE, check_mpp
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
 from cmafnet.inference.predict import Predictor
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 IDC_PATCH_MPP = IDC_MPP  # documented IDC scale (cmafnet.data.scale)
 IDC_PATCH_PX = 50
+MAX_TILES = 1_000_000  # per slide: ~1 GB of per-tile records (0.6 KB measured before prediction)
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,14 @@ def plan_tiling(
             raise ConfigError(
                 f"the run's training scale is unknown ({scale.source}): pass --target-mpp or --level"
             )
-        target = float(mpp if mpp is not None else scale.mpp)
-        if target <= 0:
-            raise ConfigError(f"--target-mpp must be > 0, got {target}")
+        target = check_mpp(mpp, "--target-mpp") if mpp is not None else float(scale.mpp)
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
+        if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
+            raise InputDataError(
+                f"the slide states {base_mpp:g} microns per pixel, outside {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}: "
+                "pass --level L (and --tile PX)"
+            )
         tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
         ds_target = target / base_mpp  # level-0 pixels per model pixel
         if ds_target < 1 - 1e-6:
@@ -151,7 +155,23 @@ def plan_tiling(
         raise InputDataError(
             f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --target-mpp or --level"
         )
+    _check_plan_size(plan)
     return plan
+
+
+def _check_plan_size(plan: TilePlan) -> None:
+    """Refuse, before any read, a plan whose tile reads or tile count would not fit in memory."""
+    cap = limits().max_pixels
+    if plan.read_px**2 > cap:
+        raise ConfigError(
+            f"each tile would be read as {plan.read_px} x {plan.read_px} pixels at level {plan.level}, limit "
+            f"{cap:,} ({MAX_PIXELS_ENV}): use a finer --target-mpp, a smaller --tile or --level"
+        )
+    if plan.cols * plan.rows > MAX_TILES:
+        raise ConfigError(
+            f"{plan.cols} x {plan.rows} = {plan.cols * plan.rows:,} tiles of {plan.size0} level-0 px, more than "
+            f"{MAX_TILES:,}: use a coarser --target-mpp, a larger --tile or --level"
+        )
 
 
 def _read_tile(slide: Any, plan: TilePlan, col: int, row: int) -> np.ndarray:

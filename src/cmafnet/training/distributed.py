@@ -75,6 +75,14 @@ def setup(device_spec: str) -> DistInfo:
     return DistInfo(rank, world, local, device, owns_group=True)
 
 
+def launch_rank() -> int:
+    """This process's rank before :func:`setup` runs (the same answer): the initialised group's, else
+    torchrun's ``RANK`` when ``WORLD_SIZE`` > 1, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def teardown(info: DistInfo) -> None:
     """Destroy the process group if :func:`setup` created it."""
     if info.owns_group and dist.is_initialized():

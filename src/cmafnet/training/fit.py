@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import nn
 from cmafnet import run as runfolder
 from cmafnet.config import Config, TrainConfig
 from cmafnet.errors import ConfigError
+from cmafnet.files import hold_folder
 from cmafnet.models.complexity import forward_macs
 from cmafnet.models.pretrained import resolve_normalization
 from cmafnet.training import distributed as distr
@@ -264,7 +265,8 @@ def fit(
         validation metrics.
 
     Raises:
-        RunFolderError: ``out_dir`` already holds a checkpointed run (without ``resume``).
+        RunFolderError: ``out_dir`` already holds a checkpointed run (without ``resume``), or another
+            live process holds it (:func:`cmafnet.files.hold_folder`).
         ConfigError: bad settings (for example a batch larger than the training split).
         CmafnetError: training diverged (too many consecutive non-finite steps).
     """
@@ -273,6 +275,15 @@ def fit(
         cfg.train.device = device
     cfg = resolve_normalization(cfg)[0]  # data.mean/std from the weights, recorded in config.yaml
     out = Path(out_dir)
+    # rank 0 holds the run folder (the ranks of one run share it); nothing is read or written before
+    with hold_folder(out, "cmafnet train") if distr.launch_rank() == 0 else nullcontext():
+        return _fit_held(cfg, store_path, split_path, out, resume, progress, stop_after_steps, callbacks)
+
+
+def _fit_held(
+    cfg: Config, store_path: str | Path, split_path: str | Path, out: Path, resume: bool, progress: bool,
+    stop_after_steps: int | None, callbacks: Iterable[Callback] | None,
+) -> dict:  # fmt: skip
     resume = check_run_folder(out, resume)
     info = distr.setup(cfg.train.device)
     tc = cfg.train
