@@ -279,15 +279,22 @@ def table_figure(
         ax.set_xticks(x, list(rows), rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{table.name}: ours (bars) vs paper (black ticks)", fontsize=9)
     else:
+        colours, k = plt.get_cmap("tab20").colors, 0
         for r in rows:
-            mean, err = zip(*(ours(r, k) for k in keys), strict=True)
-            line = ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=f"{r} (ours)")
-            ax.plot(x, [paper(r, k) for k in keys], "s--", color=line[0].get_color(), alpha=0.5,
-                    label=f"{r} (paper)")  # fmt: skip
+            mean, err = zip(*(ours(r, key) for key in keys), strict=True)
+            theirs = [paper(r, key) for key in keys]
+            if not np.isfinite([*mean, *theirs]).any():
+                continue  # neither ours nor the paper's: nothing to draw
+            c = colours[(2 * k) % 20 + (k // 10) % 2]  # the dark shades first, then the light ones
+            k += 1
+            if np.isfinite(mean).any():
+                ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=c, label=f"{r} (ours)")
+            if np.isfinite(theirs).any():
+                ax.plot(x, theirs, "s--", color=c, alpha=0.45, label=f"{r} (paper)")
         ax.set_xticks(x, [headers.get(k, k) for k in keys])
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=6 if kind == "lines" else 7, ncol=2 if kind == "lines" else 1)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, never over data
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(figure_png(fig, dpi=120))
     return path
