@@ -44,30 +44,36 @@ def test_demo_writes_a_report_with_every_model_and_its_budget(tmp_path, capsys):
         meta["resnet18_equal_epochs"]["cost"]["total"]["steps"] == meta["cmafnet"]["cost"]["total"]["steps"]
     )
     # The report names each model's budget (training MACs, steps, epochs), and so does the summary.
-    report = json.loads((out / "report" / "report.json").read_text())
-    cost = {r["run"]: r for r in report["training_cost"]}
-    assert cost["resnet18_equal_compute"]["budget"] == f"cmafnet's training MACs ({cmaf_macs:.3g})"
-    assert cost["cmafnet"]["budget"] == cost["resnet18_equal_epochs"]["budget"] == "the configured epochs"
+    tables = json.loads((out / "report" / "report.json").read_text())["tables"]
+    cost = {(c["row"], c["column"]): c for c in tables["training_cost"]["cells"]}
+    assert cost["resnet18_equal_compute", "budget"]["text"] == f"cmafnet's training MACs ({cmaf_macs:.3g})"
+    assert (
+        cost["cmafnet", "budget"]["text"]
+        == cost["resnet18_equal_epochs", "budget"]["text"]
+        == "the configured epochs"
+    )
     for run in RUNS:
         total = meta[run]["cost"]["total"]
-        assert (cost[run]["macs"], cost[run]["steps"]) == (total["macs"], total["steps"])
-        assert f"<td>{run}</td>" in html.split("Training cost</h3>")[1].split("</table>")[0]
+        assert (cost[run, "macs"]["ours_mean"], cost[run, "steps"]["ours_mean"]) == (
+            total["macs"],
+            total["steps"],
+        )
+        assert f"<td>{run}</td>" in html.split("recorded training cost</h3>")[1].split("</table>")[0]
         line = out_text.split(f"] {run}: held-out test patients")[1].split("\n[")[0]
         assert (
-            f"budget: {cost[run]['budget']}; trained " in line
+            f"budget: {cost[run, 'budget']['text']}; trained " in line
             and f"{total['macs']:.3g} training MACs" in line
         )
         assert f"{total['steps']} steps" in line
     # The summary prints each run's operating-point row first, and its numbers are the report's.
-    summary = report["summary"]["binary"]
+    op = {(c["row"], c["column"]): c for c in tables["operating"]["cells"]}
     for run in RUNS:
         block = out_text.split(f"] {run}: held-out test patients")[1].splitlines()[1:4]
         assert block[0].strip().startswith("at the operating threshold") and "at threshold 0.5" in block[1]
         m = ROW.search(block[0])
-        (row,) = [r for r in summary if r["run"] == run and r["rule"].startswith("operating threshold")]
-        assert float(m["t"]) == round(row["threshold"], 4)
+        assert m["t"] == op[run, "threshold"]["text"]
         for key, name in (("bacc", "balanced_accuracy"), ("sens", "sensitivity"), ("spec", "specificity")):
-            assert float(m[key]) == round(100 * row[name], 1), (run, name)
+            assert float(m[key]) == round(op[run, name]["ours_mean"], 1), (run, name)
 
 
 def test_demo_rejects_a_missing_data_folder(tmp_path, capsys):

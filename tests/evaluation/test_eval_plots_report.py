@@ -29,21 +29,13 @@ def test_each_plot_renders_png():
     hist = pd.DataFrame({"epoch": range(4), "train_loss": [1, 0.8, 0.6, 0.5], "val_auprc": [0.5, 0.6, 0.7, 0.7],
                          "lr": [1e-3, 5e-4, 2e-4, 1e-4], "stage_name": ["a", "a", "b", "b"], "attn_entropy_h0": [3, 2.9, 2.8, 2.8], "tau_h0": [1, 1, 1, 1.01]})  # fmt: skip
     figs = [
-        plots.plot_roc_pr({"a": (y, s), "one-class": (np.zeros(5), s[:5])}),
+        plots.plot_curves({"a": (y, s), "one-class": (np.zeros(5), s[:5])}, "roc"),
+        plots.plot_curves({"a": (y, s)}, "pr"),
         plots.plot_confusion([[5, 1], [2, 7]], ["benign", "malignant"]),
         plots.plot_confusion(np.eye(8) * 3, list("ABCDEFGH"), normalize=True),
         plots.plot_confusion_panel([("all", [[5, 1], [2, 7]]), ("40X", [[0, 0], [0, 0]])], ["b", "m"]),
         plots.plot_training_curves(hist),
         plots.plot_attention_heads(hist),
-        plots.plot_imbalance_degradation(
-            {
-                "ResNet-50": {"70:30": 0.72, "99:1": (0.08, 0.04)},
-                "CMAF": {"70:30": {"mean": 0.95, "std": 0.01}},
-            }
-        ),
-        plots.plot_method_comparison(
-            {"A": {"sensitivity": 0.7, "auprc": (0.8, 0.02)}, "B": {"sensitivity": 0.9}}
-        ),
     ]
     for fig in figs:
         png = plots.figure_png(fig)
@@ -58,13 +50,19 @@ def test_plots_tolerate_missing_columns():
     assert plots.plot_training_curves(pd.DataFrame()) is None
 
 
-def test_report_is_self_contained(evaluated_run_factory, tmp_path):
+def test_report_is_self_contained(evaluated_run_factory, tmp_path, monkeypatch):
     a = evaluated_run_factory("run_a", seed=0)
     b = evaluated_run_factory("run_b", seed=1, quality=0.2)
     m = evaluated_run_factory("run_8class", seed=2, classes=("A", "F", "PT", "TA", "DC", "LC", "MC", "PC"))
-    fig = plots.plot_method_comparison({"A": {"sensitivity": 0.7}})
-    out = write_report([a, b, m], tmp_path / "rep", title="t", extra_tables={"Table 2 (ours)": [{"method": "x", "80:20": 0.5}]},
-                       extra_figures={"Fig. 2": fig})  # fmt: skip
+    drawn = []  # the curves of every ROC / precision-recall figure
+
+    def record(curves, kind, title=""):
+        drawn.append((kind, sorted(curves)))
+        return real(curves, kind, title)
+
+    real = plots.plot_curves
+    monkeypatch.setattr(plots, "plot_curves", record)
+    out = write_report([a, b, m], tmp_path / "rep", title="t")
     text = out.read_text()
     # No external resource: no http(s) URL anywhere in src/href/url(), every <img> is a data: URI.
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
@@ -76,22 +74,24 @@ def test_report_is_self_contained(evaluated_run_factory, tmp_path):
     assert "http://" not in text and "https://" not in text
     for b64 in re.findall(r"base64,([A-Za-z0-9+/=]+)", text):  # every figure decodes to a PNG
         assert base64.b64decode(b64).startswith(PNG)
-    for name in (
-        "run_a",
-        "run_b",
-        "run_8class",
-        "Exact McNemar",
-        "Table 2 (ours)",
-        "Per-class recall",
-        "Ours beside the paper",
-    ):
+    for name in ("run_a", "run_b", "run_8class", "Exact McNemar", "recall (%) per class"):
         assert name in text
     rep = json.loads(
         (tmp_path / "rep" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON")
     )
+    # It leads with one ROC and one precision-recall figure, each with every binary run's curve.
+    assert drawn == [("roc", ["run_a", "run_b"]), ("pr", ["run_a", "run_b"])]
+    captions = [f["caption"] for f in rep["figures"]]
+    assert captions[:2] == ["ROC curves on 'test': every run", "Precision-recall curves on 'test': every run"]
+    assert sum("ROC" in c or "recision-recall" in c for c in captions) == 2
+    assert text.index("ROC curves") < text.index("every run at its operating threshold")
     pairs = {(r["run_a"], r["run_b"]) for r in rep["mcnemar"]}
     assert pairs == {("run_a", "run_b")}  # the 8-class run has other classes: not paired
-    assert rep["paper_comparison"] and rep["paper_comparison"][0]["table"] == "table1"
+    # one row per run (not per run x threshold x metric): the operating point, 0.5 and argmax tables
+    rows = {name: {c["row"] for c in t["cells"]} for name, t in rep["tables"].items()}
+    assert rows["operating"] == rows["threshold_0.5"] == {"run_a", "run_b"} and rows["multiclass"] == {
+        "run_8class"
+    }
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| run |" in md and all((tmp_path / "rep" / f["file"]).exists() for f in rep["figures"])
     assert "nan" not in md.lower().replace("nans", "")
@@ -122,19 +122,3 @@ def test_paper_tables_complete():
     assert cmaf["sensitivity"] == {"mean": 94.92, "std": 0.8} and cmaf["auprc"]["mean"] == 0.943
     assert paper_table("table5")["rows"][4] == {"subtype": "DC", "subtype_name": "Ductal Carcinoma", "samples": 864,
                                               "ResNet-50": 82.18, "TransFuse": 87.15, "CMAF-Net": 91.2}  # fmt: skip
-
-
-def test_cross_run_figures(evaluated_run_factory):
-    from cmafnet.evaluation.report import collect_run, cross_run_figures
-
-    runs = [
-        evaluated_run_factory("c0", seed=0),
-        evaluated_run_factory("c1", seed=1),
-        evaluated_run_factory("c9", seed=2, imbalance="90:10", quality=0.5),
-        evaluated_run_factory("r0", seed=3, model="resnet18"),
-    ]
-    figs = cross_run_figures([collect_run(r) for r in runs])
-    captions = [c for c, _ in figs]
-    assert any("Fig. 2" in c for c in captions) and any("Fig. 3" in c for c in captions)
-    assert all(png.startswith(PNG) for _, png in figs)
-    assert cross_run_figures([collect_run(runs[0])]) == []  # one method, one ratio: nothing to compare

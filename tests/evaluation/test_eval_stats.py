@@ -1,18 +1,11 @@
-"""Exact McNemar, bootstrap intervals and seed aggregation."""
+"""Exact McNemar, bootstrap intervals, mean and std over seeds."""
 
 import numpy as np
 import pytest
 from scipy.stats import binomtest
 
 from cmafnet.evaluation.metrics import classification_metrics
-from cmafnet.evaluation.stats import (
-    aggregate_seeds,
-    bootstrap_ci,
-    format_mean_std,
-    mcnemar,
-    mean_std,
-    metric_cis,
-)
+from cmafnet.evaluation.stats import bootstrap_ci, mcnemar, mean_std, metric_cis
 
 
 def _paired(b: int, c: int, both_right: int, both_wrong: int):
@@ -72,14 +65,10 @@ def test_metric_cis_skip_undefined_resamples():
     assert cis["specificity"]["point"] == classification_metrics(y, np.stack([1 - s, s], 1))["specificity"]
 
 
-def test_mean_std_and_format():
+def test_mean_std():
     vals = [0.9492, 0.95, 0.94, 0.96, None]
     mean, std, n = mean_std(vals)
     assert (
         n == 4 and mean == pytest.approx(np.mean(vals[:4])) and std == pytest.approx(np.std(vals[:4], ddof=1))
     )
-    assert format_mean_std([0.9492, 0.9412, 0.9572]) == "94.92 ± 0.80"
-    assert format_mean_std([0.5]) == "50.00"
-    assert format_mean_std([None]) == "n/a"
-    agg = aggregate_seeds([{"auprc": 0.9, "name": "x"}, {"auprc": 0.8, "name": "y"}])
-    assert list(agg) == ["auprc"] and agg["auprc"]["mean"] == pytest.approx(0.85)
+    assert mean_std([0.5]) == (0.5, None, 1) and mean_std([None]) == (None, None, 0)

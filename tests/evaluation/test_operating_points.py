@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,10 +11,11 @@ import pandas as pd
 from cmafnet.cli.evaluate import summary_lines
 from cmafnet.evaluation.evaluate import write_predictions
 from cmafnet.evaluation.metrics import classification_metrics, format_metric_for
-from cmafnet.evaluation.report import collect_run, write_report
+from cmafnet.evaluation.report import write_report
+from cmafnet.evaluation.report_tables import collect_run, comparison_tables
 from cmafnet.evaluation.rows import MIN_CI_PATIENTS, ci_warning, metric_rows, threshold_rule
 from cmafnet.evaluation.stats import mcnemar
-from cmafnet.evaluation.tables_stats import ci_tables, mcnemar_tests
+from cmafnet.evaluation.tables_stats import mcnemar_tests
 from cmafnet.run import write_json
 
 OP = {"value": 0.3, "target_sensitivity": 0.95, "chosen_on": "val", "n_val": 40, "temperature": 1.7}
@@ -98,21 +100,30 @@ def test_mcnemar_uses_each_runs_operating_threshold_and_says_so(tmp_path):
     )
     assert r["pvalue"] < 0.001 and mcnemar(y, (pa >= 0.5) * 1, (pb >= 0.5) * 1)["pvalue"] == 1.0
     assert "operating threshold 0.3500" in r["rule_a"] and "operating threshold 0.2500" in r["rule_b"]
-    assert "operating threshold" in tables[0].title and "op 0.3500 (val sens>=0.95)" in tables[0].rows[0]
-    # CI table: every row names its threshold and carries the small-cohort warning (3 patients).
-    (ct,) = ci_tables([collect_run(ra)])
-    assert {row[2] for row in ct.rows} == {"op 0.3500 (val sens>=0.95)", "0.5"}
-    assert all(row[-1] == "⚠ 3 patients" for row in ct.rows) and "fewer than 10 patients" in ct.note
+    (_, cells), *_ = tables[0].rows
+    assert (
+        "operating threshold" in tables[0].title
+        and cells["threshold A"].text() == "op 0.3500 (val sens>=0.95)"
+    )
+    # One row per run and threshold rule; every metric cell is "point [low, high]" from the document's own
+    # interval, and the patient count carries the small-cohort warning (3 patients).
+    op_table, at_05 = comparison_tables([collect_run(ra)])
+    doc = json.loads((ra / "metrics_test.json").read_text())
+    for table, block in ((op_table, doc["operating_point"]["ci"]), (at_05, doc["ci"])):
+        ((_, cells),) = table.rows
+        ci = block["sensitivity"]
+        pct = [f"{100 * ci[k]:.3g}" for k in ("point", "low", "high")]
+        assert cells["sensitivity"].text() == f"{pct[0]} [{pct[1]}, {pct[2]}]"
+        assert re.fullmatch(r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]", cells["mcc"].text())
+        assert any("fewer than 10" in n for n in table.notes)
+    assert op_table.rows[0][1]["threshold"].text() == "0.3500" and "threshold" not in at_05.rows[0][1]
+    assert at_05.rows[0][1]["n"].text() == "40 (3 ⚠)"  # images (patients, too few for the interval)
+    assert f"A: the {threshold_rule({**OP, 'value': 0.35})}" in op_table.notes  # the rule, in a note
     # Markdown and HTML carry the same threshold column.
     html = write_report([ra, rb], tmp_path / "rep").read_text()
     md = (tmp_path / "rep" / "report.md").read_text()
     for text in (html, md):
         assert "op 0.3500 (val sens&gt;=0.95)" in text or "op 0.3500 (val sens>=0.95)" in text
-        assert "⚠ 3 patients" in text and "at each run&#x27;s operating threshold" in text.replace(
-            "'", "&#x27;"
-        )
-    summary = json.loads((tmp_path / "rep" / "report.json").read_text())["summary"]["binary"]
-    assert [row["rule"].split(" (")[0] for row in summary][:2] == [
-        "operating threshold 0.3500",
-        "threshold 0.5",
-    ]
+        assert "40 (3 ⚠)" in text and "at each run&#x27;s operating threshold" in text.replace("'", "&#x27;")
+    tables = json.loads((tmp_path / "rep" / "report.json").read_text())["tables"]
+    assert list(tables)[:2] == ["operating", "threshold_0.5"]  # the operating point first

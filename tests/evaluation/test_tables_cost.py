@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmafnet.evaluation.report_tables import RunInfo
-from cmafnet.evaluation.tables_cost import cost_line, cost_tables
+from cmafnet.evaluation.tables_cost import cost_line, cost_table, run_facts
 
 
 def _meta(budget: dict | None, stages: dict[str, tuple[int, int]]) -> dict:
@@ -42,14 +42,11 @@ def test_a_matched_run_states_its_reference_and_fractional_epochs() -> None:
 
 
 def test_cost_table_has_a_row_per_run_that_recorded_a_cost() -> None:
-    runs = [
-        RunInfo(
-            Path("a"), "a", _meta({"kind": "macs", "match": None, "target_macs": 1e12}, {"s": (3, 1)}), {}
-        ),
-        RunInfo(Path("b"), "b", {}, {}),
-    ]
-    (table,), data = cost_tables(runs)
-    assert [r[0] for r in table.rows] == ["a"] and [d["run"] for d in data] == ["a"]
-    row = dict(zip(table.columns, table.rows[0], strict=True))
-    assert row["budget"] == "1e+12 training MACs" and row["optimiser steps"] == 3 and row["epochs"] == "0.3"
-    assert cost_tables([runs[1]]) == ([], [])
+    meta = _meta({"kind": "macs", "match": None, "target_macs": 1e12}, {"s": (3, 1)})
+    runs = [RunInfo(Path("a"), "a", "resnet18", run_facts(meta).cost), RunInfo(Path("b"), "b")]
+    (table,) = cost_table(runs)
+    assert [label for label, _ in table.rows] == ["a"]
+    row = {c.header: table.rows[0][1][c.key].text() for c in table.columns}
+    assert row["budget"] == "1e+12 training MACs" and row["optimiser steps"] == "3" and row["epochs"] == "0.3"
+    assert row["model"] == "resnet18" and row["training MACs"] == "2.88e+10"
+    assert cost_table([runs[1]]) == []

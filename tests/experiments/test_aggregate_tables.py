@@ -1,13 +1,17 @@
-"""Aggregation of Tables 3, 4, 5, 7, 8 from fake result documents (no training)."""
+"""Aggregation of the declared tables from fake result documents (no training)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cmafnet.experiments.aggregate import aggregate
+from cmafnet.evaluation.table import Column
+from cmafnet.experiments.aggregate import aggregate, write_table
+from cmafnet.experiments.paper_tables import TABLES, expand
+from cmafnet.experiments.results import Invalid, ResultDoc
 from cmafnet.experiments.runner import Context, run_table
 from cmafnet.experiments.spec import RunSpec
 
@@ -51,7 +55,7 @@ def ctx(tmp_path: Path) -> Context:
 
 def _run(name: str, ctx: Context, seeds: int = 2):
     run_table(name, ctx, seeds=seeds, train_fn=_finish, eval_fn=_eval, profile_fn=_profile)
-    return aggregate(name, ctx.out, seeds=seeds, scale="smoke")
+    return write_table(name, ctx.out, seeds=seeds, scale="smoke")
 
 
 def _row(md: str, label: str) -> list[str]:
@@ -104,7 +108,40 @@ def test_table2_retention_with_zero_original_sensitivity(ctx: Context) -> None:
         return {"metrics": {"sensitivity": 0.0}}
 
     run_table("table2", ctx, seeds=1, only=["cmafnet*"], train_fn=_finish, eval_fn=zero)
-    _table, paths = aggregate("table2", ctx.out, seeds=1, scale="smoke")
+    _table, paths = write_table("table2", ctx.out, seeds=1, scale="smoke")
     cells = _row(paths["markdown"].read_text(), "Relative retention of CMAF-Net (%)")
-    assert cells[1] == "…" and cells[2] == "100"
+    assert cells[1] == "n/a" and cells[2] == "100"  # finished, but undefined: not "…" (not run yet)
     assert _row(paths["markdown"].read_text(), "CMAF-Net")[1] == "0.00"
+
+
+def test_a_table_declared_as_data_aggregates_typed_results() -> None:
+    """Columns as data, fake results with known mean and std, an unreadable result and an unfinished run."""
+    base = TABLES["table6"]
+    table = replace(base, rows=base.rows[:2], columns=(
+        Column("sensitivity", "Sensitivity", "metrics.sensitivity"),
+        Column("params", "Params (M)", "params_m", "number", paper=False),
+        Column("delta_sensitivity", "Δ Sens", derive="delta_first", of=("sensitivity",)),
+    ))  # fmt: skip
+    specs = [s for s in expand("table6", 3, "smoke") if s.row in {r.key for r in table.rows}]
+    full = [ResultDoc(metrics={"sensitivity": v}, params_m=1.5) for v in (0.90, 0.92, 0.94)]
+    bad = Invalid(Path("/o/runs/cmafnet__no_contextual/seed1/result_test.json"), "not readable JSON (line 1)")
+    other = [ResultDoc(metrics={"sensitivity": 0.8}), bad, None]
+    result = aggregate(table, list(zip(specs, [*full, *other], strict=True)))
+    (_, a), (label, b) = result.rows
+    assert a["sensitivity"].text() == "92.00 ± 2.00" and a["sensitivity"].paper == 94.92
+    assert a["params"].text() == "1.50 ± 0.00" and a["delta_sensitivity"].text() == "-"
+    assert label == "w/o Contextual branch (CNN only)"
+    for key in ("sensitivity", "delta_sensitivity"):  # never a mean over the readable seeds only
+        assert b[key].text() == "invalid: seed1/result_test.json not readable JSON"
+    assert b["params"].text() == "invalid: seed1/result_test.json not readable JSON"
+    assert result.invalid == [f"{bad.path}: not readable JSON (line 1)"]
+    md = result.markdown()
+    assert f"- invalid: {bad.path}: not readable JSON (line 1)" in md and "… = no finished run yet" in md
+    # nothing finished yet: every cell says so; one seed of three: marked
+    waiting = aggregate(table, [(s, None) for s in specs])
+    assert {c.text() for _, cells in waiting.rows for k, c in cells.items() if k != "delta_sensitivity"} == {
+        "…"
+    }
+    partial = aggregate(table, list(zip(specs, [full[0], None, None, *other[:1], None, None], strict=True)))
+    assert partial.rows[0][1]["sensitivity"].text() == "90.00 (n=1/3)"
+    assert partial.rows[1][1]["delta_sensitivity"].text() == "-10.00"

@@ -12,7 +12,7 @@ import pytest
 
 from cmafnet.cli import main
 from cmafnet.errors import ConfigError
-from cmafnet.experiments.aggregate import aggregate
+from cmafnet.experiments.aggregate import write_table
 from cmafnet.experiments.cost import GMACS_224, _idc_sizes, anchor_rates, method_rate, run_seconds, table_cost
 from cmafnet.experiments.paper_tables import expand
 from cmafnet.experiments.runner import Context, Summary, run_dir_of, run_table, table_specs, training_config
@@ -89,7 +89,7 @@ def test_matched_run_is_trained_after_its_reference_and_the_table_shows_both_vie
     )
     assert exp["match"] == "cmafnet/seed1"
 
-    table, paths = aggregate("table1", ctx.out, seeds=2, scale="smoke", match_compute=True)
+    table, paths = write_table("table1", ctx.out, seeds=2, scale="smoke", match_compute=True)
     labels = [label for label, _ in table.rows]
     assert len(labels) == 14 * 2 + 1
     i = labels.index("ResNet-50 (equal epochs)")
@@ -109,7 +109,7 @@ def test_matched_run_is_trained_after_its_reference_and_the_table_shows_both_vie
     points = json.loads(paths["compute_json"].read_text())["runs"]
     assert len(points) == 58 and all(p["train_macs"] for p in points)
     # without the flag: the paper's layout, no MACs column
-    plain, _ = aggregate("table1", ctx.out, seeds=2, scale="smoke")
+    plain, _ = write_table("table1", ctx.out, seeds=2, scale="smoke")
     assert plain.rows[0][0] == "ResNet-50" and len(plain.rows) == 15
 
 

@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-IDC_TRAIN, IDC_VAL = 194_267, 27_752  # 70 % / 10 % of IDC's 277,524 patches (patient split)
+from cmafnet.data.datasets import IDC
+
+# 70 % / 10 % of IDC's 277,524 patches (patient split): 194,267 / 27,752
+IDC_TRAIN, IDC_VAL = (round(f * IDC.PUBLISHED["images"]) for f in (0.7, 0.1))
 
 # name -> config overrides; the stage-3-only variants skip stages 1-2 (epochs 0)
 VARIANTS: dict[str, list[str]] = {

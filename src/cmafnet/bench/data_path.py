@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from cmafnet.bench.timing import Timing, time_per_step
+from cmafnet.data.datasets import IDC
 from cmafnet.data.prefetch import Prefetcher, batch_seed
 
-IDC_SIZE = 277_524
-IDC_CLASS_COUNTS = (198_738, 78_786)  # IDC negatives / positives (paper §5.1)
+IDC_SIZE = IDC.PUBLISHED["images"]
+IDC_CLASS_COUNTS = tuple(IDC.PUBLISHED["per_class"].values())  # IDC negatives / positives (paper §5.1)
 
 
 def cycle_batches(loader: Any) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cmafnet.cli._common import positive_int
-from cmafnet.errors import ConfigError
+from cmafnet.errors import ConfigError, RunFolderError
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_match_compute(args.name)
 
-    from cmafnet.experiments.aggregate import aggregate
+    from cmafnet.experiments.aggregate import write_table
     from cmafnet.experiments.runner import Context, run_table
 
     ctx = Context(
@@ -173,11 +174,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.no_aggregate:
         return 0
-    table, paths = aggregate(
+    table, paths = write_table(
         args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides),
         match_compute=args.match_compute,
     )  # fmt: skip
     print(table.markdown())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return 0
+    for line in table.invalid:  # the table marks their rows
+        print(f"cmafnet experiment: error: {line}; its row reads 'invalid' (remove the file and rerun to "
+              "evaluate the run again)", file=sys.stderr)  # fmt: skip
+    return RunFolderError.exit_code if table.invalid else 0

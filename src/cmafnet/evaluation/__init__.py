@@ -10,13 +10,12 @@ from typing import Any
 
 from cmafnet.evaluation.metrics import classification_metrics, threshold_for_sensitivity
 from cmafnet.evaluation.paper import paper_table
-from cmafnet.evaluation.stats import bootstrap_ci, format_mean_std, mcnemar, mean_std, metric_cis
+from cmafnet.evaluation.stats import bootstrap_ci, mcnemar, mean_std, metric_cis
 
 __all__ = [
     "bootstrap_ci",
     "classification_metrics",
     "evaluate_run",
-    "format_mean_std",
     "mcnemar",
     "mean_std",
     "metric_cis",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -45,48 +46,32 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def _value(v: Any) -> tuple[float | None, float | None]:
-    """(mean, std) from a number, ``(mean, std)`` tuple or ``{"mean", "std"}`` dict."""
-    if isinstance(v, Mapping):
-        return v.get("mean"), v.get("std")
-    if isinstance(v, (tuple, list)) and len(v) == 2:
-        return v[0], v[1]
-    if isinstance(v, (int, float)):
-        return float(v), None
-    return None, None
+def plot_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], kind: str, title: str = "") -> Figure:
+    """ROC (``kind="roc"``) or precision-recall (``"pr"``) curves, one line per ``name -> (y_true, p_positive)``.
 
-
-def plot_roc_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
-    """ROC and precision-recall curves, one line per entry ``name -> (y_true, p_positive)``."""
-    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.2))
+    Precision-recall draws each curve's prevalence (a classifier at chance) as a dotted line.
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
     for k, (name, (y, s)) in enumerate(curves.items()):
-        y = np.asarray(y)
-        s = np.asarray(s)
-        color = _COLORS[k % len(_COLORS)]
+        y, s, color = np.asarray(y), np.asarray(s), _COLORS[k % len(_COLORS)]
         if len(np.unique(y)) < 2:
             continue  # ROC/PR undefined with one class; the metrics table says so
-        fpr, tpr, _ = roc_curve(y, s)
-        ax_roc.plot(fpr, tpr, color=color, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
-        prec, rec, _ = precision_recall_curve(y, s)
-        ax_pr.plot(rec, prec, color=color, label=f"{name} (AP {average_precision_score(y, s):.3f})")
-        ax_pr.axhline(float(np.mean(y)), color=color, lw=0.6, ls=":")
-    ax_roc.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
-    ax_roc.set(
-        xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title="ROC", xlim=(0, 1), ylim=(0, 1.01)
-    )
-    ax_pr.set(
-        xlabel="recall (sensitivity)",
-        ylabel="precision",
-        title="Precision-recall",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
-    for ax in (ax_roc, ax_pr):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
-    if title:
-        fig.suptitle(title)
+        if kind == "roc":
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, color=color, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+        else:
+            prec, rec, _ = precision_recall_curve(y, s)
+            ax.plot(rec, prec, color=color, label=f"{name} (AP {average_precision_score(y, s):.3f})")
+            ax.axhline(float(np.mean(y)), color=color, lw=0.6, ls=":")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+        ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)")
+    else:
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title or ("ROC" if kind == "roc" else "Precision-recall"))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
     fig.tight_layout()
     return fig
 
@@ -248,65 +233,71 @@ def plot_attention_heads(df: Any, title: str = "") -> Figure | None:
     return fig
 
 
-def plot_imbalance_degradation(table: Mapping[str, Mapping[str, Any]], metric: str = "sensitivity") -> Figure:
-    """Fig. 3: a metric against the training imbalance ratio, one line per method.
+def table_figure(
+    table: Any,
+    kind: str,
+    keys: Sequence[str],
+    path: Path,
+    *,
+    rows: Sequence[str],
+    ylabel: str,
+    xlabel: str = "",
+) -> Path:
+    """A table's figure, ours beside the paper's, written to ``path``.
+
+    ``bars``: one group per row, a bar per column in ``keys`` (ours: mean, error bar = std; the paper's:
+    black ticks). ``lines``: one line per row over the columns ``keys`` (ours solid, the paper's dashed).
 
     Args:
-        table: ``{method: {ratio: value}}`` where ratio is e.g. ``"70:30"`` and value a number,
-            ``(mean, std)`` or ``{"mean", "std"}`` (error bars). Values as fractions or percent.
-        metric: y-axis label.
+        table: a :class:`~cmafnet.evaluation.table.TableResult`.
+        rows: the labels of the rows to draw.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ratios: list[str] = []
-    for row in table.values():
-        for r in row:
-            if r not in ratios:
-                ratios.append(r)
-    pos = {r: i for i, r in enumerate(ratios)}
-    for k, (method, row) in enumerate(table.items()):
-        xs, ms, ss = [], [], []
-        for r, v in row.items():
-            m, s = _value(v)
-            if m is not None:
-                xs.append(pos[r])
-                ms.append(m)
-                ss.append(s or 0.0)
-        if xs:
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=method, color=_COLORS[k % len(_COLORS)])
-    ax.set_xticks(range(len(ratios)), labels=ratios)
-    ax.set(
-        xlabel="training imbalance (majority:minority)",
-        ylabel=metric,
-        title=f"{metric} under class imbalance",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    from cmafnet.evaluation.paper import paper_value
 
+    cells = dict(table.rows)
+    headers = {c.key: c.header for c in table.columns}
 
-def plot_method_comparison(
-    table: Mapping[str, Mapping[str, Any]],
-    metrics: Sequence[str] = ("sensitivity", "balanced_accuracy", "auprc"),
-) -> Figure:
-    """Fig. 2: grouped bars of a few metrics per method (``{method: {metric: value}}``, error bars)."""
-    methods = list(table)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods) + 2), 4.2))
-    width = 0.8 / max(1, len(metrics))
-    for j, metric in enumerate(metrics):
-        ms, ss = [], []
-        for method in methods:
-            m, s = _value(table[method].get(metric))
-            ms.append(np.nan if m is None else m)
-            ss.append(s or 0.0)
-        xs = np.arange(len(methods)) + (j - (len(metrics) - 1) / 2) * width
-        ax.bar(xs, ms, width, yerr=ss, capsize=2, label=metric, color=_COLORS[j % len(_COLORS)])
-    ax.set_xticks(range(len(methods)), labels=methods, rotation=30, ha="right")
-    ax.set(ylabel="value", title="method comparison")
+    def ours(row: str, key: str) -> tuple[float, float]:
+        c = cells[row].get(key)
+        return (np.nan, 0.0) if c is None or c.mean is None else (c.mean, c.std or 0.0)
+
+    def paper(row: str, key: str) -> float:
+        c = cells[row].get(key)
+        v = paper_value(c.paper, "fraction") if c is not None else None  # as printed
+        return np.nan if v is None else v
+
+    x = np.arange(len(rows) if kind == "bars" else len(keys))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) * len(keys)), 4) if kind == "bars" else (7, 4))
+    if kind == "bars":
+        width = 0.8 / max(len(keys), 1)
+        for j, key in enumerate(keys):
+            pos = x - 0.4 + width * (j + 0.5)
+            mean, err = zip(*(ours(r, key) for r in rows), strict=True)
+            ax.bar(pos, mean, width, yerr=err, label=f"{headers.get(key, key)} (ours)")
+            ax.plot(pos, [paper(r, key) for r in rows], "k_", markersize=12, mew=2,
+                    label="paper" if j == 0 else None)  # fmt: skip
+        ax.set_xticks(x, list(rows), rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{table.name}: ours (bars) vs paper (black ticks)", fontsize=9)
+    else:
+        colours, k = plt.get_cmap("tab20").colors, 0
+        for r in rows:
+            mean, err = zip(*(ours(r, key) for key in keys), strict=True)
+            theirs = [paper(r, key) for key in keys]
+            if not np.isfinite([*mean, *theirs]).any():
+                continue  # neither ours nor the paper's: nothing to draw
+            c = colours[(2 * k) % 20 + (k // 10) % 2]  # the dark shades first, then the light ones
+            k += 1
+            if np.isfinite(mean).any():
+                ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=c, label=f"{r} (ours)")
+            if np.isfinite(theirs).any():
+                ax.plot(x, theirs, "s--", color=c, alpha=0.45, label=f"{r} (paper)")
+        ax.set_xticks(x, [headers.get(k, k) for k in keys])
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, never over data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure_png(fig, dpi=120))
+    return path
 
 
 def plot_reliability(

@@ -166,32 +166,3 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
         return None, None, 0
     std = float(np.std(vals, ddof=1)) if vals.size > 1 else None
     return float(vals.mean()), std, int(vals.size)
-
-
-def format_mean_std(values: Sequence[float | None], digits: int = 2, percent: bool = True) -> str:
-    """``"94.92 ± 0.80"`` (percent by default), ``"94.92"`` for one value, ``"n/a"`` for none."""
-    mean, std, _ = mean_std(values)
-    if mean is None:
-        return "n/a"
-    f = 100.0 if percent else 1.0
-    if std is None:
-        return f"{f * mean:.{digits}f}"
-    return f"{f * mean:.{digits}f} ± {f * std:.{digits}f}"
-
-
-def aggregate_seeds(
-    metric_dicts: Sequence[dict[str, Any]], keys: Sequence[str] | None = None
-) -> dict[str, dict]:
-    """Mean ± std per metric key over several runs' metric dicts (e.g. 5 seeds)."""
-    if not metric_dicts:
-        return {}
-    if keys is None:
-        keys = [
-            k for k, v in metric_dicts[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-    out = {}
-    for k in keys:
-        vals = [d.get(k) for d in metric_dicts]
-        mean, std, cnt = mean_std([v for v in vals if isinstance(v, (int, float))])
-        out[k] = {"mean": mean, "std": std, "n": cnt, "text": format_mean_std(vals)}
-    return out

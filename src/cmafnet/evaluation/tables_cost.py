@@ -9,15 +9,22 @@ steps per epoch, per stage, so a budget-derived stage that ends mid-epoch shows 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cmafnet.evaluation.report_tables import RunInfo, Table
+from cmafnet.evaluation.table import Column, TableResult, read_cell
 
-COLUMNS = [
-    "run", "model", "budget", "epochs per stage", "epochs", "optimiser steps", "training images",
-    "passes per step", "training MACs", "seconds", "device",
-]  # fmt: skip
+if TYPE_CHECKING:
+    from cmafnet.evaluation.report_tables import RunInfo
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What reports read from a run's ``run.json``."""
+
+    name: str | None
+    cost: dict[str, Any] | None  # budget, epochs, steps, images, passes per step, MACs, seconds, device
 
 
 def budget_text(budget: dict | None) -> str:
@@ -30,21 +37,22 @@ def budget_text(budget: dict | None) -> str:
     return f"{target} training MACs"
 
 
-def _epochs(x: float) -> str:
-    return f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
+def _epochs(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
 
 
-def cost_summary(meta: dict) -> dict[str, Any] | None:
-    """The run's budget and cost as plain numbers, or None for a run that recorded no cost."""
+def run_facts(meta: dict) -> RunFacts:
+    """The one reader of ``run.json`` for reports and the demo: the run's name, and its budget and cost as
+    plain numbers (None for a run that recorded no cost)."""
     cost = meta.get("cost") or {}
     total = cost.get("total") or {}
     if not total.get("steps"):
-        return None
+        return RunFacts(meta.get("name"), None)
     spe = meta.get("steps_per_epoch") or 0
-    stages = cost.get("stages") or {}
-    return {
+    stages = {k: c["steps"] / spe for k, c in (cost.get("stages") or {}).items()} if spe else {}
+    return RunFacts(meta.get("name"), {
         "budget": budget_text(meta.get("budget")),
-        "stage_epochs": {k: c["steps"] / spe for k, c in stages.items()} if spe else {},
+        "epochs_per_stage": "+".join(_epochs(e) for e in stages.values()),
         "epochs": total["steps"] / spe if spe else None,
         "steps": total["steps"],
         "images": total.get("images"),
@@ -52,18 +60,17 @@ def cost_summary(meta: dict) -> dict[str, Any] | None:
         "macs": total.get("macs"),
         "seconds": total.get("seconds"),
         "device": cost.get("device"),
-    }
+    })  # fmt: skip
 
 
 def cost_line(meta: dict) -> str | None:
     """One line: the budget, then epochs, steps, training MACs and seconds (None without a cost record)."""
-    s = cost_summary(meta)
+    s = run_facts(meta).cost
     if s is None:
         return None
-    per_stage = "+".join(_epochs(e) for e in s["stage_epochs"].values())
-    epochs = f"{_epochs(s['epochs'])} epochs" if s["epochs"] is not None else "? epochs"
-    if len(s["stage_epochs"]) > 1:
-        epochs += f" ({per_stage})"
+    epochs = f"{_epochs(s['epochs'])} epochs"
+    if "+" in s["epochs_per_stage"]:
+        epochs += f" ({s['epochs_per_stage']})"
     passes = "" if s["passes_per_step"] == 1 else f", {s['passes_per_step']:.0f} passes per step (SAM)"
     return (
         f"budget: {s['budget']}; trained {epochs}, {s['steps']} steps{passes}, "
@@ -71,25 +78,30 @@ def cost_line(meta: dict) -> str | None:
     )
 
 
-def cost_tables(runs: Sequence[RunInfo]) -> tuple[list[Table], list[dict]]:
-    """The "Training cost" table (one row per run that recorded a cost) and its data for report.json."""
-    rows, data = [], []
-    for run in runs:
-        s = cost_summary(run.meta)
-        if s is None:
-            continue
-        model = (run.config.get("model") or {}).get("name") or run.meta.get("model")
-        rows.append([
-            run.name, model, s["budget"], "+".join(_epochs(e) for e in s["stage_epochs"].values()),
-            _epochs(s["epochs"]) if s["epochs"] is not None else None, s["steps"], s["images"],
-            f"{s['passes_per_step']:.3g}", f"{s['macs']:.3g}", f"{s['seconds']:.0f}", s["device"],
-        ])  # fmt: skip
-        data.append({"run": run.name, "model": model, **s})
-    if not rows:
-        return [], []
-    note = (
+COLUMNS = (
+    Column("model", "model", "model", "text", paper=False),
+    Column("budget", "budget", "budget", "text", paper=False),
+    Column("epochs_per_stage", "epochs per stage", "epochs_per_stage", "text", paper=False),
+    Column("epochs", "epochs", "epochs_text", "text", paper=False),
+    Column("steps", "optimiser steps", "steps", "count", paper=False),
+    Column("images", "training images", "images", "count", paper=False),
+    Column("passes_per_step", "passes per step", "passes_per_step", "sig3", paper=False),
+    Column("macs", "training MACs", "macs", "sig3", paper=False),
+    Column("seconds", "seconds", "seconds", "count", paper=False),
+    Column("device", "device", "device", "text", paper=False),
+)
+
+
+def cost_table(runs: Sequence[RunInfo]) -> list[TableResult]:
+    """The "Training cost" table: one row per run that recorded a cost."""
+    table = TableResult("training_cost", "Each run's budget and recorded training cost", "run", list(COLUMNS))
+    table.notes.append(
         "Training MACs = forward MACs per image x training images x passes x 3 (forward + backward; a SAM step "
         "is two passes), as the run recorded them; epochs = optimiser steps / steps per epoch. Seconds: "
         "optimiser steps only (validation excluded)."
     )
-    return [Table("Training cost", COLUMNS, rows, note)], data
+    for run in runs:
+        if run.cost is not None:
+            doc = {**run.cost, "model": run.model, "epochs_text": _epochs(run.cost["epochs"])}
+            table.rows.append((run.name, {c.key: read_cell(c, [doc]) for c in COLUMNS}))
+    return [table] if table.rows else []

@@ -15,16 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from cmafnet.experiments.layout import Cell, get_path
+from cmafnet.evaluation.table import Column
 from cmafnet.experiments.paper_tables import matched_row_key, view_label
+from cmafnet.experiments.results import ResultDoc
 from cmafnet.experiments.spec import Row, RunSpec, Scale, TableDef
 
-MACS_KEY, MACS_HEADER = "train_macs", "Training MACs"
 MACS_NOTE = (
     "Training MACs: what each run recorded (forward MACs per image x training images x passes x 3; a SAM "
     "step is two passes), mean ± std over seeds. '(equal epochs)' rows train for the paper's epochs, "
     "'(CMAF-Net's compute)' rows for the training MACs of the CMAF-Net run of the same seed (early stopping "
-    "can end either sooner); the paper's numbers sit beside the equal-epoch rows only."
+    "can end either sooner); the paper's numbers sit beside the equal-epoch rows only. Table 2: 'MACs "
+    "<ratio>' is the training MACs of that column's runs."
 )
 
 
@@ -52,15 +53,20 @@ def view_rows(table: TableDef, match_compute: bool) -> list[ViewRow]:
     return out
 
 
-def training_macs(doc: dict) -> float | None:
-    """A result document's recorded training MACs (``load_results`` adds ``cost``), or None."""
-    v = get_path(doc, "cost.macs")
+def compute_columns(table: TableDef) -> tuple[Column, ...]:
+    """The recorded training MACs of a table's runs: one column, or one per imbalance ratio (Table 2)."""
+    if len(table.ratios) == 1:
+        return (Column("train_macs", "Training MACs", "cost.macs", "sig3", paper=False),)
+    return tuple(
+        Column(f"train_macs {c.key}", f"MACs {c.key}", "cost.macs", "sig3", paper=False, ratio=c.ratio)
+        for c in table.columns
+    )
+
+
+def training_macs(doc: ResultDoc) -> float | None:
+    """A result's recorded training MACs (``load_results`` adds ``cost``), or None."""
+    v = (doc.cost or {}).get("macs")
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
-
-
-def macs_cell(docs: list[dict], planned: int) -> Cell:
-    """Training MACs over the finished seeds of a row (runs that recorded none are left out)."""
-    return Cell([m for d in docs if (m := training_macs(d)) is not None], planned, None, scientific=True)
 
 
 # ------------------------------------------------------------------------------------------ figure
@@ -70,21 +76,22 @@ def _model_label(spec: RunSpec) -> str:
 
 
 def compute_figure(
-    results: list[tuple[RunSpec, dict | None]], path: Path, title: str, reference_row: str | None
+    results: list[tuple[RunSpec, Any]], path: Path, title: str, reference_row: str | None
 ) -> Path | None:
     """Balanced accuracy and AUPRC against training MACs, one point per finished run; None without any.
 
     Colour = method; marker = view (circle: equal epochs, triangle: at CMAF-Net's compute, star: the
     reference rows themselves). One pair of panels per imbalance column that has finished runs.
     """
-    from cmafnet.experiments.figures import _plt
+    from cmafnet.evaluation.plots import plt
 
-    points = [(s, d, m) for s, d in results if d is not None and (m := training_macs(d)) is not None]
+    points = [
+        (s, d, m) for s, d in results if isinstance(d, ResultDoc) and (m := training_macs(d)) is not None
+    ]
     if not points:
         return None
     columns = list(dict.fromkeys(s.column for s, _, _ in points))
     methods = list(dict.fromkeys(_model_label(s) for s, _, _ in points))
-    plt = _plt()
     others = [
         m for m in methods if not any(s.row == reference_row and _model_label(s) == m for s, _, _ in points)
     ]
@@ -95,7 +102,7 @@ def compute_figure(
         for c, (key, name) in enumerate((("balanced_accuracy", "balanced accuracy (%)"), ("auprc", "AUPRC"))):
             ax = axes[r][c]
             for s, d, macs in points:
-                y = get_path(d, f"metrics.{key}")
+                y = d.metrics.get(key)
                 if s.column != col or not isinstance(y, (int, float)) or not np.isfinite(y):
                     continue
                 marker = "^" if s.match else ("*" if s.row == reference_row else "o")
@@ -121,29 +128,22 @@ def compute_figure(
     return path
 
 
-def compute_points(results: list[tuple[RunSpec, dict | None]]) -> list[dict[str, Any]]:
+def compute_points(results: list[tuple[RunSpec, Any]]) -> list[dict[str, Any]]:
     """The figure's points as records (run, method, view, column, seed, training MACs, metrics)."""
-    out = []
-    for s, d in results:
-        if d is None:
-            continue
-        out.append({
-            "run": s.run_id, "row": s.row, "label": s.label, "column": s.column, "seed": s.seed,
-            "match": s.match, "train_macs": training_macs(d),
-            **{k: get_path(d, f"metrics.{k}") for k in ("balanced_accuracy", "auprc")},
-        })  # fmt: skip
-    return out
+    return [{
+        "run": s.run_id, "row": s.row, "label": s.label, "column": s.column, "seed": s.seed,
+        "match": s.match, "train_macs": training_macs(d),
+        **{k: d.metrics.get(k) for k in ("balanced_accuracy", "auprc")},
+    } for s, d in results if isinstance(d, ResultDoc)]  # fmt: skip
 
 
 def write_compute_outputs(
-    name: str, out: Path, folder: Path, seeds: int, scale: Scale, overrides: tuple[str, ...]
+    name: str, results: list[tuple[RunSpec, Any]], folder: Path, scale: Scale
 ) -> dict[str, Path]:
     """``compute.json`` (every finished run's training MACs and metrics) and ``compute.png`` in ``folder``."""
     from cmafnet.experiments.paper_tables import get_table
-    from cmafnet.experiments.runner import load_results
     from cmafnet.run import write_json
 
-    results = load_results(name, out, seeds, scale, overrides, match_compute=True)
     paths = {"compute_json": folder / "compute.json"}
     write_json(paths["compute_json"], {"table": name, "scale": scale, "runs": compute_points(results)})
     title = f"{name}: test metrics against training compute (one point per run)"

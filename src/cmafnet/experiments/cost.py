@@ -28,6 +28,7 @@ from functools import cache
 from pathlib import Path
 
 from cmafnet.config import load_config, parse_ratio
+from cmafnet.data.datasets import IDC, BreakHis
 from cmafnet.errors import RunFolderError
 from cmafnet.experiments.spec import RunSpec
 
@@ -59,7 +60,8 @@ GMACS_224 = {
     "convnext_tiny": 4.455, "vit_s16": 4.598, "swin_t": 4.490, "deit_s": 4.598, "transfuse": 8.742,
     "hrfnet": 4.560, "mmtm": 6.413, "cmafnet": 3.398,
 }  # fmt: skip
-IDC_TOTAL, IDC_POS_FRAC, BREAKHIS_TOTAL = 277_524, 78_786 / 277_524, 7_909
+IDC_TOTAL, BREAKHIS_TOTAL = IDC.PUBLISHED["images"], BreakHis.PUBLISHED["images"]  # data.datasets: one home
+IDC_POS_FRAC = IDC.PUBLISHED["per_class"]["IDC"] / IDC_TOTAL
 EPOCHS = 100
 PROFILE_S = 120.0  # Table 8: about two minutes of benchmarking per model
 

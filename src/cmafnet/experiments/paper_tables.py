@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from cmafnet.data.datasets import BreakHis
 from cmafnet.errors import ConfigError
-from cmafnet.experiments.spec import Recipe, Row, RunSpec, Scale, TableDef, base_config_name
+from cmafnet.evaluation.table import Column, Unit
+from cmafnet.experiments.spec import FigureDef, Recipe, Row, RunSpec, Scale, TableDef, base_config_name
 
 SEEDS_DEFAULT = 5
 IMBALANCE_RATIOS: tuple[str | None, ...] = (None, "80:20", "90:10", "95:5", "99:1")  # None = original 70:30
@@ -73,82 +75,126 @@ ARCH, IB, LOSS, TRAIN = (
     "Training Strategy",
 )
 
+MAGS = tuple(f"{m}X" for m in BreakHis.MAGNIFICATIONS)  # the paper's column names
+
+
+def _m(key: str, header: str, unit: Unit = "percent") -> Column:
+    """A metric of the run's evaluation on its test split (threshold 0.5 / argmax)."""
+    return Column(key, header, f"metrics.{key}", unit)
+
+
+def _fps(latency_ms: float) -> float | None:
+    return 1000.0 / latency_ms if latency_ms > 0 else None
+
+
+def _tau(suffix: str, label: str, kind: str, a: float, b: float | None = None) -> Row:
+    ov = (f"model.fusion.tau_init.kind={kind}", f"model.fusion.tau_init.a={a}")
+    return _ablation(suffix, label, "", *ov, *((f"model.fusion.tau_init.b={b}",) if b is not None else ()))
+
+
+TABLE5_ROWS = tuple(_row(k) for k in ("resnet50", "transfuse", "cmafnet"))
+RATIO_KEYS = tuple(r or "70:30" for r in IMBALANCE_RATIOS)
+CLASSIFICATION = (
+    _m("sensitivity", "Sensitivity (%)"),
+    _m("specificity", "Specificity (%)"),
+    _m("balanced_accuracy", "Balanced Acc (%)"),
+    _m("auprc", "AUPRC", "fraction"),
+)
+SENS_BACC = FigureDef("bars", ("sensitivity", "balanced_accuracy"), "%")
+
+# Data, laid out by hand: one table per entry, its columns next to its rows.
+# fmt: off
 TABLES: dict[str, TableDef] = {
     "table1": TableDef(
         "table1",
         "Performance comparison on IDC (natural imbalance), mean ± std over seeds",
         tuple(
-            [
-                _row(k, group="CNN Baselines")
-                for k in ("resnet50", "densenet121", "efficientnet_b3", "convnext_tiny")
-            ]
+            [_row(k, group="CNN Baselines")
+             for k in ("resnet50", "densenet121", "efficientnet_b3", "convnext_tiny")]
             + [_row(k, group="Vision Transformers") for k in ("vit_s16", "swin_t", "deit_s")]
             + [_row(k, group="Fusion Methods") for k in ("transfuse", "hrfnet", "mmtm")]
-            + [
-                _row(k, group="With Imbalance Methods")
-                for k in ("resnet50-focal", "resnet50-cb", "efficientnet_b3-ldam", "transfuse-bsm")
-            ]
+            + [_row(k, group="With Imbalance Methods")
+               for k in ("resnet50-focal", "resnet50-cb", "efficientnet_b3-ldam", "transfuse-bsm")]
             + [_row("cmafnet", "CMAF-Net (Ours)", group="Ours")]
         ),
+        (*CLASSIFICATION, _m("mcc", "MCC", "fraction"), _m("f1", "F1", "fraction"),
+         Column("params_m", "Params (M)", "params_m", "number")),
+        SENS_BACC,
+        notes=("Metrics on the IDC test split at threshold 0.5 (argmax).",),
         compute_reference="cmafnet",
     ),
     "table2": TableDef(
         "table2",
         "Sensitivity under controlled imbalance (minority undersampled in the training split)",
+        tuple(_row(k) for k in
+              ("resnet50", "densenet121", "efficientnet_b3", "transfuse", "transfuse-bsm", "cmafnet")),
         tuple(
-            _row(k)
-            for k in ("resnet50", "densenet121", "efficientnet_b3", "transfuse", "transfuse-bsm", "cmafnet")
+            Column(k, k + ("" if r else " (original)"), "metrics.sensitivity", ratio=r)
+            for k, r in zip(RATIO_KEYS, IMBALANCE_RATIOS, strict=True)
         ),
-        columns=IMBALANCE_RATIOS,
+        FigureDef("lines", RATIO_KEYS, "sensitivity (%)", "majority:minority (training split)"),
+        retention_of="cmafnet",
+        ratios=IMBALANCE_RATIOS,
+        notes=("Sensitivity (%) on the natural-ratio test split; the minority is undersampled in the "
+               "training split only.",),
         compute_reference="cmafnet",
     ),
     "table3": TableDef(
         "table3",
         "Zero-shot BreakHis (binary) per magnification: IDC-trained models, sensitivity",
         tuple(_row(k) for k in ("resnet50", "efficientnet_b3", "transfuse", "cmafnet")),
+        (*(Column(m, m.replace("X", "×"), f"by_magnification.{m}.sensitivity") for m in MAGS),
+         Column("average", "Average", derive="mean", of=MAGS),
+         Column("std_dev", "Std Dev", derive="std", of=MAGS)),
+        FigureDef("bars", MAGS, "zero-shot sensitivity (%)"),
         evaluation="zeroshot",
+        notes=(
+            "Sensitivity (%) of the IDC-trained runs applied to every BreakHis image (binary "
+            "benign/malignant); the paper's Fig. 5 gives these values as sensitivities. Average / Std Dev are "
+            "over magnifications.",
+        ),
     ),
     "table4": TableDef(
         "table4",
         "8-class BreakHis per magnification (trained on BreakHis subtypes)",
+        tuple(_row(k, paper=p) for k, p in (("resnet50", None), ("efficientnet_b3", None),
+              ("vit_s16", "ViT S/16"), ("transfuse", None), ("cmafnet", None))),
         tuple(
-            _row(k, paper=p)
-            for k, p in (
-                ("resnet50", None),
-                ("efficientnet_b3", None),
-                ("vit_s16", "ViT S/16"),
-                ("transfuse", None),
-                ("cmafnet", None),
-            )
+            Column(k, h, f"by_magnification.{{mag}}.{k}", "fraction" if k == "mcc" else "percent")
+            for k, h in (("macro_f1", "Macro-F1"), ("weighted_f1", "Weighted-F1"),
+                         ("balanced_accuracy", "Balanced Acc."), ("mcc", "MCC"))
         ),
+        FigureDef("bars", ("macro_f1", "balanced_accuracy"), "%"),
+        row_header="Method / magnification",
+        lines="magnification",
         dataset="breakhis",
         evaluation="subtype",
+        notes=("One 8-class model per method and seed on all magnifications, evaluated per magnification.",),
     ),
     "table5": TableDef(
         "table5",
         "Per-class recall on BreakHis 8-class (same runs as Table 4)",
-        tuple(_row(k) for k in ("resnet50", "transfuse", "cmafnet")),
+        TABLE5_ROWS,
+        tuple(Column(r.name, r.name, "metrics.per_class_recall.{cls}", row=r.key) for r in TABLE5_ROWS),
+        FigureDef("bars", tuple(r.name for r in TABLE5_ROWS), "recall (%)"),
+        row_header="Subtype",
+        paper_key="subtype",
+        lines="class",
         dataset="breakhis",
         evaluation="subtype",
+        notes=("Recall (%) per subtype on the BreakHis test split (all magnifications).",),
     ),
     "table6": TableDef(
         "table6",
         "Ablations of CMAF-Net on IDC (each row = config overrides of the paper config)",
         (
             _ablation("", "CMAF-Net (Full)", "Full"),
-            _ablation(
-                "no_contextual", "w/o Contextual branch (CNN only)", ARCH, "model.contextual.enabled=false"
-            ),
+            _ablation("no_contextual", "w/o Contextual branch (CNN only)", ARCH,
+                      "model.contextual.enabled=false"),
             _ablation("no_spatial", "w/o Spatial branch (ViT only)", ARCH, "model.spatial.enabled=false"),
             _ablation("concat", "Simple concatenation", ARCH, "model.fusion.kind=concat"),
-            _ablation(
-                "no_temp",
-                "w/o Temperature learning",
-                ARCH,
-                "model.fusion.learn_temperature=false",
-                "model.fusion.tau_init.kind=fixed",
-                "model.fusion.tau_init.a=1.0",
-            ),
+            _ablation("no_temp", "w/o Temperature learning", ARCH, "model.fusion.learn_temperature=false",
+                      "model.fusion.tau_init.kind=fixed", "model.fusion.tau_init.a=1.0"),
             _ablation("single_head", "w/o Multi-head attention", ARCH, "model.fusion.heads=1"),
             _ablation("no_gate", "w/o Gating mechanism", ARCH, "model.fusion.gate=false"),
             _ablation("beta2_0", "w/o IB regularization (β₂ = 0)", IB, "regularizers.beta2=0"),
@@ -164,69 +210,61 @@ TABLES: dict[str, TableDef] = {
             _ablation("no_sam", "w/o SAM optimization", TRAIN, "train.sam.enabled=false"),
             _ablation("no_aug", "w/o Domain augmentation", TRAIN, "data.augment.enabled=false"),
         ),
+        (*CLASSIFICATION, Column("delta_sensitivity", "Δ Sens", derive="delta_first", of=("sensitivity",))),
+        SENS_BACC,
+        row_header="Configuration",
+        paper_key="configuration",
+        notes=("Δ Sens: difference of mean sensitivities to the Full row (percentage points).",),
     ),
     "table7": TableDef(
         "table7",
         "Temperature initialisation: convergence epoch (first epoch at 90% of final val balanced accuracy)",
         (
-            _ablation(
-                "tau_fixed1",
-                "Fixed (τ=1.0)",
-                "",
-                "model.fusion.tau_init.kind=fixed",
-                "model.fusion.tau_init.a=1.0",
-            ),
-            _ablation(
-                "tau_fixed05",
-                "Fixed (τ=0.5)",
-                "",
-                "model.fusion.tau_init.kind=fixed",
-                "model.fusion.tau_init.a=0.5",
-            ),
-            _ablation(
-                "tau_uniform",
-                "Uniform(0.5, 1.5)",
-                "",
-                "model.fusion.tau_init.kind=uniform",
-                "model.fusion.tau_init.a=0.5",
-                "model.fusion.tau_init.b=1.5",
-            ),
-            _ablation(
-                "tau_normal",
-                "Normal(1.0, 0.1)",
-                "",
-                "model.fusion.tau_init.kind=normal",
-                "model.fusion.tau_init.a=1.0",
-                "model.fusion.tau_init.b=0.1",
-            ),
+            _tau("tau_fixed1", "Fixed (τ=1.0)", "fixed", 1.0),
+            _tau("tau_fixed05", "Fixed (τ=0.5)", "fixed", 0.5),
+            _tau("tau_uniform", "Uniform(0.5, 1.5)", "uniform", 0.5, 1.5),
+            _tau("tau_normal", "Normal(1.0, 0.1)", "normal", 1.0, 0.1),
             # the paper config's default (lognormal(0, 0.1)): the same run as CMAF-Net elsewhere
             _ablation("", "LogNormal(0, 0.1)", ""),
-            _ablation(
-                "tau_lognormal05",
-                "LogNormal(0, 0.5)",
-                "",
-                "model.fusion.tau_init.kind=lognormal",
-                "model.fusion.tau_init.a=0.0",
-                "model.fusion.tau_init.b=0.5",
-            ),
-            _ablation(
-                "tau_lognormal1",
-                "LogNormal(0, 1.0)",
-                "",
-                "model.fusion.tau_init.kind=lognormal",
-                "model.fusion.tau_init.a=0.0",
-                "model.fusion.tau_init.b=1.0",
-            ),
+            _tau("tau_lognormal05", "LogNormal(0, 0.5)", "lognormal", 0.0, 0.5),
+            _tau("tau_lognormal1", "LogNormal(0, 1.0)", "lognormal", 0.0, 1.0),
+        ),
+        (Column("convergence_epoch", "Conv. epoch", "convergence.epoch", "number"),
+         _m("sensitivity", "Sensitivity"), _m("balanced_accuracy", "Balanced Acc."),
+         Column("stability_sd", "Stability (sd)", "convergence.stability", "number")),
+        FigureDef("bars", ("convergence_epoch",), "convergence epoch"),
+        row_header="Initialization",
+        paper_key="initialization",
+        notes=(
+            "Conv. epoch: first epoch (over all stages) whose validation balanced accuracy reaches 90% of the "
+            "final epoch's, mean ± std over seeds. Stability: std (points) of validation balanced accuracy over "
+            "the last 10 epochs, mean ± std over seeds (the paper does not define its column).",
         ),
     ),
     "table8": TableDef(
         "table8",
         "Efficiency: params, forward GMACs, peak training memory, throughput, batch-1 latency",
         tuple(_row(k) for k in ("resnet50", "efficientnet_b3", "transfuse", "cmafnet")),
+        (Column("params_m", "Params (M)", "bench.params_M", "number"),
+         Column("flops_g", "GMACs", "bench.gmacs", "number"),
+         Column("memory_gb", "Peak train memory (GiB)", "bench.train_peak_GiB", "number"),
+         Column("train_img_s", "Train img/s (recipe step)", "bench.train_sam_img_s|bench.train_img_s",
+                "number", paper=False),
+         Column("infer_img_s", "Infer img/s", "bench.infer_img_s", "number", paper=False),
+         Column("fps", "Batch-1 FPS", "bench.latency_ms", "number", fn=_fps)),
+        FigureDef("bars", ("params_m", "flops_g", "memory_gb"), "M params / GMACs / GiB"),
         evaluation="profile",
         seeded=False,
+        notes=(
+            "Measured on {device} at {img_size} px, batch {batch} (train/infer), {amp} autocast, by "
+            "cmafnet.bench. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); the paper's FPS matches batch-1 "
+            "latency (SPEC §7), compare it with our Batch-1 FPS. Train img/s is the training recipe's step: "
+            "with SAM (two forward/backward passes) for CMAF-Net, plain AdamW for baselines; peak memory is "
+            "that of the plain step.",
+        ),
     ),
 }
+# fmt: on
 
 
 def get_table(name: str) -> TableDef:
@@ -296,7 +334,7 @@ def expand(
     table = check_match_compute(name) if match_compute else get_table(name)
     out = []
     for row in table.rows:
-        for col in table.columns:
+        for col in table.ratios:
             for seed in range(seeds if table.seeded else 1):
                 ov = (*row.recipe.overrides, *_resolve(row.overrides, scale))
                 if col is not None:

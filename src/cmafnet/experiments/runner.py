@@ -26,11 +26,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
 
 from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.experiments.paper_tables import expand, get_table
+from cmafnet.experiments.results import Invalid, ResultDoc, read_result
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.files import FolderInUse, hold_folder
 from cmafnet.run import (
@@ -135,10 +135,16 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
     """Write or check ``experiment.json`` so a folder is never reused for a different training."""
     path = run_dir / EXPERIMENT_FILE
     if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") != spec.fingerprint:
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as err:
             raise RunFolderError(
-                f"{run_dir}: holds a different run (fingerprint {old.get('fingerprint')} != {spec.fingerprint}); "
+                f"{path}: not readable JSON ({err}); remove the run folder to redo it"
+            ) from None
+        fingerprint = old.get("fingerprint") if isinstance(old, dict) else None
+        if fingerprint != spec.fingerprint:
+            raise RunFolderError(
+                f"{run_dir}: holds a different run (fingerprint {fingerprint} != {spec.fingerprint}); "
                 "use another --out or remove the folder"
             )
         return
@@ -287,6 +293,9 @@ def recorded_cost(run_dir: Path) -> dict | None:
         return None
 
 
+Result = ResultDoc | Invalid | None  # None: not done yet
+
+
 def load_results(
     name: str,
     out: Path,
@@ -294,20 +303,18 @@ def load_results(
     scale: Scale,
     overrides: tuple[str, ...] = (),
     match_compute: bool = False,
-) -> list[tuple[RunSpec, dict | None]]:
-    """Every run of the table with its result document (``None`` while not done).
+) -> list[tuple[RunSpec, Result]]:
+    """Every run of the table with its typed result (:func:`~.results.read_result`; None while not done).
 
-    A result whose fingerprint differs (another ``--set``) counts as not done. Each document gets
+    A result of another fingerprint (another ``--set``) counts as not done. Each document carries
     ``cost``: the training cost its run folder records (None for runs that predate cost records).
     """
-    rows: list[tuple[RunSpec, Any]] = []
+    rows: list[tuple[RunSpec, Result]] = []
     for spec in table_specs(name, seeds, scale, None, overrides, match_compute):
         run_dir = run_dir_of(out, spec)
         p = result_path(run_dir, spec)
-        doc = json.loads(p.read_text()) if p.exists() else None
-        if doc is not None and doc.get("spec", {}).get("fingerprint") not in (None, spec.fingerprint):
-            doc = None
-        if doc is not None:
-            doc["cost"] = recorded_cost(run_dir)
-        rows.append((spec, doc))
+        res = read_result(p, recorded_cost(run_dir)) if p.exists() else None
+        if isinstance(res, ResultDoc) and res.fingerprint not in (None, spec.fingerprint):
+            res = None
+        rows.append((spec, res))
     return rows

@@ -1,7 +1,7 @@
 """Runs of a table: what one run is (``RunSpec``), table definitions, expansion and sharding.
 
 A table is data: rows (a method or an ablation = a base config plus ``--set`` overrides), optional
-columns (imbalance ratios), and how to evaluate (own test split, zero-shot on BreakHis, profile).
+imbalance ratios, how to evaluate (own test split, zero-shot on BreakHis, profile), and its columns.
 ``expand`` turns it into a sorted list of ``RunSpec``; ``select_shard`` picks a deterministic,
 disjoint slice of it (index ``i mod n``), so any scheduler can spread a table over machines.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cmafnet.errors import ConfigError
+from cmafnet.evaluation.table import Column
 
 Scale = Literal["smoke", "paper"]
 Dataset = Literal["idc", "breakhis"]
@@ -51,17 +52,35 @@ class Row:
 
 
 @dataclass(frozen=True)
+class FigureDef:
+    """A table's figure: bars (one group per row) or lines (one per row over the columns), ours beside the
+    paper's; ``keys`` are the columns drawn."""
+
+    kind: Literal["bars", "lines"]
+    keys: tuple[str, ...]
+    ylabel: str
+    xlabel: str = ""
+
+
+@dataclass(frozen=True)
 class TableDef:
-    """A paper table as data."""
+    """A paper table as data: its runs (rows x ratios x seeds), its columns and its figure."""
 
     name: str  # table1 ... table8
     title: str
     rows: tuple[Row, ...]
+    columns: tuple[Column, ...]
+    figure: FigureDef
+    row_header: str = "Method"
+    paper_key: str = "method"  # the paper rows' field that names a row
+    # printed rows: one per row, per row and magnification (Table 4) or per BreakHis subtype (Table 5)
+    lines: Literal["rows", "magnification", "class"] = "rows"
+    retention_of: str | None = None  # Table 2: add this row's retention (% of its first column)
     dataset: Dataset = "idc"  # which store the runs train on
     evaluation: EvalKind = "test"
-    columns: tuple[str | None, ...] = (None,)  # table2: imbalance ratios (None = original)
+    ratios: tuple[str | None, ...] = (None,)  # table2: imbalance ratios (None = original)
     seeded: bool = True  # table8 (profiling) has one run per row, no seeds
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # Table 8's may name {device}, {img_size}, {batch}, {amp}
     # the row whose measured training compute ``--match-compute`` gives every baseline row (table1, table2)
     compute_reference: str | None = None
 
