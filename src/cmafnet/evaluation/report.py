@@ -249,6 +249,7 @@ def write_report(
     extra_figures: Mapping[str, Any] | None = None,
     compare: Sequence[tuple[str, str]] | None = None,
     notes: Sequence[str] = (),
+    extra_section: str = "Experiment",
 ) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``figures/``) and ``report.json``.
 
@@ -260,6 +261,7 @@ def write_report(
         extra_figures: ``{caption: Figure | PNG bytes | PNG path}``.
         compare: run-name pairs for McNemar; default every pair evaluated on the same images.
         notes: paragraphs shown under the title.
+        extra_section: heading of the extra tables and figures ("<extra_section> tables" / "figures").
 
     Returns:
         Path of ``report.html``.
@@ -296,9 +298,9 @@ def write_report(
     if mc_tables:
         sections.append(("Statistical tests", mc_tables, []))
     if extra_tables:
-        sections.append(("Experiment tables", [as_table(k, v) for k, v in extra_tables.items()], []))
+        sections.append((f"{extra_section} tables", [as_table(k, v) for k, v in extra_tables.items()], []))
     if extra_figures:
-        sections.append(("Experiment figures", [], [(k, _as_png(v)) for k, v in extra_figures.items()]))
+        sections.append((f"{extra_section} figures", [], [(k, _as_png(v)) for k, v in extra_figures.items()]))
     cross = cross_run_figures(runs)
     if cross:
         sections.append(("Across runs", [], cross))
