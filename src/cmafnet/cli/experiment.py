@@ -230,7 +230,9 @@ def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
 
 
 def _work_lines(out: Path, work: dict[str, Any]) -> list[str]:
-    """What ``out`` holds of the table a submission was for."""
+    """What ``out`` holds of the table a submission was for (nothing for other commands' submissions)."""
+    if work.get("command") != "experiment":
+        return []
     from cmafnet.experiments.runner import run_states, table_specs
 
     specs = table_specs(work["table"], work["seeds"], work["scale"], work["only"], tuple(work["overrides"]),

@@ -42,9 +42,10 @@ or one of them corrupt; 1 runtime failure; 130 interrupted.
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "wsi", help="whole-slide heatmap, per-tile CSV and GeoJSON of positive regions",
+        "wsi", help="whole-slide heatmap, per-tile CSV and GeoJSON of positive regions; over a cohort, a summary",
         description="Tile a whole-slide image (OpenSlide), classify the tissue tiles with a run, "
-        "and write a heatmap overlay, per-tile CSV and GeoJSON.",
+        "and write a heatmap overlay, per-tile CSV and GeoJSON. Several slides, a folder or a CSV list "
+        "make a cohort: one folder per slide and a cohort summary (cohort.csv, report.html).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
@@ -90,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.inference.wsi import predict_slide
 
     if args.status:
-        return print_status(args.out, lambda _work: _cohort_state(Path(args.out)))
+        return print_status(
+            args.out, lambda work: _cohort_state(Path(args.out)) if work.get("command") == "wsi" else []
+        )
     if args.run_dir is None or not args.slides:
         raise ConfigError("give RUN_DIR and at least one SLIDE (a slide file, a folder or a CSV list)")
     if args.out is None:
