@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cmafnet.cli._common import positive_int
+from cmafnet.cli._launch import add_launcher_args, check_launcher_args, print_status
 from cmafnet.errors import ConfigError, RunFolderError
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
@@ -57,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
+    add_launcher_args(p, "run")
     p.set_defaults(func=run)
 
 
@@ -118,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         return _list(args.seeds, args.calibrate, args.match_compute)
     if args.calibrate:
         raise ConfigError("--calibrate goes with --list (it changes the cost estimate, not the runs)")
+    if args.status:
+        return print_status(args.out, lambda work: _work_lines(args.out, work))
+    check_launcher_args(args)
     if not args.name:
         raise ConfigError("name a table (table1..table8) or pass --list")
     if args.name not in TABLE_NAMES:
@@ -147,7 +153,15 @@ def run(args: argparse.Namespace) -> int:
         scale=args.scale,
         overrides=tuple(args.overrides),
     )
-    if not args.aggregate_only:
+    failed: list[str] = []  # local jobs that failed
+    if args.launcher:
+        if args.aggregate_only:
+            raise ConfigError("--aggregate-only builds the table here from finished runs: drop --launcher")
+        done = _launch(args, ctx)
+        if done is None:  # submitted to Slurm, or a dry run: nothing to aggregate yet
+            return 0
+        failed = done
+    elif not args.aggregate_only:
         s = run_table(
             args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run,
             match_compute=args.match_compute,
@@ -173,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
     if args.no_aggregate:
-        return 0
+        return 1 if failed else 0
     table, paths = write_table(
         args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides),
         match_compute=args.match_compute,
@@ -184,4 +198,56 @@ def run(args: argparse.Namespace) -> int:
     for line in table.invalid:  # the table marks their rows
         print(f"cmafnet experiment: error: {line}; its row reads 'invalid' (remove the file and rerun to "
               "evaluate the run again)", file=sys.stderr)  # fmt: skip
-    return RunFolderError.exit_code if table.invalid else 0
+    if table.invalid:
+        return RunFolderError.exit_code
+    return 1 if failed else 0
+
+
+def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
+    """Submit this table's shards with work left; the failed local jobs, or None when not to aggregate."""
+    from cmafnet.cli._launch import failed_jobs, launch
+    from cmafnet.experiments.execute import check_inputs, ensure_split
+    from cmafnet.experiments.runner import run_done, run_table, table_specs
+    from cmafnet.experiments.spec import select_shard
+
+    # Every config is validated here, before any job starts.
+    run_table(
+        args.name, ctx, seeds=args.seeds, only=args.only, dry_run=True, match_compute=args.match_compute
+    )
+    specs = table_specs(args.name, args.seeds, args.scale, args.only, ctx.overrides, args.match_compute)
+    n = args.jobs or len({s.run_id for s in specs})
+    todo = [s for s in specs if not run_done(args.out, s)]
+    shards = [(i, n) for i in range(n) if any(not run_done(args.out, s) for s in select_shard(specs, (i, n)))]
+    training = [s for s in todo if s.evaluation != "profile"]
+    if training and not args.dry_run:
+        check_inputs(args.name, ctx, need_training=True)
+        for dataset in sorted({s.dataset for s in training}):  # made once here, not raced by the jobs
+            ensure_split(ctx, dataset)
+    work = {"command": "experiment", "table": args.name, "seeds": args.seeds, "scale": args.scale,
+            "only": args.only, "overrides": list(args.overrides), "match_compute": args.match_compute}  # fmt: skip
+    folder = launch(args, out=args.out, label=args.name, shards=shards, work=work, no_aggregate=True)
+    if folder is None:
+        return None if args.dry_run else []
+    if args.launcher == "slurm":
+        print(f"when they have finished: cmafnet experiment {args.name} --out {args.out} --aggregate-only (same --scale, "
+              "--seeds, --only, --set) builds the table; resubmitting the command reruns only unfinished runs")  # fmt: skip
+        return None
+    failed = failed_jobs(folder)
+    for line in failed:
+        print(line)
+    return failed
+
+
+def _work_lines(out: Path, work: dict[str, Any]) -> list[str]:
+    """What ``out`` holds of the table a submission was for (nothing for other commands' submissions)."""
+    if work.get("command") != "experiment":
+        return []
+    from cmafnet.experiments.runner import run_states, table_specs
+
+    specs = table_specs(work["table"], work["seeds"], work["scale"], work["only"], tuple(work["overrides"]),
+                        work["match_compute"])  # fmt: skip
+    c = run_states(out, specs)
+    return [
+        f"{work['table']} ({work['scale']}): {sum(c.values())} runs: "
+        + ", ".join(f"{v} {k}" for k, v in c.items())
+    ]

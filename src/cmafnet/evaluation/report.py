@@ -155,6 +155,7 @@ def write_report(
     title: str = "cmafnet report",
     compare: Sequence[tuple[str, str]] | None = None,
     notes: Sequence[str] = (),
+    extra_sections: Sequence[tuple[str, list[TableResult], Figures]] = (),
 ) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``figures/``) and ``report.json``.
 
@@ -164,6 +165,7 @@ def write_report(
         title: report title.
         compare: run-name pairs for McNemar; default every pair evaluated on the same images.
         notes: paragraphs shown under the title.
+        extra_sections: (heading, tables, figures) shown before the runs' sections (a cohort's slides).
 
     Returns:
         Path of ``report.html``.
@@ -177,7 +179,8 @@ def write_report(
     for r in runs:  # unique display names
         seen[r.name] = seen.get(r.name, -1) + 1
         r.name = f"{r.name}#{seen[r.name]}" if seen[r.name] else r.name
-    sections, mc_data = _sections(runs, compare)
+    run_sections, mc_data = _sections(runs, compare)
+    sections = [*extra_sections, *run_sections]
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run_lines = [
         f"{r.name}: {r.path} (model {r.model or '?'}, evaluations: "

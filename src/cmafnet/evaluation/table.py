@@ -178,6 +178,22 @@ class TableResult:
     notes: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)  # one line per document that could not be read
 
+    @classmethod
+    def plain(
+        cls, name: str, title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> TableResult:
+        """A table of given values (first column the row label): numbers to 4 significant digits."""
+
+        def text(v: Any) -> str:
+            return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        columns = [Column(h, h, unit="text", paper=False) for h in header[1:]]
+        body = [
+            (text(r[0]), {c.key: Cell([], unit="text", text_value=text(v)) for c, v in zip(columns, r[1:])})
+            for r in rows
+        ]
+        return cls(name, title, header[0], columns, body)
+
     def header(self) -> list[str]:
         head = [self.row_header]
         for c in self.columns:

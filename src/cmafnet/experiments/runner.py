@@ -123,6 +123,28 @@ def training_status(run_dir: Path) -> str:
     return "partial" if (run_dir / LAST_CHECKPOINT).exists() else "missing"
 
 
+def run_done(out: Path, spec: RunSpec) -> bool:
+    """A run with nothing left to do: its result exists and (unless it is a profile) its training finished."""
+    run_dir = run_dir_of(out, spec)
+    if not result_path(run_dir, spec).exists():
+        return False
+    return spec.evaluation == "profile" or training_status(run_dir) == "finished"
+
+
+def run_states(out: Path, specs: list[RunSpec]) -> dict[str, int]:
+    """How many distinct runs are finished, started (a checkpoint, or trained but not evaluated) or not
+    started: what ``--status`` reports."""
+    counts = {"finished": 0, "started": 0, "not started": 0}
+    for spec in {s.run_id: s for s in specs}.values():
+        if run_done(out, spec):
+            counts["finished"] += 1
+        elif spec.evaluation != "profile" and training_status(run_dir_of(out, spec)) != "missing":
+            counts["started"] += 1
+        else:
+            counts["not started"] += 1
+    return counts
+
+
 def _clear_unstarted(run_dir: Path) -> None:
     """A run killed before its first checkpoint: remove its start files so training starts afresh."""
     for name in (META_FILE, CONFIG_FILE, SPLIT_FILE, METRICS_FILE):

@@ -34,8 +34,10 @@ class InputItem:
     origin: str
 
 
-def discover_inputs(inputs: list[str | Path]) -> list[InputItem]:
-    """Expand files, folders (recursive, image extensions) and CSV lists into image items.
+def discover_inputs(
+    inputs: list[str | Path], extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> list[InputItem]:
+    """Expand files, folders (recursive, ``extensions``) and CSV lists into input items.
 
     A named path that does not exist (or is not a regular file) becomes an item like any other, so
     it gets a per-item reason exactly as the same path listed in a CSV would; an empty folder adds
@@ -50,7 +52,7 @@ def discover_inputs(inputs: list[str | Path]) -> list[InputItem]:
         p = Path(raw)
         if p.is_dir():
             # not is_dir: a FIFO or device named like an image gets a per-item reason, never a read
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.is_dir())
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in extensions and not q.is_dir())
             items.extend(InputItem(q, str(p)) for q in found)
         elif p.suffix.lower() == ".csv" and p.exists():
             items.extend(InputItem(q, str(p)) for q in _read_csv_list(p))

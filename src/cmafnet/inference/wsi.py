@@ -16,9 +16,11 @@ of the tile categories), ``heatmap_overlay.png`` (the overlay alone, thumbnail-s
 ``thumbnail.png``, ``mask.png`` (tissue mask), ``positive.geojson`` (QuPath annotations in level-0
 pixel coordinates: tiles at or above the threshold merged into regions), ``tiles.geojson`` (one
 QuPath detection per classified tile, its probabilities as measurements; see
-:mod:`cmafnet.inference.qupath`) and ``summary.json``. The summary counts partition the tiles
-(:mod:`cmafnet.inference.wsi_figures`): background + not assessable + classified positive +
-classified negative = total.
+:mod:`cmafnet.inference.qupath`) and ``summary.json``, written last (a folder with it is complete).
+The summary counts partition the tiles (:mod:`cmafnet.inference.wsi_figures`): background + not
+assessable + classified positive + classified negative = total. It also holds the slide-level numbers
+a cohort summary reads: tissue area (thumbnail mask), the tissue area and fraction of the classified
+tissue called positive, the mean and top-k positive probability, and the wall time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import csv
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,15 @@ from cmafnet.inference.tissue import (
     check_tile,
     tissue_mask,
 )
-from cmafnet.inference.wsi_figures import heatmap_figure, partition, partition_line, tile_category
+from cmafnet.inference.wsi_figures import (
+    heatmap_figure,
+    heatmap_overlay,
+    partition,
+    partition_line,
+    png_bytes,
+    slide_scores,
+    tile_category,
+)
 from cmafnet.run import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -101,6 +112,29 @@ def slide_mpp(slide: Any) -> float | None:
     return (x + y) / 2 if x > 0 and y > 0 else None
 
 
+def check_tiling_options(
+    *, level: int | None = None, mpp: float | None = None, tile: int | None = None, meta: dict | None = None
+) -> None:
+    """Refuse tiling options that no slide could satisfy (checked once before a cohort starts).
+
+    Raises:
+        ConfigError: both ``level`` and ``mpp``, a tile under 8 pixels, a target scale that is not
+            positive, or neither ``mpp`` nor ``level`` for a run whose training scale is unknown.
+    """
+    if level is not None and mpp is not None:
+        raise ConfigError("give either --level or --target-mpp, not both")
+    if tile is not None and tile < 8:
+        raise ConfigError(f"--tile must be >= 8 pixels, got {tile}")
+    if level is None:
+        scale = run_scale(meta or {})  # the training scale: one definition for evaluate, predict and wsi
+        if mpp is None and scale.mpp is None:
+            raise ConfigError(
+                f"the run's training scale is unknown ({scale.source}): pass --target-mpp or --level"
+            )
+        if mpp is not None:
+            check_mpp(mpp, "--target-mpp")
+
+
 def plan_tiling(
     slide: Any,
     *,
@@ -112,10 +146,7 @@ def plan_tiling(
     """Choose the tiling; ``level`` and ``mpp`` are exclusive (``mpp`` is the default path)."""
     meta = meta or {}
     w0, h0 = slide.dimensions
-    if level is not None and mpp is not None:
-        raise ConfigError("give either --level or --target-mpp, not both")
-    if tile is not None and tile < 8:
-        raise ConfigError(f"--tile must be >= 8 pixels, got {tile}")
+    check_tiling_options(level=level, mpp=mpp, tile=tile, meta=meta)
     base_mpp = slide_mpp(slide)
     if level is not None:
         if not 0 <= level < slide.level_count:
@@ -126,12 +157,8 @@ def plan_tiling(
         eff_mpp = base_mpp * ds if base_mpp else None
         plan = TilePlan(level, tile_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, "level")
     else:
-        scale = run_scale(meta)  # the training scale: one definition for evaluate, predict and wsi
-        if mpp is None and scale.mpp is None:
-            raise ConfigError(
-                f"the run's training scale is unknown ({scale.source}): pass --target-mpp or --level"
-            )
-        target = check_mpp(mpp, "--target-mpp") if mpp is not None else float(scale.mpp)
+        scale = run_scale(meta)  # check_tiling_options has refused an unknown training scale
+        target = float(mpp if mpp is not None else scale.mpp)
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
         if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
@@ -200,36 +227,6 @@ def _thumbnail(slide: Any, plan: TilePlan, max_side: int = 1024) -> tuple[np.nda
     return arr, w0 / arr.shape[1]
 
 
-def _heatmap_png(thumb: np.ndarray, grid: np.ndarray, plan: TilePlan, thumb_ds: float) -> np.ndarray:
-    """Blend the positive-probability grid (rows, cols; NaN = not classified) over the thumbnail."""
-    import matplotlib
-    from PIL import Image
-
-    cmap = matplotlib.colormaps["jet"]
-    h, w = thumb.shape[:2]
-    rgba = cmap(np.nan_to_num(grid, nan=0.0))  # (rows, cols, 4) in [0, 1]
-    rgba[..., 3] = np.where(np.isnan(grid), 0.0, 0.45)
-    # Upsample the grid to the covered thumbnail area with nearest neighbour (one colour per tile).
-    cov_w, cov_h = round(plan.cols * plan.size0 / thumb_ds), round(plan.rows * plan.size0 / thumb_ds)
-    over = Image.fromarray((rgba * 255).astype(np.uint8), "RGBA").resize(
-        (max(cov_w, 1), max(cov_h, 1)), Image.Resampling.NEAREST
-    )
-    base = Image.fromarray(thumb).convert("RGBA")
-    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    layer.paste(over, (0, 0))
-    return np.asarray(Image.alpha_composite(base, layer).convert("RGB"))
-
-
-def _png_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @dataclass
 class WSISummary:
     slide: str
@@ -249,6 +246,14 @@ class WSISummary:
     calibration: str
     preprocess: str
     partition: dict
+    positive_class: str
+    tissue_area_mm2: float | None  # tissue on the thumbnail mask (None: the slide states no mpp)
+    positive_area_mm2: float | None  # tissue in the tiles classified positive
+    positive_fraction: float | None  # of the classified tiles' tissue (None: nothing classified)
+    prob_mean: float | None  # mean positive-class probability of the classified tiles
+    prob_top_k: float | None  # mean of the top_k highest (fewer when fewer tiles are classified)
+    top_k: int
+    seconds: float  # wall time of this call, the model load included when it loaded one
 
 
 def predict_slide(
@@ -266,14 +271,24 @@ def predict_slide(
     progress: bool = True,
     fast: bool = False,
     calibrate: bool = True,
+    predictor: Predictor | None = None,
+    top_k: int = 10,
 ) -> WSISummary:
-    """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks."""
+    """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks.
+
+    ``predictor``: a model already loaded from ``run_dir`` (a cohort loads it once); then ``device``,
+    ``threshold``, ``fast`` and ``calibrate`` are those it was made with and are not read here.
+    """
+    start = time.perf_counter()
     slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
     if batch_size < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch_size}")
-    predictor = Predictor.from_run_dir(
-        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
-    )
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if predictor is None:
+        predictor = Predictor.from_run_dir(
+            run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
+        )
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     plan = plan_tiling(slide, level=level, mpp=mpp, tile=tile, meta=predictor.run.meta)
@@ -310,7 +325,11 @@ def predict_slide(
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress) if tqdm else None
+    bar = (
+        tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
+        if tqdm
+        else None
+    )
     batch_imgs: list[np.ndarray] = []
     batch_rows: list[dict] = []
 
@@ -356,11 +375,11 @@ def predict_slide(
         w.writeheader()
         w.writerows(rows)
     tmp.replace(tiles_csv)
-    atomic_write_bytes(out_dir / "thumbnail.png", _png_bytes(thumb))
-    atomic_write_bytes(out_dir / "mask.png", _png_bytes((mask * 255).astype(np.uint8)))
-    overlay = _heatmap_png(thumb, grid, plan, tds)
+    atomic_write_bytes(out_dir / "thumbnail.png", png_bytes(thumb))
+    atomic_write_bytes(out_dir / "mask.png", png_bytes((mask * 255).astype(np.uint8)))
+    overlay = heatmap_overlay(thumb, grid, (plan.cols, plan.rows), plan.size0, tds)
     parts = partition(rows, positive)
-    atomic_write_bytes(out_dir / "heatmap_overlay.png", _png_bytes(overlay))
+    atomic_write_bytes(out_dir / "heatmap_overlay.png", png_bytes(overlay))
     calibrated = "calibrated" if predictor.temperature != 1.0 else "uncalibrated"
     figure = heatmap_figure(
         thumb, overlay, title=f"{Path(slide_path).name}: {partition_line(parts)}", positive=positive,
@@ -373,14 +392,22 @@ def predict_slide(
     atomic_write_bytes(out_dir / "positive.geojson", (json.dumps(geo) + "\n").encode())
     tiles_geo = qupath.tile_detections(classified, plan.size0, predictor.classes, colors)
     atomic_write_bytes(out_dir / "tiles.geojson", (json.dumps(tiles_geo) + "\n").encode())
+    mpp0 = slide_mpp(slide)
+    # level-0 pixels per thumbnail pixel (x times y: the thumbnail's rounding differs by axis)
+    thumb_px0 = slide.dimensions[0] / thumb.shape[1] * slide.dimensions[1] / thumb.shape[0]
+    scores = slide_scores(
+        classified, prob_key, positive, top_k=top_k, tile_mm2=(plan.size0 * mpp0 / 1000) ** 2 if mpp0 else None,
+        tissue_mm2=float(mask.sum()) * thumb_px0 * mpp0**2 / 1e6 if mpp0 else None,
+    )  # fmt: skip
     summary = WSISummary(
-        slide=str(slide_path), out_dir=str(out_dir), dimensions=tuple(slide.dimensions), slide_mpp=slide_mpp(slide),
+        slide=str(slide_path), out_dir=str(out_dir), dimensions=tuple(slide.dimensions), slide_mpp=mpp0,
         plan=asdict(plan), n_tiles=len(rows), n_background=parts["background"],
         n_not_assessable=parts["not assessable"], n_positive=parts["classified positive"],
         n_negative=parts["classified negative"],
         n_classified=parts["classified positive"] + parts["classified negative"], n_regions=len(geo["features"]),
         threshold=predictor.threshold, threshold_source=predictor.threshold_source,
         calibration=predictor.calibration, preprocess=predictor.preprocess_desc, partition=parts,
+        positive_class=positive, **scores, top_k=top_k, seconds=round(time.perf_counter() - start, 3),
     )  # fmt: skip
     write_json(out_dir / "summary.json", asdict(summary))
     slide.close()

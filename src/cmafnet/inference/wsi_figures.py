@@ -1,4 +1,4 @@
-"""Readable whole-slide outputs: the tile partition and the heatmap figure (colour bar and legend).
+"""Readable whole-slide outputs: the tile partition, slide-level scores and the heatmap figure.
 
 Every tile of the grid falls in exactly one category, so the counts add up to the tile total:
 
@@ -56,6 +56,37 @@ def partition_line(p: dict[str, Any]) -> str:
     )
 
 
+def slide_scores(
+    classified: list[dict],
+    prob_key: str,
+    positive: str,
+    *,
+    top_k: int,
+    tile_mm2: float | None,
+    tissue_mm2: float | None,
+) -> dict[str, Any]:
+    """A slide's numbers from its classified tiles (``status == "ok"``), for a cohort summary.
+
+    Areas count the tissue in each tile (its ``thumb_tissue`` fraction of the thumbnail mask), so the
+    area called positive never exceeds the tissue area; ``positive_fraction`` is that area over the
+    classified tiles' tissue (the tissue the model assessed). ``prob_top_k`` is the mean of the
+    ``top_k`` highest positive-class probabilities (all of them when fewer). Areas are None when the
+    slide states no microns per pixel (``tile_mm2`` / ``tissue_mm2`` None), the other scores None when
+    no tile was classified.
+    """
+    probs = np.sort(np.array([float(r[prob_key]) for r in classified]))[::-1]
+    tissue = np.array([float(r["thumb_tissue"]) for r in classified])
+    called = np.array([r["decision"] == positive for r in classified], dtype=bool)
+    pos_tiles = float(tissue[called].sum())  # positive tissue in tile units
+    return {
+        "tissue_area_mm2": None if tissue_mm2 is None else round(tissue_mm2, 6),
+        "positive_area_mm2": None if tile_mm2 is None else round(pos_tiles * tile_mm2, 6),
+        "positive_fraction": pos_tiles / float(tissue.sum()) if tissue.sum() > 0 else None,
+        "prob_mean": float(probs.mean()) if len(probs) else None,
+        "prob_top_k": float(probs[:top_k].mean()) if len(probs) else None,
+    }
+
+
 def heatmap_figure(
     thumb: np.ndarray,
     overlay: np.ndarray,
@@ -104,4 +135,40 @@ def heatmap_figure(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return buf.getvalue()
+
+
+def heatmap_overlay(
+    thumb: np.ndarray, grid: np.ndarray, cols_rows: tuple[int, int], size0: int, thumb_ds: float
+) -> np.ndarray:
+    """Blend the positive-probability grid (rows, cols; NaN = not classified) over the thumbnail.
+
+    ``size0`` is a tile's edge in level-0 pixels, ``thumb_ds`` the thumbnail's downsample from level 0.
+    """
+    import matplotlib
+    from PIL import Image
+
+    cmap = matplotlib.colormaps["jet"]
+    h, w = thumb.shape[:2]
+    rgba = cmap(np.nan_to_num(grid, nan=0.0))  # (rows, cols, 4) in [0, 1]
+    rgba[..., 3] = np.where(np.isnan(grid), 0.0, 0.45)
+    # Upsample the grid to the covered thumbnail area with nearest neighbour (one colour per tile).
+    cov_w, cov_h = (round(n * size0 / thumb_ds) for n in cols_rows)
+    over = Image.fromarray((rgba * 255).astype(np.uint8), "RGBA").resize(
+        (max(cov_w, 1), max(cov_h, 1)), Image.Resampling.NEAREST
+    )
+    base = Image.fromarray(thumb).convert("RGBA")
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    layer.paste(over, (0, 0))
+    return np.asarray(Image.alpha_composite(base, layer).convert("RGB"))
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """An RGB or grey uint8 array as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
