@@ -93,6 +93,38 @@ class HeadConfig(_Section):
     normalized: bool = False  # cosine classifier (LDAM's normalised linear layer)
 
 
+class KNNConfig(_Section):
+    """The k-nearest-neighbour probe head (scikit-learn's ``KNeighborsClassifier`` semantics)."""
+
+    k: int = Field(20, ge=1)
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    weights: Literal["uniform", "distance"] = "uniform"  # distance: votes weighted by 1 / distance
+
+
+class ProbeConfig(_Section):
+    """``model.name: probe``: a frozen pretrained backbone read by a linear or kNN head (docs/foundation.md)."""
+
+    foundation: str | None = None  # catalogue name (cmafnet info --foundation): architecture, input, scale
+    # the frozen weights: timm:<arch>.<tag>, hf-hub:<org>/<repo>, a local file, or random (a seeded random
+    # stand-in); None = the catalogue entry's Hub repository
+    backbone: str | None = None
+    arch: str | None = None  # timm architecture of a local file or random stand-in (else the catalogue's)
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)  # timm keyword arguments over the catalogue's
+    embedding: Literal["cls", "cls+mean", "pool"] | None = None  # None: the catalogue's, else pool (timm's)
+    native_mpp: float | None = Field(None, gt=0.0)  # µm/px the backbone was trained at (else the catalogue's)
+    head: Literal["linear", "knn"] = "linear"
+    knn: KNNConfig = KNNConfig()
+    cache: bool = True  # train the head on embeddings extracted once and memory-mapped (data.features)
+    cache_dir: str | None = None  # None: $CMAFNET_FEATURE_CACHE, else ~/.cache/cmafnet/features
+    match_scale: bool = (
+        False  # resample inputs to native_mpp (tiles, mean embedding); else warn on a mismatch
+    )
+    # written by training into the run's config: the µm/px the model's input shows, and the content hash
+    # of the frozen backbone (checked whenever the run's model is rebuilt)
+    input_mpp: float | None = Field(None, gt=0.0)
+    fingerprint: str | None = None
+
+
 class ModelConfig(_Section):
     name: str = "cmafnet"  # registry name (cmafnet or a baseline)
     num_classes: int = Field(2, ge=2)
@@ -105,6 +137,7 @@ class ModelConfig(_Section):
     weights: str | None = None  # whole-model weights file
     grad_checkpointing: bool = False
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    probe: ProbeConfig = ProbeConfig()  # model.name: probe
 
     @model_validator(mode="after")
     def _one_branch(self) -> ModelConfig:

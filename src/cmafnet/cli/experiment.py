@@ -55,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(same seed and column; CMAF-Net is trained first) and print both rows with their MACs; with --list: "
         "cost those extra runs",
     )  # fmt: skip
+    p.add_argument(
+        "--foundation", nargs="+", default=[], metavar="NAME",
+        help="table1, table3: add linear-probe rows for these foundation models (cmafnet info --foundation), "
+        "at the store's scale and resampled to theirs, with training and extraction MACs (docs/foundation.md)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
@@ -135,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     shard = parse_shard(args.shard)
+    foundation = tuple(args.foundation)
+    if foundation:
+        from cmafnet.experiments.paper_tables import get_table
+
+        get_table(args.name, foundation)  # a known model, and a table probe rows go into
     if args.match_compute:
         from cmafnet.experiments.paper_tables import check_match_compute
 
@@ -164,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     elif not args.aggregate_only:
         s = run_table(
             args.name, ctx, seeds=args.seeds, shard=shard, only=args.only, dry_run=args.dry_run,
-            match_compute=args.match_compute,
+            match_compute=args.match_compute, foundation=foundation,
         )  # fmt: skip
         waiting = f", {len(s.waiting)} waiting for their CMAF-Net run" if s.waiting else ""
         waiting += f", {len(s.busy)} in use by another process" if s.busy else ""
@@ -190,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     table, paths = write_table(
         args.name, args.out, seeds=args.seeds, scale=args.scale, overrides=tuple(args.overrides),
-        match_compute=args.match_compute,
+        match_compute=args.match_compute, foundation=foundation,
     )  # fmt: skip
     print(table.markdown())
     for kind, path in paths.items():
@@ -211,10 +221,14 @@ def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
     from cmafnet.experiments.spec import select_shard
 
     # Every config is validated here, before any job starts.
+    foundation = tuple(args.foundation)
     run_table(
-        args.name, ctx, seeds=args.seeds, only=args.only, dry_run=True, match_compute=args.match_compute
+        args.name, ctx, seeds=args.seeds, only=args.only, dry_run=True, match_compute=args.match_compute,
+        foundation=foundation,
+    )  # fmt: skip
+    specs = table_specs(
+        args.name, args.seeds, args.scale, args.only, ctx.overrides, args.match_compute, foundation
     )
-    specs = table_specs(args.name, args.seeds, args.scale, args.only, ctx.overrides, args.match_compute)
     n = args.jobs or len({s.run_id for s in specs})
     todo = [s for s in specs if not run_done(args.out, s)]
     shards = [(i, n) for i in range(n) if any(not run_done(args.out, s) for s in select_shard(specs, (i, n)))]
@@ -224,7 +238,8 @@ def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
         for dataset in sorted({s.dataset for s in training}):  # made once here, not raced by the jobs
             ensure_split(ctx, dataset)
     work = {"command": "experiment", "table": args.name, "seeds": args.seeds, "scale": args.scale,
-            "only": args.only, "overrides": list(args.overrides), "match_compute": args.match_compute}  # fmt: skip
+            "only": args.only, "overrides": list(args.overrides), "match_compute": args.match_compute,
+            "foundation": list(foundation)}  # fmt: skip
     folder = launch(args, out=args.out, label=args.name, shards=shards, work=work, no_aggregate=True)
     if folder is None:
         return None if args.dry_run else []
@@ -245,7 +260,7 @@ def _work_lines(out: Path, work: dict[str, Any]) -> list[str]:
     from cmafnet.experiments.runner import run_states, table_specs
 
     specs = table_specs(work["table"], work["seeds"], work["scale"], work["only"], tuple(work["overrides"]),
-                        work["match_compute"])  # fmt: skip
+                        work["match_compute"], tuple(work.get("foundation", ())))  # fmt: skip
     c = run_states(out, specs)
     return [
         f"{work['table']} ({work['scale']}): {sum(c.values())} runs: "

@@ -1,4 +1,5 @@
-"""``cmafnet info``: parameters per component and MACs per image of the configured model.
+"""``cmafnet info``: parameters per component and MACs per image of the configured model; ``--foundation``:
+the catalogue of pathology foundation models a probe can read (``cmafnet.models.foundation``).
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers and
 attention matmuls; element-wise ops are not counted) on one image, with attention forced onto the
@@ -25,7 +26,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--size", type=int_range(32), default=None, help="input side in pixels (default: model.img_size)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--foundation", nargs="*", metavar="NAME",
+        help="list the pathology foundation models a probe can read (model.probe.foundation), or show NAME's "
+        "entry: Hub repository, architecture, embedding, input, normalisation, microns per pixel, licence, sources",
+    )  # fmt: skip
     p.set_defaults(func=run)
+
+
+def foundation_table(entries: list[Any]) -> str:
+    """The catalogue as a table, one line per model."""
+    w = max(len(e.hub) for e in entries) + 2
+    head = f"{'name':<14}{'model':<16}{'embedding':<16}{'px':>4}{'um/px':>7}  {'gated':<6}{'hub':<{w}}licence"
+    rows = [
+        f"{e.key:<14}{e.name:<16}{f'{e.embedding} {e.dim}':<16}{e.img_size:>4}{e.mpp:>7g}  "
+        f"{'yes' if e.gated else 'no':<6}{e.hub:<{w}}{e.licence}"
+        for e in entries
+    ]
+    note = (
+        "model.probe.foundation=NAME picks one (docs/foundation.md); gated models need the licence accepted on "
+        "the Hub and a login, or a local file: model.probe.backbone=/path"
+    )
+    return "\n".join([head, *rows, note])
+
+
+def _foundation(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cmafnet.models.foundation import catalogue, foundation_entry
+
+    entries = [foundation_entry(n, "--foundation") for n in args.foundation] or list(catalogue().values())
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+    elif args.foundation:
+        for e in entries:
+            print("\n".join(f"{k:<11}{v}" for k, v in asdict(e).items()), end="\n\n")
+    else:
+        print(foundation_table(entries))
+    return 0
 
 
 def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]:
@@ -92,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.errors import ConfigError
     from cmafnet.models import create_model
 
+    if args.foundation is not None:
+        return _foundation(args)
     cfg = load_config(args.config or "paper", args.overrides)
     size = args.size or cfg.model.img_size
     if size < 32:

@@ -19,7 +19,13 @@ from pathlib import Path
 from cmafnet.data.datasets import BreakHis
 from cmafnet.evaluation.paper import find_row
 from cmafnet.evaluation.table import Cell, Column, TableResult, derive_cells, read_cell
-from cmafnet.experiments.compute import MACS_NOTE, compute_columns, view_rows, write_compute_outputs
+from cmafnet.experiments.compute import (
+    EXTRACTION_NOTE,
+    MACS_NOTE,
+    compute_columns,
+    view_rows,
+    write_compute_outputs,
+)
 from cmafnet.experiments.paper_tables import MAGS, check_match_compute, get_table
 from cmafnet.experiments.results import Invalid, ResultDoc
 from cmafnet.experiments.runner import Result, load_results
@@ -71,13 +77,17 @@ def _cell(column: Column, line: Line, results: list[Result], paper: Mapping) -> 
 
 
 def aggregate(
-    table: TableDef, results: list[tuple[RunSpec, Result]], match_compute: bool = False
+    table: TableDef,
+    results: list[tuple[RunSpec, Result]],
+    match_compute: bool = False,
+    foundation: bool = False,
 ) -> TableResult:
-    """The table from its runs' results (``runner.load_results``): one cell per line and column."""
+    """The table from its runs' results (``runner.load_results``): one cell per line and column;
+    ``match_compute`` / ``foundation`` (probe rows) add the recorded training MACs."""
     groups: dict[tuple[str, str | None], list[Result]] = defaultdict(list)
     for spec, res in results:
         groups[(spec.row, spec.column)].append(res)
-    columns = [*table.columns, *(compute_columns(table) if match_compute else ())]
+    columns = [*table.columns, *(compute_columns(table, foundation) if match_compute or foundation else ())]
     out = TableResult(table.name, f"{table.name}: {table.title}", table.row_header, columns)
     first = None
     for line in lines_of(table, match_compute):
@@ -93,7 +103,8 @@ def aggregate(
     fields = _note_fields([r for _, r in results if isinstance(r, ResultDoc)])
     out.notes += [n.format(**fields) for n in table.notes] + [
         NOT_RUN_NOTE,
-        *([MACS_NOTE] if match_compute else []),
+        *([MACS_NOTE] if match_compute or foundation else []),
+        *([EXTRACTION_NOTE] if foundation else []),
     ]
     out.invalid = list(dict.fromkeys(r.line for _, r in results if isinstance(r, Invalid)))
     return out
@@ -129,20 +140,24 @@ def write_table(
     scale: Scale,
     overrides: tuple[str, ...] = (),
     match_compute: bool = False,
+    foundation: tuple[str, ...] = (),
 ) -> tuple[TableResult, dict[str, Path]]:
     """Aggregate table ``name`` from the runs under ``out``; write ``table.md/csv/json`` and ``figure.png``.
 
     ``match_compute`` (Tables 1, 2): both views of every baseline row with their training MACs, and
     ``compute.png`` / ``compute.json``: every finished run's balanced accuracy and AUPRC against its
-    training MACs.
+    training MACs. ``foundation``: the probe rows of these catalogue models (Tables 1 and 3), with the
+    training and extraction MACs of every row.
     """
     from cmafnet.evaluation.plots import table_figure
 
-    table = check_match_compute(name) if match_compute else get_table(name)
+    if match_compute:
+        check_match_compute(name)
+    table = get_table(name, foundation)
     results = load_results(
-        name, Path(out), seeds if table.seeded else 1, scale, tuple(overrides), match_compute
+        name, Path(out), seeds if table.seeded else 1, scale, tuple(overrides), match_compute, foundation
     )
-    result = aggregate(table, results, match_compute)
+    result = aggregate(table, results, match_compute, bool(foundation))
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "table.md", "csv": folder / "table.csv", "json": folder / "table.json"}

@@ -53,10 +53,22 @@ def view_rows(table: TableDef, match_compute: bool) -> list[ViewRow]:
     return out
 
 
-def compute_columns(table: TableDef) -> tuple[Column, ...]:
-    """The recorded training MACs of a table's runs: one column, or one per imbalance ratio (Table 2)."""
+EXTRACTION_NOTE = (
+    "Probe rows: a frozen backbone embeds the training and validation images once (forward MACs x images, no "
+    "backward; 'of which extraction') and a linear head trains on the embeddings; the backbone's pretraining "
+    "is not counted. Other rows extract nothing (0)."
+)
+
+
+def compute_columns(table: TableDef, foundation: bool = False) -> tuple[Column, ...]:
+    """The recorded training MACs of a table's runs: one column, or one per imbalance ratio (Table 2);
+    with probe rows (``foundation``) also the part a probe spent embedding its images."""
     if len(table.ratios) == 1:
-        return (Column("train_macs", "Training MACs", "cost.macs", "sig3", paper=False),)
+        macs = Column("train_macs", "Training MACs", "cost.macs", "sig3", paper=False)
+        extraction = Column(
+            "extraction_macs", "of which extraction", "cost.extraction_macs", "sig3", paper=False
+        )
+        return (macs, extraction) if foundation else (macs,)
     return tuple(
         Column(f"train_macs {c.key}", f"MACs {c.key}", "cost.macs", "sig3", paper=False, ratio=c.ratio)
         for c in table.columns

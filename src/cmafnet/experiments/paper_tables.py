@@ -267,14 +267,46 @@ TABLES: dict[str, TableDef] = {
 # fmt: on
 
 
-def get_table(name: str) -> TableDef:
+# ------------------------------------------------------------------- frozen foundation-model probes
+FOUNDATION_TABLES = ("table1", "table3")  # where --foundation adds probe rows (IDC-trained runs)
+PROBE_GROUP = "Frozen foundation models (linear probe, eva's protocol)"
+
+
+def foundation_rows(names: tuple[str, ...]) -> tuple[Row, ...]:
+    """Two rows per catalogue model: the store's patches as they are, and resampled to its native scale.
+
+    Both tables share the runs (same row keys), so Table 3 evaluates Table 1's probes zero-shot.
+    """
+    from cmafnet.models.foundation import foundation_entry
+
+    rows: list[Row] = []
+    for name in dict.fromkeys(names):  # in order, once each
+        e = foundation_entry(name, "--foundation")
+        recipe = Recipe(f"probe-{name}", f"{e.name} (linear probe)", "probe",
+                        (f"model.probe.foundation={name}", f"model.img_size={e.img_size}"))  # fmt: skip
+        rows.append(Row(recipe, group=PROBE_GROUP))
+        rows.append(Row(recipe, label=f"{e.name} (linear probe, at {e.mpp:g} µm/px)", key_suffix="scaled",
+                        overrides=("model.probe.match_scale=true",), group=PROBE_GROUP))  # fmt: skip
+    return tuple(rows)
+
+
+def get_table(name: str, foundation: tuple[str, ...] = ()) -> TableDef:
+    """Table ``name``; ``foundation``: catalogue models whose probe rows it gains (Tables 1 and 3).
+
+    Raises:
+        ConfigError: an unknown table or model, or probe rows asked of another table.
+    """
     if name not in TABLES:
         from cmafnet.registry import suggest
 
         raise ConfigError(
             f"unknown experiment '{name}'.{suggest(name, list(TABLES))} Known: {', '.join(TABLES)}"
         )
-    return TABLES[name]
+    if not foundation:
+        return TABLES[name]
+    if name not in FOUNDATION_TABLES:
+        raise ConfigError(f"--foundation: probe rows go into {' and '.join(FOUNDATION_TABLES)}, not {name}")
+    return replace(TABLES[name], rows=TABLES[name].rows + foundation_rows(tuple(foundation)))
 
 
 def _resolve(overrides: tuple[str, ...], scale: Scale) -> tuple[str, ...]:
@@ -317,7 +349,11 @@ def check_match_compute(name: str) -> TableDef:
 
 
 def expand(
-    name: str, seeds: int = SEEDS_DEFAULT, scale: Scale = "paper", match_compute: bool = False
+    name: str,
+    seeds: int = SEEDS_DEFAULT,
+    scale: Scale = "paper",
+    match_compute: bool = False,
+    foundation: tuple[str, ...] = (),
 ) -> list[RunSpec]:
     """All runs of a table (rows x columns x seeds), in table order.
 
@@ -328,10 +364,14 @@ def expand(
         match_compute: also train every baseline row at the training MACs its table's reference row
             (CMAF-Net) recorded for the same seed and column (``train.budget.match``). These runs come
             after all the others, so a call that does the whole table trains their references first.
+        foundation: catalogue models whose probe rows Tables 1 and 3 gain (:func:`foundation_rows`); probes
+            are not compute-matched (eva's protocol fixes their training).
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    table = check_match_compute(name) if match_compute else get_table(name)
+    if match_compute:
+        check_match_compute(name)
+    table = get_table(name, foundation)
     out = []
     for row in table.rows:
         for col in table.ratios:

@@ -181,6 +181,7 @@ def table_specs(
     only: list[str] | None = None,
     overrides: tuple[str, ...] = (),
     match_compute: bool = False,
+    foundation: tuple[str, ...] = (),
 ) -> list[RunSpec]:
     """All runs of a table, optionally filtered by glob patterns on the run id (``resnet50*``).
 
@@ -189,7 +190,8 @@ def table_specs(
     ``match_compute`` adds the baseline runs at CMAF-Net's compute (:func:`~.tables.expand`).
     """
     specs = [
-        replace(s, overrides=(*s.overrides, *overrides)) for s in expand(name, seeds, scale, match_compute)
+        replace(s, overrides=(*s.overrides, *overrides))
+        for s in expand(name, seeds, scale, match_compute, foundation)
     ]
     if only:
         specs = [s for s in specs if any(fnmatch(s.run_id, p) or fnmatch(s.row, p) for p in only)]
@@ -207,6 +209,7 @@ def run_table(
     only: list[str] | None = None,
     dry_run: bool = False,
     match_compute: bool = False,
+    foundation: tuple[str, ...] = (),
     train_fn: TrainFn | None = None,
     eval_fn: EvalFn | None = None,
     profile_fn: ProfileFn | None = None,
@@ -224,8 +227,8 @@ def run_table(
     train_fn = train_fn or execute.train_run
     eval_fn = eval_fn or execute.evaluate_spec
     profile_fn = profile_fn or execute.profile_spec
-    get_table(name)
-    specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides, match_compute)
+    get_table(name, foundation)
+    specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides, match_compute, foundation)
     # references before the runs that match their compute (stable: table order otherwise)
     mine = sorted(select_shard(specs, shard), key=lambda s: s.match is not None)
     summary = Summary(name, len({s.run_id for s in specs}), len(mine))
@@ -308,11 +311,16 @@ def _reference_pending(spec: RunSpec, out: Path, status: str, planned: set[str])
 
 
 def recorded_cost(run_dir: Path) -> dict | None:
-    """``run.json``'s training cost totals (images, steps, passes, MACs, seconds), or None."""
+    """``run.json``'s training cost totals (images, steps, passes, MACs, seconds; ``extraction_macs``: a
+    probe's feature extraction, part of the MACs), or None."""
     try:
-        return cost_total(read_meta(run_dir))
+        meta = read_meta(run_dir)
     except RunFolderError:
         return None
+    total = cost_total(meta)
+    if total is None:
+        return None
+    return {**total, "extraction_macs": ((meta.get("cost") or {}).get("extraction") or {}).get("macs", 0)}
 
 
 Result = ResultDoc | Invalid | None  # None: not done yet
@@ -325,6 +333,7 @@ def load_results(
     scale: Scale,
     overrides: tuple[str, ...] = (),
     match_compute: bool = False,
+    foundation: tuple[str, ...] = (),
 ) -> list[tuple[RunSpec, Result]]:
     """Every run of the table with its typed result (:func:`~.results.read_result`; None while not done).
 
@@ -332,7 +341,7 @@ def load_results(
     ``cost``: the training cost its run folder records (None for runs that predate cost records).
     """
     rows: list[tuple[RunSpec, Result]] = []
-    for spec in table_specs(name, seeds, scale, None, overrides, match_compute):
+    for spec in table_specs(name, seeds, scale, None, overrides, match_compute, foundation):
         run_dir = run_dir_of(out, spec)
         p = result_path(run_dir, spec)
         res = read_result(p, recorded_cost(run_dir)) if p.exists() else None

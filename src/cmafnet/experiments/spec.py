@@ -27,7 +27,8 @@ class Recipe:
 
     key: str  # stable id, part of the run folder name
     label: str  # how the paper's tables call it
-    base: Literal["cmafnet", "baseline"]  # cmafnet -> paper/smoke.yaml; baseline -> baseline_<scale>.yaml
+    # cmafnet -> paper/smoke.yaml; baseline -> baseline_<scale>.yaml; probe -> probe_<scale>.yaml
+    base: Literal["cmafnet", "baseline", "probe"]
     overrides: tuple[str, ...] = ()
 
 
@@ -170,4 +171,4 @@ def select_shard(specs: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
 
 
 def base_config_name(recipe_base: str, scale: Scale) -> str:
-    return scale if recipe_base == "cmafnet" else f"baseline_{scale}"
+    return scale if recipe_base == "cmafnet" else f"{recipe_base}_{scale}"

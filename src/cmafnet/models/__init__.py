@@ -18,7 +18,7 @@ MODELS: Registry = Registry("model")
 
 def _register_builtin() -> None:
     # Imported for their @MODELS.register side effects.
-    from cmafnet.models import baselines, cmafnet, fusion_baselines  # noqa: F401
+    from cmafnet.models import baselines, cmafnet, fusion_baselines, probe  # noqa: F401
 
 
 def create_model(name: str | ModelConfig = "cmafnet", **overrides: Any) -> nn.Module:

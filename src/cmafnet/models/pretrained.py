@@ -81,21 +81,34 @@ def parse_weights(value: str | Path) -> WeightsName | None:
     return None
 
 
-def _fetch_error(option: str, w: WeightsName, err: Exception) -> ConfigError:
-    """One line: why ``w`` could not be fetched and how to pass a local file instead."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def fetch_error(option: str, label: str, err: Exception, repo: str | None = None) -> ConfigError:
+    """One line: why ``label`` (a weights name) could not be fetched and what to do instead.
 
+    ``repo``: the Hugging Face repository, named in the licence step of a gated one.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = f"pass a local weights file instead: --set {option}=/path/to/model.safetensors"
+    if isinstance(err, GatedRepoError):
+        return ConfigError(
+            f"{option}: {label} is gated on the Hugging Face Hub: accept its licence at "
+            f"https://huggingface.co/{repo or label} with your account, then log in (`hf auth login` or "
+            f"HF_TOKEN); or {local}"
+        )
     if isinstance(err, LocalEntryNotFoundError):
         why = f"not in the Hugging Face cache {constants.HF_HUB_CACHE}, " + (
             "and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "and the Hub could not be reached"
         )
+    elif isinstance(err, RepositoryNotFoundError):
+        why = "no such repository on the Hub, or a private one (log in: `hf auth login` or HF_TOKEN)"
     else:
         why = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
-    return ConfigError(
-        f"{option}: {w} could not be fetched ({why}); pass a local weights file instead: "
-        f"--set {option}=/path/to/model.safetensors"
-    )
+    return ConfigError(f"{option}: {label} could not be fetched ({why}); {local}")
+
+
+def _fetch_error(option: str, w: WeightsName, err: Exception) -> ConfigError:
+    return fetch_error(option, str(w), err, repo=w.name.split("@")[0] if w.source == "hf-hub" else None)
 
 
 def pretrained_config(w: WeightsName, option: str) -> dict[str, Any]:
@@ -229,6 +242,8 @@ def default_normalization() -> Norm:
 def _weight_options(m: ModelConfig) -> list[tuple[str, str]]:
     """(option, value) of the configured initial weights, the one that decides the input first."""
     opts = [("model.weights", m.weights)]
+    if m.name == "probe" and m.probe.foundation is None and m.probe.backbone != "random":
+        opts.append(("model.probe.backbone", m.probe.backbone))  # a catalogue entry states its own
     if m.name == "cmafnet":
         if m.spatial.enabled:
             opts.append(("model.spatial.weights", m.spatial.weights))
@@ -240,8 +255,8 @@ def _weight_options(m: ModelConfig) -> list[tuple[str, str]]:
 def resolve_normalization(cfg: Config) -> tuple[Config, str]:
     """Fill ``data.mean`` / ``data.std`` left unset (None) from the model's weights.
 
-    Order: the whole-model weights, then (CMAF-Net) the spatial and the contextual branch's; the
-    first that states a normalisation decides. Without any, ImageNet's (timm's defaults). A
+    Order: a probe's foundation-catalogue entry, the whole-model weights (a probe's backbone), then
+    (CMAF-Net) the spatial and the contextual branch's; the first that states a normalisation decides. Without any, ImageNet's (timm's defaults). A
     branch whose weights state another normalisation is logged: the one input feeds both branches.
 
     Returns:
@@ -253,6 +268,11 @@ def resolve_normalization(cfg: Config) -> tuple[Config, str]:
     if cfg.data.mean is not None and cfg.data.std is not None:
         return cfg, "data.mean / data.std"
     found: list[tuple[str, Norm, str]] = []
+    if cfg.model.name == "probe" and cfg.model.probe.foundation:
+        from cmafnet.models.foundation import foundation_entry
+
+        e = foundation_entry(cfg.model.probe.foundation)
+        found.append(("model.probe.foundation", (e.mean, e.std), f"foundation catalogue: {e.name}"))
     for option, value in _weight_options(cfg.model):
         got = weights_normalization(value, option)
         if got is not None:

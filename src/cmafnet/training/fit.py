@@ -171,6 +171,31 @@ def run_stages(run: TrainRun) -> dict:
     return _finish(run, status)
 
 
+def _is_knn_probe(cfg: Config) -> bool:
+    return cfg.model.name == "probe" and cfg.model.probe.head == "knn"
+
+
+def run_memory_probe(run: TrainRun) -> dict:
+    """A kNN probe, whose memory the data path filled with the training embeddings: no optimiser step and
+    no stage; one validation pass, then the run folder as any finished run's (metrics row, weights, cost)."""
+    from cmafnet.training.monitors import validate
+
+    p = run.p
+    metrics, _ = validate(
+        run.model, run.data, run.tc, head=[], objective=run.objective, device=run.device, loss_epoch=1.0
+    )
+    row = {"stage": 0, "stage_name": "knn", "epoch": 1, "epoch_in_stage": 1, "step": 0,
+           "train_macs": total_cost(p)["macs"], **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
+    run.rows.append(row)
+    if metrics.get("auprc") is not None:
+        p.best_metric, p.best_epoch = float(metrics["auprc"]), 1
+    p.global_epoch, p.stage = 1, len(run.tc.stages)
+    if run.info.is_main:
+        runfolder.save_weights(run.model, run.out / runfolder.WEIGHTS_FILE)
+        run.records.write_metrics(run.rows)
+    return _finish(run, "finished")
+
+
 def _run_stage(run: TrainRun) -> str:
     """The current stage's remaining epochs; ``finished`` when it ended, else stopped | interrupted."""
     index, stage = run.p.stage, run.tc.stages[run.p.stage]
@@ -294,7 +319,7 @@ def _fit_held(
             seed_everything(tc.seed)
             data = prepare_data(cfg, store_path, split_path, info.device)
             model = _build_model(cfg, info)
-            macs = forward_macs(model, cfg.model.img_size)
+            cfg, data, macs, extraction = _model_inputs(cfg, model, data, store_path, info)
             cfg, budget = resolve_budget(cfg, macs, steps_per_epoch(cfg.train, len(data.train_idx)))
             if budget is not None:
                 log.info(
@@ -304,6 +329,7 @@ def _fit_held(
                 cfg, model, _build_objective(cfg, data, info), data, out, info=info, progress=progress,
                 stop_after_steps=stop_after_steps, callbacks=callbacks or (), macs_per_image=macs,
             )  # fmt: skip
+            tr.p.extraction = extraction or {}
             log.info(
                 "effective batch size %d (%d micro-batches of %d per rank x %d ranks), %d steps per epoch, device %s",
                 tc.batch_size, tc.accumulate_steps, distr.per_rank_batch(tc.batch_size, info) // tc.accumulate_steps,
@@ -314,7 +340,7 @@ def _fit_held(
             elif info.is_main:
                 start_run_folder(out, cfg, data, info, tr, budget)
             distr.barrier(info)
-            return run_stages(tr)
+            return run_memory_probe(tr) if _is_knn_probe(cfg) else run_stages(tr)
     finally:
         distr.teardown(info)
 
@@ -328,6 +354,19 @@ def _build_model(cfg: Config, info: distr.DistInfo) -> nn.Module:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _model_inputs(
+    cfg: Config, model: nn.Module, data: TrainData, store_path: str | Path, info: distr.DistInfo
+) -> tuple[Config, TrainData, int, dict | None]:
+    """What the model trains on and its forward MACs per input; a probe's frozen backbone gets its input scale
+    and its embeddings cached once (:mod:`cmafnet.training.probe_data`, with the extraction's cost)."""
+    if cfg.model.name != "probe":
+        return cfg, data, forward_macs(model, cfg.model.img_size), None
+    from cmafnet.training.probe_data import prepare_probe
+
+    pd = prepare_probe(cfg, model, data, store_path, info)
+    return pd.cfg, pd.data, pd.macs_per_input, pd.extraction
 
 
 def _build_objective(cfg: Config, data: TrainData, info: distr.DistInfo) -> nn.Module:

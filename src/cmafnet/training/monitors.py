@@ -112,8 +112,9 @@ def validate(
             average_precision_score(onehot[:, present], p_all[:, present], average="macro")
         )
     monitors = acc.result()
-    with torch.enable_grad():
-        monitors.update(per_class_grad_norms(model, first[0], first[1], C, head))
+    if head:  # a kNN probe has no parameter to take gradients of
+        with torch.enable_grad():
+            monitors.update(per_class_grad_norms(model, first[0], first[1], C, head))
     if hasattr(objective, "entropy_weights"):
         for h, w in enumerate(objective.entropy_weights.float().cpu().tolist()):
             monitors[f"entropy_weight_h{h}"] = w

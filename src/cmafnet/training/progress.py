@@ -68,6 +68,7 @@ class Progress:
     # what each stage has cost so far: {name: {steps, images, passes, macs, seconds}} (records.COST_KEYS)
     stage_cost: dict = field(default_factory=dict)
     macs_per_image: int = 0  # forward MACs of one image (models.complexity): the unit of the cost records
+    extraction: dict = field(default_factory=dict)  # a probe's feature extraction cost (training.probe_data)
 
 
 @dataclass

@@ -56,8 +56,11 @@ def add_step_cost(
 
 
 def total_cost(p: Progress) -> dict[str, float]:
-    """The stages' costs summed."""
-    return {k: sum(c[k] for c in p.stage_cost.values()) for k in COST_KEYS}
+    """The stages' costs summed, plus a probe's feature extraction (its MACs and seconds)."""
+    total = {k: sum(c[k] for c in p.stage_cost.values()) for k in COST_KEYS}
+    for k in ("macs", "seconds"):
+        total[k] += p.extraction.get(k, 0)
+    return total
 
 
 def stage_throughput(p: Progress) -> dict[str, dict[str, float]]:
@@ -80,6 +83,7 @@ def cost_record(p: Progress, device: str) -> dict:
     return {
         "stages": {k: rounded(c) for k, c in p.stage_cost.items()}, "total": rounded(total_cost(p)),
         "macs_per_image": p.macs_per_image, "device": device, "convention": COST_CONVENTION,
+        "extraction": p.extraction or None,  # a probe's embeddings, included in total (training.probe_data)
     }  # fmt: skip
 
 
