@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 
 from cmafnet.bench.acceptance import IDC_TRAIN, IDC_VAL, VARIANTS, project_hours, stage_figures, summarize
+from cmafnet.run import write_meta
 
 EPOCHS = {"branches": 30, "fusion": 40, "end_to_end": 30}
 
@@ -16,7 +15,7 @@ EPOCHS = {"branches": 30, "fusion": 40, "end_to_end": 30}
 def _run_folder(path, rows: list[dict], n_val: int = 100):
     path.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(path / "metrics.csv", index=False)
-    (path / "run.json").write_text(json.dumps({"n_val": n_val}))
+    write_meta(path, {"n_val": n_val})
     return path
 
 

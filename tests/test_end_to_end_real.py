@@ -153,16 +153,24 @@ def test_held_out_balanced_accuracy_above_measured_floor(trained: dict[str, Any]
 
 
 def test_calibration_fitted_on_validation_improves_held_out_ece(trained: dict[str, Any]) -> None:
+    from cmafnet.evaluation.calibration import calibration_report
+    from cmafnet.run import MIN_CALIBRATION_PATIENTS
+
     doc = trained["test"]
     meta = json.loads((trained["run_dir"] / "run.json").read_text())
-    cal = doc["calibration"]
-    assert meta["temperature"] == cal["temperature"] and meta["calibration"]["fitted_on"] == "val"
-    assert meta["calibration"]["nll_after"] <= meta["calibration"]["nll_before"]
+    t, fit = meta["temperature"], meta["calibration"]
+    assert fit["fitted_on"] == "val" and fit["nll_after"] <= fit["nll_before"]
+    # Applied by default only when fitted on enough validation patients, and the output says which.
+    applied = fit["n_patients"] >= MIN_CALIBRATION_PATIENTS
+    assert doc["calibration"]["temperature"] == (t if applied else 1.0), doc["calibration"]
+    assert applied or "not applied" in doc["calibration"]["source"]
+    # The operating threshold was chosen on the validation probabilities at the temperature applied.
+    assert meta["threshold_info"]["temperature"] == doc["calibration"]["temperature"]
     # Fitted on the validation patients, judged on the test patients it never saw.
+    pred = pd.read_csv(trained["run_dir"] / "predictions_test.csv")
+    cal = calibration_report(pred["label"].to_numpy(), pred[["logit_non-IDC", "logit_IDC"]].to_numpy(), t)
     assert cal["ece_after"] <= cal["ece_before"], cal
     assert cal["brier_after"] <= cal["brier_before"], cal
-    # The operating threshold was chosen on the calibrated validation probabilities.
-    assert meta["threshold_info"]["temperature"] == cal["temperature"]
     # The run recorded the scale it was trained at (the IDC store's documented 4 um/px, 50 px patches).
     assert (meta["patch_mpp"], meta["patch_hw"]) == (4.0, [50, 50])
 

@@ -458,7 +458,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
-    names = [q.stem for q in CONFIG_DIR.glob("*.yaml")]
+    names = list_configs()
     raise ConfigError(f"config '{name_or_path}' not found.{suggest(str(name_or_path), names)}")
 
 

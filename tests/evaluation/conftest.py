@@ -12,7 +12,7 @@ import pytest
 from cmafnet.data.store import INDEX_COLUMNS, compute_store_hash
 from cmafnet.evaluation.evaluate import write_predictions
 from cmafnet.evaluation.metrics import classification_metrics
-from cmafnet.run import write_json
+from cmafnet.run import write_json, write_meta
 
 
 def build_store(
@@ -75,9 +75,7 @@ def build_evaluated_run(
     """A run folder as training + 'cmafnet evaluate' leave it, without weights (report input)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
-    write_json(
-        path / "run.json", {"classes": list(classes), "img_size": 64, "seed": seed, "imbalance": imbalance}
-    )
+    write_meta(path, {"classes": list(classes), "img_size": 64, "imbalance": imbalance})
     (path / "config.yaml").write_text(f"model:\n  name: {model}\n")
     c = len(classes)
     y = np.arange(n) % c

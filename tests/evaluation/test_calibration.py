@@ -24,7 +24,7 @@ from cmafnet.inference.temperature import (
     run_temperature,
     threshold_at_temperature,
 )
-from cmafnet.run import save_weights, write_json
+from cmafnet.run import MIN_CALIBRATION_PATIENTS, save_weights, write_meta
 
 
 def test_fit_matches_the_closed_form_of_a_hand_checkable_case():
@@ -63,8 +63,14 @@ def test_calibration_never_changes_a_decision():
         t3 = threshold_at_temperature(t, 1.0, 3.0)
         assert ((p1 >= t) == (p3 >= t3)).all()
         assert threshold_at_temperature(t3, 3.0, 1.0) == pytest.approx(t)
-    assert run_temperature({"temperature": 2.0}, enabled=False)[0] == 1.0
-    assert run_temperature({}, enabled=True)[0] == 1.0
+    assert run_temperature({"temperature": 2.0}, "off")[0] == 1.0
+    assert run_temperature({}, "on")[0] == 1.0
+    # auto: applied only when fitted on enough validation patients
+    stored = lambda k: {"temperature": 2.0, "calibration": {"n_patients": k}}  # noqa: E731
+    assert run_temperature(stored(MIN_CALIBRATION_PATIENTS), "auto")[0] == 2.0
+    t, why = run_temperature(stored(MIN_CALIBRATION_PATIENTS - 1), "auto")
+    assert t == 1.0 and "not applied" in why
+    assert run_temperature(stored(MIN_CALIBRATION_PATIENTS - 1), "on")[0] == 2.0
     rep = calibration_report(np.array([0, 1, 1]), np.array([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0]]), 2.0)
     assert {"ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after"} <= set(rep)
 
@@ -75,7 +81,7 @@ def _store_and_run(tmp_path, store_factory):
     run.mkdir()
     cfg = load_config("smoke", ["data.stain.enabled=false", "model.name=resnet18", "model.img_size=32"])
     (run / "config.yaml").write_text(dump_config(cfg))
-    write_json(run / "run.json", {"classes": ["non-IDC", "IDC"], "img_size": 32, "dataset": "idc"})
+    write_meta(run, {"classes": ["non-IDC", "IDC"], "img_size": 32, "dataset": "idc"})
     save_split(split_store(PatchStore.open(store), ratios=(0.34, 0.33, 0.33), seed=0), run / "split.json")
     import torch
 
@@ -93,10 +99,11 @@ def _store_and_run(tmp_path, store_factory):
 
 def test_evaluate_fits_stores_and_predict_applies_the_same_temperature(tmp_path, store_factory):
     store, run = _store_and_run(tmp_path, store_factory)
-    doc = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8)
+    doc = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8, calibrate="on")
     meta = json.loads((run / "run.json").read_text())
     t = meta["temperature"]
     assert t != 1.0 and meta["calibration"]["fitted_on"] == "val"
+    assert 0 < meta["calibration"]["n_patients"] < MIN_CALIBRATION_PATIENTS
     assert meta["calibration"]["nll_after"] <= meta["calibration"]["nll_before"]
     # The operating threshold was chosen on calibrated validation probabilities, at that temperature.
     assert meta["threshold_info"]["temperature"] == t == doc["calibration"]["temperature"]
@@ -112,7 +119,8 @@ def test_evaluate_fits_stores_and_predict_applies_the_same_temperature(tmp_path,
         paths.append(tmp_path / "img" / f"{r:03d}.png")
         paths[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(np.asarray(ps.images[r])).save(paths[-1])
-    out = predict_files(run, paths, tmp_path / "p.csv", device="cpu", tissue_check=False, progress=False)
+    out = predict_files(run, paths, tmp_path / "p.csv", device="cpu", tissue_check=False, progress=False,
+                        calibrate="on")  # fmt: skip
     got = pd.read_csv(out.out)
     np.testing.assert_allclose(got["prob_IDC"], pred["prob_IDC"], atol=1e-5)
     assert (got["threshold"] == meta["threshold"]).all()
@@ -120,16 +128,20 @@ def test_evaluate_fits_stores_and_predict_applies_the_same_temperature(tmp_path,
     # Switched off: the raw softmax, and the stored threshold mapped so that no decision changes.
     raw = pd.read_csv(
         predict_files(run, paths, tmp_path / "r.csv", device="cpu", tissue_check=False, progress=False,
-                      calibrate=False).out
+                      calibrate="off").out
     )  # fmt: skip
     np.testing.assert_allclose(raw["prob_IDC"], softmax(logits, axis=1)[:, 1], atol=1e-5)
     assert (raw["decision"] == got["decision"]).all()
     assert raw["threshold"].iloc[0] == pytest.approx(threshold_at_temperature(meta["threshold"], t, 1.0))
     # wsi builds the same Predictor: same temperature, same mapped threshold.
-    p = Predictor.from_run_dir(run, device="cpu")
+    p = Predictor.from_run_dir(run, device="cpu", calibrate="on")
     assert (p.temperature, p.threshold) == (t, meta["threshold"])
-    # evaluate --no-calibration: T = 1 for that evaluation, nothing refitted.
-    doc0 = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8, calibrate=False)
+    # By default (auto) a temperature from under 10 validation patients is stored, not applied, and said so.
+    auto = Predictor.from_run_dir(run, device="cpu")
+    assert auto.temperature == 1.0 and "not applied" in auto.calibration
+    assert auto.threshold == pytest.approx(threshold_at_temperature(meta["threshold"], t, 1.0))
+    # evaluate --calibration off: T = 1 for that evaluation, nothing refitted.
+    doc0 = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8, calibrate="off")
     assert doc0["calibration"]["temperature"] == 1.0
     assert json.loads((run / "run.json").read_text())["temperature"] == t
     assert doc0["operating_point"]["metrics"]["confusion"] == doc["operating_point"]["metrics"]["confusion"]

@@ -12,7 +12,7 @@ from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.evaluate import evaluate_run, resolve_targets
-from cmafnet.run import save_weights, write_json
+from cmafnet.run import save_weights, write_meta
 
 BREAKHIS_SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
 
@@ -22,7 +22,7 @@ def _run_folder(path, store_path=None, *, classes=("non-IDC", "IDC"), with_model
     path.mkdir(parents=True)
     cfg = load_config("smoke", [f"model.num_classes={num_classes}"])
     (path / "config.yaml").write_text(dump_config(cfg))
-    write_json(path / "run.json", {"classes": list(classes), "img_size": cfg.model.img_size})
+    write_meta(path, {"classes": list(classes), "img_size": cfg.model.img_size})
     if store_path is not None:
         store = PatchStore.open(store_path)
         save_split(split_store(store, ratios=(0.5, 0.25, 0.25), seed=0), path / "split.json")

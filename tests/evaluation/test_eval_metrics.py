@@ -8,7 +8,6 @@ import pytest
 from sklearn import metrics as skm
 
 from cmafnet.evaluation.metrics import (
-    binary_metrics,
     classification_metrics,
     expected_calibration_error,
     threshold_for_sensitivity,
@@ -53,11 +52,6 @@ def test_threshold_changes_predictions(binary_data):
     assert lo["sensitivity"] > hi["sensitivity"]
     assert lo["specificity"] < hi["specificity"]
     assert lo["auroc"] == hi["auroc"]  # ranking metrics do not depend on the threshold
-
-
-def test_binary_metrics_from_positive_scores(binary_data):
-    y, p = binary_data
-    assert binary_metrics(y, p[:, 1])["auprc"] == pytest.approx(classification_metrics(y, p)["auprc"])
 
 
 def test_ece_known_values():

@@ -16,7 +16,7 @@ from cmafnet.evaluation.report_tables import collect_run, comparison_tables
 from cmafnet.evaluation.rows import MIN_CI_PATIENTS, ci_warning, metric_rows, threshold_rule
 from cmafnet.evaluation.stats import mcnemar
 from cmafnet.evaluation.tables_stats import mcnemar_tests
-from cmafnet.run import write_json
+from cmafnet.run import write_json, write_meta
 
 OP = {"value": 0.3, "target_sensitivity": 0.95, "chosen_on": "val", "n_val": 40, "temperature": 1.7}
 
@@ -68,7 +68,7 @@ def test_every_row_has_patient_cis_with_a_warning_below_ten_patients():
 
 def _run(path, y, p1, op_value, patients):
     path.mkdir()
-    write_json(path / "run.json", {"classes": ["a", "b"], "name": path.name})
+    write_meta(path, {"classes": ["a", "b"], "model": path.name})
     (path / "config.yaml").write_text("model:\n  name: cmafnet\n")
     probs = np.stack([1 - p1, p1], 1)
     idx = pd.DataFrame({"id": [f"i{k}" for k in range(len(y))], "patient": patients})

@@ -14,13 +14,14 @@ from cmafnet.experiments.paper_tables import TABLES, expand
 from cmafnet.experiments.results import Invalid, ResultDoc
 from cmafnet.experiments.runner import Context, run_table
 from cmafnet.experiments.spec import RunSpec
+from cmafnet.run import write_meta
 
 MAG_KEYS = ("40X", "100X", "200X", "400X")
 SUBTYPES = ["A", "F", "PT", "TA", "DC", "LC", "MC", "PC"]
 
 
 def _finish(spec: RunSpec, run_dir: Path, ctx: Context, resume: bool) -> None:
-    (run_dir / "run.json").write_text('{"status": "finished"}')
+    write_meta(run_dir, {"status": "finished"})
 
 
 def _value(spec: RunSpec, k: int) -> float:

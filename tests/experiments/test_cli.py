@@ -9,6 +9,7 @@ import pytest
 from cmafnet.cli import main
 from cmafnet.experiments.cost import anchor_rates, method_rate, run_seconds
 from cmafnet.experiments.paper_tables import expand
+from cmafnet.run import write_meta
 
 
 def test_list_prints_every_table_with_runs_and_cost(capsys: pytest.CaptureFixture) -> None:
@@ -34,14 +35,14 @@ def test_cost_follows_throughput_and_data_size() -> None:
 
 def _fake_run(path: Path, model: str, stage_img_s: dict[str, float], img_size: int = 224) -> Path:
     """A run folder whose run.json records per-stage throughput, as `cmafnet train` writes it."""
-    import json
 
     path.mkdir(parents=True)
     speed = {
-        k: {"img_s": v, "images": 1000, "seconds": 1000 / v, "steps": 10} for k, v in stage_img_s.items()
+        k: {"img_s": v, "step_ms": 1e5 / v, "images": 1000, "seconds": 1000 / v, "steps": 10}
+        for k, v in stage_img_s.items()
     }
     doc = {"model": model, "device": "NVIDIA H200", "img_size": img_size, "stage_throughput": speed}
-    (path / "run.json").write_text(json.dumps(doc))
+    write_meta(path, doc)
     return path
 
 

@@ -17,7 +17,7 @@ from cmafnet.experiments.cost import GMACS_224, _idc_sizes, anchor_rates, method
 from cmafnet.experiments.paper_tables import expand
 from cmafnet.experiments.runner import Context, Summary, run_dir_of, run_table, table_specs, training_config
 from cmafnet.experiments.spec import RunSpec, select_shard
-from cmafnet.run import LAST_CHECKPOINT, write_json
+from cmafnet.run import LAST_CHECKPOINT, write_meta
 
 
 def _macs(spec: RunSpec) -> float:
@@ -43,7 +43,9 @@ class FakeWork:
             macs = ref["cost"]["total"]["macs"]
         (run_dir / LAST_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / LAST_CHECKPOINT).write_bytes(b"ckpt")
-        write_json(run_dir / "run.json", {"status": "finished", "cost": {"total": {"macs": macs}}})
+        total = {"steps": 1, "images": 1, "passes": 1, "macs": macs, "seconds": 1.0}
+        cost = {"stages": {}, "total": total, "macs_per_image": 1.0, "device": "cpu", "convention": "-"}
+        write_meta(run_dir, {"status": "finished", "cost": cost})
 
     def evaluate(self, spec: RunSpec, run_dir: Path, ctx: Context) -> dict:
         h = zlib.crc32(spec.run_id.encode()) % 1000 / 1000

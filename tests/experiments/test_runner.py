@@ -14,7 +14,7 @@ from cmafnet.experiments.aggregate import write_table
 from cmafnet.experiments.execute import convergence, convergence_from_curve
 from cmafnet.experiments.runner import Context, run_table
 from cmafnet.experiments.spec import RunSpec
-from cmafnet.run import LAST_CHECKPOINT, METRICS_FILE, write_json
+from cmafnet.run import LAST_CHECKPOINT, METRICS_FILE, write_meta
 
 
 class Killed(Exception):
@@ -31,12 +31,12 @@ class FakeWork:
 
     def train(self, spec: RunSpec, run_dir: Path, ctx: Context, resume: bool) -> None:
         self.calls.append((spec.run_id, resume))
-        write_json(run_dir / "run.json", {"status": "running"})
+        write_meta(run_dir, {"status": "running"})
         (run_dir / LAST_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / LAST_CHECKPOINT).write_bytes(b"ckpt")
         if self.die_at is not None and len(self.calls) == self.die_at:
             raise Killed(spec.run_id)
-        write_json(run_dir / "run.json", {"status": "finished"})
+        write_meta(run_dir, {"status": "finished"})
 
     def evaluate(self, spec: RunSpec, run_dir: Path, ctx: Context) -> dict:
         self.evals.append(spec.run_id)

@@ -11,7 +11,7 @@ import torch
 
 from cmafnet.config import dump_config, load_config
 from cmafnet.models import create_model
-from cmafnet.run import CONFIG_FILE, META_FILE, WEIGHTS_FILE, save_weights, write_json
+from cmafnet.run import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_meta
 
 CLASSES = ["no_idc", "idc"]
 
@@ -40,7 +40,7 @@ def make_run(
         meta["threshold"] = threshold
     if stain_reference is not None:
         meta["stain_reference"] = stain_reference
-    write_json(root / META_FILE, meta)
+    write_meta(root, meta)
     if weights:
         torch.manual_seed(0)
         save_weights(create_model(cfg.model), root / WEIGHTS_FILE)

@@ -128,7 +128,6 @@ def test_threshold_fallback():
     assert run_threshold({}) == (0.5, "default")
     assert run_threshold({"threshold": 0.12}) == (0.12, "run.json:threshold")
     assert run_threshold({"threshold": 0.12}, 0.7) == (0.7, "argument")
-    assert run_threshold({"threshold": float("nan")}) == (0.5, "default")
 
 
 def test_empty_folder_exit_3(baseline_run, tmp_path, capsys):

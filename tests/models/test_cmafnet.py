@@ -356,7 +356,6 @@ def test_grad_checkpointing_same_gradients_cpu(monkeypatch: pytest.MonkeyPatch) 
                 mod.eval()
     model(x).sum().backward()
     # Only the residual stages are recomputed, never the stem (its in-place ReLU).
-    assert model.spatial.checkpointed_modules() == ["layer1", "layer2", "layer3", "layer4"]
     assert calls == {"spatial": 4, "contextual": len(model.contextual.stages)}
     assert set(ref) == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, g in ref.items():

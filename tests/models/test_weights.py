@@ -22,11 +22,10 @@ from timm.models import save_for_hf
 
 from cmafnet.config import ModelConfig, load_config
 from cmafnet.errors import ConfigError
-from cmafnet.files import write_json
 from cmafnet.models import create_model
 from cmafnet.models.pretrained import WeightsName, parse_weights, pretrained_config, resolve_normalization
 from cmafnet.models.weights import save_weights, without_init_weights
-from cmafnet.run import CONFIG_FILE, load_run
+from cmafnet.run import CONFIG_FILE, load_run, write_meta
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -251,7 +250,7 @@ def test_trained_run_reloads_without_fetching_its_initial_weights(hub: Path, tmp
     run = tmp_path / "run"
     run.mkdir()
     (run / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    write_json(run / "run.json", {"classes": ["a", "b"], "status": "finished"})
+    write_meta(run, {"classes": ["a", "b"], "status": "finished"})
     torch.manual_seed(0)
     model = create_model(without_init_weights(cfg.model))
     save_weights(model, run / "model.safetensors")

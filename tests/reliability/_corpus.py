@@ -17,7 +17,7 @@ from PIL import Image
 import cmafnet
 from cmafnet.config import dump_config, load_config
 from cmafnet.models import create_model
-from cmafnet.run import CONFIG_FILE, META_FILE, WEIGHTS_FILE, save_weights, write_json
+from cmafnet.run import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_meta
 
 STORE_CLASSES = ["non-IDC", "IDC"]
 # `train` in a second: the smoke config on the corpus store, one step per epoch, 32 px, no stain step
@@ -94,7 +94,7 @@ def make_run(root: Path, classes: list[str] = STORE_CLASSES) -> Path:
     cfg = load_config("smoke", ["model.name=resnet18", "model.img_size=32", "data.stain.enabled=false"])
     root.mkdir(parents=True)
     (root / CONFIG_FILE).write_text(dump_config(cfg))
-    write_json(root / META_FILE, {"classes": classes, "img_size": 32, "status": "finished", "dataset": "idc"})
+    write_meta(root, {"classes": classes, "img_size": 32, "status": "finished", "dataset": "idc"})
     torch.manual_seed(0)
     save_weights(create_model(cfg.model), root / WEIGHTS_FILE)
     return root

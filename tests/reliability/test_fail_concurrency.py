@@ -4,7 +4,6 @@ or, in an experiment, left to the holder; the lock of a killed process is taken 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -13,6 +12,7 @@ from _corpus import FAST, SMOKE_SETS, Holder, one_error_line, python, snapshot
 
 from cmafnet.experiments.runner import Context, run_table
 from cmafnet.files import LOCK_FILE, FolderInUse, hold_folder
+from cmafnet.run import write_meta
 
 # A trainer that stops inside its first step's callback (after run.json, config.yaml and split.json are
 # written) until the test kills it.
@@ -119,7 +119,7 @@ class Work:
 
     def train(self, spec, run_dir, ctx, resume) -> None:
         self.trained.append(spec.run_id)
-        (run_dir / "run.json").write_text(json.dumps({"status": "finished"}))
+        write_meta(run_dir, {"status": "finished"})
 
     def evaluate(self, spec, run_dir, ctx) -> dict:
         return {"metrics": {}}

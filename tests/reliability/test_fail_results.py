@@ -10,7 +10,7 @@ import pytest
 from _corpus import one_error_line
 
 from cmafnet.experiments.paper_tables import expand
-from cmafnet.run import write_json
+from cmafnet.run import write_json, write_meta
 
 ROWS = ("resnet50", "cmafnet")
 
@@ -23,7 +23,7 @@ def exp(tmp_path: Path) -> Path:
         if spec.row in ROWS:
             run_dir = out / "runs" / spec.run_id
             run_dir.mkdir(parents=True)
-            write_json(run_dir / "run.json", {"status": "finished"})
+            write_meta(run_dir, {"status": "finished"})
             write_json(run_dir / "experiment.json", spec.to_dict())
             metrics = {"sensitivity": 0.8, "specificity": 0.9, "balanced_accuracy": 0.85}
             write_json(run_dir / "result_test.json", {"spec": spec.to_dict(), "metrics": metrics})

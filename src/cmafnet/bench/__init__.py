@@ -17,10 +17,10 @@ The package sits above :mod:`cmafnet.training` (it imports the trainer; the trai
 
 from cmafnet.bench.data_path import IDC_CLASS_COUNTS, IDC_SIZE, make_store, measure_data_path
 from cmafnet.bench.models import ModelBench, bench_model, make_inputs
-from cmafnet.bench.report import TARGETS, check_targets, compute_ratios, count_errors, format_report
 from cmafnet.bench.steps import cross_entropy_loss, make_optimizer, plain_ce_step, step_breakdown
 from cmafnet.bench.suite import trainer_parts
 from cmafnet.bench.switches import run_switches
+from cmafnet.bench.targets import TARGETS, check_targets, compute_ratios, count_errors, format_report
 from cmafnet.bench.timing import Timing, cuda_graph_forward, latency_ms, profile_steps, time_per_step
 
 __all__ = [

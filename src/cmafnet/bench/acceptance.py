@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cmafnet.data.datasets import IDC
+from cmafnet.run import META_FILE, read_meta
 
 # 70 % / 10 % of IDC's 277,524 patches (patient split): 194,267 / 27,752
 IDC_TRAIN, IDC_VAL = (round(f * IDC.PUBLISHED["images"]) for f in (0.7, 0.1))
@@ -128,7 +129,7 @@ def stage_figures(run_dir: Path) -> dict[str, dict[str, Any]]:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return {}
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    meta = read_meta(run_dir) if (run_dir / META_FILE).exists() else {}
     n_val = meta.get("n_val")
     res = {}
     for stage, rows in pd.read_csv(path).groupby("stage_name", sort=False):

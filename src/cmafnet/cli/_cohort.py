@@ -20,7 +20,7 @@ def run_cohort_command(args: argparse.Namespace) -> int:
     meta = read_meta(args.run_dir)  # a bad run folder stops here, before any slide
     items = read_cohort(args.slides, classes=meta.get("classes") or ())
     options = SlideOptions(level=args.level, mpp=args.target_mpp, tile=args.tile, threshold=args.threshold,
-                           calibrate=not args.no_calibration, top_k=args.top_k)  # fmt: skip
+                           calibrate=args.calibration, top_k=args.top_k)  # fmt: skip
     check_tiling_options(level=options.level, mpp=options.mpp, tile=options.tile, meta=meta)
     out = Path(args.out)
     claim_cohort(out, args.run_dir, options, items)
@@ -46,7 +46,7 @@ def _load(args: argparse.Namespace) -> Any:
     from cmafnet.inference.predict import Predictor
 
     predictor = Predictor.from_run_dir(args.run_dir, device=args.device, threshold=args.threshold, fast=args.fast,
-                                       calibrate=not args.no_calibration)  # fmt: skip
+                                       calibrate=args.calibration)  # fmt: skip
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     return predictor

@@ -20,6 +20,15 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
+def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration", choices=("auto", "on", "off"), default="auto",
+        help="the run's temperature (run.json, fitted on its validation split by 'cmafnet evaluate'): auto "
+        "applies it when fitted on >= 10 patients, on always, off never (T = 1); a stored threshold is mapped "
+        "so its decisions stay the same",
+    )  # fmt: skip
+
+
 def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
     if lo is not None and hi is not None:
         return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"

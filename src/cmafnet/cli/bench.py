@@ -76,22 +76,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, config="paper")
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available to torch on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device: '{name}' is not supported (cpu or cuda)")
-    return dev
-
-
 def _parse_models(items: list[str]) -> list[str]:
     names = [n for item in items for n in item.split(",") if n]
     for n in names:
@@ -140,7 +124,7 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
     import torch
 
     from cmafnet import __version__
-    from cmafnet.training.records import device_name
+    from cmafnet.devices import device_name
 
     env: dict[str, Any] = {
         "cmafnet": __version__,
@@ -179,17 +163,18 @@ def run(args: argparse.Namespace) -> int:
 
     from cmafnet.bench.data_path import IDC_SIZE
     from cmafnet.bench.models import bench_model
-    from cmafnet.bench.report import (
+    from cmafnet.bench.suite import build_specs, measure_cmaf_data_path
+    from cmafnet.bench.switches import run_switches
+    from cmafnet.bench.targets import (
         TARGETS,
         check_targets,
         compute_ratios,
         count_errors,
         format_report,
     )
-    from cmafnet.bench.suite import build_specs, measure_cmaf_data_path
-    from cmafnet.bench.switches import run_switches
     from cmafnet.bench.timing import Timing
     from cmafnet.config import load_config
+    from cmafnet.devices import resolve_device
     from cmafnet.run import write_json
 
     _check_args(args)
@@ -199,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         args.store_size = IDC_SIZE
     names = _parse_models(args.models)
     cfg = load_config(args.config, args.overrides)
-    dev = _resolve_device(args.device)
+    dev = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = dev.type == "cuda"

@@ -120,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 130
     for name, run_dir in runs.items():
-        res = evaluate_run(
-            run_dir, store_dir, split_path=split_path, split="test", device=_device(args.device)
-        )
+        res = evaluate_run(run_dir, store_dir, split_path=split_path, split="test", device=args.device)
         step(f"{name}: held-out test patients")
         for line in [*summary_lines(res), cost_line(read_meta(run_dir))]:
             print(f"          {line}", flush=True)
@@ -159,14 +157,6 @@ def summary_lines(doc: dict) -> list[str]:
             f"calibration: T={cal['temperature']:.3g}, ECE {_num(cal['ece_before'])} -> {_num(cal['ece_after'])}"
         )
     return lines
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pct(v: object) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg, non_negative_int, positive_int
+from cmafnet.cli._common import add_calibration_arg, add_device_arg, non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,10 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="bootstrap resamples for CIs (default eval.bootstrap)",
     )
     p.add_argument("--no-threshold", action="store_true", help="do not (re)choose the operating threshold")
-    p.add_argument(
-        "--no-calibration", action="store_true",
-        help="uncalibrated probabilities (T = 1): neither fit nor apply the run's temperature",
-    )  # fmt: skip
+    add_calibration_arg(p)
     p.add_argument(
         "--scale-match", action=argparse.BooleanOptionalAction, default=None,
         help="also evaluate at the training scale (resample to the run's microns per pixel, tile with the "
@@ -80,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             bootstrap=args.bootstrap,
             choose_threshold=not args.no_threshold,
-            calibrate=not args.no_calibration,
+            calibrate=args.calibration,
             scale_match=args.scale_match,
             aggregate=args.aggregate,
         )

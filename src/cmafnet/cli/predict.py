@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_device_arg, microns_per_pixel, positive_int, probability
+from cmafnet.cli._common import (
+    add_calibration_arg,
+    add_device_arg,
+    microns_per_pixel,
+    positive_int,
+    probability,
+)
 
 EPILOG = """\
 inputs: image files, folders (searched recursively for .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp) or
@@ -16,7 +22,7 @@ tissue_fraction, pen_fraction, flags (not_assessable:background|pen|low_tissue|s
 scale (squeezed | matched), n_tiles, error (the reason a file was rejected: not found, not a regular
 file, too large, corrupt, empty, grayscale, 16-bit, transparent...). A bad file, or a missing path,
 never stops the job. Probabilities are calibrated with the run's temperature (run.json, fitted on
-validation by 'cmafnet evaluate'); --no-calibration gives the raw softmax.
+validation by 'cmafnet evaluate'); --calibration off gives the raw softmax.
 
 exit codes: 0 at least one input was read (predicted or flagged not assessable);
 3 no inputs found (empty folder), no input could be read, or a CSV list that is not text;
@@ -44,9 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="classify every readable image, even blank / pen-marked / low-tissue ones")  # fmt: skip
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="write explanation overlays (CMAF attention + gate maps, Grad-CAM for baselines)")  # fmt: skip
-    p.add_argument("--no-calibration", action="store_true",
-                   help="uncalibrated probabilities (T = 1) instead of the run's validation-fitted temperature; "
-                        "a stored operating threshold is mapped so the decisions stay the same")  # fmt: skip
+    add_calibration_arg(p)
     p.add_argument("--input-mpp", type=microns_per_pixel, default=None, metavar="M",
                    help="microns per pixel of the inputs: resample every image to the run's training scale and "
                         "tile it with the training patch size instead of squeezing it into the model input")  # fmt: skip
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_files(
         args.run_dir, args.inputs, args.out, batch_size=args.batch, device=args.device,
         threshold=args.threshold, tissue_check=not args.no_tissue_check, explain_dir=args.explain,
-        progress=not args.no_progress, fast=args.fast, calibrate=not args.no_calibration, mpp=args.input_mpp,
+        progress=not args.no_progress, fast=args.fast, calibrate=args.calibration, mpp=args.input_mpp,
         aggregate=args.aggregate,
     )  # fmt: skip
     print(

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from cmafnet.cli._common import (
+    add_calibration_arg,
     add_device_arg,
     int_range,
     microns_per_pixel,
@@ -74,8 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=64, metavar="N")
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
-    p.add_argument("--no-calibration", action="store_true",
-                   help="uncalibrated probabilities (T = 1); the stored threshold is mapped to keep its decisions")  # fmt: skip
+    add_calibration_arg(p)
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--top-k", type=positive_int, default=10, metavar="K",
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_slide(
         args.run_dir, args.slides[0], args.out, level=args.level, mpp=args.target_mpp, tile=args.tile,
         batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
-        fast=args.fast, calibrate=not args.no_calibration, top_k=args.top_k,
+        fast=args.fast, calibrate=args.calibration, top_k=args.top_k,
     )  # fmt: skip
     from cmafnet.inference.wsi_figures import partition_line
 

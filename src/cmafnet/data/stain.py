@@ -174,7 +174,7 @@ class MacenkoNormalizer(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _fitted_reference(path: str, mtime_ns: int, Io: float, alpha: float, beta: float) -> dict[str, Any]:
+def _fitted_reference(path: str, _mtime_ns: int, Io: float, alpha: float, beta: float) -> dict[str, Any]:
     from PIL import Image
 
     with Image.open(path) as im:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.operating import choose_temperature, operating_threshold
 from cmafnet.inference.temperature import apply_temperature
@@ -78,14 +79,6 @@ def _subtype_classes(store: Any) -> list[str] | None:
     """The store's subtype class names in the order of ``store.targets('subtype')``, if it has any."""
     names = getattr(store, "subtype_classes", None)
     return [str(n) for n in names] if names else None
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def predict_store(
@@ -173,7 +166,7 @@ def evaluate_run(
     batch_size: int = 256,
     bootstrap: int | None = None,
     choose_threshold: bool = True,
-    calibrate: bool = True,
+    calibrate: str = "auto",
     scale_match: bool | None = None,
     aggregate: str = "mean",
 ) -> dict:
@@ -194,7 +187,8 @@ def evaluate_run(
         batch_size: inference batch size.
         bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
         choose_threshold: binary runs: choose the operating threshold on validation (and store it).
-        calibrate: fit (own split) and apply the run's temperature; False = uncalibrated (T = 1).
+        calibrate: auto | on | off: fit on the own split (unless off) and apply the run's temperature
+            (``inference.temperature.run_temperature``); off = uncalibrated (T = 1).
         scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
         aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
 
@@ -224,12 +218,12 @@ def evaluate_run(
     if isinstance(meta_classes, (list, tuple)) and meta_classes:
         # Check the class set before building the model: cheap, and the most common mistake.
         y_all, classes, kind = resolve_targets([str(c) for c in meta_classes], store, zero_shot=zero_shot)
-        run = load_run(run_dir, device=_resolve_device(device))
+        run = load_run(run_dir, device=resolve_device(device))
     else:  # older run.json without classes: names from the config
-        run = load_run(run_dir, device=_resolve_device(device))
+        run = load_run(run_dir, device=resolve_device(device))
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    predictor = Predictor(run, _resolve_device(device), calibrate=False)  # logits; T applied here
+    predictor = Predictor(run, resolve_device(device), calibrate="off")  # logits; T applied here
     binary = len(classes) == 2
 
     split_obj = None
@@ -258,7 +252,10 @@ def evaluate_run(
             logits if split == "val" else predict_store(predictor, store, val, y_all, batch_size=batch_size)
         )
         y_val = y_all[val]
-    temp, cal_source, meta = choose_temperature(run_dir, meta, val_logits, y_val, calibrate)
+    n_val_patients = None
+    if val_logits is not None and "patient" in store.index.columns:
+        n_val_patients = int(store.index["patient"].iloc[val].nunique())
+    temp, cal_source, meta = choose_temperature(run_dir, meta, val_logits, y_val, calibrate, n_val_patients)
     probs = apply_temperature(logits, temp)
     n_bins = cfg.eval.ece_bins
     op = None

@@ -98,12 +98,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5, n_bins: int = 15) -> dict:
-    """Metrics for a binary problem from the positive-class probability (positive = 1, malignant)."""
-    p_pos = np.asarray(p_pos, dtype=np.float64)
-    return classification_metrics(y_true, np.stack([1.0 - p_pos, p_pos], axis=1), threshold, n_bins=n_bins)
-
-
 def _quiet(fn):
     """Silence sklearn's undefined-metric warnings: undefined values are reported in ``undefined``."""
 

@@ -20,8 +20,7 @@ from cmafnet.evaluation.metrics import threshold_for_sensitivity
 from cmafnet.inference.temperature import (
     fit_temperature,
     run_temperature,
-    threshold_at_temperature,
-    threshold_temperature,
+    stored_threshold,
 )
 from cmafnet.run import update_meta
 
@@ -29,20 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def choose_temperature(
-    run_dir: Path, meta: dict, val_logits: np.ndarray | None, y_val: np.ndarray | None, calibrate: bool
+    run_dir: Path,
+    meta: dict,
+    val_logits: np.ndarray | None,
+    y_val: np.ndarray | None,
+    calibrate: str,
+    n_patients: int | None = None,
 ) -> tuple[float, str, dict]:
-    """Fit the temperature on validation (stored in run.json), or read the stored one."""
-    if calibrate and val_logits is not None and len(val_logits):
+    """Fit the temperature on validation and store it in run.json (unless ``calibrate`` is ``off``),
+    then the temperature to apply (``run_temperature``: ``auto`` needs enough validation patients)."""
+    if calibrate != "off" and val_logits is not None and len(val_logits):
         temp, info = fit_temperature(val_logits, y_val)
-        info["fitted_on"] = "val"
-        meta = update_meta(run_dir, temperature=temp, calibration=info)
-        return (
-            temp,
-            f"temperature {temp:.4g} fitted on validation (n={info['n']}) and stored in run.json",
-            meta,
+        meta = update_meta(
+            run_dir, temperature=temp, calibration={**info, "fitted_on": "val", "n_patients": n_patients}
         )
     temp, source = run_temperature(meta, calibrate)
-    if calibrate and temp == 1.0 and "temperature" not in meta:
+    if calibrate != "off" and temp == 1.0:
         log.warning("uncalibrated probabilities: %s", source)
     return temp, source, meta
 
@@ -77,18 +78,4 @@ def operating_threshold(
             }
             update_meta(run_dir, threshold=t, threshold_info=info)
             return info
-    stored = meta.get("threshold")
-    if isinstance(stored, dict):
-        stored = stored.get("value")
-    if isinstance(stored, (int, float)):
-        info = dict(meta.get("threshold_info") or {})
-        t_chosen = threshold_temperature(meta)
-        info.update(
-            value=threshold_at_temperature(float(stored), t_chosen, temp),
-            chosen_on=info.get("chosen_on", "run.json"),
-            temperature=float(temp),
-        )
-        if abs(t_chosen - temp) > 1e-12:
-            info["mapped_from"] = {"value": float(stored), "temperature": t_chosen}
-        return info
-    return None
+    return stored_threshold(meta, temp)

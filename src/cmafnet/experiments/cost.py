@@ -127,13 +127,9 @@ def load_calibration(run_dir: str | Path) -> Calibration:
     Raises:
         RunFolderError: no run.json, or a run that finished no epoch (nothing measured).
     """
-    path = Path(run_dir) / "run.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunFolderError(
-            f"--calibrate {run_dir}: cannot read {path.name} ({type(err).__name__})"
-        ) from None
+    from cmafnet.run import read_meta
+
+    meta = read_meta(run_dir)
     speed = {k: v for k, v in (meta.get("stage_throughput") or {}).items() if v.get("img_s")}
     if not speed:
         raise RunFolderError(

@@ -186,13 +186,11 @@ def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     Uses the benchmark (``cmafnet.bench``, the trainer's own step) at the config's image size; the
     paper's "FLOPs (G)" are reported as MACs (FLOPs / 2), see docs/decisions/experiments.md.
     """
-    import torch
-
     from cmafnet.bench import ModelBench, Timing, bench_model, trainer_parts
+    from cmafnet.devices import device_name, resolve_device
 
     cfg = load_config(spec.base, list(spec.overrides))
-    dev = ctx.device if ctx.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev)
+    device = resolve_device(ctx.device)
     smoke = ctx.scale == "smoke"
     timing = Timing(
         device=device,
@@ -223,7 +221,7 @@ def profile_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
         raise RunFolderError(f"{spec.run_id}: model build failed: {rec['errors']['build']}")
     return {
         "spec": spec.to_dict(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "img_size": cfg.model.img_size,
         "batch": batch,
         "bench": rec,

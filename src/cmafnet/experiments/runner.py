@@ -111,15 +111,12 @@ def result_path(run_dir: Path, spec: RunSpec) -> Path:
 
 def training_status(run_dir: Path) -> str:
     """``finished`` | ``partial`` (a checkpoint or run.json exists) | ``missing``."""
-    meta = run_dir / META_FILE
-    if meta.exists():
+    if (run_dir / META_FILE).exists():
         try:
-            status = json.loads(meta.read_text()).get("status")
-        except json.JSONDecodeError:
+            status = read_meta(run_dir).get("status")
+        except RunFolderError:  # damaged: the run is redone, and resuming it names the field
             status = None
-        if status == "finished":
-            return "finished"
-        return "partial"
+        return "finished" if status == "finished" else "partial"
     return "partial" if (run_dir / LAST_CHECKPOINT).exists() else "missing"
 
 

@@ -72,7 +72,7 @@ class SlideOptions:
     mpp: float | None = None
     tile: int | None = None
     threshold: float | None = None
-    calibrate: bool = True
+    calibrate: str = "auto"
     top_k: int = 10
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
@@ -27,8 +27,7 @@ from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scal
 from cmafnet.inference.temperature import (
     apply_temperature,
     run_temperature,
-    threshold_at_temperature,
-    threshold_temperature,
+    stored_threshold,
 )
 from cmafnet.inference.tissue import DEFAULT_THRESHOLDS, NOT_ASSESSABLE, TissueThresholds, check_tile
 from cmafnet.run import LoadedRun, load_run
@@ -36,13 +35,6 @@ from cmafnet.run import LoadedRun, load_run
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (or None) picks CUDA when available, else CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def run_classes(run: LoadedRun) -> list[str]:
@@ -58,18 +50,14 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
     """The operating threshold on the positive-class probability and where it came from.
 
     Order: the ``--threshold`` argument, run.json ``threshold`` (chosen on validation for the
-    target sensitivity), run.json ``operating_threshold``, then 0.5 (``default``).
+    target sensitivity; validated by ``cmafnet.run.RunRecord``), then 0.5 (``default``).
     """
     if override is not None:
         if not 0.0 <= override <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], got {override}")
         return float(override), "argument"
-    for key in ("threshold", "operating_threshold"):
-        value = meta.get(key)
-        if isinstance(value, dict):  # tolerate {"value": t, ...}
-            value = value.get("value")
-        if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
-            return float(value), f"run.json:{key}"
+    if meta.get("threshold") is not None:
+        return float(meta["threshold"]), "run.json:threshold"
     return DEFAULT_THRESHOLD, "default"
 
 
@@ -83,7 +71,7 @@ class Predictor:
         threshold: float | None = None,
         *,
         fast: bool = False,
-        calibrate: bool = True,
+        calibrate: str = "auto",
     ):
         self.run = run
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -108,9 +96,10 @@ class Predictor:
         self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
         if self.threshold_source.startswith("run.json"):
             # A stored threshold was chosen at some temperature: the same decisions at ours.
-            t_chosen = threshold_temperature(run.meta)
-            if abs(t_chosen - self.temperature) > 1e-12:
-                self.threshold = threshold_at_temperature(self.threshold, t_chosen, self.temperature)
+            op = stored_threshold(run.meta, self.temperature)
+            self.threshold = op["value"]
+            if "mapped_from" in op:
+                t_chosen = op["mapped_from"]["temperature"]
                 self.threshold_source += f" (chosen at T={t_chosen:.4g}, mapped to T={self.temperature:.4g})"
         if len(self.classes) != 2:
             self.threshold_source = "argmax"  # multi-class: no single operating threshold
@@ -124,7 +113,7 @@ class Predictor:
         threshold: float | None = None,
         *,
         fast: bool = False,
-        calibrate: bool = True,
+        calibrate: str = "auto",
     ) -> Predictor:
         dev = resolve_device(device)
         return cls(load_run(run_dir, device=str(dev)), dev, threshold, fast=fast, calibrate=calibrate)
@@ -185,12 +174,6 @@ class PredictSummary:
     scale: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
 
-    def as_dict(self) -> dict[str, Any]:
-        d = self.__dict__.copy()
-        d["out"] = str(self.out)
-        d["explain_dir"] = str(self.explain_dir) if self.explain_dir else None
-        return d
-
 
 def _columns(classes: list[str]) -> list[str]:
     return [
@@ -212,7 +195,7 @@ def predict_files(
     explain_dir: str | Path | None = None,
     progress: bool = True,
     fast: bool = False,
-    calibrate: bool = True,
+    calibrate: str = "auto",
     mpp: float | None = None,
     aggregate: str = "mean",
 ) -> PredictSummary:

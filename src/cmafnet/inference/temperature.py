@@ -25,9 +25,13 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, logit, softmax
 
+from cmafnet.errors import ConfigError
+from cmafnet.run import MIN_CALIBRATION_PATIENTS, TEMPERATURE_RANGE
+
 # Search range for T: wide enough for any network we train (over-confident nets need T of 1-5,
 # under-confident ones T < 1), narrow enough that a degenerate validation set cannot send T to 0/inf.
-T_MIN, T_MAX = 0.05, 20.0
+# run.json refuses a stored temperature outside it.
+T_MIN, T_MAX = TEMPERATURE_RANGE
 
 
 def _check(logits: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -104,31 +108,42 @@ def threshold_at_temperature(threshold: float, t_from: float, t_to: float) -> fl
     return float(expit(t_from * logit(threshold) / t_to))
 
 
-def stored_temperature(meta: dict) -> float | None:
-    """``run.json`` ``temperature`` when it is a positive finite number, else None."""
-    value = meta.get("temperature")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value):
-        return float(value)
-    return None
+CALIBRATION_MODES = ("auto", "on", "off")
 
 
-def run_temperature(meta: dict, enabled: bool = True) -> tuple[float, str]:
+def run_temperature(meta: dict, mode: str = "auto") -> tuple[float, str]:
     """The temperature a run's probabilities are computed at, and a short description.
 
-    ``enabled=False`` (``--no-calibration``) gives ``1.0``. Without a stored temperature (a run
-    never evaluated on its own validation split) the probabilities are uncalibrated and the
-    description says so.
+    ``mode``: ``off`` gives 1.0; ``on`` the stored temperature; ``auto`` the stored temperature when
+    it was fitted on at least ``MIN_CALIBRATION_PATIENTS`` validation patients (fewer make it worse on
+    unseen patients, docs/decisions.md), else 1.0 and the description says why.
     """
-    if not enabled:
-        return 1.0, "off (--no-calibration)"
-    t = stored_temperature(meta)
+    if mode not in CALIBRATION_MODES:
+        raise ConfigError(f"--calibration must be one of {', '.join(CALIBRATION_MODES)}, got {mode!r}")
+    t = meta.get("temperature")
+    if mode == "off":
+        return 1.0, "off (--calibration off)"
     if t is None:
         return 1.0, "none stored (run.json has no temperature: run 'cmafnet evaluate' on the run's split)"
-    return t, f"temperature {t:.4g} fitted on validation (run.json)"
+    k = (meta.get("calibration") or {}).get("n_patients")
+    fitted = f"temperature {t:.4g} fitted on validation ({'?' if k is None else k} patients, run.json)"
+    if mode == "auto" and (k is None or k < MIN_CALIBRATION_PATIENTS):
+        return (
+            1.0,
+            f"uncalibrated: {fitted} is not applied under {MIN_CALIBRATION_PATIENTS} (--calibration on applies it)",
+        )
+    return float(t), fitted
 
 
-def threshold_temperature(meta: dict) -> float:
-    """The temperature a stored operating threshold was chosen at (1.0 for older runs)."""
-    info = meta.get("threshold_info") or {}
-    value = info.get("temperature") if isinstance(info, dict) else None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+def stored_threshold(meta: dict, temperature: float) -> dict | None:
+    """run.json's operating threshold as ``threshold_info``, mapped to ``temperature`` (the same
+    decisions as at the temperature it was chosen at, kept under ``mapped_from``); None when none is stored."""
+    if meta.get("threshold") is None:
+        return None
+    t, info = float(meta["threshold"]), dict(meta.get("threshold_info") or {})
+    t_chosen = float(info.get("temperature", 1.0))
+    info.update(value=threshold_at_temperature(t, t_chosen, temperature), temperature=float(temperature),
+                chosen_on=info.get("chosen_on", "run.json"))  # fmt: skip
+    if abs(t_chosen - temperature) > 1e-12:
+        info["mapped_from"] = {"value": t, "temperature": t_chosen}
+    return info

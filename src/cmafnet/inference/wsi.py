@@ -270,7 +270,7 @@ def predict_slide(
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     progress: bool = True,
     fast: bool = False,
-    calibrate: bool = True,
+    calibrate: str = "auto",
     predictor: Predictor | None = None,
     top_k: int = 10,
 ) -> WSISummary:

@@ -24,6 +24,7 @@ from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
 from cmafnet.models.output import ModelOutput
+from cmafnet.models.weights import load_strict
 
 
 @dataclass(frozen=True)
@@ -160,12 +161,7 @@ def load_weights(
     clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
     clf_names = (clf,) if isinstance(clf, str) else tuple(clf)
     sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in clf_names)}
-    missing, unexpected = backbone.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.weights: {path} matches neither the model nor its backbone "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
+    load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
 
 
 def _factory(name: str):

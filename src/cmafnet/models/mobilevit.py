@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cmafnet.errors import ConfigError
 from cmafnet.models.nystrom import SelfAttention
+from cmafnet.models.weights import load_strict
 
 VARIANTS = ("xxs", "xs", "s")
 STAGE_REDUCTIONS = (2, 4, 8, 16, 32)  # output stride of each of MobileViT v1's five stages
@@ -258,15 +259,5 @@ class MobileViT(nn.Module):
                 which keep their zero initialisation when absent).
         """
         sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        try:
-            missing, unexpected = self.load_state_dict(sd, strict=False)
-        except RuntimeError as err:  # shape mismatch
-            raise ConfigError(
-                f"contextual.weights: {source} does not fit mobilevit_{self.variant}: {err}"
-            ) from None
-        missing = [k for k in missing if k not in self.added_parameter_names()]
-        if missing or unexpected:
-            raise ConfigError(
-                f"contextual.weights: {source} does not fit mobilevit_{self.variant} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_strict(self, sd, f"contextual.weights: {source} does not fit mobilevit_{self.variant}",
+                    may_miss=tuple(self.added_parameter_names()))  # fmt: skip

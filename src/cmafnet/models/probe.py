@@ -200,7 +200,7 @@ class ProbeModel(nn.Module):
         return {"head": list(self.head.parameters())}  # the backbone is in no role: never trained
 
 
-def _without_backbone(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _without_backbone(module: nn.Module, state_dict: dict, prefix: str, _local_metadata: dict) -> None:
     for k in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
         del state_dict[k]
 

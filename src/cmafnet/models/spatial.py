@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cmafnet.errors import ConfigError
+from cmafnet.models.weights import load_strict
 
 
 class SpatialAttentionGate(nn.Module):
@@ -75,10 +76,6 @@ class SpatialBranch(nn.Module):
         """Recompute the residual stages in backward (training mode with grad enabled only)."""
         self.grad_checkpointing = enable
 
-    def checkpointed_modules(self) -> list[str]:
-        """Names (under ``body``) of the modules recomputed in backward when checkpointing is on."""
-        return [n for n in self.body if n in self._ckpt_names]
-
     def _features(self, x: Tensor) -> list[Tensor]:
         """The backbone's feature maps, as ``body(x)`` returns them (strides 8, 16, 32 by default)."""
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
@@ -108,12 +105,4 @@ class SpatialBranch(nn.Module):
             ConfigError: keys or shapes do not match the backbone.
         """
         sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        try:
-            missing, unexpected = self.body.load_state_dict(sd, strict=False)
-        except RuntimeError as err:
-            raise ConfigError(f"spatial.weights: {source} does not fit {self.backbone}: {err}") from None
-        if missing or unexpected:
-            raise ConfigError(
-                f"spatial.weights: {source} does not fit {self.backbone} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_strict(self.body, sd, f"spatial.weights: {source} does not fit {self.backbone}")

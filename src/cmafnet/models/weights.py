@@ -54,6 +54,24 @@ def load_state_dict_file(path: str | Path) -> dict:
     return obj
 
 
+def load_strict(
+    module: nn.Module,
+    sd: dict[str, Tensor],
+    what: str,
+    error: type[Exception] = ConfigError,
+    may_miss: tuple[str, ...] = (),
+) -> None:
+    """``module.load_state_dict(sd)`` where every key must match (``may_miss``: keys that keep their
+    initialisation when absent); a mismatch is one ``error`` line: ``what`` does not fit, and which keys."""
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise error(f"{what}: {' '.join(str(err).split())[:300]}") from None
+    missing = [k for k in missing if k not in may_miss]
+    if missing or unexpected:
+        raise error(f"{what} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
 def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Keys under ``prefix`` without it when any key has it, else ``sd`` unchanged."""
     if any(k.startswith(prefix) for k in sd):
@@ -96,16 +114,9 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     sd = load_state_dict_file(path)
     if not isinstance(sd, dict):
         raise ConfigError(f"model.weights: {path} does not hold a state dict")
-    sd = _strip_prefix(sd, "module.")
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as err:
-        raise ConfigError(f"model.weights: {path} does not fit the configured model: {err}") from None
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.weights: {path} does not fit the configured model "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    load_strict(
+        model, _strip_prefix(sd, "module."), f"model.weights: {path} does not fit the configured model"
+    )
 
 
 def without_init_weights(cfg: ModelConfig) -> ModelConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cmafnet.config import Config
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.run import cost_total, read_meta
+from cmafnet.training.records import step_macs, step_passes
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,7 @@ def resolve_budget(cfg: Config, macs_per_image: int, steps_per_epoch: int) -> tu
     if tc.budget is None:
         return cfg, None
     target = tc.budget.macs if tc.budget.macs is not None else recorded_macs(tc.budget.match)
-    passes = 2 if tc.sam.enabled and tc.sam.rho > 0 else 1
-    per_step = macs_per_image * tc.batch_size * passes * 3
+    per_step = step_macs(macs_per_image, tc.batch_size, step_passes(tc.sam.rho if tc.sam.enabled else 0.0))
     if per_step <= 0:
         raise ConfigError("train.budget: the model's forward MACs could not be counted")
     active = [i for i, s in enumerate(tc.stages) if stage_steps(s, steps_per_epoch) > 0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,6 @@ class DistInfo:
         return self.world > 1
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when available else cpu; explicit names are checked."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device '{spec}'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device: '{spec}' requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
 def setup(device_spec: str) -> DistInfo:
     """Join the process group named by the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -62,12 +47,12 @@ def setup(device_spec: str) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
-        return DistInfo(rank, world, local, resolve_device(device_spec, local))
+        return DistInfo(rank, world, local, resolve_device(device_spec, local, "train.device"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(device=resolve_device(device_spec))
+        return DistInfo(device=resolve_device(device_spec, option="train.device"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_spec, local)
+    device = resolve_device(device_spec, local, "train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -20,7 +20,7 @@ from cmafnet.training.budget import epoch_steps, stage_epochs
 from cmafnet.training.checkpoint import save_run
 from cmafnet.training.monitors import validate
 from cmafnet.training.progress import TrainRun
-from cmafnet.training.records import add_step_cost, total_cost
+from cmafnet.training.records import add_step_cost, step_passes, total_cost
 from cmafnet.training.schedules import schedule_at, uses_ramp
 from cmafnet.training.stages import StageStep, freeze_eval
 from cmafnet.training.step import StepResult
@@ -37,7 +37,7 @@ def train_one_epoch(run: TrainRun, st: StageStep) -> str:
     limit = epoch_steps(stage, p.epoch, run.steps_per_epoch)
     bar = _progress_bar(run, stage, limit)
     batches = _batches(run, loader, limit)
-    passes = 2 if any(g.sam is not None and g.sam.rho > 0 for g in st.step.groups) else 1  # SAM: two
+    passes = step_passes(max((g.sam.rho for g in st.step.groups if g.sam is not None), default=0.0))
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches, start=p.step_in_epoch):
         sched = schedule_at(

@@ -33,6 +33,7 @@ from torch import nn
 
 from cmafnet import run as runfolder
 from cmafnet.config import Config, TrainConfig
+from cmafnet.devices import device_name
 from cmafnet.errors import ConfigError
 from cmafnet.files import hold_folder
 from cmafnet.models.complexity import forward_macs
@@ -44,7 +45,7 @@ from cmafnet.training.data import prepare_data
 from cmafnet.training.epoch import end_epoch, next_stage, train_one_epoch
 from cmafnet.training.folder import check_run_folder, resume_run, start_run_folder
 from cmafnet.training.progress import Callback, TrainData, TrainRun
-from cmafnet.training.records import RunRecords, device_name, stage_throughput, total_cost
+from cmafnet.training.records import RunRecords, stage_throughput, total_cost
 from cmafnet.training.stages import initial_roles, prepare_stage
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def _install_signal_handlers(run: TrainRun) -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
 
-    def handler(signum: int, frame: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
         if run.stop_signal is not None:
             raise KeyboardInterrupt
         run.stop_signal = signum

@@ -12,11 +12,11 @@ from pathlib import Path
 from cmafnet import __version__
 from cmafnet import run as runfolder
 from cmafnet.config import Config, config_from_dict, dump_config, yaml_load
+from cmafnet.devices import device_name
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.training import distributed as distr
 from cmafnet.training.checkpoint import load_checkpoint, restore_run
 from cmafnet.training.progress import TrainData, TrainRun
-from cmafnet.training.records import device_name
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def start_run_folder(
     out.mkdir(parents=True, exist_ok=True)
     runfolder.atomic_write_bytes(out / runfolder.CONFIG_FILE, dump_config(cfg).encode())
     runfolder.atomic_write_bytes(out / runfolder.SPLIT_FILE, data.meta["split_bytes"])
-    runfolder.write_json(
-        out / runfolder.META_FILE,
+    runfolder.write_meta(
+        out,
         {
             "status": "running",
             "package_version": __version__,

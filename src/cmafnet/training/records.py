@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import math
-import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmafnet import run
 from cmafnet.config import TrainConfig
+from cmafnet.devices import device_name
 from cmafnet.errors import ConfigError
 from cmafnet.training import distributed as distr
 
 if TYPE_CHECKING:
-    import torch
-
     from cmafnet.training.progress import Progress
-
-
-def device_name(device: torch.device) -> str:
-    """The card's or the processor's name, for records of speed (``cuda:0`` says too little)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # platform.processor() is empty on most Linux systems
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 # What a run records it cost, per stage and in total. ``passes``: forward/backward passes over a batch
@@ -43,6 +25,16 @@ COST_CONVENTION = (
 )
 
 
+def step_macs(macs_per_image: float, images: int, passes: int) -> float:
+    """Training MACs of one optimiser step (COST_CONVENTION): forward x images x passes x 3."""
+    return macs_per_image * images * passes * 3
+
+
+def step_passes(sam_rho: float | None) -> int:
+    """Forward/backward passes per step: two with SAM (a positive ``rho``), else one."""
+    return 2 if sam_rho else 1
+
+
 def add_step_cost(
     p: Progress, stage: str, *, images: int, passes: int, macs_per_image: int, seconds: float
 ) -> None:
@@ -51,7 +43,7 @@ def add_step_cost(
     c["steps"] += 1
     c["images"] += images
     c["passes"] += passes
-    c["macs"] += macs_per_image * images * passes * 3
+    c["macs"] += step_macs(macs_per_image, images, passes)
     c["seconds"] += seconds
 
 
