@@ -109,7 +109,7 @@ def test_bench_cuda_requested_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
     assert main(["bench", "--device", "cuda", "--models", "naive"]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_naive_reference_sdpa_matches_explicit_attention(one_thread):

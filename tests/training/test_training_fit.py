@@ -62,6 +62,12 @@ def test_cli_smoke_trains_all_three_stages(store_and_split, tmp_path, capsys, ca
         [50, 50],
         50,
     )  # the trainer's scale
+    # training ended by fitting the temperature and choosing the threshold on its validation split
+    cal = meta["calibration"]
+    assert cal["fitted_on"] == "val" and cal["n"] == meta["n_val"] and cal["n_patients"] >= 1
+    assert 0 < meta["threshold"] < 1 and meta["threshold_info"]["chosen_on"] == "val"
+    assert summary["calibration"]["temperature"] == meta["temperature"]
+    assert (out / "metrics_val.json").exists()
     loaded = load_run(out)  # the run folder is what evaluation/inference read
     assert loaded.model.training is False
     # a finished run refuses to be overwritten and resumes to a no-op

@@ -288,7 +288,7 @@ def fit(
     Returns:
         A summary: status (finished | stopped | interrupted), best epoch and validation AUPRC, epochs,
         steps, skipped non-finite steps, effective batch size, training throughput per stage, last
-        validation metrics.
+        validation metrics; a finished run also its ``calibration`` (:func:`calibrate_run`).
 
     Raises:
         RunFolderError: ``out_dir`` already holds a checkpointed run (without ``resume``), or another
@@ -303,7 +303,25 @@ def fit(
     out = Path(out_dir)
     # rank 0 holds the run folder (the ranks of one run share it); nothing is read or written before
     with hold_folder(out, "cmafnet train") if distr.launch_rank() == 0 else nullcontext():
-        return _fit_held(cfg, store_path, split_path, out, resume, progress, stop_after_steps, callbacks)
+        summary = _fit_held(cfg, store_path, split_path, out, resume, progress, stop_after_steps, callbacks)
+        if summary["status"] == "finished" and distr.launch_rank() == 0:
+            summary["calibration"] = calibrate_run(out, store_path, cfg.train.device)
+        return summary
+
+
+def calibrate_run(out: Path, store_path: str | Path, device: str) -> dict | None:
+    """The end of training: fit the temperature and choose the operating threshold on the run's own
+    validation split, as ``cmafnet evaluate`` of that split does (stored in run.json, with
+    ``metrics_val.json``), so ``predict``, ``wsi`` and ``evaluate`` elsewhere find them. None without
+    a validation split."""
+    from cmafnet.evaluation.evaluate import evaluate_run
+
+    if not runfolder.read_meta(out).get("n_val"):
+        return None
+    doc = evaluate_run(out, store_path, split="val", device=device, bootstrap=0)
+    meta = runfolder.read_meta(out)
+    return {"temperature": meta.get("temperature"), "n_patients": (meta.get("calibration") or {}).get("n_patients"),
+            "applied": doc["calibration"]["source"], "threshold": meta.get("threshold")}  # fmt: skip
 
 
 def _fit_held(
