@@ -176,6 +176,7 @@ class RunRecord(_Section):
     model: str | None = None
     img_size: Annotated[int, Field(ge=8, le=4096)] | None = None
     stain_reference: dict[str, Any] | None = None  # validated by cmafnet.data.stain when read
+    reinhard_reference: dict[str, Any] | None = None  # cmafnet.data.reinhard, validated when read
     # physical scale of the training patches
     patch_mpp: Annotated[float, Field(ge=MPP_RANGE[0], le=MPP_RANGE[1])] | None = None
     patch_hw: Annotated[list[_Positive], Field(min_length=2, max_length=2)] | None = None

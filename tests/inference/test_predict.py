@@ -226,3 +226,26 @@ def test_fast_on_cuda_matches_fp32_to_bf16_rounding(cmaf_run):
     assert fast.fast
     got = fast.predict_arrays(imgs)
     assert np.abs(got - ref).max() < 2e-2
+
+
+def test_adaptations_in_predict_are_applied_and_said(baseline_run, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    imgs = [tmp_path / "in" / f"{i}.png" for i in range(6)]
+    for p in imgs:  # pinkish noise: enough "tissue" for Macenko
+        Image.fromarray((rng.random((48, 48, 3)) * [90, 150, 90] + [140, 60, 130]).astype(np.uint8)).save(p)
+    args = ["predict", str(baseline_run), str(tmp_path / "in"), "--no-tissue-check", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "raw.csv")]) == 0
+    rc = main(
+        [*args, "--out", str(tmp_path / "a.csv"), "--stain-norm", "macenko", "--tta", "d4", "--adabn", "on"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Macenko with the standard H&E reference" in out and "TTA d4" in out
+    assert f"BatchNorm layers re-estimated on the {len(imgs)} inputs" in out
+    raw, adapted = (pd.read_csv(tmp_path / f)["prob_idc"].to_numpy() for f in ("raw.csv", "a.csv"))
+    assert raw.shape == adapted.shape == (6,) and not np.allclose(raw, adapted)
+    # Reinhard needs the LAB statistics training records; this hand-made run has none: one line, exit 4
+    rc = main([*args, "--out", str(tmp_path / "r.csv"), "--stain-norm", "reinhard"])
+    assert rc == 4 and "run.json has no reinhard_reference" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "m.csv"), "--adabn", "on", "--input-mpp", "1"]) == 2

@@ -98,3 +98,15 @@ def test_unsupported_slide_format_exit_3(baseline_run, sample_data, tmp_path, ca
 def test_wsi_run_without_model_exit_4(run_factory, sample_data, tmp_path):
     run = run_factory(tmp_path / "nomodel", weights=False)
     assert main(["wsi", str(run), str(sample_data / SLIDE), "--out", str(tmp_path / "o")]) == 4
+
+
+def test_wsi_with_stain_normalisation_and_tta_says_so(baseline_run, generated_slide, tmp_path, capsys):
+    out = tmp_path / "wsi"
+    rc = main(["wsi", str(baseline_run), str(generated_slide), "--out", str(out), "--device", "cpu", "--no-progress",
+               "--stain-norm", "none", "--tta", "flips"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        "no stain normalisation (switched off)" in summary["preprocess"]
+        and "TTA flips" in summary["preprocess"]
+    )

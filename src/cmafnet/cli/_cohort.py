@@ -12,6 +12,7 @@ from cmafnet.errors import ConfigError
 def run_cohort_command(args: argparse.Namespace) -> int:
     """Process the cohort's slides (this ``--shard``, or every shard as ``--launcher`` jobs), then write
     ``cohort.csv`` and ``report.html``; 3 when a slide failed."""
+    from cmafnet.cli._common import adaptation
     from cmafnet.experiments.spec import parse_shard
     from cmafnet.inference.cohort import SlideOptions, claim_cohort, read_cohort, run_cohort, shard_items
     from cmafnet.inference.wsi import check_tiling_options
@@ -20,7 +21,8 @@ def run_cohort_command(args: argparse.Namespace) -> int:
     meta = read_meta(args.run_dir)  # a bad run folder stops here, before any slide
     items = read_cohort(args.slides, classes=meta.get("classes") or ())
     options = SlideOptions(level=args.level, mpp=args.target_mpp, tile=args.tile, threshold=args.threshold,
-                           calibrate=args.calibration, top_k=args.top_k)  # fmt: skip
+                           calibrate=args.calibration, top_k=args.top_k,
+                           adaptation=adaptation(args).label())  # fmt: skip
     check_tiling_options(level=options.level, mpp=options.mpp, tile=options.tile, meta=meta)
     out = Path(args.out)
     claim_cohort(out, args.run_dir, options, items)
@@ -43,10 +45,11 @@ def run_cohort_command(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from cmafnet.cli._common import adaptation
     from cmafnet.inference.predict import Predictor
 
     predictor = Predictor.from_run_dir(args.run_dir, device=args.device, threshold=args.threshold, fast=args.fast,
-                                       calibrate=args.calibration)  # fmt: skip
+                                       calibrate=args.calibration, adapt=adaptation(args))  # fmt: skip
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     return predictor

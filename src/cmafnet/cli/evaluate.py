@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from cmafnet.cli._common import add_calibration_arg, add_device_arg, non_negative_int, positive_int
+from cmafnet.cli._common import (
+    adaptation,
+    add_adaptation_args,
+    add_calibration_arg,
+    add_device_arg,
+    non_negative_int,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--aggregate", choices=["mean", "max"], default="mean",
         help="scale-matched: tile probabilities per image by mean (default) or max of the positive class",
     )  # fmt: skip
+    add_adaptation_args(p, evaluate=True)
     add_device_arg(p)
     p.set_defaults(func=run)
 
@@ -80,11 +88,32 @@ def run(args: argparse.Namespace) -> int:
             calibrate=args.calibration,
             scale_match=args.scale_match,
             aggregate=args.aggregate,
+            adapt=adaptation(args),
         )
     print(summary_lines(doc, format_metric_for))
     if "scale_matched" in doc:
         print(summary_lines(doc["scale_matched"], format_metric_for))
     return 0
+
+
+def diagnosis_lines(d: dict | None, fmt) -> list[str]:
+    """The zero-shot diagnosis in a few lines: the verdict, the trivial baselines, the top subtypes."""
+    if not d:
+        return []
+    lines = [f"  diagnosis: {d['verdict']}: {d['verdict_reason']}",
+             f"    prevalence {fmt('sensitivity', d['prevalence'])} malignant: calling everything malignant "
+             f"scores sensitivity 100%, specificity 0%, balanced accuracy 50%, AUPRC {d['prevalence']:.3f}"]  # fmt: skip
+    if d.get("by_subtype"):
+        ranked = ", ".join(
+            f"{r['group']} ({(r['label'] or '?')[0].upper()}) {r['mean']:.2f}" for r in d["by_subtype"]
+        )
+        lines.append(f"    mean p(malignant) per subtype, highest first (B benign, M malignant): {ranked}")
+    for r in d.get("field_of_view") or []:
+        fov = "?" if r["patches_per_image"] is None else f"{r['patches_per_image']:.3g}"
+        lines.append(f"    field of view {r['magnification']}: one image spans {fov} training patches; "
+                     f"{r['excluded']} of {r['images']} too small for the scale-matched view")  # fmt: skip
+    lines.append(f"    figure: {d['figure']}")
+    return lines
 
 
 def summary_lines(doc: dict, fmt) -> str:
@@ -97,6 +126,13 @@ def summary_lines(doc: dict, fmt) -> str:
         keys = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy")
     scale = doc.get("scale") or {}
     lines = [f"{doc['name']}: {doc['n']} images, classes {doc['classes']}"]
+    a = doc.get("adaptation") or {}
+    if a.get("label", "raw") != "raw":
+        bn = a.get("adabn")
+        bn = f"; AdaBN: {bn['layers']} BatchNorm layers re-estimated on {bn['on']}" if bn else ""
+        site = a.get("site_calibration")
+        site = f"; site calibration on patients {', '.join(site['patients'])} (not scored)" if site else ""
+        lines.append(f"  adaptation: {a['label']} (input: {a['preprocess']}){bn}{site}")
     if scale.get("mode") == "match":
         excluded = ", ".join(f"{k} {v}" for k, v in (scale.get("excluded") or {}).items()) or "none"
         lines.append(f"  scale-matched: {scale['description']}; excluded: {excluded}")
@@ -123,6 +159,7 @@ def summary_lines(doc: dict, fmt) -> str:
         if op and e.get("operating_metrics"):
             lines.append(row(f"{mag} @ {short_rule(op)}", e["operating_metrics"]))
         lines.append(row(f"{mag} @ {short_rule(None, binary)}", e["metrics"]))
+    lines.extend(diagnosis_lines(doc.get("diagnosis"), fmt))
     if doc.get("ci_warning"):
         lines.append(f"  {doc['ci_warning']} (every bootstrap CI in {doc['paths']['metrics']})")
     lines.append(f"  wrote {doc['paths']['predictions']} and {doc['paths']['metrics']}")

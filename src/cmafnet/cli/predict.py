@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
+    adaptation,
+    add_adaptation_args,
     add_calibration_arg,
     add_device_arg,
     microns_per_pixel,
@@ -51,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="write explanation overlays (CMAF attention + gate maps, Grad-CAM for baselines)")  # fmt: skip
     add_calibration_arg(p)
+    add_adaptation_args(p)
     p.add_argument("--input-mpp", type=microns_per_pixel, default=None, metavar="M",
                    help="microns per pixel of the inputs: resample every image to the run's training scale and "
                         "tile it with the training patch size instead of squeezing it into the model input")  # fmt: skip
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir, args.inputs, args.out, batch_size=args.batch, device=args.device,
         threshold=args.threshold, tissue_check=not args.no_tissue_check, explain_dir=args.explain,
         progress=not args.no_progress, fast=args.fast, calibrate=args.calibration, mpp=args.input_mpp,
-        aggregate=args.aggregate,
+        aggregate=args.aggregate, adapt=adaptation(args),
     )  # fmt: skip
     print(
         f"{s.out}: {s.n_predicted} predicted, {s.n_not_assessable} not assessable, {s.n_errors} errors "

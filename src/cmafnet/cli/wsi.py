@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 
 from cmafnet.cli._common import (
+    adaptation,
+    add_adaptation_args,
     add_calibration_arg,
     add_device_arg,
     int_range,
@@ -76,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     add_calibration_arg(p)
+    add_adaptation_args(p, adabn=False)
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--top-k", type=positive_int, default=10, metavar="K",
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     s = predict_slide(
         args.run_dir, args.slides[0], args.out, level=args.level, mpp=args.target_mpp, tile=args.tile,
         batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
-        fast=args.fast, calibrate=args.calibration, top_k=args.top_k,
+        fast=args.fast, calibrate=args.calibration, top_k=args.top_k, adapt=adaptation(args),
     )  # fmt: skip
     from cmafnet.inference.wsi_figures import partition_line
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.operating import choose_temperature, operating_threshold
+from cmafnet.evaluation.transfer import adapt_to_target, site_calibration, zero_shot_diagnosis
+from cmafnet.inference.adapt import Adaptation
 from cmafnet.inference.temperature import apply_temperature
 from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, write_json
 
@@ -169,6 +172,7 @@ def evaluate_run(
     calibrate: str = "auto",
     scale_match: bool | None = None,
     aggregate: str = "mean",
+    adapt: Adaptation | None = None,
 ) -> dict:
     """Predict a split of ``store_path`` with the run's best model and write predictions and metrics.
 
@@ -191,6 +195,10 @@ def evaluate_run(
             (``inference.temperature.run_temperature``); off = uncalibrated (T = 1).
         scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
         aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
+        adapt: test-time adaptations (:class:`~cmafnet.inference.adapt.Adaptation`); with any, the
+            run's stored temperature and threshold are used, never refitted (site calibration:
+            zero-shot only, refitted on its patients, which are then left out). Zero-shot runs of a
+            binary model also get the ``diagnosis`` (:func:`~cmafnet.evaluation.transfer.zero_shot_diagnosis`).
 
     Returns:
         The metrics document also written to ``metrics_<name>.json`` (plus ``paths``; with
@@ -207,6 +215,11 @@ def evaluate_run(
     from cmafnet.inference.resampling import record_run_scale
     from cmafnet.run import load_run
 
+    adapt = adapt or Adaptation()
+    if adapt.site_patients and not zero_shot:
+        raise ConfigError(
+            "--site-calibration is for another site's labelled patients: use it with --zero-shot"
+        )
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir}: run folder not found")
@@ -223,7 +236,9 @@ def evaluate_run(
         run = load_run(run_dir, device=resolve_device(device))
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    predictor = Predictor(run, resolve_device(device), calibrate="off")  # logits; T applied here
+    if adapt.active:
+        choose_threshold = False  # the run's record holds what its own, unadapted model chose
+    predictor = Predictor(run, resolve_device(device), calibrate="off", adapt=adapt)  # logits; T applied here
     binary = len(classes) == 2
 
     split_obj = None
@@ -239,13 +254,27 @@ def evaluate_run(
                 raise RunFolderError(f"split file not found: {path} (pass --split-file or --all)")
             split_obj = load_split(path, store)
     rows = _select(split, split_obj, len(y_all))
-    name = ("zeroshot_" if zero_shot else "") + split
+    name = ("zeroshot_" if zero_shot else "") + split + _suffix(adapt)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
 
+    adabn = adapt_to_target(predictor, store, rows, y_all[rows], adapt, batch_size)
     logits = predict_store(predictor, store, rows, y_all, batch_size=batch_size)
     y = y_all[rows]
+    site = None
+    if adapt.site_patients:
+        patient_col = store.index["patient"].to_numpy()[rows] if "patient" in store.index.columns else None
+        keep, site_temp, site_op, site = site_calibration(
+            logits, y, patient_col, adapt, float(cfg.eval.target_sensitivity)
+        )
+        rows, logits, y = rows[keep], logits[keep], y[keep]
     if not zero_shot:
         meta = record_run_scale(run_dir, meta, store, None if split_obj is None else split_obj.train)
-    val = None if (split_obj is None or zero_shot) else np.asarray(getattr(split_obj, "val", []))
+    val = (
+        None
+        if (split_obj is None or zero_shot or adapt.active)
+        else np.asarray(getattr(split_obj, "val", []))
+    )
     val_logits, y_val = None, None
     if val is not None and val.size:
         val_logits = (
@@ -255,13 +284,27 @@ def evaluate_run(
     n_val_patients = None
     if val_logits is not None and "patient" in store.index.columns:
         n_val_patients = int(store.index["patient"].iloc[val].nunique())
-    temp, cal_source, meta = choose_temperature(run_dir, meta, val_logits, y_val, calibrate, n_val_patients)
+    if site is not None:
+        temp = site_temp
+        cal_source = (
+            f"site calibration: T={temp:.4g} fitted on {site['n_patients']} target patients (not scored)"
+        )
+    else:
+        temp, cal_source, meta = choose_temperature(
+            run_dir, meta, val_logits, y_val, calibrate, n_val_patients
+        )
     probs = apply_temperature(logits, temp)
     n_bins = cfg.eval.ece_bins
     op = None
     if binary:
         p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
-        op = operating_threshold(run_dir, meta, cfg, p_val, y_val, temp, choose_threshold and not zero_shot)
+        op = (
+            site_op
+            if site is not None
+            else operating_threshold(
+                run_dir, meta, cfg, p_val, y_val, temp, choose_threshold and not zero_shot
+            )
+        )
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     index = store.index
     patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
@@ -282,9 +325,14 @@ def evaluate_run(
         **metric_rows(y, probs, classes, op=op, patients=patients, groups=group_rows(index, rows, "magnification"),
                       n_bins=n_bins, n_boot=n_boot),
     }  # fmt: skip
-
-    out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    doc["adaptation"] = {"label": adapt.label(), **asdict(adapt), "preprocess": predictor.preprocess_desc,
+                         "adabn": adabn, "site_calibration": site}  # fmt: skip
+    if zero_shot and binary:
+        doc["diagnosis"] = zero_shot_diagnosis(
+            y, probs[:, 1], index, rows, threshold=op["value"] if op else 0.5, n_boot=n_boot, meta=meta,
+            image_hw=tuple(store.images.shape[1:3]), figure=out / f"scores_{name}.png",
+            title=f"{run_dir.name} on {getattr(store, 'dataset', 'the target')} ({adapt.label()}): p(malignant)",
+        )  # fmt: skip
     pred_path = out / f"predictions_{name}.csv"
     metrics_path = out / f"metrics_{name}.json"
     thr_value = doc.get("operating_point", {}).get("value", 0.5)
@@ -303,6 +351,17 @@ def evaluate_run(
         return doc
     write_json(metrics_path, doc)
     return doc
+
+
+def _suffix(adapt: Adaptation) -> str:
+    """Output-name suffix of an adapted evaluation (``_stain-reinhard_tta-d4``), empty when raw."""
+    if not adapt.active:
+        return ""
+    return (
+        "_"
+        + "_".join(re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-") for part in adapt.label().split(" + "))
+        + (f"_seed{adapt.seed}" if adapt.seed and (adapt.site_patients or adapt.adabn == "balanced") else "")
+    )
 
 
 def write_predictions(

@@ -74,6 +74,7 @@ class SlideOptions:
     threshold: float | None = None
     calibrate: str = "auto"
     top_k: int = 10
+    adaptation: str = "raw"  # Adaptation.label() of the predictor (stain normalisation, TTA)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
+from cmafnet.inference.adapt import Adaptation
 from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
 from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scaled
@@ -72,8 +73,10 @@ class Predictor:
         *,
         fast: bool = False,
         calibrate: str = "auto",
+        adapt: Adaptation | None = None,
     ):
         self.run = run
+        self.adapt = adapt or Adaptation()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = run.model.to(self.device).eval()
         # --fast (CUDA only): bf16 autocast, channels-last and torch.compile, the bench's inference
@@ -103,7 +106,21 @@ class Predictor:
                 self.threshold_source += f" (chosen at T={t_chosen:.4g}, mapped to T={self.temperature:.4g})"
         if len(self.classes) != 2:
             self.threshold_source = "argmax"  # multi-class: no single operating threshold
-        self.preprocess, self.preprocess_desc = build_preprocess(run, self.device)
+        self.preprocess, self.preprocess_desc = build_preprocess(run, self.device, self.adapt.stain)
+        if self.adapt.tta != "none":
+            self.preprocess_desc += f"; TTA {self.adapt.tta} (mean of the views' probabilities)"
+        self.adabn: dict | None = None  # what adapt_batchnorm did, for the outputs
+
+    def adapt_batchnorm(self, batches: Iterable[np.ndarray], what: str) -> dict:
+        """AdaBN: re-estimate the model's BatchNorm statistics on uint8 ``(B, H, W, 3)`` target batches
+        (``what`` says which images, for the outputs). A model without BatchNorm is left as it is."""
+        from cmafnet.inference.adapt import adapt_batchnorm
+
+        self.adabn = {**adapt_batchnorm(self.model, (self.to_input(list(b)) for b in batches)), "on": what}
+        if not self.adabn["layers"]:
+            log.warning("--adabn: the model has no BatchNorm layer; nothing re-estimated")
+        self.preprocess_desc += f"; AdaBN: {self.adabn['layers']} BatchNorm layers re-estimated on {what}"
+        return self.adabn
 
     @classmethod
     def from_run_dir(
@@ -114,9 +131,12 @@ class Predictor:
         *,
         fast: bool = False,
         calibrate: str = "auto",
+        adapt: Adaptation | None = None,
     ) -> Predictor:
         dev = resolve_device(device)
-        return cls(load_run(run_dir, device=str(dev)), dev, threshold, fast=fast, calibrate=calibrate)
+        return cls(
+            load_run(run_dir, device=str(dev)), dev, threshold, fast=fast, calibrate=calibrate, adapt=adapt
+        )
 
     def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
         """Same-size uint8 ``(H, W, 3)`` images -> normalised model input ``(B, 3, S, S)``."""
@@ -126,8 +146,13 @@ class Predictor:
 
     @torch.inference_mode()
     def logits_from_input(self, x: torch.Tensor) -> np.ndarray:
-        """Uncalibrated logits ``(B, C)`` (float64) of a preprocessed batch."""
-        if self.fast:
+        """Uncalibrated logits ``(B, C)`` (float64) of a preprocessed batch (with ``--tta``: the log of
+        the mean of the views' probabilities, :func:`cmafnet.inference.adapt.tta_logits`)."""
+        if self.adapt.tta != "none":
+            from cmafnet.inference.adapt import tta_logits
+
+            logits = tta_logits(self.model, x, self.adapt.tta)  # eager: the views differ in shape under d4
+        elif self.fast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = self._forward(x.contiguous(memory_format=torch.channels_last))  # (B, C)
         else:
@@ -182,6 +207,18 @@ def _columns(classes: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def _same_size_batches(items: list[InputItem], batch_size: int) -> Iterator[list[np.ndarray]]:
+    """The decodable inputs as batches of one size (AdaBN's pass; unreadable files are skipped)."""
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for _, img, _ in iter_images(items):
+        if img is not None:
+            g = groups.setdefault(img.shape[:2], [])
+            g.append(img)
+            if len(g) >= batch_size:
+                yield groups.pop(img.shape[:2])
+    yield from groups.values()
+
+
 def predict_files(
     run_dir: str | Path,
     inputs: list[str | Path],
@@ -198,6 +235,7 @@ def predict_files(
     calibrate: str = "auto",
     mpp: float | None = None,
     aggregate: str = "mean",
+    adapt: Adaptation | None = None,
 ) -> PredictSummary:
     """Predict every image in ``inputs`` and write ``out_csv`` (one row per input, input order).
 
@@ -206,6 +244,8 @@ def predict_files(
     ``mpp`` (the inputs' microns per pixel) every image is instead resampled to the run's training
     scale and tiled with its patch size (:mod:`cmafnet.inference.resampling`), tile probabilities
     aggregated by ``aggregate``; an image smaller than half a patch at that scale is not assessable.
+    ``adapt``: stain normalisation, TTA and AdaBN (BatchNorm statistics re-estimated on every readable
+    input first, a second pass over the files) as :class:`~cmafnet.inference.adapt.Adaptation`.
 
     Raises:
         ConfigError: ``batch_size`` < 1, or ``out_csv`` / ``explain_dir`` is not a usable path.
@@ -218,9 +258,15 @@ def predict_files(
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
+    if adapt is not None and adapt.adabn != "off" and mpp is not None:
+        raise ConfigError("--adabn re-estimates on the squeezed inputs: it does not go with --input-mpp")
     predictor = Predictor.from_run_dir(
-        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
+        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate, adapt=adapt
     )
+    if predictor.adapt.adabn != "off":
+        predictor.adapt_batchnorm(
+            _same_size_batches(items, batch_size), f"the {len(items)} inputs (readable ones)"
+        )
     scale = matching_scale(predictor.run.meta, predictor.classes, mpp, aggregate)
     explainer = None
     if explain_dir is not None:

@@ -2,55 +2,60 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from cmafnet.data.transforms import GPUPreprocess
+from cmafnet.errors import RunFolderError
 from cmafnet.run import LoadedRun
 
-log = logging.getLogger(__name__)
+
+class _Restained(nn.Module):
+    """A stain normaliser in front of the run's preprocessing (which then normalises no stain)."""
+
+    def __init__(self, stain: nn.Module, pre: nn.Module) -> None:
+        super().__init__()
+        self.stain, self.pre = stain, pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 3, H, W) -> float (B, 3, S, S)
+        return self.pre(self.stain(x))
+
+    @property
+    def last_fallback(self) -> torch.Tensor | None:
+        return getattr(self.stain, "last_fallback", None)
 
 
-def build_preprocess(
-    run: LoadedRun, device: torch.device
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def build_preprocess(run: LoadedRun, device: torch.device, stain: str = "run") -> tuple[nn.Module, str]:
     """The run's evaluation preprocessing: uint8 ``(B, 3, H, W)`` -> normalised float at ``img_size``.
 
-    Uses the data package's ``GPUPreprocess(train=False)`` (Macenko with the run's stain reference,
-    resize, mean/std) when it is installed; otherwise resize + mean/std only, and says so.
-    Returns the callable and a short description for the log / summary.
+    ``GPUPreprocess(train=False)`` (Macenko with the run's stain reference when the run trained with
+    it, resize, mean/std). ``stain`` (``--stain-norm``) replaces the stain step: ``none``,
+    ``macenko`` (the run's reference, else the standard H&E one) or ``reinhard`` (the LAB statistics
+    of the run's training patches). Returns the module and a short description for the outputs.
     """
     cfg = run.config
-    img_size = cfg.model.img_size
-    try:
-        from cmafnet.data.transforms import GPUPreprocess
-    except ImportError:
-        GPUPreprocess = None
-    if GPUPreprocess is not None:
-        ref = run.meta.get("stain_reference")
-        pre = GPUPreprocess(cfg.data, img_size, train=False, stain_reference=ref).to(device).eval()
-        if not cfg.data.stain.enabled:
-            what = "GPUPreprocess(train=False), stain normalisation off (as in training)"
-        elif ref:
-            what = f"GPUPreprocess(train=False), Macenko with the run's stain reference ({ref.get('source', 'run.json')})"
-        else:
-            what = "GPUPreprocess(train=False), Macenko with the standard H&E reference (run.json has none)"
-        return pre, what
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    ref = run.meta.get("stain_reference")
+    trained_with = cfg.data.stain.enabled
+    on = trained_with if stain == "run" else stain == "macenko"
+    data_cfg = cfg.data.model_copy(update={"stain": cfg.data.stain.model_copy(update={"enabled": on})})
+    pre = GPUPreprocess(data_cfg, cfg.model.img_size, train=False, stain_reference=ref).to(device).eval()
+    trained = "as in training" if trained_with else "not in training"
+    if stain == "reinhard":
+        from cmafnet.data.reinhard import ReinhardNormalizer
 
-    mean = torch.tensor(cfg.data.mean or IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std or IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
-    mode = cfg.data.interpolation
-
-    def fallback(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-        if x.shape[-2:] != (img_size, img_size):
-            x = F.interpolate(x, size=(img_size, img_size), mode=mode, align_corners=False, antialias=True)
-        return (x.clamp_(0, 1) - mean) / std
-
-    what = "resize+normalise (cmafnet.data.transforms missing"
-    what += ", NO stain normalisation)" if cfg.data.stain.enabled else ")"
-    log.warning("preprocessing: %s", what)
-    return fallback, what
+        stats = run.meta.get("reinhard_reference")
+        if stats is None:
+            raise RunFolderError(f"--stain-norm reinhard: {run.path}/run.json has no reinhard_reference "
+                                 "(its training patches held too little tissue to measure)")  # fmt: skip
+        norm = ReinhardNormalizer.from_dict(stats).to(device)
+        return _Restained(
+            norm, pre
+        ).eval(), f"Reinhard to the run's training patches ({stats.get('source')}; {trained})"
+    if not on:
+        return pre, f"no stain normalisation ({'as in training' if not trained_with else 'switched off'})"
+    what = (
+        f"the run's stain reference ({ref.get('source', 'run.json')})"
+        if ref
+        else "the standard H&E reference"
+    )
+    return pre, f"Macenko with {what} ({trained})"

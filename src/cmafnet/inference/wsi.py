@@ -40,6 +40,7 @@ from cmafnet.data.safety import MAX_PIXELS_ENV, limits, require_regular_file
 from cmafnet.data.scale import IDC_MPP, MPP_RANGE, check_mpp
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
+from cmafnet.inference.adapt import Adaptation
 from cmafnet.inference.predict import Predictor
 from cmafnet.inference.resampling import resize_image, run_scale
 from cmafnet.inference.tissue import (
@@ -273,11 +274,13 @@ def predict_slide(
     calibrate: str = "auto",
     predictor: Predictor | None = None,
     top_k: int = 10,
+    adapt: Adaptation | None = None,
 ) -> WSISummary:
     """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks.
 
     ``predictor``: a model already loaded from ``run_dir`` (a cohort loads it once); then ``device``,
-    ``threshold``, ``fast`` and ``calibrate`` are those it was made with and are not read here.
+    ``threshold``, ``fast``, ``calibrate`` and ``adapt`` (stain normalisation, TTA) are those it was made
+    with and are not read here.
     """
     start = time.perf_counter()
     slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
@@ -287,7 +290,7 @@ def predict_slide(
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     if predictor is None:
         predictor = Predictor.from_run_dir(
-            run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate
+            run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate, adapt=adapt
         )
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")

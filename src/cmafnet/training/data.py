@@ -24,6 +24,19 @@ def _preprocess(
     return pre.to(device) if isinstance(pre, nn.Module) else pre
 
 
+def reinhard_reference(images: Any, rows: np.ndarray, seed: int, n: int = 256) -> dict | None:
+    """The LAB statistics of (up to ``n`` seeded) training patches: the reference ``--stain-norm
+    reinhard`` maps target images to (None when they hold too little tissue to measure)."""
+    from cmafnet.data.reinhard import reference_stats
+
+    pick = np.sort(np.random.default_rng(seed).permutation(rows)[:n])
+    x = torch.from_numpy(np.asarray(images[pick])).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
+    try:
+        return reference_stats(x, source=f"{len(pick)} training patches")
+    except ValueError:
+        return None
+
+
 def _stain_reference(pre: Any) -> Any:
     for name in ("stain_reference", "reference"):
         ref = getattr(pre, name, None)
@@ -96,6 +109,7 @@ def prepare_data(
         "split_hash": hashlib.sha256(split_bytes).hexdigest(),
         "split_bytes": split_bytes,
         "stain_reference": _stain_reference(pre_train),
+        "reinhard_reference": reinhard_reference(store.images, train_idx, cfg.train.seed),
         "dataset": store.dataset,
         "synthetic": bool(store.meta.get("synthetic", False)),
         "label_kind": split.label_kind,

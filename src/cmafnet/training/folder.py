@@ -86,6 +86,7 @@ def start_run_folder(
             "dataset": data.meta.get("dataset"),
             "synthetic": data.meta.get("synthetic", False),
             "stain_reference": data.meta.get("stain_reference"),
+            "reinhard_reference": data.meta.get("reinhard_reference"),
             **{k: data.meta.get(k) for k in ("patch_mpp", "patch_hw", "patch_px", "patch_scale_source")},
             "effective_batch_size": cfg.train.batch_size,
             "accumulate_steps": cfg.train.accumulate_steps,

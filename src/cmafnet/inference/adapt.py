@@ -1,0 +1,395 @@
+"""Test-time adaptations for a new site: TTA, AdaBN, Reinhard / Macenko stain normalisation, site calibration.
+
+Each of these changes what a trained run sees or how its outputs are read on a target cohort (e.g.
+BreakHis after training on IDC) without touching the trained weights by gradient:
+
+* :func:`tta_logits` averages the class probabilities over the flips / the 8 dihedral transforms
+  of each image (histology has no preferred orientation);
+* :func:`adapt_batchnorm` re-estimates every BatchNorm layer's running statistics on target
+  images (AdaBN, Li et al. 2016, "Revisiting batch normalization for practical domain adaptation");
+* :class:`~cmafnet.data.reinhard.ReinhardNormalizer` and the
+  project's :class:`~cmafnet.data.stain.MacenkoNormalizer` map a target image's colours to a
+  reference's, built by :func:`build_stain_normalizer`;
+* :func:`site_calibration_split` / :func:`site_calibrate` spend ``k`` labelled target patients on
+  refitting the temperature and the operating threshold, and score the remaining patients only.
+
+Conventions: models and ``forward`` callables take the *preprocessed* batch (float ``(B, C, H, W)``,
+mean/std-normalised, as ``cmafnet.inference.preprocess.build_preprocess`` returns it); stain
+normalisers take raw RGB ``(B, 3, H, W)`` (uint8, or float in ``[0, 255]`` like the Macenko
+normaliser) and return the same dtype and range, so they go *before* the mean/std step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from cmafnet.data.reinhard import ReinhardNormalizer, batched_rgb
+from cmafnet.errors import ConfigError
+
+__all__ = [
+    "STAIN_METHODS",
+    "TTA_MODES",
+    "Adaptation",
+    "adapt_batchnorm",
+    "balanced_indices",
+    "build_stain_normalizer",
+    "site_calibrate",
+    "site_calibration_split",
+    "tta_logits",
+]
+
+# ----------------------------------------------------------------------------------------- TTA
+TTA_MODES = ("none", "flips", "d4")
+ADABN_MODES = ("off", "on", "balanced")
+STAIN_CHOICES = ("run", "none", "macenko", "reinhard")  # run: as the run was trained
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What ``evaluate``, ``predict`` and ``wsi`` change on a new site; recorded in their outputs.
+
+    ``stain``: ``run`` (the run's own preprocessing), ``none``, ``macenko`` (to the run's Macenko
+    reference, or the standard H&E one) or ``reinhard`` (to the LAB statistics of the run's training
+    patches, run.json ``reinhard_reference``); ``tta``: ``none | flips | d4``; ``adabn``: ``off``,
+    ``on`` (BatchNorm statistics re-estimated on the target images) or ``balanced`` (on a
+    class-balanced sample of them; needs labels); ``site_patients``: labelled target patients that
+    refit the temperature and threshold and are then left out of the scores (``evaluate`` only);
+    ``seed``: which patients / which balanced sample.
+    """
+
+    stain: str = "run"
+    tta: str = "none"
+    adabn: str = "off"
+    site_patients: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("--stain-norm", self.stain, STAIN_CHOICES), ("--tta", self.tta, TTA_MODES),
+                                     ("--adabn", self.adabn, ADABN_MODES)):  # fmt: skip
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.site_patients < 0:
+            raise ConfigError(f"--site-calibration must be >= 0 patients, got {self.site_patients}")
+
+    @property
+    def active(self) -> bool:
+        return self != Adaptation(seed=self.seed)
+
+    def label(self) -> str:
+        """A short name for tables: ``raw``, or the switches that differ from the default."""
+        parts = [f"stain {self.stain}" if self.stain != "run" else "", f"TTA {self.tta}" if self.tta != "none" else "",
+                 f"AdaBN{' balanced' if self.adabn == 'balanced' else ''}" if self.adabn != "off" else "",
+                 f"site calibration k={self.site_patients}" if self.site_patients else ""]  # fmt: skip
+        return " + ".join(p for p in parts if p) or "raw"
+
+
+def _views(x: Tensor, mode: str) -> list[Tensor]:
+    """The transformed copies of ``x`` (B, C, H, W) that TTA averages over (identity first)."""
+    if mode == "none":
+        return [x]
+    if mode == "flips":
+        return [x, x.flip(-1), x.flip(-2), x.flip((-2, -1))]
+    if mode == "d4":
+        # the dihedral group of the square: 4 rotations of x and 4 rotations of its mirror image
+        mirror = x.flip(-1)
+        return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, mirror) for k in range(4)]
+    raise ConfigError(f"TTA mode must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+
+
+@torch.no_grad()
+def tta_logits(
+    forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4", *, temperature: float = 1.0
+) -> Tensor:
+    """Logits ``(B, K)`` whose softmax is the mean of the class probabilities over the TTA views.
+
+    Args:
+        forward: the model (or any callable) mapping a preprocessed batch ``(B, C, H, W)`` to logits ``(B, K)``.
+        x: the preprocessed batch ``(B, C, H, W)``. ``"d4"`` rotates by 90°, so non-square inputs
+            reach ``forward`` as ``(B, C, W, H)`` too (fine for pooled CNNs, not for fixed-size ViTs).
+        mode: ``"none"`` (the identity only), ``"flips"`` (identity, horizontal flip, vertical flip,
+            both: 4 views) or ``"d4"`` (the 8 dihedral transforms: 4 rotations × mirror).
+        temperature: the temperature the probabilities are averaged at (the run's calibration).
+
+    Returns:
+        ``T · log(mean_v softmax(z_v / T))``, float32. Averaging probabilities (not logits) is the
+        usual TTA; ``log p`` is a valid logit vector because ``softmax(log p) = p`` (probabilities
+        sum to 1), and the factor ``T`` makes ``softmax(out / T)`` — what the predictor applies to
+        logits — give back exactly that mean. With ``T = 1`` (default) ``softmax(out)`` is the mean
+        of the views' plain softmax. Computed with log-sum-exp, so no probability underflows to
+        ``log 0``. One forward per view (memory of one batch at a time).
+    """
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    views = _views(x, mode)
+    logp = torch.stack([torch.log_softmax(forward(v).float() / temperature, -1) for v in views])  # (V, B, K)
+    return temperature * (torch.logsumexp(logp, 0) - math.log(len(views)))  # (B, K)
+
+
+# --------------------------------------------------------------------------------------- AdaBN
+def _bn_layers(model: nn.Module) -> list[_BatchNorm]:
+    """BatchNorm layers that keep running statistics (the only ones AdaBN can re-estimate)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def adapt_batchnorm(
+    model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], Any] | None = None
+) -> dict[str, Any]:
+    """AdaBN: replace every BatchNorm layer's running mean / variance by the target data's.
+
+    The source statistics a network normalises with are one of the things that shift between sites
+    (staining, scanner); AdaBN (Li et al., 2016) re-estimates them on unlabelled target images and
+    leaves every learnt weight alone. Here: each BN layer with running statistics is reset, and the
+    batches are run through the model in ``no_grad`` with *only* the BN layers in train mode
+    (dropout, stochastic depth etc. stay in eval mode, so the statistics are those of the
+    deterministic network). The estimate is the cumulative average over all batches (as with
+    ``momentum=None``, but weighted by images, so a smaller last batch counts for its size): the
+    running mean is the target mean exactly, the variance the image-weighted average of the per-batch
+    (unbiased) variances. Momentum and every module's train / eval flag are restored afterwards
+    (an eval-mode model comes back in eval mode), also on error, when the original statistics are
+    put back as well.
+
+    Risk under class-proportion shift: the re-estimated statistics absorb the target's class mix.
+    BN then centres features on the target's average image, so if the target holds e.g. 70 %
+    malignant images where the source held 30 %, what used to be "average" moves towards the
+    malignant class and decisions drift towards benign (and the operating threshold no longer means
+    what it meant on validation). When labels exist, re-estimate on a class-balanced sample
+    (:func:`balanced_indices`); otherwise report the adaptation alongside the unadapted result.
+
+    Args:
+        model: the network; its BN layers are updated in place.
+        batches: preprocessed batches ``(B, C, H, W)`` on the model's device (only images are needed).
+        forward: how to run a batch (default ``model``), e.g. a wrapper that unpacks extra outputs.
+            A ``torch.compile``'d forward recompiles for the train-mode BN; prefer the eager model.
+
+    Returns:
+        ``{"method", "layers", "images", "batches"}``; ``layers == 0`` (nothing changed, no error) for a
+        model without BatchNorm, e.g. a ViT or a GroupNorm / LayerNorm network.
+
+    Raises:
+        ValueError: ``batches`` was empty (the model is left as it was).
+    """
+    bns = _bn_layers(model)
+    summary: dict[str, Any] = {"method": "AdaBN (BatchNorm statistics re-estimated)", "layers": len(bns)}
+    if not bns:
+        return {**summary, "images": 0, "batches": 0}
+    run = model if forward is None else forward
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in bns]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    n_images = n_batches = 0
+    ok = False
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.train()
+        for x in batches:
+            b = int(x.shape[0])
+            if b == 0:
+                continue
+            n_images += b
+            n_batches += 1
+            for m in bns:
+                m.momentum = b / n_images  # cumulative, image-weighted average (first batch: 1)
+            run(x)
+        if n_images == 0:
+            raise ValueError("adapt_batchnorm: no images in batches")
+        ok = True
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        for m, was in flags:
+            m.training = was
+        if not ok:
+            for m, s in zip(bns, saved):
+                m.load_state_dict(s)
+    return {**summary, "images": n_images, "batches": n_batches}
+
+
+def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Row indices of a class-balanced sample: every class undersampled to the smallest class's count.
+
+    For AdaBN on labelled target data (see :func:`adapt_batchnorm` on class-proportion shift).
+    Seeded (``numpy.random.default_rng(seed)``), without replacement, returned sorted. With a
+    single class present every row is returned (there is nothing to balance).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {y.shape}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    n = int(counts.min())
+    picked = [rng.choice(np.flatnonzero(y == c), size=n, replace=False) for c in classes]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- stain: builder
+STAIN_METHODS = ("none", "macenko", "reinhard")
+
+
+def build_stain_normalizer(
+    method: str, reference_images: Tensor | None = None, stain_reference: dict[str, Any] | None = None
+) -> nn.Module | None:
+    """The stain normaliser for ``method`` (on the CPU: move it with ``.to(device)``), or None for "none".
+
+    Args:
+        method: ``"none"``, ``"macenko"`` or ``"reinhard"`` (case-insensitive).
+        reference_images: RGB ``(B, 3, H, W)`` / ``(3, H, W)``, uint8 or float in [0, 255], to fit
+            the reference to (Macenko: all images side by side as one mosaic, so they need one height).
+        stain_reference: a stored reference (``MacenkoNormalizer.to_dict()``, e.g. run.json's
+            ``stain_reference``, or :func:`reference_stats`); used in preference to ``reference_images``.
+
+    Macenko without any reference uses the standard H&E reference (the project's
+    :class:`~cmafnet.data.stain.MacenkoNormalizer` defaults); Reinhard has no standard reference.
+
+    Raises:
+        ConfigError: unknown method; a stored reference of another method; Reinhard without a reference.
+    """
+    from cmafnet.data.stain import MacenkoNormalizer
+
+    m = str(method).strip().lower()
+    if m not in STAIN_METHODS:
+        raise ConfigError(
+            f"stain normalisation method must be one of {', '.join(STAIN_METHODS)}, got {method!r}"
+        )
+    if m == "none":
+        return None
+    if stain_reference is not None:
+        stored = str(stain_reference.get("method", "macenko")).lower()
+        if stored != m:
+            raise ConfigError(f"stain method {m!r} was asked for but the stored reference is {stored!r}")
+    if m == "macenko":
+        if stain_reference is not None:
+            return MacenkoNormalizer.from_dict(stain_reference)
+        norm = MacenkoNormalizer()
+        if reference_images is not None:
+            x = batched_rgb(reference_images)
+            mosaic = torch.cat(list(x), dim=-1)  # (3, H, B*W): one stain estimate over all images
+            norm.fit(mosaic, source=f"{x.shape[0]} reference image(s)")
+        return norm
+    if stain_reference is not None:
+        return ReinhardNormalizer.from_dict(stain_reference)
+    if reference_images is None:
+        raise ConfigError("Reinhard stain normalisation needs reference images or a stored reference")
+    x = batched_rgb(reference_images)
+    return ReinhardNormalizer().fit(x, source=f"{x.shape[0]} reference image(s)")
+
+
+# ------------------------------------------------------------------------- site calibration
+def site_calibration_split(
+    patients: np.ndarray, labels: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a labelled target cohort by patient: ``k`` calibration patients, the rest for evaluation.
+
+    The ``k`` patients are drawn with ``numpy.random.default_rng(seed)`` over the sorted patient ids
+    (same seed, same ids -> same split). When ``k >= 2``, one patient holding each class is taken
+    first (as far as ``k`` allows and such patients exist), so the calibration set can define a
+    sensitivity (it needs positives) and a temperature (it needs both classes); the rest are random.
+
+    Args:
+        patients: ``(N,)`` patient id per row (image).
+        labels: ``(N,)`` class index per row.
+        k: number of calibration patients, ``1 <= k < number of patients``.
+
+    Returns:
+        ``(calibration_rows, evaluation_rows)``: sorted int64 row indices; no patient is in both.
+
+    Raises:
+        ConfigError: ``k < 1`` or ``k >=`` the number of patients (nothing would be left to score).
+    """
+    pid = np.asarray(patients)
+    y = np.asarray(labels)
+    if pid.shape != y.shape or pid.ndim != 1:
+        raise ValueError(f"patients and labels must be 1-D of equal length, got {pid.shape} and {y.shape}")
+    uniq = np.unique(pid)  # sorted
+    if not 1 <= k < len(uniq):
+        raise ConfigError(
+            f"site calibration: k={k} patients requested, need 1 <= k < {len(uniq)} (the target's patient "
+            "count), so that some patients are left to evaluate on"
+        )
+    rng = np.random.default_rng(seed)
+    order = uniq[rng.permutation(len(uniq))]
+    chosen: list[Any] = []
+    if k >= 2:
+        for c in rng.permutation(np.unique(y)):
+            if len(chosen) >= k:
+                break
+            if any(c in y[pid == p] for p in chosen):
+                continue
+            holder = next((p for p in order if p not in chosen and (y[pid == p] == c).any()), None)
+            if holder is not None:
+                chosen.append(holder)
+    chosen += [p for p in order if p not in chosen][: k - len(chosen)]
+    cal = np.isin(pid, np.asarray(chosen, dtype=pid.dtype))
+    return np.flatnonzero(cal).astype(np.int64), np.flatnonzero(~cal).astype(np.int64)
+
+
+def site_calibrate(
+    logits_cal: np.ndarray,
+    y_cal: np.ndarray,
+    target_sensitivity: float,
+    patients_cal: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Refit the temperature and the operating threshold on a site's calibration patients.
+
+    The temperature is :func:`~cmafnet.inference.temperature.fit_temperature` on ``logits_cal``
+    (NLL; kept at 1 unless strictly better), and the threshold
+    :func:`~cmafnet.evaluation.metrics.threshold_for_sensitivity` on the positive-class probability
+    ``softmax(logits / T)[:, 1]``: the highest threshold that reaches ``target_sensitivity`` on the
+    calibration images. Both hold at that temperature only (``threshold_at_temperature`` maps it).
+    Few patients give a noisy temperature (``run_temperature`` in ``auto`` mode ignores one fitted on
+    under ``MIN_CALIBRATION_PATIENTS`` patients); report ``n_patients`` next to the result.
+
+    Args:
+        logits_cal: ``(N, K)`` uncalibrated logits of the calibration images.
+        y_cal: ``(N,)`` class indices; a threshold needs at least one positive (class 1).
+        target_sensitivity: in (0, 1].
+        patients_cal: ``(N,)`` patient ids, only to report ``n_patients``.
+
+    Returns:
+        ``{"temperature", "threshold", "target_sensitivity", "sensitivity", "specificity", "n_images",
+        "n_positive", "n_patients", "calibration"}``; ``threshold`` (and the two rates) is None for
+        more than two classes (argmax decisions). ``calibration`` is ``fit_temperature``'s info.
+
+    Raises:
+        ConfigError: no positive image among the calibration images (choose more patients).
+    """
+    from cmafnet.evaluation.metrics import threshold_for_sensitivity
+    from cmafnet.inference.temperature import apply_temperature, fit_temperature
+
+    z = np.asarray(logits_cal, dtype=np.float64)
+    y = np.asarray(y_cal).astype(np.int64)
+    temp, info = fit_temperature(z, y)
+    out: dict[str, Any] = {
+        "temperature": float(temp),
+        "threshold": None,
+        "target_sensitivity": float(target_sensitivity),
+        "sensitivity": None,
+        "specificity": None,
+        "n_images": len(y),
+        "n_positive": int((y == 1).sum()),
+        "n_patients": None if patients_cal is None else len(np.unique(np.asarray(patients_cal))),
+        "calibration": info,
+    }
+    if z.shape[1] != 2:
+        return out
+    if not (y == 1).any():
+        raise ConfigError(
+            "site calibration: the calibration patients hold no positive image; use more patients"
+        )
+    p1 = apply_temperature(z, temp)[:, 1]  # (N,)
+    thr = threshold_for_sensitivity(y, p1, target_sensitivity)
+    pred = p1 >= thr
+    out["threshold"] = float(thr)
+    out["sensitivity"] = float(pred[y == 1].mean())
+    out["specificity"] = float((~pred[y == 0]).mean()) if (y == 0).any() else None
+    return out
