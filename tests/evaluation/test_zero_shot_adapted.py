@@ -80,3 +80,20 @@ def test_site_calibration_is_refused_off_a_foreign_site_and_needs_patients_left(
         evaluate_run(run, bh, adapt=Adaptation(site_patients=2))
     with pytest.raises(ConfigError):
         evaluate_run(run, bh, zero_shot=True, bootstrap=0, adapt=Adaptation(site_patients=6))
+
+
+def test_the_report_has_the_diagnosis_section_and_figure(run_and_target, tmp_path):
+    from cmafnet.evaluation.report import write_report
+
+    run, bh = run_and_target
+    evaluate_run(run, bh, zero_shot=True, bootstrap=20, batch_size=16, scale_match=False)
+    evaluate_run(run, bh, zero_shot=True, bootstrap=20, batch_size=16, scale_match=False,
+                 adapt=Adaptation(tta="flips"))  # fmt: skip
+    html = write_report([run], tmp_path / "report").read_text()
+    section = html[html.index("<h2>Zero-shot diagnosis</h2>") :]
+    assert (
+        "everything malignant" in section
+        and "TTA flips" in section
+        and "Mean p(malignant) per subtype" in section
+    )
+    assert "p(malignant) per subtype and magnification" in section and "data:image/png;base64," in section

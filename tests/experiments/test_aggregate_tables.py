@@ -40,6 +40,15 @@ def _eval(spec: RunSpec, run_dir: Path, ctx: Context) -> dict:
         "classes": SUBTYPES,
         "by_magnification": by_mag,
         "convergence": {"epoch": 3 + spec.seed, "stability": 1.0},
+        # zero-shot (Table 3): one adaptation, with its own diagnosis
+        "diagnosis": {"verdict": "inverted (ranks benign above malignant)"},
+        "adapted": {
+            "TTA d4": {
+                "metrics": {"auroc": 0.6},
+                "diagnosis": {"verdict": "discriminates"},
+                "by_magnification": {m: {"sensitivity": 0.9} for m in MAG_KEYS},
+            }
+        },
     }
 
 
@@ -71,6 +80,11 @@ def test_table3_per_magnification_average_and_std(ctx: Context) -> None:
     assert cells[1] == "50.05 ± 0.07" and cells[2] == "87.34 ± 1.2"
     means = [50.05, 51.05, 52.05, 53.05]
     assert cells[9] == f"{np.mean(means):.2f}" and cells[11] == f"{np.std(means, ddof=1):.2f}"
+    assert cells[-1] == "inverted (ranks benign above malignant)"
+    # one line per test-time adaptation under each raw row, read from the run's `adapted` results
+    tta = _row(paths["markdown"].read_text(), "ResNet-50 + TTA d4")
+    assert tta[1] == "90.00 ± 0.00" and tta[-2] == "60.00 ± 0.00" and tta[-1] == "discriminates"
+    assert _row(paths["markdown"].read_text(), "ResNet-50 + AdaBN balanced")[1] == "n/a"  # not in the results
 
 
 def test_table4_rows_are_method_by_magnification(ctx: Context) -> None:

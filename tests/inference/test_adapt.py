@@ -12,12 +12,11 @@ from cmafnet.data.reinhard import ReinhardNormalizer, reference_stats
 from cmafnet.data.stain import HE_REF, MacenkoNormalizer
 from cmafnet.errors import ConfigError
 from cmafnet.evaluation.metrics import threshold_for_sensitivity
+from cmafnet.evaluation.transfer import site_calibrate, site_calibration_split
 from cmafnet.inference.adapt import (
     adapt_batchnorm,
     balanced_indices,
     build_stain_normalizer,
-    site_calibrate,
-    site_calibration_split,
     tta_logits,
 )
 from cmafnet.inference.temperature import threshold_at_temperature

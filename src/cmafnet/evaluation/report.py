@@ -32,6 +32,7 @@ from cmafnet.evaluation.report_tables import (
     calibration_table,
     collect_run,
     comparison_tables,
+    diagnosis_tables,
     magnification_tables,
     zero_shot_table,
 )
@@ -68,6 +69,21 @@ def curve_figures(runs: Sequence[RunInfo]) -> Figures:
         for kind, name in (("roc", "ROC"), ("pr", "Precision-recall")):
             title = f"{name} curves on '{ev}': every run"
             figs.append((title, plots.figure_png(plots.plot_curves(curves, kind, title))))
+    return figs
+
+
+def diagnosis_figures(runs: Sequence[RunInfo]) -> Figures:
+    """The score-distribution figure each zero-shot diagnosis wrote (per subtype and magnification)."""
+    figs = []
+    for r in runs:
+        for ev_name, ev in r.evaluations.items():
+            path = Path((ev.get("diagnosis") or {}).get("figure") or "")
+            if not path.is_file():  # a run folder moved since: the figure sits beside its metrics
+                path = r.path / path.name
+            if path.suffix == ".png" and path.is_file():
+                figs.append(
+                    (f"{r.name} / {ev_name}: p(malignant) per subtype and magnification", path.read_bytes())
+                )
     return figs
 
 
@@ -143,6 +159,7 @@ def _sections(
         ("Training cost", cost_table(runs), []),
         ("Per magnification", magnification_tables(runs), []),
         ("Zero-shot", zero_shot_table(runs), []),
+        ("Zero-shot diagnosis", diagnosis_tables(runs), diagnosis_figures(runs)),
         *((f"Figures — {r.name}", [], run_figures(r)) for r in runs),
     ]
     return [s for s in sections if s[1] or s[2]], mc_data

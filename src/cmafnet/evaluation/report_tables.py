@@ -225,6 +225,64 @@ def zero_shot_table(runs: Sequence[RunInfo]) -> list[TableResult]:
     return [runs_table("zero_shot", "Zero-shot BreakHis (Table 3 layout)", cols, items, [note, CI_NOTE])]
 
 
+def _ci_cell(m: dict) -> str:
+    v, ci = m.get("value"), m.get("ci")
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+DIAGNOSIS_KEYS = ("sensitivity", "specificity", "balanced_accuracy", "auroc", "auprc")
+
+
+def diagnosis_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
+    """Every zero-shot evaluation's diagnosis: its metrics with patient-level intervals beside the trivial
+    rows, the verdict, and the mean score per subtype (which tissue the model takes for cancer)."""
+    evs = [(row_label(r, n, ev), ev) for r, n, ev in _evaluations(runs, True) if ev.get("diagnosis")]
+    if not evs:
+        return []
+    head = [
+        "evaluation",
+        "adaptation",
+        "prevalence (%)",
+        *(k.replace("_", " ") for k in DIAGNOSIS_KEYS),
+        "verdict",
+    ]
+    rows = [
+        [label, (ev.get("adaptation") or {}).get("label", "raw"), f"{100 * ev['diagnosis']['prevalence']:.1f}",
+         *(_ci_cell(ev["diagnosis"]["metrics"][k]) for k in DIAGNOSIS_KEYS), ev["diagnosis"]["verdict"]]
+        for label, ev in evs
+    ]  # fmt: skip
+    for name, t in evs[0][1]["diagnosis"]["trivial"].items():
+        rows.append(
+            [name.replace("_", " "), "", "", *(f"{100 * t[k]:.1f}" for k in DIAGNOSIS_KEYS), "trivial"]
+        )
+    tables = [
+        TableResult.plain(
+            "diagnosis", "Zero-shot diagnosis (%, 95 % patient-level bootstrap intervals)", head, rows
+        )
+    ]
+    subtypes: list[str] = []
+    for _, ev in evs:
+        subtypes += [
+            s["group"] for s in ev["diagnosis"].get("by_subtype") or [] if s["group"] not in subtypes
+        ]
+    if subtypes:
+        kind = {
+            s["group"]: (s["label"] or "?")[0].upper()
+            for _, ev in evs
+            for s in ev["diagnosis"]["by_subtype"] or []
+        }
+        order = sorted(subtypes, key=lambda s: (kind[s], s))  # benign subtypes first
+        means = [{s["group"]: s["mean"] for s in ev["diagnosis"]["by_subtype"] or []} for _, ev in evs]
+        tables.append(TableResult.plain(
+            "diagnosis_subtypes", "Mean p(malignant) per subtype (B benign, M malignant)",
+            ["evaluation", *(f"{s} ({kind[s]})" for s in order)],
+            [[label, *(m.get(s) for s in order)] for (label, _), m in zip(evs, means)],
+        ))  # fmt: skip
+    return tables
+
+
 CALIBRATION = (
     Column("n", "images", "n", "count", paper=False),
     Column("temperature", "temperature", "temperature", "sig3", paper=False),

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError
-from cmafnet.inference.adapt import Adaptation, balanced_indices, site_calibrate, site_calibration_split
+from cmafnet.evaluation.metrics import threshold_for_sensitivity
+from cmafnet.inference.adapt import Adaptation, balanced_indices
+from cmafnet.inference.temperature import apply_temperature, fit_temperature
 
 
 def adapt_to_target(
@@ -104,3 +106,110 @@ def zero_shot_diagnosis(
         )
     doc["figure"] = str(plot_score_distributions(p_pos, subtypes, mags, y, figure, title))
     return doc
+
+
+def site_calibration_split(
+    patients: np.ndarray, labels: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a labelled target cohort by patient: ``k`` calibration patients, the rest for evaluation.
+
+    The ``k`` patients are drawn with ``numpy.random.default_rng(seed)`` over the sorted patient ids
+    (same seed, same ids -> same split). When ``k >= 2``, one patient holding each class is taken
+    first (as far as ``k`` allows and such patients exist), so the calibration set can define a
+    sensitivity (it needs positives) and a temperature (it needs both classes); the rest are random.
+
+    Args:
+        patients: ``(N,)`` patient id per row (image).
+        labels: ``(N,)`` class index per row.
+        k: number of calibration patients, ``1 <= k < number of patients``.
+
+    Returns:
+        ``(calibration_rows, evaluation_rows)``: sorted int64 row indices; no patient is in both.
+
+    Raises:
+        ConfigError: ``k < 1`` or ``k >=`` the number of patients (nothing would be left to score).
+    """
+    pid = np.asarray(patients)
+    y = np.asarray(labels)
+    if pid.shape != y.shape or pid.ndim != 1:
+        raise ValueError(f"patients and labels must be 1-D of equal length, got {pid.shape} and {y.shape}")
+    uniq = np.unique(pid)  # sorted
+    if not 1 <= k < len(uniq):
+        raise ConfigError(
+            f"site calibration: k={k} patients requested, need 1 <= k < {len(uniq)} (the target's patient "
+            "count), so that some patients are left to evaluate on"
+        )
+    rng = np.random.default_rng(seed)
+    order = uniq[rng.permutation(len(uniq))]
+    chosen: list[Any] = []
+    if k >= 2:
+        for c in rng.permutation(np.unique(y)):
+            if len(chosen) >= k:
+                break
+            if any(c in y[pid == p] for p in chosen):
+                continue
+            holder = next((p for p in order if p not in chosen and (y[pid == p] == c).any()), None)
+            if holder is not None:
+                chosen.append(holder)
+    chosen += [p for p in order if p not in chosen][: k - len(chosen)]
+    cal = np.isin(pid, np.asarray(chosen, dtype=pid.dtype))
+    return np.flatnonzero(cal).astype(np.int64), np.flatnonzero(~cal).astype(np.int64)
+
+
+def site_calibrate(
+    logits_cal: np.ndarray,
+    y_cal: np.ndarray,
+    target_sensitivity: float,
+    patients_cal: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Refit the temperature and the operating threshold on a site's calibration patients.
+
+    The temperature is :func:`~cmafnet.inference.temperature.fit_temperature` on ``logits_cal``
+    (NLL; kept at 1 unless strictly better), and the threshold
+    :func:`~cmafnet.evaluation.metrics.threshold_for_sensitivity` on the positive-class probability
+    ``softmax(logits / T)[:, 1]``: the highest threshold that reaches ``target_sensitivity`` on the
+    calibration images. Both hold at that temperature only (``threshold_at_temperature`` maps it).
+    Few patients give a noisy temperature (``run_temperature`` in ``auto`` mode ignores one fitted on
+    under ``MIN_CALIBRATION_PATIENTS`` patients); report ``n_patients`` next to the result.
+
+    Args:
+        logits_cal: ``(N, K)`` uncalibrated logits of the calibration images.
+        y_cal: ``(N,)`` class indices; a threshold needs at least one positive (class 1).
+        target_sensitivity: in (0, 1].
+        patients_cal: ``(N,)`` patient ids, only to report ``n_patients``.
+
+    Returns:
+        ``{"temperature", "threshold", "target_sensitivity", "sensitivity", "specificity", "n_images",
+        "n_positive", "n_patients", "calibration"}``; ``threshold`` (and the two rates) is None for
+        more than two classes (argmax decisions). ``calibration`` is ``fit_temperature``'s info.
+
+    Raises:
+        ConfigError: no positive image among the calibration images (choose more patients).
+    """
+    z = np.asarray(logits_cal, dtype=np.float64)
+    y = np.asarray(y_cal).astype(np.int64)
+    temp, info = fit_temperature(z, y)
+    out: dict[str, Any] = {
+        "temperature": float(temp),
+        "threshold": None,
+        "target_sensitivity": float(target_sensitivity),
+        "sensitivity": None,
+        "specificity": None,
+        "n_images": len(y),
+        "n_positive": int((y == 1).sum()),
+        "n_patients": None if patients_cal is None else len(np.unique(np.asarray(patients_cal))),
+        "calibration": info,
+    }
+    if z.shape[1] != 2:
+        return out
+    if not (y == 1).any():
+        raise ConfigError(
+            "site calibration: the calibration patients hold no positive image; use more patients"
+        )
+    p1 = apply_temperature(z, temp)[:, 1]  # (N,)
+    thr = threshold_for_sensitivity(y, p1, target_sensitivity)
+    pred = p1 >= thr
+    out["threshold"] = float(thr)
+    out["sensitivity"] = float(pred[y == 1].mean())
+    out["specificity"] = float((~pred[y == 0]).mean()) if (y == 0).any() else None
+    return out

@@ -26,7 +26,7 @@ from cmafnet.experiments.compute import (
     view_rows,
     write_compute_outputs,
 )
-from cmafnet.experiments.paper_tables import MAGS, check_match_compute, get_table
+from cmafnet.experiments.paper_tables import MAGS, ZERO_SHOT_ADAPTATIONS, check_match_compute, get_table
 from cmafnet.experiments.results import Invalid, ResultDoc
 from cmafnet.experiments.runner import Result, load_results
 from cmafnet.experiments.spec import RunSpec, Scale, TableDef
@@ -63,6 +63,12 @@ def lines_of(table: TableDef, match_compute: bool = False) -> list[Line]:
                     paper and {**paper, "magnification": m},
                 )
                 for m in MAGS
+            ]
+        elif table.lines == "adaptation":  # Table 3: the raw zero-shot line, then one per adaptation
+            out.append(Line(v.label, v.key, {"adapt": ""}, paper))
+            out += [
+                Line(f"{v.label} + {a}", v.key, {"adapt": f"adapted.{a}."}, None)
+                for a in ZERO_SHOT_ADAPTATIONS
             ]
         else:
             out.append(Line(v.label, v.key, {}, paper))

@@ -12,7 +12,9 @@ from typing import Any
 
 from cmafnet.config import load_config
 from cmafnet.errors import InputDataError, RunFolderError
+from cmafnet.experiments.paper_tables import ZERO_SHOT_ADAPTATIONS
 from cmafnet.experiments.spec import RunSpec
+from cmafnet.inference.adapt import Adaptation
 from cmafnet.run import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,8 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
         out["metrics"] = doc["metrics"]
         out["params_m"] = _params_m(run_dir)
     elif spec.evaluation == "zeroshot":
-        doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, device=device, bootstrap=bootstrap)
-        out["metrics"] = doc["metrics"]
-        out["by_magnification"] = {
-            _mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()
-        }
+        out.update(_zero_shot(run_dir, ctx, Adaptation()))
+        out["adapted"] = {a.label(): _zero_shot(run_dir, ctx, a) for a in ADAPTATIONS}
     elif spec.evaluation == "subtype":
         doc = evaluate_run(
             run_dir,
@@ -122,6 +121,25 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     else:  # pragma: no cover - profile runs do not come here
         raise ValueError(spec.evaluation)
     return out
+
+
+# Table 3's adaptations, in ZERO_SHOT_ADAPTATIONS' order (their labels)
+ADAPTATIONS = (Adaptation(stain="macenko"), Adaptation(stain="reinhard"), Adaptation(tta="d4"),
+               Adaptation(adabn="on"), Adaptation(adabn="balanced"), Adaptation(site_patients=4))  # fmt: skip
+assert tuple(a.label() for a in ADAPTATIONS) == ZERO_SHOT_ADAPTATIONS
+
+
+def _zero_shot(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
+    """One zero-shot evaluation's metrics, per magnification, and its diagnosis (200 patient-level
+    resamples: the verdict needs the AUROC's interval)."""
+    from cmafnet.evaluation import evaluate_run
+
+    doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, device=ctx.device, bootstrap=200, adapt=adapt,
+                       scale_match=False)  # fmt: skip
+    by_mag = {_mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()}
+    d = doc["diagnosis"]
+    keep = ("verdict", "prevalence", "n_patients", "metrics", "by_subtype")
+    return {"metrics": doc["metrics"], "by_magnification": by_mag, "diagnosis": {k: d[k] for k in keep}}
 
 
 def _read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:

@@ -143,15 +143,25 @@ TABLES: dict[str, TableDef] = {
         "table3",
         "Zero-shot BreakHis (binary) per magnification: IDC-trained models, sensitivity",
         tuple(_row(k) for k in ("resnet50", "efficientnet_b3", "transfuse", "cmafnet")),
-        (*(Column(m, m.replace("X", "×"), f"by_magnification.{m}.sensitivity") for m in MAGS),
+        (*(Column(m, m.replace("X", "×"), f"{{adapt}}by_magnification.{m}.sensitivity") for m in MAGS),
          Column("average", "Average", derive="mean", of=MAGS),
-         Column("std_dev", "Std Dev", derive="std", of=MAGS)),
+         Column("std_dev", "Std Dev", derive="std", of=MAGS),
+         Column("specificity", "Specificity", "{adapt}metrics.specificity", paper=False),
+         Column("bacc", "Bal. acc.", "{adapt}metrics.balanced_accuracy", paper=False),
+         Column("auroc", "AUROC", "{adapt}metrics.auroc", paper=False),
+         Column("verdict", "Diagnosis", "{adapt}diagnosis.verdict", "text", paper=False)),
         FigureDef("bars", MAGS, "zero-shot sensitivity (%)"),
+        lines="adaptation",
         evaluation="zeroshot",
         notes=(
             "Sensitivity (%) of the IDC-trained runs applied to every BreakHis image (binary "
             "benign/malignant); the paper's Fig. 5 gives these values as sensitivities. Average / Std Dev are "
-            "over magnifications.",
+            "over magnifications. Specificity, balanced accuracy and AUROC are over every image; BreakHis is "
+            "about 69 % malignant, so calling everything malignant scores sensitivity 100, specificity 0, "
+            "balanced accuracy 50 and AUROC 50 (the trivial row). Diagnosis: the AUROC's patient-level interval "
+            "against chance (cmafnet evaluate --zero-shot). One line per test-time adaptation "
+            "(docs/experiments.md, Zero-shot transfer); site calibration scores only the patients it did not "
+            "calibrate on.",
         ),
     ),
     "table4": TableDef(
@@ -265,6 +275,11 @@ TABLES: dict[str, TableDef] = {
     ),
 }
 # fmt: on
+
+
+# Table 3's lines after each raw zero-shot row (Adaptation.label() of cmafnet.inference.adapt.Adaptation)
+ZERO_SHOT_ADAPTATIONS = ("stain macenko", "stain reinhard", "TTA d4", "AdaBN", "AdaBN balanced",
+                         "site calibration k=4")  # fmt: skip
 
 
 # ------------------------------------------------------------------- frozen foundation-model probes

@@ -47,6 +47,9 @@ class ResultDoc(_Doc):
     params_m: StrictFloat | StrictInt | None = None
     classes: list[str] | None = None
     by_magnification: dict[str, Metrics] = {}
+    # zero-shot (Table 3): the diagnosis, and the same per test-time adaptation (by Adaptation.label())
+    diagnosis: dict[str, Any] | None = None
+    adapted: dict[str, dict[str, Any]] = {}
     convergence: Convergence | None = None
     # profile runs (Table 8)
     device: str | None = None

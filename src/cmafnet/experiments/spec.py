@@ -75,7 +75,7 @@ class TableDef:
     row_header: str = "Method"
     paper_key: str = "method"  # the paper rows' field that names a row
     # printed rows: one per row, per row and magnification (Table 4) or per BreakHis subtype (Table 5)
-    lines: Literal["rows", "magnification", "class"] = "rows"
+    lines: Literal["rows", "magnification", "class", "adaptation"] = "rows"
     retention_of: str | None = None  # Table 2: add this row's retention (% of its first column)
     dataset: Dataset = "idc"  # which store the runs train on
     evaluation: EvalKind = "test"

@@ -310,10 +310,8 @@ def fit(
 
 
 def calibrate_run(out: Path, store_path: str | Path, device: str) -> dict | None:
-    """The end of training: fit the temperature and choose the operating threshold on the run's own
-    validation split, as ``cmafnet evaluate`` of that split does (stored in run.json, with
-    ``metrics_val.json``), so ``predict``, ``wsi`` and ``evaluate`` elsewhere find them. None without
-    a validation split."""
+    """The end of training: fit the temperature and choose the operating threshold on the run's own validation
+    split as ``cmafnet evaluate`` does (run.json, ``metrics_val.json``); None without a validation split."""
     from cmafnet.evaluation.evaluate import evaluate_run
 
     if not runfolder.read_meta(out).get("n_val"):
