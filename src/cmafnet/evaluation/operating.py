@@ -43,7 +43,7 @@ def choose_temperature(
             run_dir, temperature=temp, calibration={**info, "fitted_on": "val", "n_patients": n_patients}
         )
     temp, source = run_temperature(meta, calibrate)
-    if calibrate != "off" and temp == 1.0:
+    if calibrate != "off" and meta.get("temperature") is None:  # a stored-but-unapplied one is in the source
         log.warning("uncalibrated probabilities: %s", source)
     return temp, source, meta
 
