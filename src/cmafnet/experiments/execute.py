@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cmafnet.config import load_config
-from cmafnet.errors import InputDataError, RunFolderError
+from cmafnet.errors import ConfigError, InputDataError, RunFolderError
 from cmafnet.experiments.paper_tables import ZERO_SHOT_ADAPTATIONS
 from cmafnet.experiments.spec import RunSpec
 from cmafnet.inference.adapt import Adaptation
@@ -103,7 +103,7 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
         out["params_m"] = _params_m(run_dir)
     elif spec.evaluation == "zeroshot":
         out.update(_zero_shot(run_dir, ctx, Adaptation()))
-        out["adapted"] = {a.label(): _zero_shot(run_dir, ctx, a) for a in ADAPTATIONS}
+        out["adapted"] = {a.label(): _adapted(run_dir, ctx, a) for a in ADAPTATIONS}
     elif spec.evaluation == "subtype":
         doc = evaluate_run(
             run_dir,
@@ -140,6 +140,16 @@ def _zero_shot(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
     d = doc["diagnosis"]
     keep = ("verdict", "prevalence", "n_patients", "metrics", "by_subtype")
     return {"metrics": doc["metrics"], "by_magnification": by_mag, "diagnosis": {k: d[k] for k in keep}}
+
+
+def _adapted(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
+    """An adaptation that cannot run on this target (e.g. site calibration with too few patients) is its
+    line's reason, not the run's failure."""
+    try:
+        return _zero_shot(run_dir, ctx, adapt)
+    except ConfigError as err:
+        log.warning("%s: %s: %s", run_dir.name, adapt.label(), err)
+        return {"error": str(err)}
 
 
 def _read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
