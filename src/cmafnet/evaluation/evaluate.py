@@ -331,7 +331,7 @@ def evaluate_run(
         doc["diagnosis"] = zero_shot_diagnosis(
             y, probs[:, 1], index, rows, threshold=op["value"] if op else 0.5, n_boot=n_boot, meta=meta,
             image_hw=tuple(store.images.shape[1:3]), figure=out / f"scores_{name}.png",
-            title=f"{run_dir.name} on {getattr(store, 'dataset', 'the target')} ({adapt.label()}): p(malignant)",
+            title=f"{meta.get('model') or 'run'} ({run_dir.parent.name}/{run_dir.name}) on {getattr(store, 'dataset', 'the target')}, {adapt.label()}",
         )  # fmt: skip
     pred_path = out / f"predictions_{name}.csv"
     metrics_path = out / f"metrics_{name}.json"
