@@ -245,7 +245,7 @@ def diagnosis_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
         "evaluation",
         "adaptation",
         "prevalence (%)",
-        *(k.replace("_", " ") for k in DIAGNOSIS_KEYS),
+        *(k.upper() if k.startswith("au") else k.replace("_", " ") for k in DIAGNOSIS_KEYS),
         "verdict",
     ]
     rows = [
