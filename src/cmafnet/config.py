@@ -151,7 +151,7 @@ class LossConfig(_Section):
     """The classification loss. ``name`` is a registry name; unused fields are ignored by it."""
 
     name: str = "acbfl"  # acbfl | ce | focal | cb | ldam | balanced_softmax
-    # A-CBFL (Eq. 14 with SPEC §2 corrections)
+    # A-CBFL (Eq. 14 with corrections of docs/decisions.md)
     gamma_base: float = Field(2.0, ge=0.0)
     class_dependent_gamma: bool = True
     dynamic_alpha: bool = True  # False = fixed square-root weighting

@@ -1,6 +1,6 @@
 """The naive dual-branch reference that `cmafnet bench` compares CMAF-Net against.
 
-It restates the "dual_proxy" model of the H200 anchor measurement (``shared/anchors``): a timm
+It restates the "dual_proxy" model of the H200 anchor measurement (docs/performance.md): a timm
 ResNet-18 and a timm MobileViT used as plain ``features_only`` extractors, both last feature maps
 projected to the fusion width with 1x1 convolutions, one multi-head cross-attention (queries from
 the CNN tokens, keys/values from the MobileViT tokens, per-head temperatures dividing the queries),

@@ -149,12 +149,9 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
         "cuda_graph": args.graph and dev.type == "cuda",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        import kornia
+    import kornia
 
-        env["kornia"] = kornia.__version__
-    except ImportError:
-        env["kornia"] = None
+    env["kornia"] = kornia.__version__
     return env
 
 

@@ -1,4 +1,4 @@
-"""Metrics, statistics, evaluation of run folders and reports (SPEC §5).
+"""Metrics, statistics, evaluation of run folders and reports (docs/decisions/evaluation.md).
 
 ``classification_metrics`` and the statistics import light; ``evaluate_run`` and ``write_report``
 import torch / matplotlib lazily when called.

@@ -268,7 +268,7 @@ TABLES: dict[str, TableDef] = {
         notes=(
             "Measured on {device} at {img_size} px, batch {batch} (train/infer), {amp} autocast, by "
             "cmafnet.bench. GMACs = FLOPs / 2 (the paper's 'FLOPs (G)'); the paper's FPS matches batch-1 "
-            "latency (SPEC §7), compare it with our Batch-1 FPS. Train img/s is the training recipe's step: "
+            "latency (docs/decisions/performance.md), compare it with our Batch-1 FPS. Train img/s is the training recipe's step: "
             "with SAM (two forward/backward passes) for CMAF-Net, plain AdamW for baselines; peak memory is "
             "that of the plain step.",
         ),

@@ -345,11 +345,9 @@ def predict_files(
             for img, path, p, dec in done:
                 explainer.explain([img], [path], p[None], [dec])
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-    bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress) if tqdm else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
@@ -386,8 +384,7 @@ def predict_files(
                         elif sum(len(g) for g in groups.values()) >= max_pending:
                             run_group(max(groups, key=lambda k: len(groups[k])))
                 flush_ready()
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             for key in list(groups):
                 run_group(key)
             flush_ready()
@@ -395,8 +392,7 @@ def predict_files(
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     os.replace(tmp, out_csv)
     log.info(
         "wrote %s: %d predicted, %d not assessable, %d errors (threshold %.4g from %s)",

@@ -324,15 +324,9 @@ def predict_slide(
         else:
             todo.append(row)
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = (
-        tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
-        if tqdm
-        else None
-    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
     batch_imgs: list[np.ndarray] = []
     batch_rows: list[dict] = []
 
@@ -357,11 +351,9 @@ def predict_slide(
             batch_rows.append(row)
             if len(batch_imgs) >= batch_size:
                 flush()
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
     flush()
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     grid = np.full((plan.rows, plan.cols), np.nan)
     for row in rows:

@@ -1,4 +1,4 @@
-"""Adaptive Class-Balanced Focal Loss (paper §4.4, Eq. 14, with the SPEC §2 corrections).
+"""Adaptive Class-Balanced Focal Loss (paper §4.4, Eq. 14, with the corrections of docs/decisions.md).
 
 Per sample ``i`` with target ``y``::
 

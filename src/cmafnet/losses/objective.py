@@ -1,4 +1,4 @@
-"""The CMAF-Net training objective: classification loss plus weighted regularisers (Eq. 9, SPEC §2).
+"""The CMAF-Net training objective: classification loss plus weighted regularisers (Eq. 9, with the corrections of docs/decisions.md).
 
 ``total = cls + beta1(t) * (kl_s + kl_t) + beta2(t) * redundancy
           + diversity_w * diversity + entropy_w * attn_entropy + orthogonality_w * orthogonality``

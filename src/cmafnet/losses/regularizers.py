@@ -1,4 +1,4 @@
-"""Information-theoretic and attention regularisers of CMAF-Net (paper §3.2, §4.3; SPEC §2).
+"""Information-theoretic and attention regularisers of CMAF-Net (paper §3.2, §4.3; corrections in docs/decisions.md).
 
 All functions compute in float32 (float64 for the log-determinants) whatever the autocast dtype,
 and return a scalar tensor that is differentiable in its inputs.

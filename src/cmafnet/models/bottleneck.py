@@ -1,4 +1,4 @@
-"""Variational information bottleneck on a branch's token map (paper §3, Eq. 4; SPEC §2)."""
+"""Variational information bottleneck on a branch's token map (paper §3, Eq. 4; corrections in docs/decisions.md)."""
 
 from __future__ import annotations
 

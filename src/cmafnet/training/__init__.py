@@ -1,5 +1,5 @@
 """Training engine: three-stage schedule, SAM under mixed precision, adaptive clipping, exact resume,
-DDP and the per-epoch monitors (SPEC §3). The entry point is :func:`fit`; :func:`prepare_stage` builds
+DDP and the per-epoch monitors (docs/decisions/training.md). The entry point is :func:`fit`; :func:`prepare_stage` builds
 the optimiser update a stage runs (the one :mod:`cmafnet.bench` times)."""
 
 from __future__ import annotations

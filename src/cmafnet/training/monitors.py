@@ -1,4 +1,4 @@
-"""Per-epoch validation: metrics of the main logits plus the monitors of SPEC §3 (the information
+"""Per-epoch validation: metrics of the main logits plus the monitors of docs/decisions/training.md (the information
 quantities themselves live in :mod:`cmafnet.training.information`)."""
 
 from __future__ import annotations
