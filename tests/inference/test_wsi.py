@@ -103,7 +103,8 @@ def test_wsi_run_without_model_exit_4(run_factory, sample_data, tmp_path):
 def test_wsi_with_stain_normalisation_and_tta_says_so(baseline_run, generated_slide, tmp_path, capsys):
     out = tmp_path / "wsi"
     rc = main(["wsi", str(baseline_run), str(generated_slide), "--out", str(out), "--device", "cpu", "--no-progress",
-               "--stain-norm", "none", "--tta", "flips"])  # fmt: skip
+               "--stain-norm", "none", "--tta", "flips", "--adabn", "on"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert "no stain normalisation" in summary["preprocess"] and "TTA flips" in summary["preprocess"]
+    assert "BatchNorm layers re-estimated on the tissue tiles of generated.tiff" in summary["preprocess"]

@@ -30,9 +30,8 @@ def add_calibration_arg(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False, adabn: bool = True) -> None:
-    """The test-time adaptations (``cmafnet.inference.adapt.Adaptation``) of evaluate, predict and wsi
-    (``adabn``: offered; wsi re-estimates nothing, its tiles come one batch at a time)."""
+def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """The test-time adaptations (``cmafnet.inference.adapt.Adaptation``) of evaluate, predict and wsi."""
     g = p.add_argument_group("adapting to another site (docs/experiments.md, zero-shot)")
     g.add_argument("--stain-norm", choices=("run", "none", "macenko", "reinhard"), default="run",
                    help="stain normalisation of the inputs: as the run was trained (default), none, Macenko to "
@@ -40,11 +39,10 @@ def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False, adab
     g.add_argument("--tta", choices=("none", "flips", "d4"), default="none",
                    help="test-time augmentation: mean probability over flips (4 views) or flips and 90 degree "
                    "rotations (d4, 8 views)")  # fmt: skip
-    if adabn:
-        g.add_argument("--adabn", choices=("off", "on", "balanced") if evaluate else ("off", "on"), default="off",
-                       help="re-estimate BatchNorm statistics on the target images before predicting (AdaBN); "
-                       "their class mix then moves the statistics" + ("; balanced: on a class-balanced "
-                       "sample (uses the labels)" if evaluate else ""))  # fmt: skip
+    g.add_argument("--adabn", choices=("off", "on", "balanced") if evaluate else ("off", "on"), default="off",
+                   help="re-estimate BatchNorm statistics on the target images before predicting (AdaBN); "
+                   "their class mix then moves the statistics" + ("; balanced: on a class-balanced "
+                   "sample (uses the labels)" if evaluate else ""))  # fmt: skip
     if evaluate:
         g.add_argument("--site-calibration", type=non_negative_int, default=0, metavar="K",
                        help="--zero-shot: refit temperature and threshold on K labelled target patients "
@@ -57,7 +55,7 @@ def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False, adab
 def adaptation(args: argparse.Namespace) -> Any:
     from cmafnet.inference.adapt import Adaptation
 
-    return Adaptation(stain=args.stain_norm, tta=args.tta, adabn=getattr(args, "adabn", "off"),
+    return Adaptation(stain=args.stain_norm, tta=args.tta, adabn=args.adabn,
                       site_patients=getattr(args, "site_calibration", 0), seed=getattr(args, "seed", 0))  # fmt: skip
 
 

@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     add_calibration_arg(p)
-    add_adaptation_args(p, adabn=False)
+    add_adaptation_args(p)
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--top-k", type=positive_int, default=10, metavar="K",

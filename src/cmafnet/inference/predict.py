@@ -119,6 +119,8 @@ class Predictor:
         self.adabn = {**adapt_batchnorm(self.model, (self.to_input(list(b)) for b in batches)), "on": what}
         if not self.adabn["layers"]:
             log.warning("--adabn: the model has no BatchNorm layer; nothing re-estimated")
+        # one AdaBN at a time (a cohort's predictor re-estimates per slide): the description says the last
+        self.preprocess_desc = self.preprocess_desc.split("; AdaBN: ")[0]
         self.preprocess_desc += f"; AdaBN: {self.adabn['layers']} BatchNorm layers re-estimated on {what}"
         return self.adabn
 

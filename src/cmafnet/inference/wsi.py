@@ -257,6 +257,36 @@ class WSISummary:
     seconds: float  # wall time of this call, the model load included when it loaded one
 
 
+def _adabn_on_slide(
+    predictor: Predictor,
+    slide: Any,
+    plan: TilePlan,
+    todo: list[dict],
+    thresholds: TissueThresholds,
+    batch_size: int,
+    name: str,
+) -> None:
+    """AdaBN on this slide: BatchNorm statistics re-estimated on its assessable tissue tiles (a first pass
+    over them; the scoring pass reads them again)."""
+
+    def batches() -> Any:
+        buf: list[np.ndarray] = []
+        for row in todo:
+            img = _read_tile(slide, plan, row["col"], row["row"])
+            if not check_tile(img, thresholds).flags:
+                buf.append(img)
+                if len(buf) == batch_size:
+                    yield buf
+                    buf = []
+        if buf:
+            yield buf
+
+    try:
+        predictor.adapt_batchnorm(batches(), f"the tissue tiles of {name}")
+    except ValueError:  # no assessable tile: nothing to re-estimate on (and nothing will be scored)
+        log.warning("--adabn: %s has no assessable tissue tile; BatchNorm statistics left as they were", name)
+
+
 def predict_slide(
     run_dir: str | Path,
     slide_path: str | Path,
@@ -324,6 +354,8 @@ def predict_slide(
         else:
             todo.append(row)
 
+    if predictor.adapt.adabn != "off":
+        _adabn_on_slide(predictor, slide, plan, todo, tissue_thresholds, batch_size, Path(slide_path).name)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
