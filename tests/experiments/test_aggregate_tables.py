@@ -49,6 +49,13 @@ def _eval(spec: RunSpec, run_dir: Path, ctx: Context) -> dict:
                 "by_magnification": {m: {"sensitivity": 0.9} for m in MAG_KEYS},
             }
         },
+        "trivial": {
+            "everything_malignant": {
+                "metrics": {"auroc": 0.5, "specificity": 0.0},
+                "by_magnification": {m: {"sensitivity": 1.0} for m in MAG_KEYS},
+                "diagnosis": {"verdict": "trivial"},
+            }
+        },
     }
 
 
@@ -85,6 +92,8 @@ def test_table3_per_magnification_average_and_std(ctx: Context) -> None:
     tta = _row(paths["markdown"].read_text(), "ResNet-50 + TTA d4")
     assert tta[1] == "90.00 ± 0.00" and tta[-2] == "60.00 ± 0.00" and tta[-1] == "discriminates"
     assert _row(paths["markdown"].read_text(), "ResNet-50 + AdaBN balanced")[1] == "n/a"  # not in the results
+    trivial = _row(paths["markdown"].read_text(), "Everything malignant (trivial)")
+    assert trivial[1].startswith("100.00") and trivial[-4].startswith("0.00") and trivial[-1] == "trivial"
 
 
 def test_table4_rows_are_method_by_magnification(ctx: Context) -> None:

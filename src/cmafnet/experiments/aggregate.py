@@ -72,6 +72,9 @@ def lines_of(table: TableDef, match_compute: bool = False) -> list[Line]:
             ]
         else:
             out.append(Line(v.label, v.key, {}, paper))
+    if table.lines == "adaptation" and out:  # the trivial rows, read from the first row's runs (same images)
+        out += [Line(f"{t.replace('_', ' ').capitalize()} (trivial)", out[0].row, {"adapt": f"trivial.{t}."}, None)
+                for t in ("everything_malignant", "everything_benign")]  # fmt: skip
     return out
 
 

@@ -103,6 +103,11 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
         out["params_m"] = _params_m(run_dir)
     elif spec.evaluation == "zeroshot":
         out.update(_zero_shot(run_dir, ctx, Adaptation()))
+        out["trivial"] = {
+            name: {"metrics": t, "by_magnification": {m: {"sensitivity": t["sensitivity"]} for m in out["by_magnification"]},
+                   "diagnosis": {"verdict": "trivial"}}
+            for name, t in out.pop("trivial_rows").items()
+        }  # fmt: skip
         out["adapted"] = {a.label(): _adapted(run_dir, ctx, a) for a in ADAPTATIONS}
     elif spec.evaluation == "subtype":
         doc = evaluate_run(
@@ -139,14 +144,17 @@ def _zero_shot(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
     by_mag = {_mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()}
     d = doc["diagnosis"]
     keep = ("verdict", "prevalence", "n_patients", "metrics", "by_subtype")
-    return {"metrics": doc["metrics"], "by_magnification": by_mag, "diagnosis": {k: d[k] for k in keep}}
+    return {"metrics": doc["metrics"], "by_magnification": by_mag, "diagnosis": {k: d[k] for k in keep},
+            "trivial_rows": d["trivial"]}  # fmt: skip
 
 
 def _adapted(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
     """An adaptation that cannot run on this target (e.g. site calibration with too few patients) is its
     line's reason, not the run's failure."""
     try:
-        return _zero_shot(run_dir, ctx, adapt)
+        doc = _zero_shot(run_dir, ctx, adapt)
+        del doc["trivial_rows"]  # the raw evaluation's, on the same images
+        return doc
     except ConfigError as err:
         log.warning("%s: %s: %s", run_dir.name, adapt.label(), err)
         return {"error": str(err)}

@@ -158,7 +158,7 @@ TABLES: dict[str, TableDef] = {
             "benign/malignant); the paper's Fig. 5 gives these values as sensitivities. Average / Std Dev are "
             "over magnifications. Specificity, balanced accuracy and AUROC are over every image; BreakHis is "
             "about 69 % malignant, so calling everything malignant scores sensitivity 100, specificity 0, "
-            "balanced accuracy 50 and AUROC 50 (the trivial row). Diagnosis: the AUROC's patient-level interval "
+            "balanced accuracy 50 and AUROC 50 (the trivial rows, last). Diagnosis: the AUROC's patient-level interval "
             "against chance (cmafnet evaluate --zero-shot). One line per test-time adaptation "
             "(docs/experiments.md, Zero-shot transfer); site calibration scores only the patients it did not "
             "calibrate on.",

@@ -50,6 +50,7 @@ class ResultDoc(_Doc):
     # zero-shot (Table 3): the diagnosis, and the same per test-time adaptation (by Adaptation.label())
     diagnosis: dict[str, Any] | None = None
     adapted: dict[str, dict[str, Any]] = {}
+    trivial: dict[str, dict[str, Any]] = {}  # everything malignant / benign on the same images
     convergence: Convergence | None = None
     # profile runs (Table 8)
     device: str | None = None
