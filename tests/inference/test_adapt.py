@@ -9,14 +9,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from cmafnet.data.reinhard import ReinhardNormalizer, reference_stats
-from cmafnet.data.stain import HE_REF, MacenkoNormalizer
+from cmafnet.data.stain import HE_REF
 from cmafnet.errors import ConfigError
 from cmafnet.evaluation.metrics import threshold_for_sensitivity
 from cmafnet.evaluation.transfer import site_calibrate, site_calibration_split
 from cmafnet.inference.adapt import (
     adapt_batchnorm,
     balanced_indices,
-    build_stain_normalizer,
     tta_logits,
 )
 from cmafnet.inference.temperature import threshold_at_temperature
@@ -285,7 +284,7 @@ def test_reinhard_restores_a_colour_based_auroc():
     factors = 0.5 + 1.2 * torch.rand(40, 3, generator=torch.Generator().manual_seed(2))  # per-image restain
     shifted = _restain(x, factors)
     auc_shifted = roc_auc_score(y, _nuclear_fraction(shifted))
-    norm = build_stain_normalizer("reinhard", None, reference_stats(x, source="originals"))
+    norm = ReinhardNormalizer.from_dict(reference_stats(x, source="originals"))
     auc_norm = roc_auc_score(y, _nuclear_fraction(norm(shifted)))
     assert auc_shifted < 0.75
     assert auc_norm > 0.95
@@ -312,30 +311,6 @@ def test_reinhard_fallbacks_and_reference_round_trip():
         ReinhardNormalizer.from_dict({"method": "reinhard", "mean_lab": [1, 2]})
 
 
-def test_build_stain_normalizer():
-    assert build_stain_normalizer("none", None, None) is None
-    std = build_stain_normalizer("Macenko", None, None)
-    assert type(std) is MacenkoNormalizer
-    torch.testing.assert_close(std.he_ref, torch.tensor(HE_REF))
-    stored = MacenkoNormalizer().to_dict()
-    stored["he_ref"] = [[0.6, 0.2], [0.7, 0.8], [0.4, 0.56]]
-    m = build_stain_normalizer("macenko", None, stored)
-    assert isinstance(m, MacenkoNormalizer)
-    torch.testing.assert_close(m.he_ref, torch.tensor(stored["he_ref"]))
-    fitted = build_stain_normalizer("macenko", _he_images(np.array([0.3, 0.4]), size=24), None)
-    assert isinstance(fitted, MacenkoNormalizer) and "2 reference" in fitted.reference_source
-    assert isinstance(
-        build_stain_normalizer("reinhard", _he_images(np.array([0.3])), None), ReinhardNormalizer
-    )
-    with pytest.raises(ConfigError, match="must be one of"):
-        build_stain_normalizer("vahadane", None, None)
-    with pytest.raises(ConfigError, match="reference"):
-        build_stain_normalizer("reinhard", None, None)
-    with pytest.raises(ConfigError, match="stored reference"):
-        build_stain_normalizer("reinhard", None, stored)
-
-
-# ---------------------------------------------------------------------------- site calibration
 def _cohort() -> tuple[np.ndarray, np.ndarray]:
     """10 patients with 3-8 images each; patient-level diagnosis (BreakHis-like): 3 positive patients."""
     rng = np.random.default_rng(0)

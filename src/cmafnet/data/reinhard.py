@@ -164,7 +164,6 @@ class ReinhardNormalizer(nn.Module):
 def reference_stats(images: Tensor, source: str = "images", background_l: float = 90.0) -> dict[str, Any]:
     """The JSON-able Reinhard reference of ``images`` (RGB ``(B, 3, H, W)``, uint8 or float in [0, 255]).
 
-    Store it and rebuild the normaliser with :meth:`ReinhardNormalizer.from_dict` or
-    :func:`build_stain_normalizer` ``("reinhard", None, stored)``.
+    Store it and rebuild the normaliser with :meth:`ReinhardNormalizer.from_dict`.
     """
     return ReinhardNormalizer(background_l).fit(images, source=source).to_dict()

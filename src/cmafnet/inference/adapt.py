@@ -9,7 +9,7 @@ BreakHis after training on IDC) without touching the trained weights by gradient
   images (AdaBN, Li et al. 2016, "Revisiting batch normalization for practical domain adaptation");
 * :class:`~cmafnet.data.reinhard.ReinhardNormalizer` and the
   project's :class:`~cmafnet.data.stain.MacenkoNormalizer` map a target image's colours to a
-  reference's, built by :func:`build_stain_normalizer`;
+  reference's (chosen by ``Adaptation.stain`` in :func:`cmafnet.inference.preprocess.build_preprocess`);
 * :func:`site_calibration_split` / :func:`site_calibrate` spend ``k`` labelled target patients on
   refitting the temperature and the operating threshold, and score the remaining patients only.
 
@@ -31,16 +31,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cmafnet.data.reinhard import ReinhardNormalizer, batched_rgb
 from cmafnet.errors import ConfigError
 
 __all__ = [
-    "STAIN_METHODS",
     "TTA_MODES",
     "Adaptation",
     "adapt_batchnorm",
     "balanced_indices",
-    "build_stain_normalizer",
     "tta_logits",
 ]
 
@@ -228,55 +225,3 @@ def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:
     n = int(counts.min())
     picked = [rng.choice(np.flatnonzero(y == c), size=n, replace=False) for c in classes]
     return np.sort(np.concatenate(picked)).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- stain: builder
-STAIN_METHODS = ("none", "macenko", "reinhard")
-
-
-def build_stain_normalizer(
-    method: str, reference_images: Tensor | None = None, stain_reference: dict[str, Any] | None = None
-) -> nn.Module | None:
-    """The stain normaliser for ``method`` (on the CPU: move it with ``.to(device)``), or None for "none".
-
-    Args:
-        method: ``"none"``, ``"macenko"`` or ``"reinhard"`` (case-insensitive).
-        reference_images: RGB ``(B, 3, H, W)`` / ``(3, H, W)``, uint8 or float in [0, 255], to fit
-            the reference to (Macenko: all images side by side as one mosaic, so they need one height).
-        stain_reference: a stored reference (``MacenkoNormalizer.to_dict()``, e.g. run.json's
-            ``stain_reference``, or :func:`reference_stats`); used in preference to ``reference_images``.
-
-    Macenko without any reference uses the standard H&E reference (the project's
-    :class:`~cmafnet.data.stain.MacenkoNormalizer` defaults); Reinhard has no standard reference.
-
-    Raises:
-        ConfigError: unknown method; a stored reference of another method; Reinhard without a reference.
-    """
-    from cmafnet.data.stain import MacenkoNormalizer
-
-    m = str(method).strip().lower()
-    if m not in STAIN_METHODS:
-        raise ConfigError(
-            f"stain normalisation method must be one of {', '.join(STAIN_METHODS)}, got {method!r}"
-        )
-    if m == "none":
-        return None
-    if stain_reference is not None:
-        stored = str(stain_reference.get("method", "macenko")).lower()
-        if stored != m:
-            raise ConfigError(f"stain method {m!r} was asked for but the stored reference is {stored!r}")
-    if m == "macenko":
-        if stain_reference is not None:
-            return MacenkoNormalizer.from_dict(stain_reference)
-        norm = MacenkoNormalizer()
-        if reference_images is not None:
-            x = batched_rgb(reference_images)
-            mosaic = torch.cat(list(x), dim=-1)  # (3, H, B*W): one stain estimate over all images
-            norm.fit(mosaic, source=f"{x.shape[0]} reference image(s)")
-        return norm
-    if stain_reference is not None:
-        return ReinhardNormalizer.from_dict(stain_reference)
-    if reference_images is None:
-        raise ConfigError("Reinhard stain normalisation needs reference images or a stored reference")
-    x = batched_rgb(reference_images)
-    return ReinhardNormalizer().fit(x, source=f"{x.shape[0]} reference image(s)")
