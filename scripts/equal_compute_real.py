@@ -28,6 +28,7 @@ from cmafnet.data.ingest import ingest
 from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.evaluation.evaluate import evaluate_run
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.run import read_meta
 from cmafnet.training import fit
 
@@ -63,7 +64,9 @@ def train_seed(recipe: str, seed: int, store: Path, split: Path, out: Path) -> d
                 resume=(run_dir / "checkpoints" / "last.pt").exists(),
                 progress=False,
             )
-        doc = evaluate_run(run_dir, store, split_path=split, split="test", device="cpu", bootstrap=0)
+        doc = evaluate_run(
+            run_dir, store, split_path=split, split="test", bootstrap=0, options=PredictOptions(device="cpu")
+        )
         total = read_meta(run_dir)["cost"]["total"]
         m, op = doc["metrics"], (doc.get("operating_point") or {}).get("metrics", {})
         # metrics are on temperature-calibrated probabilities (argmax and ranking unchanged): ECE both ways

@@ -25,6 +25,7 @@ from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.evaluation.evaluate import evaluate_run
 from cmafnet.inference.adapt import Adaptation
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.run import META_FILE, read_meta
 from cmafnet.training import fit
 
@@ -80,8 +81,14 @@ def main() -> None:
         run_dir = train(name, idc, split, args.out)
         results[name] = {}
         for adapt in ADAPTATIONS:
-            doc = evaluate_run(run_dir, bh, zero_shot=True, device="cpu", bootstrap=args.bootstrap,
-                               scale_match=False, adapt=adapt)  # fmt: skip
+            doc = evaluate_run(
+                run_dir,
+                bh,
+                zero_shot=True,
+                bootstrap=args.bootstrap,
+                scale_match=False,
+                options=PredictOptions(device="cpu", adapt=adapt),
+            )
             d = doc["diagnosis"]
             results[name][adapt.label()] = {
                 "n": d["n"], "n_patients": d["n_patients"], "prevalence": d["prevalence"], "verdict": d["verdict"],

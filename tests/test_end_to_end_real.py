@@ -36,6 +36,7 @@ from cmafnet.data.splits import load_split, save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.evaluation.evaluate import evaluate_run
 from cmafnet.evaluation.report import write_report
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.training import fit
 
 pytestmark = pytest.mark.slow  # trains CMAF-Net on real patches: 1.5-3 min on 2 shared cores
@@ -84,7 +85,9 @@ def trained(idc_sample: tuple[Path, str], tmp_path_factory: pytest.TempPathFacto
     run_dir = root / "run"
     cfg = load_config("smoke", [*OVERRIDES, *SOURCES[kind]["overrides"]])
     summary = fit(cfg, store_dir, split_path, run_dir, progress=False)
-    test_doc = evaluate_run(run_dir, store_dir, split_path=split_path, split="test", device="cpu")
+    test_doc = evaluate_run(
+        run_dir, store_dir, split_path=split_path, split="test", options=PredictOptions(device="cpu")
+    )
     report = write_report([run_dir], root / "report", title=f"end-to-end on real IDC patches ({kind})")
     return {
         "root": root, "kind": kind, "cfg": cfg, "meta": meta, "store": store, "store_dir": store_dir,
@@ -194,7 +197,14 @@ def test_zero_shot_breakhis_per_magnification(trained: dict[str, Any], sample_da
     ingest("breakhis", src, store_dir, workers=1, size=BREAKHIS_SIZE, strict=True, progress=False)
     assert len(PatchStore.open(store_dir)) == len(files) == 14
 
-    doc = evaluate_run(trained["run_dir"], store_dir, split="all", zero_shot=True, device="cpu", bootstrap=0)
+    doc = evaluate_run(
+        trained["run_dir"],
+        store_dir,
+        split="all",
+        zero_shot=True,
+        bootstrap=0,
+        options=PredictOptions(device="cpu"),
+    )
     assert doc["zero_shot"] and doc["metrics"]["n"] == 14
     _finite_or_explained(doc["metrics"], "zero-shot")
     by_mag = doc["by_magnification"]

@@ -1,5 +1,5 @@
-"""The feature cache: written once, reused, invalidated by a changed input; its loader walks the store like the
-image loader."""
+"""The feature cache: written once, reused, invalidated by a changed input; BatchLoader walks its embeddings
+like the store's images."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ import torch
 from cmafnet.data.features import (
     FEATURES_FILE,
     KEY_FILE,
-    FeatureLoader,
-    as_tensor,
     cache_key,
     default_cache_dir,
     load_or_extract,
 )
-from cmafnet.data.loader import BatchLoader
+from cmafnet.data.loader import BatchLoader, as_tensor
 from cmafnet.errors import CmafnetError
 
 N, D = 10, 4
@@ -91,12 +89,12 @@ def test_non_finite_or_missing_embeddings_are_refused(tmp_path) -> None:
     assert not list(tmp_path.glob("*/" + FEATURES_FILE))
 
 
-def test_the_feature_loader_walks_the_store_like_the_image_loader() -> None:
+def test_embeddings_are_walked_like_the_images() -> None:
     feats = as_tensor(np.arange(N * D, dtype=np.float32).reshape(N, D))
     labels, idx = np.arange(N) % 2, np.array([1, 3, 4, 6, 7, 8, 9])
     images = np.zeros((N, 2, 2, 3), np.uint8)
     for shuffle, drop in ((True, True), (False, False)):
-        a = FeatureLoader(feats, labels, idx, 3, shuffle=shuffle, seed=5, drop_last=drop)
+        a = BatchLoader(feats, labels, idx, 3, shuffle=shuffle, seed=5, drop_last=drop)
         b = BatchLoader(images, labels, idx, 3, shuffle=shuffle, seed=5, drop_last=drop)
         for epoch in (0, 1):
             a.set_epoch(epoch, 1)
@@ -105,6 +103,10 @@ def test_the_feature_loader_walks_the_store_like_the_image_loader() -> None:
             assert len(got) == len(want) == len(a) - 1
             for (z, y, i), (_, y2, i2) in zip(got, want, strict=True):
                 assert torch.equal(i, i2) and torch.equal(y, y2) and torch.equal(z, feats[i])
+                assert z.shape == (len(i), D) and z.dtype == torch.float32  # (B, D), not permuted
+    assert [i.tolist() for _, _, i in a] == [[1, 3, 4], [6, 7, 8], [9]]  # shuffle=False: the given order
+    with pytest.raises(ValueError, match=r"\(N, D\) embeddings"):
+        BatchLoader(feats.view(N, 2, 2), labels, idx, 3)  # neither images nor (N, D) rows
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path) -> None:

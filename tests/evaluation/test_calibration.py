@@ -16,7 +16,7 @@ from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.evaluation.calibration import calibration_report
 from cmafnet.evaluation.evaluate import evaluate_run
-from cmafnet.inference.predict import Predictor, predict_files
+from cmafnet.inference.predict import PredictOptions, Predictor, predict_files
 from cmafnet.inference.temperature import (
     apply_temperature,
     fit_temperature,
@@ -99,7 +99,9 @@ def _store_and_run(tmp_path, store_factory):
 
 def test_evaluate_fits_stores_and_predict_applies_the_same_temperature(tmp_path, store_factory):
     store, run = _store_and_run(tmp_path, store_factory)
-    doc = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8, calibrate="on")
+    doc = evaluate_run(
+        run, store, split="test", bootstrap=0, options=PredictOptions(batch_size=8, calibrate="on")
+    )
     meta = json.loads((run / "run.json").read_text())
     t = meta["temperature"]
     assert t != 1.0 and meta["calibration"]["fitted_on"] == "val"
@@ -119,29 +121,43 @@ def test_evaluate_fits_stores_and_predict_applies_the_same_temperature(tmp_path,
         paths.append(tmp_path / "img" / f"{r:03d}.png")
         paths[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(np.asarray(ps.images[r])).save(paths[-1])
-    out = predict_files(run, paths, tmp_path / "p.csv", device="cpu", tissue_check=False, progress=False,
-                        calibrate="on")  # fmt: skip
+    out = predict_files(
+        run,
+        paths,
+        tmp_path / "p.csv",
+        tissue_check=False,
+        progress=False,
+        options=PredictOptions(device="cpu", calibrate="on"),
+    )
     got = pd.read_csv(out.out)
     np.testing.assert_allclose(got["prob_IDC"], pred["prob_IDC"], atol=1e-5)
     assert (got["threshold"] == meta["threshold"]).all()
     assert (got["decision"] == np.where(pred["pred"] == 1, "IDC", "non-IDC")).all()
     # Switched off: the raw softmax, and the stored threshold mapped so that no decision changes.
     raw = pd.read_csv(
-        predict_files(run, paths, tmp_path / "r.csv", device="cpu", tissue_check=False, progress=False,
-                      calibrate="off").out
-    )  # fmt: skip
+        predict_files(
+            run,
+            paths,
+            tmp_path / "r.csv",
+            tissue_check=False,
+            progress=False,
+            options=PredictOptions(device="cpu", calibrate="off"),
+        ).out
+    )
     np.testing.assert_allclose(raw["prob_IDC"], softmax(logits, axis=1)[:, 1], atol=1e-5)
     assert (raw["decision"] == got["decision"]).all()
     assert raw["threshold"].iloc[0] == pytest.approx(threshold_at_temperature(meta["threshold"], t, 1.0))
     # wsi builds the same Predictor: same temperature, same mapped threshold.
-    p = Predictor.from_run_dir(run, device="cpu", calibrate="on")
+    p = Predictor.from_run_dir(run, options=PredictOptions(device="cpu", calibrate="on"))
     assert (p.temperature, p.threshold) == (t, meta["threshold"])
     # By default (auto) a temperature from under 10 validation patients is stored, not applied, and said so.
-    auto = Predictor.from_run_dir(run, device="cpu")
+    auto = Predictor.from_run_dir(run, options=PredictOptions(device="cpu"))
     assert auto.temperature == 1.0 and "not applied" in auto.calibration
     assert auto.threshold == pytest.approx(threshold_at_temperature(meta["threshold"], t, 1.0))
     # evaluate --calibration off: T = 1 for that evaluation, nothing refitted.
-    doc0 = evaluate_run(run, store, split="test", bootstrap=0, batch_size=8, calibrate="off")
+    doc0 = evaluate_run(
+        run, store, split="test", bootstrap=0, options=PredictOptions(batch_size=8, calibrate="off")
+    )
     assert doc0["calibration"]["temperature"] == 1.0
     assert json.loads((run / "run.json").read_text())["temperature"] == t
     assert doc0["operating_point"]["metrics"]["confusion"] == doc["operating_point"]["metrics"]["confusion"]

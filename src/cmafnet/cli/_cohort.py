@@ -12,7 +12,7 @@ from cmafnet.errors import ConfigError
 def run_cohort_command(args: argparse.Namespace) -> int:
     """Process the cohort's slides (this ``--shard``, or every shard as ``--launcher`` jobs), then write
     ``cohort.csv`` and ``report.html``; 3 when a slide failed."""
-    from cmafnet.cli._common import adaptation
+    from cmafnet.cli._common import predict_options
     from cmafnet.experiments.spec import parse_shard
     from cmafnet.inference.cohort import SlideOptions, claim_cohort, read_cohort, run_cohort, shard_items
     from cmafnet.inference.wsi import check_tiling_options
@@ -22,7 +22,7 @@ def run_cohort_command(args: argparse.Namespace) -> int:
     items = read_cohort(args.slides, classes=meta.get("classes") or ())
     options = SlideOptions(level=args.level, mpp=args.target_mpp, tile=args.tile, threshold=args.threshold,
                            calibrate=args.calibration, top_k=args.top_k,
-                           adaptation=adaptation(args).label())  # fmt: skip
+                           adaptation=predict_options(args).adapt.label())  # fmt: skip
     check_tiling_options(level=options.level, mpp=options.mpp, tile=options.tile, meta=meta)
     out = Path(args.out)
     claim_cohort(out, args.run_dir, options, items)
@@ -31,7 +31,7 @@ def run_cohort_command(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     mine = shard_items(items, shard)
     res = run_cohort(args.run_dir, mine, out, options=options, load_predictor=lambda: _load(args),
-                     batch_size=args.batch, progress=not args.no_progress)  # fmt: skip
+                     progress=not args.no_progress)  # fmt: skip
     print(
         f"cohort: {len(items)} slides, {len(mine)} in shard {shard[0]}/{shard[1]}: {len(res.processed)} processed, "
         f"{len(res.skipped)} already done, {len(res.failed)} failed"
@@ -45,11 +45,10 @@ def run_cohort_command(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from cmafnet.cli._common import adaptation
+    from cmafnet.cli._common import predict_options
     from cmafnet.inference.predict import Predictor
 
-    predictor = Predictor.from_run_dir(args.run_dir, device=args.device, threshold=args.threshold, fast=args.fast,
-                                       calibrate=args.calibration, adapt=adaptation(args))  # fmt: skip
+    predictor = Predictor.from_run_dir(args.run_dir, predict_options(args))
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     return predictor

@@ -52,11 +52,15 @@ def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False) -> N
         )
 
 
-def adaptation(args: argparse.Namespace) -> Any:
+def predict_options(args: argparse.Namespace) -> Any:
+    """The :class:`~cmafnet.inference.predict.PredictOptions` of a ``predict``, ``wsi`` or ``evaluate`` line."""
     from cmafnet.inference.adapt import Adaptation
+    from cmafnet.inference.predict import PredictOptions
 
-    return Adaptation(stain=args.stain_norm, tta=args.tta, adabn=args.adabn,
-                      site_patients=getattr(args, "site_calibration", 0), seed=getattr(args, "seed", 0))  # fmt: skip
+    adapt = Adaptation(stain=args.stain_norm, tta=args.tta, adabn=args.adabn,
+                       site_patients=getattr(args, "site_calibration", 0), seed=getattr(args, "seed", 0))  # fmt: skip
+    return PredictOptions(device=args.device, threshold=getattr(args, "threshold", None), calibrate=args.calibration,
+                          fast=getattr(args, "fast", False), adapt=adapt, batch_size=args.batch)  # fmt: skip
 
 
 def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.evaluation.evaluate import evaluate_run
     from cmafnet.evaluation.report import write_report
     from cmafnet.evaluation.tables_cost import cost_line
+    from cmafnet.inference.predict import PredictOptions
     from cmafnet.run import read_meta
     from cmafnet.training import fit
 
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 130
     for name, run_dir in runs.items():
-        res = evaluate_run(run_dir, store_dir, split_path=split_path, split="test", device=args.device)
+        res = evaluate_run(run_dir, store_dir, split_path=split_path, split="test",
+                           options=PredictOptions(device=args.device, batch_size=256))  # fmt: skip
         step(f"{name}: held-out test patients")
         for line in [*summary_lines(res), cost_line(read_meta(run_dir))]:
             print(f"          {line}", flush=True)

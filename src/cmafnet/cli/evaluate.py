@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
-    adaptation,
     add_adaptation_args,
     add_calibration_arg,
     add_device_arg,
     non_negative_int,
     positive_int,
+    predict_options,
 )
 
 
@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per magnification and overall; evaluates every image unless --split-file is given",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="inference batch size (default 256)")
+    p.add_argument(
+        "--batch", "--batch-size", type=positive_int, default=256, help="inference batch size (default 256)"
+    )
     p.add_argument(
         "--bootstrap",
         type=non_negative_int,
@@ -80,15 +82,12 @@ def run(args: argparse.Namespace) -> int:
             split_path=args.split_file,
             split="all" if args.all else args.split,
             zero_shot=args.zero_shot,
-            device=args.device,
             out_dir=args.out,
-            batch_size=args.batch_size,
             bootstrap=args.bootstrap,
             choose_threshold=not args.no_threshold,
-            calibrate=args.calibration,
             scale_match=args.scale_match,
             aggregate=args.aggregate,
-            adapt=adaptation(args),
+            options=predict_options(args),
         )
     print(summary_lines(doc, format_metric_for))
     if "scale_matched" in doc:

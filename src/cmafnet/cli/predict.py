@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
-    adaptation,
     add_adaptation_args,
     add_calibration_arg,
     add_device_arg,
     microns_per_pixel,
     positive_int,
+    predict_options,
     probability,
 )
 
@@ -70,10 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.inference.predict import predict_files
 
     s = predict_files(
-        args.run_dir, args.inputs, args.out, batch_size=args.batch, device=args.device,
-        threshold=args.threshold, tissue_check=not args.no_tissue_check, explain_dir=args.explain,
-        progress=not args.no_progress, fast=args.fast, calibrate=args.calibration, mpp=args.input_mpp,
-        aggregate=args.aggregate, adapt=adaptation(args),
+        args.run_dir, args.inputs, args.out, predict_options(args), tissue_check=not args.no_tissue_check,
+        explain_dir=args.explain, progress=not args.no_progress, mpp=args.input_mpp, aggregate=args.aggregate,
     )  # fmt: skip
     print(
         f"{s.out}: {s.n_predicted} predicted, {s.n_not_assessable} not assessable, {s.n_errors} errors "

@@ -7,13 +7,13 @@ import argparse
 from pathlib import Path
 
 from cmafnet.cli._common import (
-    adaptation,
     add_adaptation_args,
     add_calibration_arg,
     add_device_arg,
     int_range,
     microns_per_pixel,
     positive_int,
+    predict_options,
     probability,
 )
 from cmafnet.cli._launch import add_launcher_args, check_launcher_args, print_status
@@ -120,9 +120,8 @@ def run(args: argparse.Namespace) -> int:
             f"--{cohort_only[0].replace('_', '-')} goes with a cohort (several slides, a folder or a CSV list)"
         )
     s = predict_slide(
-        args.run_dir, args.slides[0], args.out, level=args.level, mpp=args.target_mpp, tile=args.tile,
-        batch_size=args.batch, device=args.device, threshold=args.threshold, progress=not args.no_progress,
-        fast=args.fast, calibrate=args.calibration, top_k=args.top_k, adapt=adaptation(args),
+        args.run_dir, args.slides[0], args.out, predict_options(args), level=args.level, mpp=args.target_mpp,
+        tile=args.tile, progress=not args.no_progress, top_k=args.top_k,
     )  # fmt: skip
     from cmafnet.inference.wsi_figures import partition_line
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,65 +122,3 @@ def load_or_extract(
     atomic_write_bytes(folder / KEY_FILE, json.dumps(doc, indent=2, default=str).encode())
     log.info("feature cache: %d embeddings of width %d in %.1f s -> %s", shape[0], shape[1], seconds, folder)
     return FeatureCache(folder, key, np.load(folder / FEATURES_FILE, mmap_mode="r"), False, seconds)
-
-
-def as_tensor(features: np.ndarray) -> torch.Tensor:
-    """A tensor over the (read-only) memory map, without a copy; it is never written to."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
-        return torch.from_numpy(features)
-
-
-class FeatureLoader:
-    """Batches of cached embeddings, as :class:`~cmafnet.data.loader.BatchLoader` yields images:
-    ``(z (B, D) float32, y (B,), idx (B,))`` on ``device``, the epoch's order a function of ``(seed, epoch)``.
-
-    Args:
-        features: ``(N, D)`` float32 tensor of the whole store (on ``device`` or in host memory).
-        labels: store-wide integer labels ``(N,)``.
-        indices: the store rows this loader walks over.
-    """
-
-    def __init__(
-        self,
-        features: torch.Tensor,
-        labels: np.ndarray,
-        indices: np.ndarray,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        drop_last: bool = False,
-    ) -> None:
-        self.features, self.device = features, torch.device(device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        self.indices = np.asarray(indices, np.int64)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = (
-            int(batch_size),
-            shuffle,
-            int(seed),
-            drop_last,
-        )
-        self.epoch = self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        from cmafnet.data.loader import epoch_order
-
-        order = torch.from_numpy(
-            epoch_order(self.indices, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
-        )
-        start, self.start_batch = self.start_batch, 0
-        for b in range(start, len(self)):
-            sel = order[b * self.batch_size : (b + 1) * self.batch_size]
-            z = self.features.index_select(0, sel.to(self.features.device)).to(self.device, non_blocking=True)
-            yield z, self.labels.index_select(0, sel).to(self.device), sel.to(self.device)

@@ -1,6 +1,7 @@
-"""Batches straight from the uint8 store: one ``index_select`` per batch, no per-image Python.
+"""Batches straight from a store-wide array: one ``index_select`` per batch, no per-row Python.
 
-The whole uint8 array (277k IDC patches are ~2 GB) is either kept on the training device
+The array is the uint8 image store (277k IDC patches are ~2 GB) or a probe's cached float32
+embeddings of it (:mod:`cmafnet.data.features`). It is either kept on the training device
 (``resident``) or read from host memory into a pinned buffer and copied with
 ``non_blocking=True``. The order of an epoch is a pure function of ``(seed, epoch)``, so a run
 resumed at ``start_batch`` sees exactly the batches it would have seen.
@@ -23,26 +24,28 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool) ->
 
 
 class BatchLoader:
-    """Yields ``(x_uint8 (B, 3, H, W), y (B,), idx (B,))`` on ``device``.
+    """Yields ``(x, y (B,), idx (B,))`` on ``device``: store rows ``idx`` of ``data`` and their labels.
 
-    ``x`` is a channels-last view (``permute`` of the NHWC store), which is what the models want.
+    For images ``x`` is uint8 ``(B, 3, H, W)``, a channels-last view (``permute`` of the NHWC
+    store), which is what the models want; for embeddings it is ``(B, D)`` as stored.
 
     Args:
-        images: uint8 ``(N, H, W, 3)`` numpy array / memory map or torch tensor.
+        data: uint8 images ``(N, H, W, 3)`` or embeddings ``(N, D)``: a numpy array / memory map
+            or a torch tensor (one already on ``device`` is used in place when resident).
         labels: store-wide integer labels ``(N,)``.
         indices: the store rows this loader walks over (a split, maybe undersampled).
-        batch_size: images per batch.
+        batch_size: rows per batch.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
         seed: order seed.
         device: where batches are delivered.
         drop_last: drop a final short batch.
-        resident: keep the uint8 array on ``device`` (default: yes for a CUDA device when the
-            array takes less than half of the free memory; always for CPU).
+        resident: keep ``data`` on ``device`` (default: always for CPU; for CUDA, when ``data``
+            is on the GPU already or takes less than half of the free memory).
     """
 
     def __init__(
         self,
-        images: np.ndarray | torch.Tensor,
+        data: np.ndarray | torch.Tensor,
         labels: np.ndarray | torch.Tensor,
         indices: np.ndarray,
         batch_size: int,
@@ -61,16 +64,20 @@ class BatchLoader:
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.epoch = 0
         self.start_batch = 0  # consumed by the next iteration, then reset to 0
-        host = images if isinstance(images, torch.Tensor) else _to_tensor(images)
-        if host.dtype != torch.uint8 or host.ndim != 4 or host.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 (N, H, W, 3), got {host.dtype} {tuple(host.shape)}")
+        host = data if isinstance(data, torch.Tensor) else as_tensor(data)
+        self._images = host.ndim == 4  # NHWC images, yielded channels-first; else (N, D) rows
+        if not (self._images and host.dtype == torch.uint8 and host.shape[-1] == 3) and host.ndim != 2:
+            raise ValueError(
+                "data must be uint8 (N, H, W, 3) images or (N, D) embeddings, "
+                f"got {host.dtype} {tuple(host.shape)}"
+            )
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= host.shape[0]):
-            raise ValueError("indices out of range for the image array")
+            raise ValueError("indices out of range for the data array")
         cuda = self.device.type == "cuda"
         if resident is None:
-            resident = not cuda or host.numel() < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+            resident = not cuda or host.is_cuda or host.nbytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]
         self.resident = resident
-        self.images = host.to(self.device) if resident else host
+        self.data = host.to(self.device) if resident else host
         y = (
             labels
             if isinstance(labels, torch.Tensor)
@@ -94,12 +101,12 @@ class BatchLoader:
         # gather into one of two pinned buffers; wait until its previous copy has finished
         b = sel.numel()
         if len(self._buffers) < 2:
-            shape = (self.batch_size, *self.images.shape[1:])
-            self._buffers = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+            shape = (self.batch_size, *self.data.shape[1:])
+            self._buffers = [torch.empty(shape, dtype=self.data.dtype).pin_memory() for _ in range(2)]
         if self._events[slot] is not None:
             self._events[slot].synchronize()
         buf = self._buffers[slot][:b]
-        torch.index_select(self.images, 0, sel, out=buf)
+        torch.index_select(self.data, 0, sel, out=buf)
         x = buf.to(self.device, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -116,19 +123,20 @@ class BatchLoader:
             sel = order[b * self.batch_size : (b + 1) * self.batch_size]
             sel_dev = order_dev[b * self.batch_size : (b + 1) * self.batch_size]
             if self.resident:
-                x = self.images.index_select(0, sel_dev)
+                x = self.data.index_select(0, sel_dev)
             elif self._pin:
                 x = self._host_batch(sel, b % 2)
             else:
-                x = self.images.index_select(0, sel)
-            # (B, H, W, 3) -> (B, 3, H, W) as a channels-last view, no copy
-            yield x.permute(0, 3, 1, 2), self.labels.index_select(0, sel_dev), sel_dev
+                x = self.data.index_select(0, sel)
+            # images: (B, H, W, 3) -> (B, 3, H, W) as a channels-last view, no copy
+            x = x.permute(0, 3, 1, 2) if self._images else x
+            yield x, self.labels.index_select(0, sel_dev), sel_dev
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def as_tensor(data: np.ndarray) -> torch.Tensor:
     """Wrap a numpy array / read-only memory map without copying (it is never written to)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "array is not writable"
-        return torch.from_numpy(images)
+        return torch.from_numpy(data)

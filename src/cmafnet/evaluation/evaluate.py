@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from cmafnet.evaluation.transfer import adapt_to_target, site_calibration, zero_
 from cmafnet.inference.adapt import Adaptation
 from cmafnet.inference.temperature import apply_temperature
 from cmafnet.run import SPLIT_FILE, WEIGHTS_FILE, read_meta, write_json
+
+if TYPE_CHECKING:
+    from cmafnet.inference.predict import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +87,15 @@ def _subtype_classes(store: Any) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
-def predict_store(
-    predictor: Any, store: Any, indices: np.ndarray, labels: np.ndarray, *, batch_size: int = 256
-) -> np.ndarray:
-    """Uncalibrated logits ``(len(indices), C)`` in ``indices`` order, through the data contract.
-
-    ``labels`` are store-wide ``(N,)`` (the loader indexes them with ``indices``). The caller
-    applies the temperature (:func:`cmafnet.inference.temperature.apply_temperature`).
-    """
-    import torch
-
-    from cmafnet.data.loader import BatchLoader
-
-    loader = BatchLoader(
-        store.images,
-        torch.tensor(np.asarray(labels), dtype=torch.int64),  # a copy: store arrays may be read-only
-        np.asarray(indices),
-        batch_size,
-        shuffle=False,
-        seed=0,
-        device=predictor.device,
-        drop_last=False,
+def predict_store(predictor: Any, store: Any, indices: np.ndarray) -> np.ndarray:
+    """Uncalibrated logits ``(len(indices), C)`` of ``store`` images in ``indices`` order (the caller
+    applies the temperature, :func:`cmafnet.inference.temperature.apply_temperature`)."""
+    stream = predictor.logits_stream((None, store.images[int(i)]) for i in indices)  # one size: in order
+    return (
+        np.concatenate([logits for _, logits in stream])
+        if len(indices)
+        else np.zeros((0, len(predictor.classes)))
     )
-    out = np.zeros((len(indices), len(predictor.classes)), dtype=np.float64)
-    pos = {int(i): k for k, i in enumerate(indices)}
-    with torch.inference_mode():
-        for x, _y, idx in loader:  # x: uint8 (B, 3, H, W) on the device
-            logits = predictor.logits_from_input(predictor.preprocess(x))  # (B, C)
-            rows = [pos[int(i)] for i in idx.cpu().tolist()]
-            out[rows] = logits
-    return out
 
 
 def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
@@ -164,15 +146,12 @@ def evaluate_run(
     split_path: str | Path | None = None,
     split: str = "test",
     zero_shot: bool = False,
-    device: str | None = "cpu",
     out_dir: str | Path | None = None,
-    batch_size: int = 256,
     bootstrap: int | None = None,
     choose_threshold: bool = True,
-    calibrate: str = "auto",
     scale_match: bool | None = None,
     aggregate: str = "mean",
-    adapt: Adaptation | None = None,
+    options: PredictOptions | None = None,
 ) -> dict:
     """Predict a split of ``store_path`` with the run's best model and write predictions and metrics.
 
@@ -186,19 +165,17 @@ def evaluate_run(
         split_path: split file; default the run's own ``split.json`` (not used for ``split='all'``).
         split: ``test``, ``val``, ``train`` or ``all``. Zero-shot defaults to every image.
         zero_shot: apply a binary run to another dataset's benign/malignant label.
-        device: ``cpu``, ``cuda``, ``auto``.
         out_dir: where to write (default ``run_dir``).
-        batch_size: inference batch size.
         bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
         choose_threshold: binary runs: choose the operating threshold on validation (and store it).
-        calibrate: auto | on | off: fit on the own split (unless off) and apply the run's temperature
-            (``inference.temperature.run_temperature``); off = uncalibrated (T = 1).
         scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
         aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
-        adapt: test-time adaptations (:class:`~cmafnet.inference.adapt.Adaptation`); with any, the
-            run's stored temperature and threshold are used, never refitted (site calibration:
-            zero-shot only, refitted on its patients, which are then left out). Zero-shot runs of a
-            binary model also get the ``diagnosis`` (:func:`~cmafnet.evaluation.transfer.zero_shot_diagnosis`).
+        options: device, batch size, ``calibrate`` (auto | on | off: fit on the own split unless off and
+            apply the run's temperature, ``inference.temperature.run_temperature``; off = T = 1) and the
+            test-time adaptations ``adapt``; with any adaptation the run's stored temperature and
+            threshold are used, never refitted (site calibration: zero-shot only, refitted on its
+            patients, which are then left out). Zero-shot runs of a binary model also get the
+            ``diagnosis`` (:func:`~cmafnet.evaluation.transfer.zero_shot_diagnosis`).
 
     Returns:
         The metrics document also written to ``metrics_<name>.json`` (plus ``paths``; with
@@ -211,11 +188,12 @@ def evaluate_run(
     from cmafnet.data.store import PatchStore
     from cmafnet.evaluation.calibration import calibration_report
     from cmafnet.evaluation.rows import metric_rows
-    from cmafnet.inference.predict import Predictor, run_classes
+    from cmafnet.inference.predict import PredictOptions, Predictor, run_classes
     from cmafnet.inference.resampling import record_run_scale
     from cmafnet.run import load_run
 
-    adapt = adapt or Adaptation()
+    options = options or PredictOptions()
+    adapt, calibrate, device = options.adapt, options.calibrate, resolve_device(options.device)
     if adapt.site_patients and not zero_shot:
         raise ConfigError(
             "--site-calibration is for another site's labelled patients: use it with --zero-shot"
@@ -231,14 +209,14 @@ def evaluate_run(
     if isinstance(meta_classes, (list, tuple)) and meta_classes:
         # Check the class set before building the model: cheap, and the most common mistake.
         y_all, classes, kind = resolve_targets([str(c) for c in meta_classes], store, zero_shot=zero_shot)
-        run = load_run(run_dir, device=resolve_device(device))
+        run = load_run(run_dir, device=device)
     else:  # older run.json without classes: names from the config
-        run = load_run(run_dir, device=resolve_device(device))
+        run = load_run(run_dir, device=device)
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
     if adapt.active:
         choose_threshold = False  # the run's record holds what its own, unadapted model chose
-    predictor = Predictor(run, resolve_device(device), calibrate="off", adapt=adapt)  # logits; T applied here
+    predictor = Predictor(run, replace(options, calibrate="off"))  # logits; the temperature is applied here
     binary = len(classes) == 2
 
     split_obj = None
@@ -258,8 +236,8 @@ def evaluate_run(
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    adabn = adapt_to_target(predictor, store, rows, y_all[rows], adapt, batch_size)
-    logits = predict_store(predictor, store, rows, y_all, batch_size=batch_size)
+    adabn = adapt_to_target(predictor, store, rows, y_all[rows], adapt)
+    logits = predict_store(predictor, store, rows)
     y = y_all[rows]
     site = None
     if adapt.site_patients:
@@ -277,9 +255,7 @@ def evaluate_run(
     )
     val_logits, y_val = None, None
     if val is not None and val.size:
-        val_logits = (
-            logits if split == "val" else predict_store(predictor, store, val, y_all, batch_size=batch_size)
-        )
+        val_logits = logits if split == "val" else predict_store(predictor, store, val)
         y_val = y_all[val]
     n_val_patients = None
     if val_logits is not None and "patient" in store.index.columns:
@@ -343,7 +319,7 @@ def evaluate_run(
 
         matched = scale_matched_evaluation(
             predictor, store, rows, y, classes, doc, meta=meta, temp=temp, op=op, n_bins=n_bins, n_boot=n_boot,
-            aggregate=aggregate, out=out, batch_size=batch_size,
+            aggregate=aggregate, out=out,
         )  # fmt: skip
         doc["paths"]["scale_matched"] = matched["paths"]["metrics"]
         write_json(metrics_path, doc)

@@ -49,7 +49,6 @@ def scale_matched_evaluation(
     n_boot: int,
     aggregate: str,
     out: Path,
-    batch_size: int = 256,
 ) -> dict:
     """The scale-matched counterpart of the evaluation document ``squeezed`` (written to ``out``)."""
     from cmafnet.data.scale import image_mpp
@@ -59,9 +58,7 @@ def scale_matched_evaluation(
 
     scale = run_scale(meta)
     mpps = image_mpp(store, rows)
-    res = predict_scaled(
-        predictor, (store.images[int(i)] for i in rows), list(mpps), scale, batch_size=batch_size
-    )
+    res = predict_scaled(predictor, (store.images[int(i)] for i in rows), list(mpps), scale)
     ok = np.array([r.status == "" for r in res], dtype=bool)
     index = store.index
     mags = index["magnification"].to_numpy()[rows] if "magnification" in index.columns else None

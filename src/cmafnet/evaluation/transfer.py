@@ -19,7 +19,7 @@ from cmafnet.inference.temperature import apply_temperature, fit_temperature
 
 
 def adapt_to_target(
-    predictor: Any, store: Any, rows: np.ndarray, y: np.ndarray, adapt: Adaptation, batch_size: int
+    predictor: Any, store: Any, rows: np.ndarray, y: np.ndarray, adapt: Adaptation
 ) -> dict | None:
     """AdaBN on the evaluated images (``adabn=on``) or on a class-balanced sample of them (``balanced``:
     uses the labels, so that the re-estimated statistics do not absorb the target's class mix)."""
@@ -27,8 +27,7 @@ def adapt_to_target(
         return None
     pick = rows if adapt.adabn == "on" else rows[balanced_indices(y, adapt.seed)]
     what = f"{len(pick)} target images" + (" (class-balanced sample)" if adapt.adabn == "balanced" else "")
-    batches = (store.images[np.sort(pick[i : i + batch_size])] for i in range(0, len(pick), batch_size))
-    info = predictor.adapt_batchnorm(batches, what)
+    info = predictor.adapt_batchnorm((store.images[int(i)] for i in pick), what)
     if adapt.adabn == "on":
         info["risk"] = (
             "the re-estimated BatchNorm statistics absorb the target's class mix: under a class-proportion "

@@ -15,6 +15,7 @@ from cmafnet.errors import ConfigError, InputDataError, RunFolderError
 from cmafnet.experiments.paper_tables import ZERO_SHOT_ADAPTATIONS
 from cmafnet.experiments.spec import RunSpec
 from cmafnet.inference.adapt import Adaptation
+from cmafnet.inference.predict import PredictOptions
 from cmafnet.run import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     """Evaluate a finished run the way its table needs; returns the result document."""
     from cmafnet.evaluation import evaluate_run
 
-    device = ctx.device
+    options = PredictOptions(device=ctx.device, batch_size=256)
     bootstrap = 0  # CIs per run are not needed for mean ± std over seeds (cmafnet evaluate has them)
     out: dict[str, Any] = {"convergence": convergence(run_dir)}
     if spec.evaluation == "test":
@@ -96,8 +97,8 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
             ctx.store,
             split_path=ensure_split(ctx, "idc"),
             split="test",
-            device=device,
             bootstrap=bootstrap,
+            options=options,
         )
         out["metrics"] = doc["metrics"]
         out["params_m"] = _params_m(run_dir)
@@ -115,8 +116,8 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
             ctx.breakhis_store,
             split_path=ensure_split(ctx, "breakhis"),
             split="test",
-            device=device,
             bootstrap=bootstrap,
+            options=options,
         )
         out["metrics"] = doc["metrics"]
         out["classes"] = doc["classes"]
@@ -139,8 +140,8 @@ def _zero_shot(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
     resamples: the verdict needs the AUROC's interval)."""
     from cmafnet.evaluation import evaluate_run
 
-    doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, device=ctx.device, bootstrap=200, adapt=adapt,
-                       scale_match=False)  # fmt: skip
+    doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, bootstrap=200, scale_match=False,
+                       options=PredictOptions(device=ctx.device, adapt=adapt, batch_size=256))  # fmt: skip
     by_mag = {_mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()}
     d = doc["diagnosis"]
     keep = ("verdict", "prevalence", "n_patients", "metrics", "by_subtype")

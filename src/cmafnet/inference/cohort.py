@@ -238,7 +238,6 @@ def run_cohort(
     *,
     options: SlideOptions,
     load_predictor: Callable[[], Predictor],
-    batch_size: int = 64,
     progress: bool = True,
 ) -> CohortRun:
     """Process every slide of ``items`` that is not complete yet, each into ``out/slides/<slide_id>``.
@@ -265,8 +264,8 @@ def run_cohort(
             predictor = predictor or load_predictor()
             try:
                 predict_slide(
-                    run_dir, item.path, folder, level=options.level, mpp=options.mpp, tile=options.tile,
-                    batch_size=batch_size, progress=progress, predictor=predictor, top_k=options.top_k,
+                    run_dir, item.path, folder, predictor=predictor, level=options.level, mpp=options.mpp,
+                    tile=options.tile, progress=progress, top_k=options.top_k,
                 )  # fmt: skip
             except OSError as err:
                 if err.errno in _FATAL_ERRNOS:

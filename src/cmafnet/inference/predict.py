@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.adapt import Adaptation
-from cmafnet.inference.io import InputItem, check_outputs, discover_inputs, iter_images
+from cmafnet.inference.io import check_outputs, discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
 from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scaled
 from cmafnet.inference.temperature import (
@@ -62,28 +63,71 @@ def run_threshold(meta: dict, override: float | None = None) -> tuple[float, str
     return DEFAULT_THRESHOLD, "default"
 
 
-class Predictor:
-    """Batched probabilities from a run; holds the model, preprocessing and operating threshold."""
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a run predicts: one set of options for ``predict``, ``wsi`` (and its cohorts) and ``evaluate``.
 
-    def __init__(
-        self,
-        run: LoadedRun,
-        device: str | torch.device | None = "auto",
-        threshold: float | None = None,
-        *,
-        fast: bool = False,
-        calibrate: str = "auto",
-        adapt: Adaptation | None = None,
-    ):
+    ``threshold``: the positive-class operating threshold (None: run.json's, else 0.5; ``evaluate``
+    reports at 0.5 and at the run's own and does not read it); ``calibrate``: ``auto | on | off``
+    (:func:`cmafnet.inference.temperature.run_temperature`); ``fast``: CUDA bf16 autocast,
+    channels-last and ``torch.compile``; ``adapt``: stain normalisation, TTA, AdaBN.
+    """
+
+    device: str | None = "auto"
+    threshold: float | None = None
+    calibrate: str = "auto"
+    fast: bool = False
+    adapt: Adaptation = field(default_factory=Adaptation)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch_size}")
+
+
+def same_size_batches(
+    items: Iterable[tuple[Any, np.ndarray]], batch_size: int
+) -> Iterator[tuple[list, list]]:
+    """``(key, uint8 (H, W, 3) image)`` pairs -> ``(keys, images)`` batches of one image size.
+
+    A size's batch goes when it is full; when ``4 * batch_size`` images wait across sizes the largest
+    group goes (memory stays bounded for a folder of mixed sizes); the rest go at the end. Keys come
+    back grouped by size, so not always in input order.
+    """
+    groups: dict[tuple[int, int], list[tuple[Any, np.ndarray]]] = {}
+    waiting = 0
+    for key, img in items:
+        shape = img.shape[:2]
+        groups.setdefault(shape, []).append((key, img))
+        waiting += 1
+        if len(groups[shape]) >= batch_size or waiting >= 4 * batch_size:
+            full = groups.pop(
+                shape if len(groups[shape]) >= batch_size else max(groups, key=lambda k: len(groups[k]))
+            )
+            waiting -= len(full)
+            yield [k for k, _ in full], [im for _, im in full]
+    for full in groups.values():
+        yield [k for k, _ in full], [im for _, im in full]
+
+
+class Predictor:
+    """A loaded run ready to predict: model, preprocessing, temperature and operating threshold.
+
+    :meth:`logits_stream` is the one inference loop; ``predict``, ``wsi``, ``evaluate`` and the
+    scale-matched evaluation feed it images and turn its logits into their outputs.
+    """
+
+    def __init__(self, run: LoadedRun, options: PredictOptions | None = None):
         self.run = run
-        self.adapt = adapt or Adaptation()
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.options = options = options or PredictOptions()
+        self.adapt = options.adapt
+        self.device = resolve_device(options.device)
         self.model = run.model.to(self.device).eval()
         # --fast (CUDA only): bf16 autocast, channels-last and torch.compile, the bench's inference
         # recipe. Probabilities then differ from fp32 by bf16 rounding. ``self.model`` stays the
         # eager module (the explainer hooks into it).
-        self.fast = bool(fast) and self.device.type == "cuda"
-        if fast and not self.fast:
+        self.fast = options.fast and self.device.type == "cuda"
+        if options.fast and not self.fast:
             log.warning(
                 "--fast applies on CUDA only (bf16, channels-last, compile); %s runs fp32 eager", self.device
             )
@@ -95,8 +139,8 @@ class Predictor:
         self.img_size = run.config.model.img_size
         # Probabilities are softmax(logits / T) with the run's validation-fitted temperature (1 when
         # off or never fitted); see cmafnet.inference.temperature.
-        self.temperature, self.calibration = run_temperature(run.meta, calibrate)
-        self.threshold, self.threshold_source = run_threshold(run.meta, threshold)
+        self.temperature, self.calibration = run_temperature(run.meta, options.calibrate)
+        self.threshold, self.threshold_source = run_threshold(run.meta, options.threshold)
         if self.threshold_source.startswith("run.json"):
             # A stored threshold was chosen at some temperature: the same decisions at ours.
             op = stored_threshold(run.meta, self.temperature)
@@ -106,39 +150,43 @@ class Predictor:
                 self.threshold_source += f" (chosen at T={t_chosen:.4g}, mapped to T={self.temperature:.4g})"
         if len(self.classes) != 2:
             self.threshold_source = "argmax"  # multi-class: no single operating threshold
-        self.preprocess, self.preprocess_desc = build_preprocess(run, self.device, self.adapt.stain)
-        if self.adapt.tta != "none":
-            self.preprocess_desc += f"; TTA {self.adapt.tta} (mean of the views' probabilities)"
+        self.preprocess, self._preprocess_desc = build_preprocess(run, self.device, self.adapt.stain)
         self.adabn: dict | None = None  # what adapt_batchnorm did, for the outputs
 
-    def adapt_batchnorm(self, batches: Iterable[np.ndarray], what: str) -> dict:
-        """AdaBN: re-estimate the model's BatchNorm statistics on uint8 ``(B, H, W, 3)`` target batches
-        (``what`` says which images, for the outputs). A model without BatchNorm is left as it is."""
+    @property
+    def preprocess_desc(self) -> str:
+        """The preprocessing in words, adaptations included (recorded in every output)."""
+        tta = f"; TTA {self.adapt.tta} (mean of the views' probabilities)" if self.adapt.tta != "none" else ""
+        adabn = (
+            f"; AdaBN: {self.adabn['layers']} BatchNorm layers re-estimated on {self.adabn['on']}"
+            if self.adabn
+            else ""
+        )
+        return self._preprocess_desc + tta + adabn
+
+    def adapt_batchnorm(self, images: Iterable[np.ndarray], what: str) -> dict:
+        """AdaBN: re-estimate the model's BatchNorm statistics on uint8 ``(H, W, 3)`` target images
+        (``what`` says which, for the outputs). A model without BatchNorm is left as it is."""
         from cmafnet.inference.adapt import adapt_batchnorm
 
-        self.adabn = {**adapt_batchnorm(self.model, (self.to_input(list(b)) for b in batches)), "on": what}
+        batches = same_size_batches(((None, im) for im in images), self.options.batch_size)
+        self.adabn = {**adapt_batchnorm(self.model, (self.to_input(b) for _, b in batches)), "on": what}
         if not self.adabn["layers"]:
             log.warning("--adabn: the model has no BatchNorm layer; nothing re-estimated")
-        # one AdaBN at a time (a cohort's predictor re-estimates per slide): the description says the last
-        self.preprocess_desc = self.preprocess_desc.split("; AdaBN: ")[0]
-        self.preprocess_desc += f"; AdaBN: {self.adabn['layers']} BatchNorm layers re-estimated on {what}"
         return self.adabn
 
     @classmethod
-    def from_run_dir(
-        cls,
-        run_dir: str | Path,
-        device: str | None = "auto",
-        threshold: float | None = None,
-        *,
-        fast: bool = False,
-        calibrate: str = "auto",
-        adapt: Adaptation | None = None,
-    ) -> Predictor:
-        dev = resolve_device(device)
-        return cls(
-            load_run(run_dir, device=str(dev)), dev, threshold, fast=fast, calibrate=calibrate, adapt=adapt
-        )
+    def from_run_dir(cls, run_dir: str | Path, options: PredictOptions | None = None) -> Predictor:
+        options = options or PredictOptions()
+        return cls(load_run(run_dir, device=str(resolve_device(options.device))), options)
+
+    def logits_stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[list, np.ndarray]]:
+        """The inference loop: ``(key, uint8 (H, W, 3) image)`` pairs -> ``(keys, logits (B, C))`` per
+        batch of ``options.batch_size`` same-size images (:func:`same_size_batches`), uncalibrated
+        (:meth:`probs_from_logits` applies the temperature). While a batch is being consumed,
+        :meth:`stain_fallback` describes it."""
+        for keys, images in same_size_batches(items, self.options.batch_size):
+            yield keys, self.logits_from_input(self.to_input(images))
 
     def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
         """Same-size uint8 ``(H, W, 3)`` images -> normalised model input ``(B, 3, S, S)``."""
@@ -209,35 +257,18 @@ def _columns(classes: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def _same_size_batches(items: list[InputItem], batch_size: int) -> Iterator[list[np.ndarray]]:
-    """The decodable inputs as batches of one size (AdaBN's pass; unreadable files are skipped)."""
-    groups: dict[tuple[int, int], list[np.ndarray]] = {}
-    for _, img, _ in iter_images(items):
-        if img is not None:
-            g = groups.setdefault(img.shape[:2], [])
-            g.append(img)
-            if len(g) >= batch_size:
-                yield groups.pop(img.shape[:2])
-    yield from groups.values()
-
-
 def predict_files(
     run_dir: str | Path,
     inputs: list[str | Path],
     out_csv: str | Path,
+    options: PredictOptions | None = None,
     *,
-    batch_size: int = 64,
-    device: str | None = "auto",
-    threshold: float | None = None,
     tissue_check: bool = True,
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     explain_dir: str | Path | None = None,
     progress: bool = True,
-    fast: bool = False,
-    calibrate: str = "auto",
     mpp: float | None = None,
     aggregate: str = "mean",
-    adapt: Adaptation | None = None,
 ) -> PredictSummary:
     """Predict every image in ``inputs`` and write ``out_csv`` (one row per input, input order).
 
@@ -246,29 +277,25 @@ def predict_files(
     ``mpp`` (the inputs' microns per pixel) every image is instead resampled to the run's training
     scale and tiled with its patch size (:mod:`cmafnet.inference.resampling`), tile probabilities
     aggregated by ``aggregate``; an image smaller than half a patch at that scale is not assessable.
-    ``adapt``: stain normalisation, TTA and AdaBN (BatchNorm statistics re-estimated on every readable
-    input first, a second pass over the files) as :class:`~cmafnet.inference.adapt.Adaptation`.
+    With ``options.adapt.adabn`` the BatchNorm statistics are re-estimated on every readable input
+    first (a second pass over the files).
 
     Raises:
-        ConfigError: ``batch_size`` < 1, or ``out_csv`` / ``explain_dir`` is not a usable path.
+        ConfigError: ``out_csv`` / ``explain_dir`` is not a usable path, AdaBN with ``mpp``.
         InputDataError: no inputs at all (empty folder), or not a single decodable image.
         RunFolderError: the run folder lacks a config, metadata or model weights.
     """
-    if batch_size < 1:
-        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
+    options = options or PredictOptions()
     check_outputs(out_csv, explain_dir)  # before any work: never a traceback after it
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
-    if adapt is not None and adapt.adabn != "off" and mpp is not None:
+    if options.adapt.adabn != "off" and mpp is not None:
         raise ConfigError("--adabn re-estimates on the squeezed inputs: it does not go with --input-mpp")
-    predictor = Predictor.from_run_dir(
-        run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate, adapt=adapt
-    )
-    if predictor.adapt.adabn != "off":
-        predictor.adapt_batchnorm(
-            _same_size_batches(items, batch_size), f"the {len(items)} inputs (readable ones)"
-        )
+    predictor = Predictor.from_run_dir(run_dir, options)
+    if options.adapt.adabn != "off":
+        readable = (img for _, img, _ in iter_images(items) if img is not None)
+        predictor.adapt_batchnorm(readable, f"the {len(items)} inputs (readable ones)")
     scale = matching_scale(predictor.run.meta, predictor.classes, mpp, aggregate)
     explainer = None
     if explain_dir is not None:
@@ -286,110 +313,98 @@ def predict_files(
                "(pass --input-mpp to match the training scale)"),
     )  # fmt: skip
     classes = predictor.classes
-    tmp = out_csv.with_name(f".{out_csv.name}.partial")
-    rows: dict[int, dict[str, Any]] = {}  # finished rows waiting for earlier ones (input order)
+    rows: dict[int, dict[str, Any]] = {}  # rows not written yet (input order: a row waits for earlier ones)
     next_row = 0
-    groups: dict[tuple[int, int], list[tuple[int, InputItem, np.ndarray]]] = {}
-    max_pending = 4 * batch_size  # bound on decoded images held across size groups
 
-    def base_row(item: InputItem) -> dict[str, Any]:
-        return {
-            "path": str(item.path), "status": "", "decision": "", "threshold": predictor.threshold,
-            "threshold_source": predictor.threshold_source, "flags": "", "error": "",
-        }  # fmt: skip
+    def error(row: dict[str, Any], reason: str) -> None:
+        row["status"], row["error"] = "error", reason
+        summary.n_errors += 1
+        if len(summary.errors) < 20:
+            summary.errors.append((row["path"], reason))
 
-    def run_group(key: tuple[int, int]) -> None:
-        if scale is not None:
-            return run_scaled(key)
-        batch = groups.pop(key)
-        probs = predictor.predict_arrays([img for _, _, img in batch])
-        decisions = predictor.decide(probs)
-        fallback = predictor.stain_fallback()
-        for k, ((i, _item, _img), p, dec) in enumerate(zip(batch, probs, decisions)):
-            row = rows[i]
-            if fallback is not None and fallback[k]:
-                # Informational: classified, but Macenko fell back to the raw colours.
-                row["flags"] = ";".join(f for f in (row["flags"], "stain_fallback") if f)
-            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
-            row["decision"], row["status"] = dec, "ok"
-            summary.n_predicted += 1
-        if explainer is not None:
-            explainer.explain(
-                [img for _, _, img in batch], [item.path for _, item, _ in batch], probs, decisions
-            )
+    def not_assessable(row: dict[str, Any], flags: str) -> None:
+        row["status"] = row["decision"] = NOT_ASSESSABLE
+        row["flags"] = ";".join(f for f in (row["flags"], flags) if f)
+        summary.n_not_assessable += 1
 
-    def run_scaled(key: tuple[int, int]) -> None:
-        batch = groups.pop(key)
-        res = predict_scaled(predictor, [img for _, _, img in batch], [mpp] * len(batch), scale,
-                             batch_size=batch_size)  # fmt: skip
-        done = []  # (image, path, probs, decision) of the assessable images, for the explainer
-        for (i, item, img), r in zip(batch, res):
-            row = rows[i]
-            row["scale"], row["n_tiles"] = "matched", r.n_tiles
-            if r.status == TOO_LARGE:  # past the pixel cap once resampled: an error, like a decoder's
-                row["status"], row["error"] = "error", r.error
-                summary.n_errors += 1
-                if len(summary.errors) < 20:
-                    summary.errors.append((str(item.path), r.error))
-                continue
-            if r.status:
-                row["status"] = row["decision"] = NOT_ASSESSABLE
-                row["flags"] = ";".join(f for f in (row["flags"], f"{NOT_ASSESSABLE}:{r.status}") if f)
-                summary.n_not_assessable += 1
-                continue
-            p = r.probs(predictor.temperature, aggregate)
-            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
-            row["decision"], row["status"] = predictor.decide(p[None])[0], "ok"
-            summary.n_predicted += 1
-            done.append((img, item.path, p, row["decision"]))
-        if explainer is not None and done:
-            # Maps of the whole image; the title carries the scale-matched (tile-aggregated) result.
-            for img, path, p, dec in done:
-                explainer.explain([img], [path], p[None], [dec])
+    def scored(row: dict[str, Any], p: np.ndarray, decision: str) -> None:
+        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p)})
+        row["decision"], row["status"] = decision, "ok"
+        summary.n_predicted += 1
+
+    def flush_ready() -> None:
+        nonlocal next_row
+        while next_row in rows and rows[next_row]["status"]:
+            writer.writerow(rows.pop(next_row))
+            next_row += 1
+
+    def to_score() -> Iterator[tuple[tuple[int, np.ndarray], np.ndarray]]:
+        """((row, image), image) of the inputs to classify; the others get their row's status here."""
+        for i, (item, img, err) in enumerate(iter_images(items)):
+            row = rows[i] = {
+                "path": str(item.path), "status": "", "decision": "", "threshold": predictor.threshold,
+                "threshold_source": predictor.threshold_source, "flags": "", "error": "",
+            }  # fmt: skip
+            if img is None:
+                error(row, err)
+            elif tissue_check:
+                tc = check_tile(img, tissue_thresholds)
+                row["tissue_fraction"], row["pen_fraction"] = (
+                    f"{tc.tissue_fraction:.4f}",
+                    f"{tc.pen_fraction:.4f}",
+                )
+                if tc.flags:
+                    not_assessable(row, ";".join(tc.flags))
+            if not row["status"]:
+                row["scale"] = "matched" if scale else "squeezed"
+                yield (i, img), img
+            bar.update(1)
+            flush_ready()
+
+    def squeezed() -> None:
+        for keys, logits in predictor.logits_stream(to_score()):
+            probs = predictor.probs_from_logits(logits)
+            decisions = predictor.decide(probs)
+            fallback = predictor.stain_fallback()
+            for k, ((i, _), p, dec) in enumerate(zip(keys, probs, decisions)):
+                if fallback is not None and fallback[k]:
+                    # Informational: classified, but Macenko fell back to the raw colours.
+                    rows[i]["flags"] = ";".join(f for f in (rows[i]["flags"], "stain_fallback") if f)
+                scored(rows[i], p, dec)
+            if explainer is not None:
+                explainer.explain(
+                    [img for _, img in keys], [items[i].path for i, _ in keys], probs, decisions
+                )
+            flush_ready()
+
+    def matched() -> None:
+        pending = to_score()
+        while chunk := [key for key, _ in islice(pending, options.batch_size)]:
+            res = predict_scaled(predictor, [img for _, img in chunk], [mpp] * len(chunk), scale)
+            for (i, img), r in zip(chunk, res):
+                rows[i]["n_tiles"] = r.n_tiles
+                if r.status == TOO_LARGE:  # past the pixel cap once resampled: an error, like a decoder's
+                    error(rows[i], r.error)
+                elif r.status:
+                    not_assessable(rows[i], f"{NOT_ASSESSABLE}:{r.status}")
+                else:
+                    p = r.probs(predictor.temperature, aggregate)
+                    scored(rows[i], p, predictor.decide(p[None])[0])
+                    if (
+                        explainer is not None
+                    ):  # maps of the whole image, titled with the tile-aggregated result
+                        explainer.explain([img], [items[i].path], p[None], [rows[i]["decision"]])
+            flush_ready()
 
     from tqdm.auto import tqdm
 
+    tmp = out_csv.with_name(f".{out_csv.name}.partial")
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
             writer.writeheader()
-
-            def flush_ready() -> None:
-                nonlocal next_row
-                while next_row in rows and rows[next_row]["status"]:
-                    writer.writerow(rows.pop(next_row))
-                    next_row += 1
-
-            for i, (item, img, err) in enumerate(iter_images(items)):
-                row = rows[i] = base_row(item)
-                if img is None:
-                    row["status"], row["error"] = "error", err
-                    summary.n_errors += 1
-                    if len(summary.errors) < 20:
-                        summary.errors.append((str(item.path), err))
-                else:
-                    if tissue_check:
-                        tc = check_tile(img, tissue_thresholds)
-                        row["tissue_fraction"] = f"{tc.tissue_fraction:.4f}"
-                        row["pen_fraction"] = f"{tc.pen_fraction:.4f}"
-                        row["flags"] = ";".join(tc.flags)
-                        if tc.flags:
-                            row["status"], row["decision"] = NOT_ASSESSABLE, NOT_ASSESSABLE
-                            summary.n_not_assessable += 1
-                    if not row["status"]:
-                        row["scale"] = "squeezed"
-                        key = (0, 0) if scale is not None else img.shape[:2]  # scaled: one queue
-                        groups.setdefault(key, []).append((i, item, img))
-                        if len(groups[key]) >= batch_size:
-                            run_group(key)
-                        elif sum(len(g) for g in groups.values()) >= max_pending:
-                            run_group(max(groups, key=lambda k: len(groups[k])))
-                flush_ready()
-                bar.update(1)
-            for key in list(groups):
-                run_group(key)
-            flush_ready()
+            matched() if scale is not None else squeezed()
     except BaseException:  # never leave a half-written CSV behind
         tmp.unlink(missing_ok=True)
         raise

@@ -16,7 +16,7 @@ padded with white (glass, as ingest pads IDC edge patches) when it covers at lea
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,42 +196,36 @@ class ScaledImage:
 
 def predict_scaled(
     predictor: Any,
-    images: Sequence[np.ndarray],
+    images: Iterable[np.ndarray],
     mpps: Sequence[float | None],
     scale: RunScale,
     *,
-    batch_size: int = 256,
     min_coverage: float = MIN_COVERAGE,
 ) -> list[ScaledImage]:
-    """Resample each image to the run's scale, tile it and return the tiles' uncalibrated logits."""
+    """Resample each image to the run's scale, tile it and return the tiles' uncalibrated logits
+    (through the predictor's :meth:`~cmafnet.inference.predict.Predictor.logits_stream`)."""
     if scale.mpp is None:
         raise ConfigError(f"scale-matched inference needs the run's training scale: {scale.source}")
     out: list[ScaledImage] = []
-    pending: list[tuple[int, np.ndarray]] = []  # (output index, tile)
 
-    def flush() -> None:
-        if not pending:
-            return
-        logits = predictor.logits_from_input(predictor.to_input([t for _, t in pending]))  # (B, C)
-        for k, (i, _) in enumerate(pending):
-            cur = out[i].logits
-            out[i].logits = logits[k : k + 1] if cur is None else np.concatenate([cur, logits[k : k + 1]])
-        pending.clear()
+    def tiles() -> Iterator[tuple[int, np.ndarray]]:  # (output index, tile) of every image in turn
+        for img, mpp in zip(images, mpps):
+            if mpp is None or not math.isfinite(mpp) or mpp <= 0:
+                out.append(ScaledImage(None, 0, (0, 0), MPP_UNKNOWN))
+                continue
+            try:
+                small = resample(img, mpp, scale.mpp)
+            except safety.UnsafeFile as err:
+                out.append(ScaledImage(None, 0, (0, 0), TOO_LARGE, str(err)))
+                continue
+            found, status = make_tiles(small, scale.tile_hw, min_coverage)
+            out.append(ScaledImage(None, len(found), tuple(small.shape[:2]), status))
+            yield from ((len(out) - 1, t) for t in found)
 
-    for img, mpp in zip(images, mpps):
-        if mpp is None or not math.isfinite(mpp) or mpp <= 0:
-            out.append(ScaledImage(None, 0, (0, 0), MPP_UNKNOWN))
-            continue
-        try:
-            small = resample(img, mpp, scale.mpp)
-        except safety.UnsafeFile as err:
-            out.append(ScaledImage(None, 0, (0, 0), TOO_LARGE, str(err)))
-            continue
-        tiles, status = make_tiles(small, scale.tile_hw, min_coverage)
-        out.append(ScaledImage(None, len(tiles), tuple(small.shape[:2]), status))
-        for t in tiles:
-            pending.append((len(out) - 1, t))
-            if len(pending) >= batch_size:
-                flush()
-    flush()
+    per_image: dict[int, list[np.ndarray]] = {}
+    for keys, logits in predictor.logits_stream(tiles()):  # logits (B, C), tiles in order
+        for i, row in zip(keys, logits):
+            per_image.setdefault(i, []).append(row)
+    for i, rows in per_image.items():
+        out[i].logits = np.stack(rows)  # (n_tiles, C)
     return out

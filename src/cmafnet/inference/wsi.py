@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,7 @@ from cmafnet.data.safety import MAX_PIXELS_ENV, limits, require_regular_file
 from cmafnet.data.scale import IDC_MPP, MPP_RANGE, check_mpp
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
-from cmafnet.inference.adapt import Adaptation
-from cmafnet.inference.predict import Predictor
+from cmafnet.inference.predict import PredictOptions, Predictor
 from cmafnet.inference.resampling import resize_image, run_scale
 from cmafnet.inference.tissue import (
     DEFAULT_THRESHOLDS,
@@ -263,26 +263,15 @@ def _adabn_on_slide(
     plan: TilePlan,
     todo: list[dict],
     thresholds: TissueThresholds,
-    batch_size: int,
     name: str,
 ) -> None:
     """AdaBN on this slide: BatchNorm statistics re-estimated on its assessable tissue tiles (a first pass
     over them; the scoring pass reads them again)."""
-
-    def batches() -> Any:
-        buf: list[np.ndarray] = []
-        for row in todo:
-            img = _read_tile(slide, plan, row["col"], row["row"])
-            if not check_tile(img, thresholds).flags:
-                buf.append(img)
-                if len(buf) == batch_size:
-                    yield buf
-                    buf = []
-        if buf:
-            yield buf
-
+    tiles = (_read_tile(slide, plan, row["col"], row["row"]) for row in todo)
     try:
-        predictor.adapt_batchnorm(batches(), f"the tissue tiles of {name}")
+        predictor.adapt_batchnorm(
+            (t for t in tiles if not check_tile(t, thresholds).flags), f"the tissue tiles of {name}"
+        )
     except ValueError:  # no assessable tile: nothing to re-estimate on (and nothing will be scored)
         log.warning("--adabn: %s has no assessable tissue tile; BatchNorm statistics left as they were", name)
 
@@ -291,37 +280,26 @@ def predict_slide(
     run_dir: str | Path,
     slide_path: str | Path,
     out_dir: str | Path,
+    options: PredictOptions | None = None,
     *,
+    predictor: Predictor | None = None,
     level: int | None = None,
     mpp: float | None = None,
     tile: int | None = None,
-    batch_size: int = 64,
-    device: str | None = "auto",
-    threshold: float | None = None,
     tissue_thresholds: TissueThresholds = DEFAULT_THRESHOLDS,
     progress: bool = True,
-    fast: bool = False,
-    calibrate: str = "auto",
-    predictor: Predictor | None = None,
     top_k: int = 10,
-    adapt: Adaptation | None = None,
 ) -> WSISummary:
     """Tile a slide, classify its tissue tiles and write the heatmap, CSV, GeoJSON and masks.
 
-    ``predictor``: a model already loaded from ``run_dir`` (a cohort loads it once); then ``device``,
-    ``threshold``, ``fast``, ``calibrate`` and ``adapt`` (stain normalisation, TTA) are those it was made
-    with and are not read here.
+    ``predictor``: a model already loaded from ``run_dir`` (a cohort loads it once); then ``options``
+    are those it was made with and are not read here.
     """
     start = time.perf_counter()
     slide = open_slide(slide_path)  # before loading the model: a bad slide fails fast
-    if batch_size < 1:
-        raise ConfigError(f"--batch must be >= 1, got {batch_size}")
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    if predictor is None:
-        predictor = Predictor.from_run_dir(
-            run_dir, device=device, threshold=threshold, fast=fast, calibrate=calibrate, adapt=adapt
-        )
+    predictor = predictor or Predictor.from_run_dir(run_dir, options)
     if len(predictor.classes) != 2:
         raise ConfigError("whole-slide heatmaps need a binary run (positive class = index 1)")
     plan = plan_tiling(slide, level=level, mpp=mpp, tile=tile, meta=predictor.run.meta)
@@ -355,36 +333,34 @@ def predict_slide(
             todo.append(row)
 
     if predictor.adapt.adabn != "off":
-        _adabn_on_slide(predictor, slide, plan, todo, tissue_thresholds, batch_size, Path(slide_path).name)
+        _adabn_on_slide(predictor, slide, plan, todo, tissue_thresholds, Path(slide_path).name)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
-    batch_imgs: list[np.ndarray] = []
-    batch_rows: list[dict] = []
 
-    def flush() -> None:
-        if not batch_imgs:
-            return
-        probs = predictor.predict_arrays(batch_imgs)
+    def tissue_tiles() -> Iterator[tuple[dict, np.ndarray]]:  # (row, tile) of the tiles to classify
+        for row in todo:
+            img = _read_tile(slide, plan, row["col"], row["row"])
+            tc = check_tile(img, tissue_thresholds)
+            row["tissue_fraction"], row["pen_fraction"] = (
+                round(tc.tissue_fraction, 4),
+                round(tc.pen_fraction, 4),
+            )
+            if tc.flags:
+                row["status"], row["decision"], row["flags"] = (
+                    NOT_ASSESSABLE,
+                    NOT_ASSESSABLE,
+                    ";".join(tc.flags),
+                )
+            else:
+                yield row, img
+            bar.update(1)
+
+    for batch_rows, logits in predictor.logits_stream(tissue_tiles()):
+        probs = predictor.probs_from_logits(logits)
         for row, p, dec in zip(batch_rows, probs, predictor.decide(probs)):
             row.update({f"prob_{k}": round(float(v), 6) for k, v in zip(predictor.classes, p)})
             row["status"], row["decision"] = "ok", dec
-        batch_imgs.clear()
-        batch_rows.clear()
-
-    for row in todo:
-        img = _read_tile(slide, plan, row["col"], row["row"])
-        tc = check_tile(img, tissue_thresholds)
-        row["tissue_fraction"], row["pen_fraction"] = round(tc.tissue_fraction, 4), round(tc.pen_fraction, 4)
-        if tc.flags:
-            row["status"], row["decision"], row["flags"] = NOT_ASSESSABLE, NOT_ASSESSABLE, ";".join(tc.flags)
-        else:
-            batch_imgs.append(img)
-            batch_rows.append(row)
-            if len(batch_imgs) >= batch_size:
-                flush()
-        bar.update(1)
-    flush()
     bar.close()
 
     grid = np.full((plan.rows, plan.cols), np.nan)

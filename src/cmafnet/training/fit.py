@@ -310,13 +310,13 @@ def fit(
 
 
 def calibrate_run(out: Path, store_path: str | Path, device: str) -> dict | None:
-    """The end of training: fit the temperature and choose the operating threshold on the run's own validation
-    split as ``cmafnet evaluate`` does (run.json, ``metrics_val.json``); None without a validation split."""
+    """End of training: temperature and operating threshold fitted on the validation split as ``evaluate`` does."""
     from cmafnet.evaluation.evaluate import evaluate_run
+    from cmafnet.inference.predict import PredictOptions
 
     if not runfolder.read_meta(out).get("n_val"):
         return None
-    doc = evaluate_run(out, store_path, split="val", device=device, bootstrap=0)
+    doc = evaluate_run(out, store_path, split="val", bootstrap=0, options=PredictOptions(device, batch_size=256))  # fmt: skip
     meta = runfolder.read_meta(out)
     return {"temperature": meta.get("temperature"), "n_patients": (meta.get("calibration") or {}).get("n_patients"),
             "applied": doc["calibration"]["source"], "threshold": meta.get("threshold")}  # fmt: skip

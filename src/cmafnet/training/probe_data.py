@@ -174,7 +174,8 @@ def prepare_probe(
     Raises:
         ConfigError: a cache with augmentation or channels-last, ``match_scale`` without a known scale.
     """
-    from cmafnet.data.features import FeatureLoader, as_tensor, default_cache_dir
+    from cmafnet.data.features import default_cache_dir
+    from cmafnet.data.loader import BatchLoader, as_tensor
     from cmafnet.data.store import PatchStore
 
     probe, device = cfg.model.probe, info.device
@@ -188,21 +189,23 @@ def prepare_probe(
     macs = _macs(model, model.embed_images, image)  # the extraction's, per image
     store = PatchStore.open(store_path, verify=False)  # verified by prepare_data a moment ago
     cache = _extract(cfg, model, data, store, info, Path(probe.cache_dir or default_cache_dir()))
-    feats = as_tensor(cache.features)
+    feats = as_tensor(cache.features)  # float32 (N, D): one copy shared by the head fit and both loaders
     if device.type == "cuda" and feats.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
         feats = feats.to(device)
+    resident = feats.device.type == device.type  # else host memory, copied per batch via pinned buffers
     tc = cfg.train
     if probe.head == "knn":
         train = torch.from_numpy(data.train_idx)
         model.head.fit(feats.index_select(0, train.to(feats.device)).to(device),
                        torch.as_tensor(data.labels)[train].to(device))  # fmt: skip
     loaders = {
-        True: FeatureLoader(feats, data.labels, data.train_idx, tc.batch_size, shuffle=True, seed=tc.seed,
-                            device=device, drop_last=True),
-        False: FeatureLoader(feats, data.labels, data.val_idx, tc.eval_batch_size, device=device),
+        True: BatchLoader(feats, data.labels, data.train_idx, tc.batch_size, shuffle=True, seed=tc.seed,
+                          device=device, drop_last=True, resident=resident),
+        False: BatchLoader(feats, data.labels, data.val_idx, tc.eval_batch_size, device=device,
+                           resident=resident),
     }  # fmt: skip
 
-    def make_loader(train: bool, epoch: int, start: int) -> FeatureLoader:
+    def make_loader(train: bool, epoch: int, start: int) -> BatchLoader:
         loaders[train].set_epoch(epoch, start)
         return loaders[train]
 
