@@ -18,22 +18,6 @@ import numpy as np
 from cmafnet.run import write_json
 
 
-def _calibration(y: np.ndarray, before: np.ndarray, after: np.ndarray, temp: float, n_bins: int) -> dict:
-    from sklearn.metrics import brier_score_loss
-
-    from cmafnet.evaluation.metrics import expected_calibration_error
-
-    out: dict[str, Any] = {
-        "temperature": float(temp),
-        "n": len(y),
-        "applied_to": "tile logits, then aggregated",
-    }
-    for tag, p in (("before", before), ("after", after)):
-        out[f"ece_{tag}"] = expected_calibration_error(y, p, n_bins)
-        out[f"brier_{tag}"] = float(brier_score_loss(y, p[:, 1], pos_label=1)) if p.shape[1] == 2 else None
-    return out
-
-
 def scale_matched_evaluation(
     predictor: Any,
     store: Any,
@@ -52,6 +36,7 @@ def scale_matched_evaluation(
 ) -> dict:
     """The scale-matched counterpart of the evaluation document ``squeezed`` (written to ``out``)."""
     from cmafnet.data.scale import image_mpp
+    from cmafnet.evaluation.calibration import probability_calibration
     from cmafnet.evaluation.evaluate import group_rows, mag_label, write_predictions
     from cmafnet.evaluation.rows import metric_rows
     from cmafnet.inference.resampling import MIN_COVERAGE, predict_scaled, run_scale
@@ -99,7 +84,8 @@ def scale_matched_evaluation(
             m: np.flatnonzero(np.isin(sel, g)) for m, g in group_rows(index, rows, "magnification").items()
         }
         groups = {m: g for m, g in groups.items() if g.size}
-        doc["calibration"] = _calibration(y[sel], before, after[sel], temp, n_bins)
+        cal = probability_calibration(y[sel], before, after[sel], temp, n_bins)
+        doc["calibration"] = {**cal, "applied_to": "tile logits, then aggregated"}
         doc.update(
             metric_rows(
                 y[sel],
