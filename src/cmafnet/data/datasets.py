@@ -54,6 +54,8 @@ class Dataset:
     CLASSES: ClassVar[tuple[str, ...]] = ()
     SUBTYPES: ClassVar[tuple[str, ...]] = ()
     PUBLISHED: ClassVar[dict[str, Any]] = {}
+    # (index column, PUBLISHED key, name in the difference lines) compared by :meth:`validate`
+    COUNTED: ClassVar[tuple[tuple[str, str, str], ...]] = (("label_name", "per_class", "class"),)
 
     def __init__(
         self, root: str | Path, size: tuple[int, int] | None = None, *, mpp: float | None = None
@@ -91,27 +93,21 @@ class Dataset:
     def size_policy(self) -> SizePolicy:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @staticmethod
-    def _extract_patient_id(path: Path) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def validate(self, index: pd.DataFrame) -> list[str]:
         """Compare an ingested index with the published counts; one line per difference."""
         pub = self.PUBLISHED
-        if not pub:
-            return []
-        found = {
-            "images": len(index),
-            "patients": int(index["patient"].nunique()),
-            "per_class": {c: int((index["label_name"] == c).sum()) for c in self.CLASSES},
-        }
-        notes = []
-        for key in ("images", "patients"):
-            if key in pub and found[key] != pub[key]:
-                notes.append(f"{key}: found {found[key]:,}, published {pub[key]:,}")
-        for c, n in pub.get("per_class", {}).items():
-            if found["per_class"].get(c, 0) != n:
-                notes.append(f"class {c}: found {found['per_class'].get(c, 0):,}, published {n:,}")
+        notes = [
+            f"{key}: found {n:,}, published {pub[key]:,}"
+            for key, n in (("images", len(index)), ("patients", int(index["patient"].nunique())))
+            if key in pub and n != pub[key]
+        ]
+        for col, key, what in self.COUNTED:
+            counts = Counter(index[col].tolist())
+            notes += [
+                f"{what} {k}: found {counts.get(k, 0):,}, published {n:,}"
+                for k, n in pub.get(key, {}).items()
+                if counts.get(k, 0) != n
+            ]
         return notes
 
 
@@ -127,13 +123,6 @@ class IDC(Dataset):
     PUBLISHED = {"images": 277_524, "patients": 279, "per_class": {"non-IDC": 198_738, "IDC": 78_786}}
     PATCH = (50, 50)
     _NAME = re.compile(r"^(?P<patient>[A-Za-z0-9-]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
-
-    @staticmethod
-    def _extract_patient_id(path: Path) -> str:
-        m = IDC._NAME.match(path.name)
-        if not m:
-            raise ValueError(f"{path.name}: not an IDC patch name")
-        return m["patient"]
 
     def parse(self, path: Path) -> Parsed:
         m = self._NAME.match(path.name)
@@ -204,17 +193,15 @@ class BreakHis(Dataset):
         },
         "per_magnification": {40: 1_995, 100: 2_081, 200: 2_013, 400: 1_820},
     }
+    COUNTED = (
+        ("label_name", "per_class", "label_name"),
+        ("subtype", "per_subtype", "subtype"),
+        ("magnification", "per_magnification", "magnification"),
+    )
     CANVAS = (460, 700)
     _NAME = re.compile(
         r"^SOB_(?P<bm>[BM])_(?P<code>[A-Z]+)-(?P<patient>\d+-\d+[A-Z]*)-(?P<mag>\d+)-(?P<idx>\d+)\.png$"
     )
-
-    @staticmethod
-    def _extract_patient_id(path: Path) -> str:
-        m = BreakHis._NAME.match(path.name)
-        if not m:
-            raise ValueError(f"{path.name}: not a BreakHis image name")
-        return m["patient"]
 
     def parse(self, path: Path) -> Parsed:
         m = self._NAME.match(path.name)
@@ -268,25 +255,14 @@ class BreakHis(Dataset):
         return native * self.CANVAS[1] / orig_hw[1]
 
     def validate(self, index: pd.DataFrame) -> list[str]:
-        notes = []
-        pub = self.PUBLISHED
-        if len(index) != pub["images"]:
-            notes.append(f"images: found {len(index):,}, published {pub['images']:,}")
+        notes = super().validate(index)
         folders = index.drop_duplicates(["patient", "subtype"]).shape[0]
-        if folders != pub["patient_folders"]:
-            notes.append(
-                f"patient folders: found {folders}, published {pub['patient_folders']} "
-                f"({index['patient'].nunique()} patient ids)"
+        if folders != self.PUBLISHED["patient_folders"]:
+            notes.insert(
+                int(len(index) != self.PUBLISHED["images"]),  # after the images line, as published
+                f"patient folders: found {folders}, published {self.PUBLISHED['patient_folders']} "
+                f"({index['patient'].nunique()} patient ids)",
             )
-        for col, key in (
-            ("label_name", "per_class"),
-            ("subtype", "per_subtype"),
-            ("magnification", "per_magnification"),
-        ):
-            counts = Counter(index[col].tolist())
-            for k, n in pub[key].items():
-                if counts.get(k, 0) != n:
-                    notes.append(f"{col} {k}: found {counts.get(k, 0):,}, published {n:,}")
         return notes
 
 
@@ -373,18 +349,14 @@ class Folder(Dataset):
             return [Path(p) for p in self.manifest.index]
         return list_images(self.root)
 
-    @staticmethod
-    def _extract_patient_id(path: Path) -> str:
-        return path.stem
-
     def parse(self, path: Path) -> Parsed:
         patient, mpp = None, None
         if self.manifest is not None:
             row = self.manifest.loc[str(path)]
             name = row["label"]
-            value = row.get("patient") if "patient" in self.manifest.columns else None
+            value = row.get("patient")  # None without the column
             patient = value if isinstance(value, str) and value else None
-            value = row.get("mpp") if "mpp" in self.manifest.columns else None
+            value = row.get("mpp")
             mpp = float(value) if isinstance(value, str) and value.strip() else None
         else:
             rel = path.relative_to(self.root)
@@ -402,7 +374,7 @@ class Folder(Dataset):
                 else m.group(1 if self.patient_regex.groups else 0)
             )
         if not patient:
-            patient = self._extract_patient_id(path)
+            patient = path.stem
             self.n_own_patient += 1
         if name not in self.CLASSES:
             return BAD_NAME, f"label {name!r} not among {list(self.CLASSES)}"

@@ -19,6 +19,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -234,26 +235,21 @@ def _write_store(
             desc=f"ingest {ds.name}",
             disable=not progress,
         )
-        with open(chunks_path, "a") as log_f:
+        with open(chunks_path, "a") as log_f, ExitStack() as stack:
             if workers == 1:
                 _init_worker(str(part_images))
                 done = (_decode_chunk(c, chunks[c], policy) for c in todo)
-                for cid, rows in done:
-                    results[cid] = rows
-                    log_f.write(json.dumps([cid, rows]) + "\n")
-                    log_f.flush()
-                    bar.update(len(rows))
             else:
-                with ProcessPoolExecutor(
-                    workers, initializer=_init_worker, initargs=(str(part_images),)
-                ) as pool:
-                    futs = [pool.submit(_decode_chunk, c, chunks[c], policy) for c in todo]
-                    for fut in as_completed(futs):
-                        cid, rows = fut.result()
-                        results[cid] = rows
-                        log_f.write(json.dumps([cid, rows]) + "\n")
-                        log_f.flush()
-                        bar.update(len(rows))
+                pool = stack.enter_context(
+                    ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(part_images),))
+                )
+                futs = [pool.submit(_decode_chunk, c, chunks[c], policy) for c in todo]
+                done = (fut.result() for fut in as_completed(futs))
+            for cid, rows in done:
+                results[cid] = rows
+                log_f.write(json.dumps([cid, rows]) + "\n")
+                log_f.flush()
+                bar.update(len(rows))
         bar.close()
     decode_s = time.perf_counter() - t_dec
 

@@ -75,14 +75,10 @@ def _field_digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def meta_digests(meta: dict[str, Any]) -> dict[str, str]:
-    """A short digest per meaning-bearing ``meta.json`` field (all but :data:`INFORMATIONAL`)."""
-    return {k: _field_digest(v) for k, v in sorted(meta.items()) if k not in INFORMATIONAL}
-
-
 def content_hash(meta: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
     """The ``content_hash`` entry of ``meta.json`` for a store's final meta and pixels."""
-    return {"algorithm": ALGORITHM, "pixels": pixel_digest(images), "meta": meta_digests(meta)}
+    digests = {k: _field_digest(v) for k, v in sorted(meta.items()) if k not in INFORMATIONAL}
+    return {"algorithm": ALGORITHM, "pixels": pixel_digest(images), "meta": digests}
 
 
 def _cached_pixel_digest(images_path: Path, images: np.ndarray) -> str:
@@ -100,12 +96,6 @@ def _cached_pixel_digest(images_path: Path, images: np.ndarray) -> str:
         _DIGESTS[key] = pixel_digest(images)
         log.debug("%s: pixel hash in %.2f s", images_path, time.perf_counter() - t0)
     return _DIGESTS[key]
-
-
-def _skip_requested(pixels: bool | None) -> bool:
-    if pixels is not None:
-        return not pixels
-    return os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def verify_content(
@@ -148,7 +138,9 @@ def verify_content(
     if changed:
         names = ", ".join(f"{k} (removed)" if k not in meta else k for k in changed)
         raise RunFolderError(f"{path}: meta.json changed after ingest: {names}; restore it or {REINGEST}")
-    if _skip_requested(pixels):
+    if pixels is None:
+        pixels = os.environ.get(SKIP_ENV, "").strip().lower() in ("", "0", "false", "no")
+    if not pixels:
         log.warning(
             "%s: pixel hash NOT checked (%s is set): edits of images.npy go undetected", path, SKIP_ENV
         )

@@ -15,14 +15,6 @@ import numpy as np
 import torch
 
 
-def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The order of ``indices`` for one epoch: a permutation seeded by ``(seed, epoch)``."""
-    indices = np.asarray(indices, np.int64)
-    if not shuffle:
-        return indices
-    return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
-
-
 class BatchLoader:
     """Yields ``(x, y (B,), idx (B,))`` on ``device``: store rows ``idx`` of ``data`` and their labels.
 
@@ -114,9 +106,10 @@ class BatchLoader:
         return x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = torch.from_numpy(
-            epoch_order(self.indices, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
-        )
+        order = self.indices
+        if self.shuffle:  # a permutation seeded by (seed, epoch)
+            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        order = torch.from_numpy(order)
         start, self.start_batch = self.start_batch, 0
         order_dev = order.to(self.device)
         for b in range(start, len(self)):

@@ -44,10 +44,6 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0])
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @contextmanager
 def seeded_rng(seed: int, device: str | torch.device) -> Iterator[None]:
     """Run the body with the CPU generator (and ``device``'s CUDA generator) seeded by ``seed``.
@@ -56,7 +52,9 @@ def seeded_rng(seed: int, device: str | torch.device) -> Iterator[None]:
     global random stream. Only host-side generator state is touched (no device synchronisation).
     """
     device = torch.device(device)
-    devices = [_device_index(device)] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.default_generator.manual_seed(seed)
         if devices:
@@ -115,9 +113,7 @@ class Prefetcher:
         self._done = False
 
     def _prepare(self, batch: Batch, b: int) -> Batch:
-        if self.seed is None:
-            return tuple(self.prepare(tuple(batch)))
-        with seeded_rng(self.seed(b), self.device):
+        with seeded_rng(self.seed(b), self.device) if self.seed is not None else nullcontext():
             return tuple(self.prepare(tuple(batch)))
 
     def _produce(self) -> Batch | None:

@@ -52,11 +52,7 @@ class GPUPreprocess(nn.Module):
         stain_reference: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.img_size, self.train_mode, self.interpolation = (
-            int(img_size),
-            bool(train),
-            data_cfg.interpolation,
-        )
+        self.img_size, self.interpolation = int(img_size), data_cfg.interpolation
         self.stain: MacenkoNormalizer | None = None
         if data_cfg.stain.enabled:
             s = data_cfg.stain
@@ -86,22 +82,19 @@ class GPUPreprocess(nn.Module):
             raise ValueError(f"expected (B, 3, H, W), got {tuple(x.shape)}")
         # float32 throughout, even when called inside a bf16/fp16 autocast region (eigh, log/exp)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._run(x)
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.stain is not None:
-            x = self.stain(x)
-        x = x / 255.0
-        if len(self.augment):
-            x = self.augment(x).clamp(0, 1)
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            down = x.shape[-1] > self.img_size or x.shape[-2] > self.img_size
-            x = F.interpolate(
-                x,
-                size=(self.img_size, self.img_size),
-                mode=self.interpolation,
-                align_corners=False,
-                antialias=down,
-            ).clamp(0, 1)
-        return (x - self.mean) / self.std
+            x = x.float()
+            if self.stain is not None:
+                x = self.stain(x)
+            x = x / 255.0
+            if len(self.augment):
+                x = self.augment(x).clamp(0, 1)
+            if x.shape[-2:] != (self.img_size, self.img_size):
+                down = x.shape[-1] > self.img_size or x.shape[-2] > self.img_size
+                x = F.interpolate(
+                    x,
+                    size=(self.img_size, self.img_size),
+                    mode=self.interpolation,
+                    align_corners=False,
+                    antialias=down,
+                ).clamp(0, 1)
+            return (x - self.mean) / self.std

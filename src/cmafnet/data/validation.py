@@ -27,8 +27,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cmafnet.data.safety import (
-    NOT_FOUND,
-    NOT_REGULAR,
     TOO_LARGE,
     Limits,
     UnsafeFile,
@@ -49,11 +47,6 @@ UNSUPPORTED_MODE = "unsupported colour mode"
 BAD_SIZE = "unexpected size"
 BAD_NAME = "name does not parse"
 LABEL_MISMATCH = "label folder disagrees with name"
-
-REASONS = (
-    NOT_FOUND, NOT_REGULAR, TOO_LARGE, ZERO_BYTES, NOT_IMAGE, TRUNCATED, GRAYSCALE, TRANSPARENT, BIT16,
-    UNSUPPORTED_MODE, BAD_SIZE, BAD_NAME, LABEL_MISMATCH,
-)  # fmt: skip
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PAD_VALUE = 255  # white: the glass/background colour of brightfield H&E
