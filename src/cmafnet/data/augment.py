@@ -42,17 +42,10 @@ class HEDJitter(nn.Module):
         self.register_buffer("rgb_from_hed", RGB_FROM_HED.float(), persistent=False)
         self.register_buffer("hed_from_rgb", HED_FROM_RGB.float(), persistent=False)
 
-    def sample(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image parameters: ``a`` and ``b`` of shape (B, 1, 3)."""
-        a = 1 + (torch.rand(b, 1, 3, device=device) * 2 - 1) * self.sigma
-        bb = (torch.rand(b, 1, 3, device=device) * 2 - 1) * self.bias
-        return a, bb
-
-    def forward(
-        self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        a, bb = params if params is not None else self.sample(b, x.device)
+        a = 1 + (torch.rand(b, 1, 3, device=x.device) * 2 - 1) * self.sigma  # (B, 1, 3)
+        bb = (torch.rand(b, 1, 3, device=x.device) * 2 - 1) * self.bias
         od = -torch.log(x.clamp_min(1e-6)).flatten(2).transpose(1, 2)  # (B, P, 3)
         hed = od @ self.hed_from_rgb  # (B, P, 3) stain concentrations
         od2 = (hed * a + bb) @ self.rgb_from_hed

@@ -168,15 +168,17 @@ def _write_store(
                 f"{meta_path}: unreadable ({one_line(err)}); --force rebuilds the store"
             ) from None
         if old.get("source_fingerprint") == fp and (out / IMAGES_FILE).exists() and not force:
-            problem = _store_problem(out)
-            if problem is None:
+            try:
+                PatchStore.open(out)  # an edited or damaged store is rebuilt
+            except RunFolderError as problem:
+                log.warning("%s; rebuilding the store from %s", problem, ds.root)
+                force = True
+            else:
                 if strict and old.get("n_rejected"):
                     raise InputDataError(_strict_message(old, out))
                 log.info("store %s is up to date with %s (no-op)", out, ds.root)
                 old["noop"] = True
                 return old
-            log.warning("%s; rebuilding the store from %s", problem, ds.root)
-            force = True
         if not force:
             raise RunFolderError(
                 f"{out} holds a store from another source or options; use --force or a new folder"
@@ -399,15 +401,6 @@ def _strict_message(meta: dict[str, Any], out: Path) -> str:
         f"--strict: {meta['n_rejected']} of {meta.get('n_files', '?')} files were rejected when {out} was "
         f"ingested ({counts}); see {out / REJECTED_FILE}"
     )
-
-
-def _store_problem(out: Path) -> str | None:
-    """Why an existing store does not open cleanly (edited or damaged), or None."""
-    try:
-        PatchStore.open(out)
-    except RunFolderError as err:
-        return str(err)
-    return None
 
 
 def summary_lines(meta: dict[str, Any]) -> list[str]:

@@ -15,12 +15,6 @@ from torch import Tensor, nn
 from cmafnet.errors import ConfigError
 
 
-def _to_unit_rgb(x: Tensor, value_range: float) -> Tensor:
-    """uint8 or float RGB ``(B, 3, H, W)`` -> float32 in [0, 1]."""
-    scale = 255.0 if x.dtype == torch.uint8 else float(value_range)
-    return (x.float() / scale).clamp(0.0, 1.0)
-
-
 def batched_rgb(images: Tensor) -> Tensor:
     """``(3, H, W)`` or ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, checking the channel count."""
     x = images.unsqueeze(0) if images.ndim == 3 else images
@@ -58,11 +52,8 @@ class ReinhardNormalizer(nn.Module):
     ) -> None:
         super().__init__()
         self.background_l, self.ramp = float(background_l), float(ramp)
-        self.min_tissue_frac, self.min_std, self.value_range = (
-            float(min_tissue_frac),
-            float(min_std),
-            float(value_range),
-        )
+        self.min_tissue_frac, self.min_std = float(min_tissue_frac), float(min_std)
+        self.value_range = float(value_range)
         self.register_buffer("ref_mean", torch.full((3,), float("nan")))  # (3,) L, a, b
         self.register_buffer("ref_std", torch.full((3,), float("nan")))  # (3,)
         self.reference_source = "unfitted"
@@ -79,7 +70,8 @@ class ReinhardNormalizer(nn.Module):
         """
         import kornia.color
 
-        lab = kornia.color.rgb_to_lab(_to_unit_rgb(x, self.value_range))  # (B, 3, H, W)
+        unit = (x.float() / (255.0 if x.dtype == torch.uint8 else self.value_range)).clamp(0.0, 1.0)
+        lab = kornia.color.rgb_to_lab(unit)  # (B, 3, H, W)
         mask = lab[:, :1] < self.background_l  # (B, 1, H, W)
         w = mask.to(lab.dtype)
         n = w.sum((1, 2, 3))  # (B,)

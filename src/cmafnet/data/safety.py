@@ -48,6 +48,13 @@ DEFAULT_MAX_PIXELS = 8192 * 8192  # 67,108,864 pixels, 192 MiB decoded as RGB
 
 _PIL_LOCK = threading.RLock()
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>")
+_KINDS = {
+    stat.S_ISDIR: "a folder",
+    stat.S_ISFIFO: "a FIFO",
+    stat.S_ISCHR: "a device",
+    stat.S_ISBLK: "a device",
+    stat.S_ISSOCK: "a socket",
+}
 
 
 class UnsafeFile(Exception):
@@ -97,18 +104,6 @@ def one_line(err: BaseException | str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a plain file"
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
@@ -123,7 +118,8 @@ def check_file(path: str | os.PathLike, max_bytes: int | None = None) -> int:
     except OSError as err:
         raise UnsafeFile(NOT_REGULAR, f"cannot stat: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeFile(NOT_REGULAR, _kind(st.st_mode))
+        kind = next((k for is_kind, k in _KINDS.items() if is_kind(st.st_mode)), "not a plain file")
+        raise UnsafeFile(NOT_REGULAR, kind)
     if max_bytes is not None and st.st_size > max_bytes:
         raise UnsafeFile(TOO_LARGE, f"{_mb(st.st_size)} file, limit {_mb(max_bytes)} ({MAX_FILE_MB_ENV})")
     return st.st_size
@@ -168,14 +164,13 @@ def check_pixels(im: Image.Image, max_pixels: int) -> None:
         raise UnsafeFile(TOO_LARGE, f"{w} x {h} pixels, limit {max_pixels:,} ({MAX_PIXELS_ENV})")
 
 
-def image_size(path: str | os.PathLike, lim: Limits | None = None) -> tuple[int, int] | None:
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """``(H, W)`` from an image header, or None when the file is unsafe or not an image.
 
     Reads the header only (Pillow opens lazily); used to take a majority image size.
     """
-    lim = lim or limits()
     try:
-        check_file(path, lim.max_bytes)
+        check_file(path, limits().max_bytes)
         with pil_guard(), Image.open(path) as im:
             return im.size[1], im.size[0]
     except Exception:  # unsafe or unreadable: decoding rejects it later with its reason
@@ -196,11 +191,11 @@ def require_regular_file(path: str | os.PathLike, what: str) -> Path:
     return Path(path)
 
 
-def read_text(path: str | os.PathLike, what: str, lim: Limits | None = None) -> str:
+def read_text(path: str | os.PathLike, what: str) -> str:
     """A UTF-8 text file (a CSV manifest or input list) or one-line :class:`InputDataError`."""
     require_regular_file(path, what)
     try:
-        data = read_bytes(path, lim)
+        data = read_bytes(path)
     except UnsafeFile as err:
         raise InputDataError(f"{path}: {what} {err}") from None
     if b"\x00" in data:

@@ -53,12 +53,8 @@ class MacenkoNormalizer(nn.Module):
         self, Io: float = 240.0, alpha: float = 1.0, beta: float = 0.15, *, min_tissue_frac: float = 0.05
     ) -> None:
         super().__init__()
-        self.Io, self.alpha, self.beta, self.min_tissue_frac = (
-            float(Io),
-            float(alpha),
-            float(beta),
-            min_tissue_frac,
-        )
+        self.Io, self.alpha, self.beta = float(Io), float(alpha), float(beta)
+        self.min_tissue_frac = min_tissue_frac
         self.register_buffer("he_ref", torch.tensor(HE_REF, dtype=torch.float32))  # (3, 2)
         self.register_buffer("max_c_ref", torch.tensor(MAX_C_REF, dtype=torch.float32))  # (2,)
         self.reference_source = "standard H&E (Macenko 2009)"

@@ -28,7 +28,6 @@ from PIL import Image, UnidentifiedImageError
 
 from cmafnet.data.safety import (
     TOO_LARGE,
-    Limits,
     UnsafeFile,
     check_pixels,
     limits,
@@ -118,15 +117,13 @@ def _png_bit_depth(head: bytes) -> int | None:
     return None
 
 
-def decode_image(
-    path: str | os.PathLike, policy: SizePolicy | None = None, lim: Limits | None = None
-) -> Decoded:
+def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> Decoded:
     """Read, check and decode one file into an RGB uint8 array (placed per ``policy``).
 
     Never raises for a bad file: every problem, including the caps of :mod:`cmafnet.data.safety`
-    (``lim``, default :func:`~cmafnet.data.safety.limits`), is a :class:`Decoded` with a reason.
+    (:func:`~cmafnet.data.safety.limits`), is a :class:`Decoded` with a reason.
     """
-    lim = lim or limits()
+    lim = limits()
     try:
         data = read_bytes(path, lim)
     except UnsafeFile as err:
