@@ -131,6 +131,6 @@ def test_undersample_refuses_less_imbalanced() -> None:
     y = np.array([0] * 90 + [1] * 10)
     with pytest.raises(ValueError, match=r"already 90\.0:10\.0"):
         undersample_to_ratio(np.arange(100), y, "80:20", seed=0)
-    assert len(undersample_to_ratio(np.arange(100), y, (90, 10), seed=0)) == 100
+    assert len(undersample_to_ratio(np.arange(100), y, "90:10", seed=0)) == 100
     with pytest.raises(ValueError, match="two classes"):
         undersample_to_ratio(np.arange(90), y, "90:10", seed=0)

@@ -257,7 +257,7 @@ def _write_store(
 
     # 3. collect
     valid: list[int] = []
-    extra: dict[int, tuple] = {}
+    extra: dict[int, dict[str, Any]] = {}  # row -> the index columns decoding found
     dropped_alpha = 0
     for rows in results.values():
         for row, reason, detail, sha, oh, ow, dropped in rows:
@@ -265,7 +265,7 @@ def _write_store(
                 rejected.append({"path": _rel(paths[row], ds.root), "reason": reason, "detail": detail})
             else:
                 valid.append(row)
-                extra[row] = (sha, oh, ow)
+                extra[row] = {"orig_h": oh, "orig_w": ow, "source": _rel(paths[row], ds.root), "sha256": sha}
                 dropped_alpha += dropped
     valid.sort()
     rej_df = pd.DataFrame(rejected, columns=["path", "reason", "detail"]).sort_values("path", kind="stable")
@@ -299,12 +299,7 @@ def _write_store(
         del dst, src_mm
         os.replace(out / ".images.tmp.npy", out / IMAGES_FILE)
 
-    index = pd.DataFrame([records[r] for r in valid])
-    index.insert(0, "id", np.arange(len(valid)))
-    index["orig_h"] = [extra[r][1] for r in valid]
-    index["orig_w"] = [extra[r][2] for r in valid]
-    index["source"] = [_rel(paths[r], ds.root) for r in valid]
-    index["sha256"] = [extra[r][0] for r in valid]
+    index = pd.DataFrame([{"id": i, **records[r], **extra[r]} for i, r in enumerate(valid)])
     index = index[list(INDEX_COLUMNS)]
     mpp_info = _record_mpp(ds, index, [records[r] for r in valid], policy)
     index_bytes = index.to_csv(index=False).encode()

@@ -70,12 +70,7 @@ class BatchLoader:
             resident = not cuda or host.is_cuda or host.nbytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]
         self.resident = resident
         self.data = host.to(self.device) if resident else host
-        y = (
-            labels
-            if isinstance(labels, torch.Tensor)
-            else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        )
-        self.labels = y.to(self.device, torch.int64)
+        self.labels = torch.as_tensor(labels).to(self.device, torch.int64)
         self._pin = cuda and not resident
         self._buffers: list[torch.Tensor] = []
         self._events: list[torch.cuda.Event | None] = [None, None]

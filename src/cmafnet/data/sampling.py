@@ -26,7 +26,7 @@ def class_counts(indices: np.ndarray, labels: np.ndarray) -> dict[int, int]:
 def undersample_to_ratio(
     indices: np.ndarray,
     labels: np.ndarray,
-    ratio: str | tuple[float, float],
+    ratio: str,
     seed: int,
 ) -> np.ndarray:
     """Keep every majority image and a seeded random subset of the minority class.
@@ -34,7 +34,7 @@ def undersample_to_ratio(
     Args:
         indices: store indices of the training split.
         labels: store-wide binary labels (``labels[indices]`` are the split's labels).
-        ratio: ``"90:10"`` or ``(90, 10)``: majority:minority.
+        ratio: ``"90:10"``: majority:minority.
         seed: the subset's seed.
 
     Returns:
@@ -48,13 +48,7 @@ def undersample_to_ratio(
     labels = np.asarray(labels)
     if len(indices) and indices.max() >= len(labels):
         raise ValueError("labels must be the store-wide label array (labels[indices] are the split's labels)")
-    if isinstance(ratio, str):
-        f_maj, f_min = parse_ratio(ratio)
-    else:
-        a, b = (float(v) for v in ratio)
-        if a <= 0 or b <= 0:
-            raise ValueError(f"ratio {ratio} needs two positive numbers")
-        f_maj, f_min = a / (a + b), b / (a + b)
+    f_maj, f_min = parse_ratio(ratio)
     if f_min > f_maj:
         f_maj, f_min = f_min, f_maj  # "10:90" means the same as "90:10"
     y = labels[indices]

@@ -101,7 +101,7 @@ def stored_mpp(
     return float(src_mpp) * math.sqrt(fx * fy), aniso
 
 
-def store_mpp_summary(mpp: np.ndarray, magnification: np.ndarray | None = None) -> dict[str, Any]:
+def store_mpp_summary(mpp: np.ndarray, magnification: np.ndarray) -> dict[str, Any]:
     """``meta.json`` fields from per-image µm/px (NaN = unknown): ``mpp``, ``mpp_by_magnification``, counts."""
     vals = np.asarray(mpp, dtype=np.float64)
     known = np.isfinite(vals)
@@ -111,16 +111,12 @@ def store_mpp_summary(mpp: np.ndarray, magnification: np.ndarray | None = None) 
         if known.all() and hi - lo <= 1e-6 * hi:
             out["mpp"] = round(lo, 6)
         out["mpp_range"] = [round(lo, 6), round(hi, 6)]
-    if magnification is not None:
-        mags = np.asarray(magnification)
-        by = {}
-        nums = np.array([magnification_number(x) for x in mags])
-        for m in sorted({int(x) for x in nums if x > 0}):
-            sel = known & (nums == m)
-            if sel.any():
-                by[f"{m}X"] = round(float(np.median(vals[sel])), 6)
-        if by:
-            out["mpp_by_magnification"] = by
+    nums = np.array([magnification_number(x) for x in magnification], dtype=np.int64)
+    if (known & (nums > 0)).any():
+        out["mpp_by_magnification"] = {
+            f"{m}X": round(float(np.median(vals[known & (nums == m)])), 6)
+            for m in np.unique(nums[known & (nums > 0)])
+        }
     return out
 
 

@@ -50,7 +50,7 @@ LABEL_MISMATCH = "label folder disagrees with name"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PAD_VALUE = 255  # white: the glass/background colour of brightfield H&E
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"  # then the IHDR chunk, whose bit depth is byte 24
 _GRAY_MODES = {"1", "L", "LA", "La"}
 _BIT16_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -111,12 +111,6 @@ class Decoded:
     dropped_alpha: bool = False
 
 
-def _png_bit_depth(head: bytes) -> int | None:
-    if head[:8] == _PNG_SIG and head[12:16] == b"IHDR" and len(head) >= 26:
-        return head[24]
-    return None
-
-
 def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> Decoded:
     """Read, check and decode one file into an RGB uint8 array (placed per ``policy``).
 
@@ -131,7 +125,7 @@ def decode_image(path: str | os.PathLike, policy: SizePolicy | None = None) -> D
     if not data:
         return Decoded(None, ZERO_BYTES)
     sha = hashlib.sha256(data).hexdigest()
-    if _png_bit_depth(data[:32]) == 16:
+    if data[:8] == _PNG_SIG and data[12:16] == b"IHDR" and len(data) >= 26 and data[24] == 16:
         return Decoded(None, BIT16, "PNG with 16 bits per sample", sha)
     try:
         with pil_guard():
