@@ -87,28 +87,18 @@ def _cached_pixel_digest(images_path: Path, images: np.ndarray) -> str:
     if key not in _DIGESTS:
         t0 = time.perf_counter()
         if images.nbytes > _LARGE:
-            log.info(
-                "%s: checking the pixel hash (%.1f GiB; %s=1 skips it)",
-                images_path,
-                images.nbytes / 2**30,
-                SKIP_ENV,
-            )
+            gib = images.nbytes / 2**30
+            log.info("%s: checking the pixel hash (%.1f GiB; %s=1 skips it)", images_path, gib, SKIP_ENV)
         _DIGESTS[key] = pixel_digest(images)
         log.debug("%s: pixel hash in %.2f s", images_path, time.perf_counter() - t0)
     return _DIGESTS[key]
 
 
-def verify_content(
-    path: Path, meta: dict[str, Any], images: np.ndarray, images_path: Path, *, pixels: bool | None = None
-) -> None:
-    """Check an opened store against its content hash; raise :class:`RunFolderError` on a change.
+def verify_content(path: Path, meta: dict[str, Any], images: np.ndarray, images_path: Path) -> None:
+    """Check an opened store (folder ``path``) against its content hash; :class:`RunFolderError` on a change.
 
-    Args:
-        path: the store folder (for messages).
-        meta: the parsed ``meta.json``.
-        images: the memory-mapped ``images.npy``.
-        images_path: its file (for the per-process digest cache).
-        pixels: check the pixel hash; None = unless ``CMAFNET_SKIP_PIXEL_HASH`` is set.
+    The pixels are checked unless ``CMAFNET_SKIP_PIXEL_HASH`` is set; ``images_path`` keys the
+    per-process digest cache.
     """
     size = meta.get("image_size")
     if size is not None and list(size) != list(images.shape[1:3]):
@@ -138,9 +128,7 @@ def verify_content(
     if changed:
         names = ", ".join(f"{k} (removed)" if k not in meta else k for k in changed)
         raise RunFolderError(f"{path}: meta.json changed after ingest: {names}; restore it or {REINGEST}")
-    if pixels is None:
-        pixels = os.environ.get(SKIP_ENV, "").strip().lower() in ("", "0", "false", "no")
-    if not pixels:
+    if os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no"):
         log.warning(
             "%s: pixel hash NOT checked (%s is set): edits of images.npy go undetected", path, SKIP_ENV
         )

@@ -48,11 +48,6 @@ def compute_store_hash(index_bytes: bytes, shape: tuple[int, ...]) -> str:
     return h.hexdigest()
 
 
-def read_index(path: str | Path) -> pd.DataFrame:
-    """Read ``index.csv`` keeping ids such as '8863' and empty subtypes as strings."""
-    return pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False)
-
-
 def _read(file: Path, load: Callable[[Path], Any]) -> Any:
     """``load(file)``, with any failure as one line naming the file (exit 4)."""
     try:
@@ -67,14 +62,9 @@ class PatchStore:
     """An opened store. Use :meth:`open`; ``images`` is a read-only memory map.
 
     Attributes:
-        path: the store folder.
-        images: uint8 ``(N, H, W, 3)`` memory map.
-        index: the index table (one row per image, row ``i`` is ``images[i]``).
-        meta: the parsed ``meta.json``.
+        images: uint8 ``(N, H, W, 3)`` memory map; row ``i`` of ``index`` is ``images[i]``.
         classes: label class names (index = label).
         subtype_classes: subtype names (empty for datasets without subtypes).
-        dataset: ``idc``, ``breakhis`` or ``folder``.
-        store_hash: see the module docstring.
     """
 
     def __init__(self, path: Path, images: np.ndarray, index: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -88,15 +78,13 @@ class PatchStore:
         self.store_hash: str = meta["store_hash"]
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True, verify_pixels: bool | None = None) -> PatchStore:
+    def open(cls, path: str | Path, *, verify: bool = True) -> PatchStore:
         """Open a store folder.
 
         Args:
             path: the folder written by ``cmafnet ingest``.
             verify: recompute the store hash from ``index.csv`` (cheap) and check the content hash
-                (meta fields; pixels per ``verify_pixels``).
-            verify_pixels: hash ``images.npy`` and compare; None = unless ``CMAFNET_SKIP_PIXEL_HASH``
-                is set (:mod:`cmafnet.data.integrity`).
+                (meta fields; pixels unless ``CMAFNET_SKIP_PIXEL_HASH`` is set, :mod:`cmafnet.data.integrity`).
 
         Raises:
             RunFolderError: missing files, an unfinished ingest, or files that do not match.
@@ -111,7 +99,11 @@ class PatchStore:
         meta = _read(path / META_FILE, lambda p: json.loads(p.read_text()))
         images = _read(path / IMAGES_FILE, lambda p: np.load(p, mmap_mode="r"))
         index_bytes = _read(path / INDEX_FILE, Path.read_bytes)
-        index = _read(path / INDEX_FILE, read_index)
+        # ids such as '8863' and empty subtypes stay strings
+        index = _read(
+            path / INDEX_FILE,
+            lambda p: pd.read_csv(p, dtype=dict.fromkeys(_STR_COLUMNS, str), keep_default_na=False),
+        )
         if not isinstance(meta, dict):
             raise RunFolderError(f"{path}: corrupt store ({META_FILE} is not a JSON object)")
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -129,7 +121,7 @@ class PatchStore:
                 "store_hash changed after ingest)"
             )
         if verify:
-            verify_content(path, meta, images, path / IMAGES_FILE, pixels=verify_pixels)
+            verify_content(path, meta, images, path / IMAGES_FILE)
         return cls(path, images, index, meta)
 
     def __len__(self) -> int:
