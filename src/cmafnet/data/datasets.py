@@ -56,6 +56,8 @@ class Dataset:
     PUBLISHED: ClassVar[dict[str, Any]] = {}
     # (index column, PUBLISHED key, name in the difference lines) compared by :meth:`validate`
     COUNTED: ClassVar[tuple[tuple[str, str, str], ...]] = (("label_name", "per_class", "class"),)
+    DEFAULT_MPP: ClassVar[float | None] = None  # µm/px without --mpp
+    DEFAULT_MPP_SOURCE: ClassVar[str] = "unknown (pass --mpp)"
 
     def __init__(
         self, root: str | Path, size: tuple[int, int] | None = None, *, mpp: float | None = None
@@ -78,11 +80,11 @@ class Dataset:
     @property
     def mpp_source(self) -> str:
         """Where the recorded microns per pixel come from (``meta.json`` ``mpp_source``)."""
-        return "--mpp argument" if self.mpp is not None else "unknown (pass --mpp)"
+        return "--mpp argument" if self.mpp is not None else self.DEFAULT_MPP_SOURCE
 
     def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
         """µm/px of one source image (before ingest's padding/resizing), or None when unknown."""
-        return self.mpp
+        return self.mpp if self.mpp is not None else self.DEFAULT_MPP
 
     def files(self) -> list[Path]:
         return list_images(self.root)
@@ -122,6 +124,8 @@ class IDC(Dataset):
     CLASSES = ("non-IDC", "IDC")
     PUBLISHED = {"images": 277_524, "patients": 279, "per_class": {"non-IDC": 198_738, "IDC": 78_786}}
     PATCH = (50, 50)
+    # Edge patches are smaller because they were cut at the slide border, not resized: same µm/px.
+    DEFAULT_MPP, DEFAULT_MPP_SOURCE = scale.IDC_MPP, scale.IDC_MPP_SOURCE
     _NAME = re.compile(r"^(?P<patient>[A-Za-z0-9-]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
 
     def parse(self, path: Path) -> Parsed:
@@ -145,14 +149,6 @@ class IDC(Dataset):
 
     def size_policy(self) -> SizePolicy:
         return SizePolicy(out_hw=self.size or self.PATCH, canvas_hw=self.PATCH, allow_smaller=True)
-
-    @property
-    def mpp_source(self) -> str:
-        return "--mpp argument" if self.mpp is not None else scale.IDC_MPP_SOURCE
-
-    def source_mpp(self, record: dict[str, Any], orig_hw: tuple[int, int]) -> float | None:
-        # Edge patches are smaller because they were cut at the slide border, not resized.
-        return self.mpp if self.mpp is not None else scale.IDC_MPP
 
 
 # -------------------------------------------------------------------------------------- BreakHis

@@ -26,11 +26,7 @@ class BatchLoader:
             or a torch tensor (one already on ``device`` is used in place when resident).
         labels: store-wide integer labels ``(N,)``.
         indices: the store rows this loader walks over (a split, maybe undersampled).
-        batch_size: rows per batch.
         shuffle: reshuffle every epoch (seeded by ``seed`` and the epoch).
-        seed: order seed.
-        device: where batches are delivered.
-        drop_last: drop a final short batch.
         resident: keep ``data`` on ``device`` (default: always for CPU; for CUDA, when ``data``
             is on the GPU already or takes less than half of the free memory).
     """

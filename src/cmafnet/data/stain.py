@@ -128,20 +128,17 @@ class MacenkoNormalizer(nn.Module):
 
     # ----------------------------------------------------------------------------- reference
     @torch.no_grad()
-    def fit(self, image: np.ndarray | torch.Tensor, source: str = "image") -> MacenkoNormalizer:
-        """Fit the reference stain matrix and max concentrations to one RGB image.
+    def fit(self, image: np.ndarray, source: str = "image") -> MacenkoNormalizer:
+        """Fit the reference stain matrix and max concentrations to one RGB ``(H, W, 3)`` uint8 image.
 
         Args:
-            image: ``(H, W, 3)`` uint8 array or ``(3, H, W)`` tensor in [0, 255].
             source: recorded in :meth:`to_dict`.
 
         Raises:
             ValueError: the image has too little tissue to define stains.
         """
-        t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
-        if t.ndim == 3 and t.shape[-1] in (3, 4) and t.shape[0] not in (3, 4):
-            t = t[..., :3].permute(2, 0, 1)
-        od = self._od(t[:3].unsqueeze(0).to(self.he_ref.device))
+        t = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W)
+        od = self._od(t.unsqueeze(0).to(self.he_ref.device))
         he, conc, ok = self.stain_matrix(od)
         if not bool(ok[0]):
             raise ValueError(f"reference image {source} has too little tissue for Macenko")
@@ -176,7 +173,7 @@ def _fitted_reference(path: str, _mtime_ns: int, Io: float, alpha: float, beta: 
     with Image.open(path) as im:
         if im.mode not in ("RGB", "RGBA"):
             raise ValueError(f"stain reference {path}: mode {im.mode}, need RGB")
-        arr = np.asarray(im.convert("RGB")) if im.mode == "RGB" else np.asarray(im)[..., :3]
+        arr = np.asarray(im.convert("RGB"))  # RGBA: the alpha channel is dropped
     return MacenkoNormalizer(Io, alpha, beta).fit(arr, source=Path(path).name).to_dict()
 
 
