@@ -20,7 +20,7 @@ import pandas as pd
 from cmafnet.data import scale
 from cmafnet.data.safety import image_size, one_line, text_stream
 from cmafnet.data.validation import BAD_NAME, IMAGE_EXTENSIONS, LABEL_MISMATCH, SizePolicy
-from cmafnet.errors import InputDataError
+from cmafnet.errors import ConfigError, InputDataError
 
 Parsed = dict[str, Any] | tuple[str, str]
 
@@ -288,7 +288,12 @@ class Folder(Dataset):
         patient_regex: str | None = None,
     ) -> None:
         super().__init__(root, size, mpp=mpp)
-        self.patient_regex = _compile_patient_regex(patient_regex)
+        try:
+            self.patient_regex = None if patient_regex is None else re.compile(patient_regex)
+        except re.error as err:
+            raise ConfigError(
+                f"--patient-regex {patient_regex!r} is not a valid regular expression ({err})"
+            ) from None
         self.n_own_patient = 0  # images that became their own patient (counted while parsing)
         self.manifest: pd.DataFrame | None = None
         if self.root.is_file():
@@ -316,7 +321,6 @@ class Folder(Dataset):
             )
         if len(self.CLASSES) < 2:
             raise InputDataError(f"{self.root}: need at least two classes, found {list(self.CLASSES)}")
-        self._policy: SizePolicy | None = None
 
     def options_key(self) -> str:
         key = super().options_key()
@@ -386,31 +390,14 @@ class Folder(Dataset):
         }
 
     def size_policy(self) -> SizePolicy:
-        if self._policy is None:
-            if self.size:
-                self._policy = SizePolicy(out_hw=self.size, canvas_hw=self.size, resize_any=True)
-            else:
-                sizes: Counter = Counter()
-                for p in self.files()[:2000]:  # headers only; a cheap majority vote
-                    hw = image_size(p)  # None: unsafe or unreadable, rejected later with its reason
-                    if hw is not None:
-                        sizes[hw] += 1
-                if not sizes:
-                    raise InputDataError(f"{self.root}: no readable image to take the store size from")
-                hw = sizes.most_common(1)[0][0]
-                self._policy = SizePolicy(out_hw=hw, canvas_hw=hw)
-        return self._policy
-
-
-def _compile_patient_regex(pattern: str | None) -> re.Pattern | None:
-    from cmafnet.errors import ConfigError
-
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ConfigError(f"--patient-regex {pattern!r} is not a valid regular expression ({err})") from None
+        if self.size:
+            return SizePolicy(out_hw=self.size, canvas_hw=self.size, resize_any=True)
+        # headers only, a cheap majority vote; None: unsafe or unreadable, rejected later with its reason
+        sizes = Counter(hw for p in self.files()[:2000] if (hw := image_size(p)) is not None)
+        if not sizes:
+            raise InputDataError(f"{self.root}: no readable image to take the store size from")
+        hw = sizes.most_common(1)[0][0]
+        return SizePolicy(out_hw=hw, canvas_hw=hw)
 
 
 DATASETS: dict[str, type[Dataset]] = {"idc": IDC, "breakhis": BreakHis, "folder": Folder}
@@ -428,7 +415,6 @@ def get_dataset(
 
     ``patient_regex`` applies to folder data only (IDC and BreakHis names carry the patient).
     """
-    from cmafnet.errors import ConfigError
     from cmafnet.registry import suggest
 
     if name not in DATASETS:

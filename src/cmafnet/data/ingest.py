@@ -47,7 +47,7 @@ from cmafnet.files import atomic_write_bytes, hold_folder, write_json
 log = logging.getLogger(__name__)
 PARTIAL = ".partial"
 CHUNK = 256  # files per worker task: large enough to amortise IPC, small enough for a smooth bar
-SYNTHETIC_MARKER = "SYNTHETIC.txt"
+SYNTHETIC_MARKER = "SYNTHETIC.txt"  # written by cmafnet.data.synthetic
 
 _MM: np.ndarray | None = None  # the worker's memory map of the partial images array
 
@@ -102,10 +102,6 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.relative_to(root if root.is_dir() else root.parent))
     except ValueError:
         return str(path)
-
-
-def _is_synthetic(root: Path) -> bool:
-    return any((p / SYNTHETIC_MARKER).exists() for p in (root, *list(root.parents)[:3]))
 
 
 def ingest(
@@ -320,7 +316,7 @@ def _write_store(
     decoded = sum(len(chunks[c]) for c in todo)
     meta = {
         "dataset": ds.name,
-        "synthetic": _is_synthetic(ds.root),
+        "synthetic": any((p / SYNTHETIC_MARKER).exists() for p in (ds.root, *list(ds.root.parents)[:3])),
         "classes": list(ds.CLASSES),
         "subtype_classes": list(ds.SUBTYPES),
         "image_size": [h, w],
