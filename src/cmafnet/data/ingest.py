@@ -252,18 +252,16 @@ def _write_store(
     decode_s = time.perf_counter() - t_dec
 
     # 3. collect
-    valid: list[int] = []
-    extra: dict[int, dict[str, Any]] = {}  # row -> the index columns decoding found
+    extra: dict[int, dict[str, Any]] = {}  # accepted row -> the index columns decoding found
     dropped_alpha = 0
     for rows in results.values():
         for row, reason, detail, sha, oh, ow, dropped in rows:
             if reason:
                 rejected.append({"path": _rel(paths[row], ds.root), "reason": reason, "detail": detail})
             else:
-                valid.append(row)
                 extra[row] = {"orig_h": oh, "orig_w": ow, "source": _rel(paths[row], ds.root), "sha256": sha}
                 dropped_alpha += dropped
-    valid.sort()
+    valid = sorted(extra)
     rej_df = pd.DataFrame(rejected, columns=["path", "reason", "detail"]).sort_values("path", kind="stable")
     atomic_write_bytes(out / REJECTED_FILE, rej_df.to_csv(index=False).encode())
     by_reason = dict(Counter(rej_df["reason"]))

@@ -59,11 +59,11 @@ def undersample_to_ratio(
         )
     major, minor = (classes[1], classes[0]) if counts[1] >= counts[0] else (classes[0], classes[1])
     n_maj, n_min = int(counts.max()), int(counts.min())
-    exact = n_maj * f_min / f_maj
+    exact, asked = n_maj * f_min / f_maj, f"{100 * f_maj:g}:{100 * f_min:g}"
     if exact > n_min + 1:  # within one image counts as reachable
         natural = 100 * n_maj / (n_maj + n_min)
         raise ValueError(
-            f"requested {100 * f_maj:g}:{100 * f_min:g} but the split is already {natural:.1f}:{100 - natural:.1f} "
+            f"requested {asked} but the split is already {natural:.1f}:{100 - natural:.1f} "
             f"({n_maj} vs {n_min}); only the minority class is undersampled, so a less imbalanced ratio "
             "cannot be reached"
         )
@@ -71,14 +71,5 @@ def undersample_to_ratio(
     rng = np.random.default_rng(seed)
     minor_idx = indices[y == minor]
     keep = np.concatenate([indices[y == major], rng.choice(minor_idx, size=target, replace=False)])
-    log.info(
-        "imbalance %g:%g: class %s %d kept, class %s %d -> %d",
-        100 * f_maj,
-        100 * f_min,
-        major,
-        n_maj,
-        minor,
-        n_min,
-        target,
-    )
+    log.info("imbalance %s: class %s %d kept, class %s %d -> %d", asked, major, n_maj, minor, n_min, target)
     return np.sort(keep)

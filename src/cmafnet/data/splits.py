@@ -66,14 +66,6 @@ class Split:
         }
 
 
-def _largest_remainder(total: int, ratios: np.ndarray) -> np.ndarray:
-    exact = total * ratios
-    base = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - base), kind="stable")
-    base[order[: total - base.sum()]] += 1
-    return base
-
-
 def allocate(class_sizes: dict[Any, int], ratios: tuple[float, ...]) -> dict[Any, np.ndarray]:
     """Patients per (class, split): totals within one of the target, >= 1 where the ratio > 0.
 
@@ -88,7 +80,10 @@ def allocate(class_sizes: dict[Any, int], ratios: tuple[float, ...]) -> dict[Any
                 f"class '{c}' has {n} patient(s) but the ratios {tuple(float(x) for x in ratios)} need at "
                 f"least {need} (one per split): use fewer splits or another label kind"
             )
-    totals = _largest_remainder(sum(class_sizes.values()), r)
+    total = sum(class_sizes.values())
+    exact = total * r  # split totals by largest remainder
+    totals = np.floor(exact).astype(int)
+    totals[np.argsort(-(exact - totals), kind="stable")[: total - totals.sum()]] += 1
     alloc = {c: np.floor(n * r).astype(int) for c, n in class_sizes.items()}
     left = {c: n - alloc[c].sum() for c, n in class_sizes.items()}
     deficit = totals - sum(alloc.values())
