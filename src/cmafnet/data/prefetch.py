@@ -139,15 +139,11 @@ class Prefetcher:
     def __iter__(self) -> Iterator[Batch]:
         self._it, self._next_b, self._pending, self._done = iter(self.batches), self.start, None, False
         if not self.overlap:
-            return self._serial()
+            return iter(self._produce, None)
         main = torch.cuda.current_stream(self.device)
         self._side = torch.cuda.Stream(self.device)
         self._side.wait_stream(main)  # the store, the order and module buffers may have been written on main
         return self._overlapped(main)
-
-    def _serial(self) -> Iterator[Batch]:
-        while (cur := self._produce()) is not None:
-            yield cur
 
     def _overlapped(self, main: torch.cuda.Stream) -> Iterator[Batch]:
         self.launch_next()

@@ -27,14 +27,10 @@ _H = np.array([0.65, 0.70, 0.29])  # hematoxylin OD direction (Ruifrok & Johnsto
 _E = np.array([0.07, 0.99, 0.11])  # eosin
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
 def _patient_stain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
     """A virtual patient's stain vectors and overall intensity (slide-to-slide variation)."""
-    h = _unit(_H + rng.normal(0, 0.05, 3).clip(-0.15, 0.15))
-    e = _unit(_E + rng.normal(0, 0.05, 3).clip(-0.15, 0.15))
+    he = np.stack([_H, _E]) + rng.normal(0, 0.05, (2, 3)).clip(-0.15, 0.15)
+    h, e = he / np.linalg.norm(he, axis=1, keepdims=True)
     return h, e, float(rng.uniform(0.8, 1.2))
 
 
