@@ -28,12 +28,8 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 class HEDJitter(nn.Module):
     """Tellez et al. 2018 HED stain augmentation: ``hed' = hed * a + b`` per image and channel.
 
-    ``a ~ U(1 - sigma, 1 + sigma)``, ``b ~ U(-bias, bias)``; optical density is natural-log based
-    (a common factor that the matrix product carries through unchanged).
-
-    Args:
-        sigma: multiplicative range.
-        bias: additive range (in OD units).
+    ``a ~ U(1 - sigma, 1 + sigma)``, ``b ~ U(-bias, bias)`` in OD units; optical density is
+    natural-log based (a common factor that the matrix product carries through unchanged).
     """
 
     def __init__(self, sigma: float = 0.03, bias: float = 0.01) -> None:

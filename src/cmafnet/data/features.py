@@ -79,7 +79,6 @@ def load_or_extract(
     """The cached embeddings for ``parts``, extracted first when there is no complete entry.
 
     Args:
-        cache_dir: the cache's root folder.
         parts: what the embeddings depend on (hashed into the key; stored in ``key.json``).
         shape: ``(N, D)``: store images and embedding width.
         batches: yields ``(idx (B,), x (B, ...))`` covering every row once (called only to extract).

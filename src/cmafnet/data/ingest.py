@@ -122,12 +122,10 @@ def ingest(
     Args:
         dataset: ``idc``, ``breakhis`` or ``folder``.
         src: the dataset root (or a CSV manifest for ``folder``).
-        out: the store folder (created).
         workers: decoding processes (default: CPU count, at most 16; 1 = in-process).
         strict: raise :class:`InputDataError` if any file is rejected (no store is written).
         size: store (H, W); None keeps the dataset's native size.
         force: overwrite a store made from a different source.
-        progress: show a tqdm bar.
         mpp: microns per pixel of the source images (folder data; overrides the documented IDC
             value and, as the 40X value, the BreakHis assumption).
         patient_regex: folder data: the patient from the file name (see ``Folder``).

@@ -36,7 +36,6 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     Args:
         seed: the run's seed (``train.seed``).
         epoch: the loader epoch (the one that also seeds the batch order).
-        batch: the batch index within the epoch.
         rank: the distributed rank (ranks hold different images, so they get different parameters).
     """
     if min(seed, epoch, batch, rank) < 0:

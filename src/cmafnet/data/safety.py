@@ -228,9 +228,7 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{option} {p}: exists and is not a folder")
-    for parent in p.parents:  # a file where a parent folder should be
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{option} {p}: {parent} is not a folder")
-            break
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():  # a file where a parent folder should be
+        raise ConfigError(f"{option} {p}: {parent} is not a folder")
     return p

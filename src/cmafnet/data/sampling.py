@@ -35,7 +35,6 @@ def undersample_to_ratio(
         indices: store indices of the training split.
         labels: store-wide binary labels (``labels[indices]`` are the split's labels).
         ratio: ``"90:10"``: majority:minority.
-        seed: the subset's seed.
 
     Returns:
         The kept indices, sorted. The minority count is ``round(n_major * min / maj)``, so the

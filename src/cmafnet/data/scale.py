@@ -128,14 +128,13 @@ def image_mpp(store: Any, rows: np.ndarray | None = None) -> np.ndarray:
     magnification) at the stored size. A recorded value outside :data:`MPP_RANGE` is a
     ``RunFolderError``.
     """
-    index, folder = store.index, getattr(store, "path", "store")
+    index, folder = store.index, store.path
     rows = np.arange(len(index)) if rows is None else np.asarray(rows)
     if "mpp" in index.columns:
         col = np.asarray(index["mpp"].replace("", np.nan), dtype=np.float64)
         return _in_range(col[rows], rows, f"{folder}/index.csv column mpp")
-    meta = getattr(store, "meta", {}) or {}
-    if isinstance(meta.get("mpp"), (int, float)):
-        return _in_range(np.full(len(rows), float(meta["mpp"])), rows, f"{folder}/meta.json mpp")
+    if isinstance(store.meta.get("mpp"), (int, float)):
+        return _in_range(np.full(len(rows), float(store.meta["mpp"])), rows, f"{folder}/meta.json mpp")
     _, w = store.image_size
     if store.dataset == "idc":
         return np.full(len(rows), IDC_MPP * 50.0 / w)
@@ -163,7 +162,7 @@ def store_scale(store: Any, rows: np.ndarray | None = None) -> tuple[float | Non
     """The scale of a training store's images: (µm/px if all agree, patch (H, W), description)."""
     vals = image_mpp(store, rows)
     hw = store.image_size
-    src = (store.meta or {}).get("mpp_source", "store") if hasattr(store, "meta") else "store"
+    src = store.meta.get("mpp_source", "store")
     if vals.size == 0 or not np.isfinite(vals).all():
         return None, hw, f"training store has no microns per pixel for some images ({src})"
     lo, hi = float(vals.min()), float(vals.max())

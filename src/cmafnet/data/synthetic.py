@@ -136,11 +136,9 @@ def write_idc_like(
     ``minority_frac`` (x0.3 to x1.7), so patient-level splits stay stratifiable.
 
     Args:
-        root: output folder.
         n_patients: virtual patients (ids ``syn000``...).
         patches_per_patient: patches per patient (>= 2).
         minority_frac: overall fraction of class-1 (IDC-positive) patches, in (0, 1).
-        seed: everything is a function of the seed.
         difficulty: class overlap in [0, 1) (see :func:`render`); 0 keeps the classes separable.
     """
     if not 0 < minority_frac < 1 or patches_per_patient < 2 or n_patients < 1:

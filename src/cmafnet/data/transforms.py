@@ -36,7 +36,6 @@ class GPUPreprocess(nn.Module):
     """Preprocessing as a module so it moves with ``.to(device)`` and runs on the batch's device.
 
     Args:
-        data_cfg: the ``data`` config section.
         img_size: the model's input size.
         train: apply augmentation.
         stain_reference: a saved :meth:`MacenkoNormalizer.to_dict` (e.g. from ``run.json``) to
