@@ -25,28 +25,6 @@ from cmafnet.errors import ConfigError, InputDataError
 Parsed = dict[str, Any] | tuple[str, str]
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """A CSV manifest as strings; one-line :class:`InputDataError` if it is not a readable CSV."""
-    try:
-        return pd.read_csv(text_stream(path, "CSV manifest"), dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-        raise InputDataError(f"{path}: not a readable CSV manifest ({one_line(err)})") from None
-
-
-def list_images(root: Path) -> list[Path]:
-    """Entries under ``root`` with an image extension, sorted (hidden files and folders skipped).
-
-    Devices, FIFOs and broken links named like images are listed, so that decoding rejects them
-    with their reason (it never opens them) instead of their vanishing silently.
-    """
-    out = [
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
-    ]
-    return sorted(out)
-
-
 class Dataset:
     """Base class: subclasses set the constants and implement :meth:`parse`."""
 
@@ -87,7 +65,16 @@ class Dataset:
         return self.mpp if self.mpp is not None else self.DEFAULT_MPP
 
     def files(self) -> list[Path]:
-        return list_images(self.root)
+        """Entries under the root with an image extension, sorted (hidden files and folders skipped).
+
+        Devices, FIFOs and broken links named like images are listed, so that decoding rejects them
+        with their reason (it never opens them) instead of their vanishing silently.
+        """
+        return sorted(
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
+        )
 
     def parse(self, path: Path) -> Parsed:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -299,7 +286,10 @@ class Folder(Dataset):
         if self.root.is_file():
             if self.root.suffix.lower() != ".csv":
                 raise InputDataError(f"{self.root}: expected a folder or a .csv manifest")
-            df = read_manifest(self.root)
+            try:
+                df = pd.read_csv(text_stream(self.root, "CSV manifest"), dtype=str)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+                raise InputDataError(f"{self.root}: not a readable CSV manifest ({one_line(err)})") from None
             missing = {"path", "label"} - set(df.columns)
             if missing:
                 raise InputDataError(f"{self.root}: manifest lacks column(s) {sorted(missing)}")
@@ -347,7 +337,7 @@ class Folder(Dataset):
     def files(self) -> list[Path]:
         if self.manifest is not None:
             return [Path(p) for p in self.manifest.index]
-        return list_images(self.root)
+        return super().files()
 
     def parse(self, path: Path) -> Parsed:
         patient, mpp = None, None

@@ -169,7 +169,11 @@ def _write_store(
                 force = True
             else:
                 if strict and old.get("n_rejected"):
-                    raise InputDataError(_strict_message(old, out))
+                    raise InputDataError(
+                        f"--strict: {old['n_rejected']} of {old.get('n_files', '?')} files were rejected when "
+                        f"{out} was ingested ({format_counts(old.get('rejected_by_reason') or {})}); "
+                        f"see {out / REJECTED_FILE}"
+                    )
                 log.info("store %s is up to date with %s (no-op)", out, ds.root)
                 old["noop"] = True
                 return old
@@ -379,14 +383,6 @@ def format_counts(counts: dict[str, int]) -> str:
     """``{'not an image': 2, 'too large': 1}`` -> ``'2 not an image, 1 too large'``."""
     return ", ".join(
         f"{n:,} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    )
-
-
-def _strict_message(meta: dict[str, Any], out: Path) -> str:
-    counts = format_counts(meta.get("rejected_by_reason") or {})
-    return (
-        f"--strict: {meta['n_rejected']} of {meta.get('n_files', '?')} files were rejected when {out} was "
-        f"ingested ({counts}); see {out / REJECTED_FILE}"
     )
 
 

@@ -81,19 +81,6 @@ def content_hash(meta: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
     return {"algorithm": ALGORITHM, "pixels": pixel_digest(images), "meta": digests}
 
 
-def _cached_pixel_digest(images_path: Path, images: np.ndarray) -> str:
-    st = images_path.stat()
-    key = (str(images_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _DIGESTS:
-        t0 = time.perf_counter()
-        if images.nbytes > _LARGE:
-            gib = images.nbytes / 2**30
-            log.info("%s: checking the pixel hash (%.1f GiB; %s=1 skips it)", images_path, gib, SKIP_ENV)
-        _DIGESTS[key] = pixel_digest(images)
-        log.debug("%s: pixel hash in %.2f s", images_path, time.perf_counter() - t0)
-    return _DIGESTS[key]
-
-
 def verify_content(path: Path, meta: dict[str, Any], images: np.ndarray, images_path: Path) -> None:
     """Check an opened store (folder ``path``) against its content hash; :class:`RunFolderError` on a change.
 
@@ -133,7 +120,16 @@ def verify_content(path: Path, meta: dict[str, Any], images: np.ndarray, images_
             "%s: pixel hash NOT checked (%s is set): edits of images.npy go undetected", path, SKIP_ENV
         )
         return
-    if _cached_pixel_digest(images_path, images) != recorded.get("pixels"):
+    st = images_path.stat()
+    key = (str(images_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        t0 = time.perf_counter()
+        if images.nbytes > _LARGE:
+            gib = images.nbytes / 2**30
+            log.info("%s: checking the pixel hash (%.1f GiB; %s=1 skips it)", images_path, gib, SKIP_ENV)
+        _DIGESTS[key] = pixel_digest(images)
+        log.debug("%s: pixel hash in %.2f s", images_path, time.perf_counter() - t0)
+    if _DIGESTS[key] != recorded.get("pixels"):
         raise RunFolderError(
             f"{path}: images.npy does not match the pixel hash recorded at ingest (pixels changed after "
             f"ingest); {REINGEST}"
