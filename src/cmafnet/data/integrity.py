@@ -59,14 +59,10 @@ def pixel_digest(images: np.ndarray, workers: int | None = None) -> str:
         return hashlib.sha256(memoryview(flat[i : i + CHUNK_BYTES])).digest()
 
     n_threads = max(1, min(workers or os.cpu_count() or 1, 16, len(starts)))
-    if n_threads == 1:
-        digests = [chunk(i) for i in starts]
-    else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            digests = list(pool.map(chunk, starts))
+    with ThreadPoolExecutor(n_threads) as pool:
+        digests = b"".join(pool.map(chunk, starts))
     top = hashlib.sha256(f"{ALGORITHM}|{tuple(images.shape)}|{images.dtype.str}|".encode())
-    for d in digests:
-        top.update(d)
+    top.update(digests)
     return top.hexdigest()
 
 

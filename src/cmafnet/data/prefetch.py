@@ -101,10 +101,8 @@ class Prefetcher:
         self.batches, self.prepare, self.seed = batches, prepare, seed
         self.device = torch.device(device)
         self.start, self.limit, self.early = int(start), limit, bool(early)
-        cuda = self.device.type == "cuda"
-        if overlap and not cuda:
-            overlap = False  # nothing to overlap with on the CPU: the serial path
-        self.overlap = cuda if overlap is None else bool(overlap)
+        # nothing to overlap with on the CPU: the serial path
+        self.overlap = self.device.type == "cuda" and (overlap is None or bool(overlap))
         self._it: Iterator[Batch] | None = None
         self._side: torch.cuda.Stream | None = None
         self._next_b = self.start  # index of the next batch to prepare
