@@ -197,11 +197,7 @@ class BreakHis(Dataset):
         # The layout is checked where present: contradicting folders are rejected, missing
         # levels (a flattened copy) are tolerated.
         parts = path.parts[:-1]
-        if (
-            path.parent.name[:-1].isdigit()
-            and path.parent.name.endswith("X")
-            and path.parent.name != f"{mag}X"
-        ):
+        if re.fullmatch(r"\d+X", path.parent.name) and path.parent.name != f"{mag}X":
             return LABEL_MISMATCH, f"folder {path.parent.name}, name magnification {mag}"
         slide = f"SOB_{bm}_{code}_{m['patient']}"
         if len(parts) >= 2 and parts[-2].startswith("SOB_") and parts[-2] != slide:
