@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def _norm(names: list[str]) -> list[str]:
-    return [str(n).strip().lower() for n in names]
-
-
 def resolve_targets(
     run_classes: list[str], store: Any, *, zero_shot: bool = False
 ) -> tuple[np.ndarray, list[str], str]:
@@ -51,6 +47,7 @@ def resolve_targets(
     or its subtypes for a multi-class run) must equal the run's, else :class:`RunFolderError`.
     """
     store_classes = [str(c) for c in store.classes]
+    sub_names = [str(n) for n in getattr(store, "subtype_classes", None) or []] or None
     if zero_shot:
         if len(run_classes) != 2:
             raise ConfigError(
@@ -63,13 +60,13 @@ def resolve_targets(
             )
         # The run's positive class (IDC) stands for the store's (malignant): name outputs by the store.
         return np.asarray(store.targets("label")[0], dtype=np.int64), store_classes, "label"
-    for kind, names in (("label", store_classes), ("subtype", _subtype_classes(store))):
-        if names is not None and sorted(_norm(names)) == sorted(_norm(run_classes)):
+    norm = lambda names: [n.strip().lower() for n in names]  # noqa: E731
+    for kind, names in (("label", store_classes), ("subtype", sub_names)):
+        if names is not None and sorted(norm(names)) == sorted(norm(run_classes)):
             y_store = np.asarray(store.targets(kind)[0], dtype=np.int64)
             # Same class set, possibly another order: map store indices to the run's by name.
-            to_run = np.array([_norm(run_classes).index(n) for n in _norm(names)], dtype=np.int64)
+            to_run = np.array([norm(run_classes).index(n) for n in norm(names)], dtype=np.int64)
             return to_run[y_store], list(run_classes), kind
-    sub_names = _subtype_classes(store)
     hint = ""
     if len(run_classes) == 2 and len(store_classes) == 2:
         hint = " (to apply a binary run to another dataset's benign/malignant labels, pass --zero-shot)"
@@ -79,12 +76,6 @@ def resolve_targets(
     raise RunFolderError(
         f"class set mismatch: the run was trained on {run_classes} but the store has {have}{hint}"
     )
-
-
-def _subtype_classes(store: Any) -> list[str] | None:
-    """The store's subtype class names in the order of ``store.targets('subtype')``, if it has any."""
-    names = getattr(store, "subtype_classes", None)
-    return [str(n) for n in names] if names else None
 
 
 def predict_store(predictor: Any, store: Any, indices: np.ndarray) -> np.ndarray:
@@ -109,11 +100,6 @@ def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
     return idx
 
 
-def _natural_key(text: str) -> tuple:
-    """'40X' < '100X' < '200X' (numbers compared as numbers)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def mag_label(value: Any) -> str:
     """A magnification as the paper writes it: 40, '40', 40.0, '40x', '40X' -> '40X'."""
     text = str(value).strip().upper().rstrip("X")
@@ -123,20 +109,24 @@ def mag_label(value: Any) -> str:
         return str(value)
 
 
+def index_column(index: Any, column: str, rows: np.ndarray) -> np.ndarray | None:
+    """``column`` of the store index at ``rows``, or None when the store has no such column."""
+    return index[column].to_numpy()[rows] if column in index.columns else None
+
+
 def group_rows(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
     """Row positions (into ``rows``) per value of ``column``; magnifications labelled '40X'."""
-    if column not in index.columns:
+    raw = index_column(index, column, rows)
+    if raw is None:
         return {}
-    raw = index[column].to_numpy()[rows]
     # -1 is the store's "no magnification" (IDC patches): not a group of its own
     ok = np.array(
         [x is not None and str(x).strip() not in ("", "nan", "None", "-1") for x in raw], dtype=bool
     )
     labels = np.array([mag_label(x) if column == "magnification" else str(x) for x in raw], dtype=object)
-    out = {}
-    for v in sorted(set(labels[ok]), key=_natural_key):
-        out[v] = np.flatnonzero(ok & (labels == v))
-    return out
+    # '40X' < '100X' < '200X' (numbers compared as numbers)
+    natural = lambda t: tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t))  # noqa: E731
+    return {v: np.flatnonzero(ok & (labels == v)) for v in sorted(set(labels[ok]), key=natural)}
 
 
 def evaluate_run(
@@ -241,7 +231,7 @@ def evaluate_run(
     y = y_all[rows]
     site = None
     if adapt.site_patients:
-        patient_col = store.index["patient"].to_numpy()[rows] if "patient" in store.index.columns else None
+        patient_col = index_column(store.index, "patient", rows)
         keep, site_temp, site_op, site = site_calibration(
             logits, y, patient_col, adapt, float(cfg.eval.target_sensitivity)
         )
@@ -283,7 +273,7 @@ def evaluate_run(
         )
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     index = store.index
-    patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
+    patients = index_column(index, "patient", rows)
     doc: dict[str, Any] = {
         "run": str(run_dir),
         "store": str(store_path),

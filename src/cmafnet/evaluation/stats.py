@@ -91,8 +91,15 @@ def _bootstrap(
         if values[k]:
             low, high = (float(x) for x in np.percentile(values[k], [100 * alpha / 2, 100 * (1 - alpha / 2)]))
         ok = isinstance(p := point_values.get(k), (int, float)) and math.isfinite(p)
-        out[k] = {"point": float(p) if ok else None, "low": low, "high": high, "level": 1 - alpha,
-                  "n_boot": n_boot, "n_valid": len(values[k]), "by": by}  # fmt: skip
+        out[k] = {
+            "point": float(p) if ok else None,
+            "low": low,
+            "high": high,
+            "level": 1 - alpha,
+            "n_boot": n_boot,
+            "n_valid": len(values[k]),
+            "by": by,
+        }
     return out
 
 
@@ -142,9 +149,15 @@ def metric_cis(
 
     y, p = np.asarray(y_true), np.asarray(probs)
     return _bootstrap(
-        lambda idx: selected_metrics(y[idx], p[idx], keys, threshold), len(y), keys, groups, n_boot, alpha,
-        seed, point=lambda: classification_metrics(y, p, threshold),
-    )  # fmt: skip
+        lambda idx: selected_metrics(y[idx], p[idx], keys, threshold),
+        len(y),
+        keys,
+        groups,
+        n_boot,
+        alpha,
+        seed,
+        point=lambda: classification_metrics(y, p, threshold),
+    )
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:

@@ -78,11 +78,11 @@ def zero_shot_diagnosis(
     beside the trivial rows), the mean score per subtype and magnification, the field of view against
     the run's training patches (``image_hw``: the stored images' size), and the score-distribution
     figure written to ``figure``."""
+    from cmafnet.evaluation.evaluate import index_column
     from cmafnet.evaluation.zeroshot import diagnose, field_of_view_table, group_scores
     from cmafnet.evaluation.zeroshot_plot import plot_score_distributions
 
-    col = lambda name: index[name].to_numpy()[rows] if name in index.columns else None  # noqa: E731
-    patients, subtypes, mags = col("patient"), col("subtype"), col("magnification")
+    patients, subtypes, mags = (index_column(index, c, rows) for c in ("patient", "subtype", "magnification"))
     subtypes = None if subtypes is None or not any(subtypes) else subtypes.astype(str)
     mags = None if mags is None else mags.astype(str)
     doc = diagnose(y, p_pos, threshold=threshold, patients=patients, n_boot=n_boot)
@@ -98,7 +98,9 @@ def zero_shot_diagnosis(
                 "w": image_hw[1],
                 "mpp": None if mpp != mpp else mpp,
             }  # NaN
-            for m, mpp in zip(mags if mags is not None else ["all"] * len(rows), col("mpp"))
+            for m, mpp in zip(
+                mags if mags is not None else ["all"] * len(rows), index_column(index, "mpp", rows)
+            )
         ]
         doc["field_of_view"] = field_of_view_table(
             images, patch_mpp=meta["patch_mpp"], patch_hw=tuple(meta["patch_hw"])
