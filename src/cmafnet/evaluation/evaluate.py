@@ -150,14 +150,10 @@ def evaluate_run(
     run.json), and records the training scale (``patch_mpp``) from the training store.
 
     Args:
-        run_dir: a run folder (``cmafnet.run``).
-        store_path: a packed store (``cmafnet.data.store.PatchStore``).
         split_path: split file; default the run's own ``split.json`` (not used for ``split='all'``).
         split: ``test``, ``val``, ``train`` or ``all``. Zero-shot defaults to every image.
         zero_shot: apply a binary run to another dataset's benign/malignant label.
-        out_dir: where to write (default ``run_dir``).
         bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
-        choose_threshold: binary runs: choose the operating threshold on validation (and store it).
         scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
         aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
         options: device, batch size, ``calibrate`` (auto | on | off: fit on the own split unless off and
@@ -196,12 +192,12 @@ def evaluate_run(
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing); train the run first")
     store = PatchStore.open(store_path)
     meta_classes = meta.get("classes")
-    if isinstance(meta_classes, (list, tuple)) and meta_classes:
-        # Check the class set before building the model: cheap, and the most common mistake.
+    # Check the class set before building the model: cheap, and the most common mistake.
+    known = isinstance(meta_classes, (list, tuple)) and meta_classes
+    if known:
         y_all, classes, kind = resolve_targets([str(c) for c in meta_classes], store, zero_shot=zero_shot)
-        run = load_run(run_dir, device=device)
-    else:  # older run.json without classes: names from the config
-        run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    if not known:  # older run.json without classes: names from the config
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
     if adapt.active:
@@ -238,18 +234,13 @@ def evaluate_run(
         rows, logits, y = rows[keep], logits[keep], y[keep]
     if not zero_shot:
         meta = record_run_scale(run_dir, meta, store, None if split_obj is None else split_obj.train)
-    val = (
-        None
-        if (split_obj is None or zero_shot or adapt.active)
-        else np.asarray(getattr(split_obj, "val", []))
-    )
-    val_logits, y_val = None, None
-    if val is not None and val.size:
+    val = np.asarray(getattr(split_obj, "val", []) if not (zero_shot or adapt.active) else [], dtype=np.int64)
+    val_logits, y_val, n_val_patients = None, None, None
+    if val.size:
         val_logits = logits if split == "val" else predict_store(predictor, store, val)
         y_val = y_all[val]
-    n_val_patients = None
-    if val_logits is not None and "patient" in store.index.columns:
-        n_val_patients = int(store.index["patient"].iloc[val].nunique())
+        if "patient" in store.index.columns:
+            n_val_patients = int(store.index["patient"].iloc[val].nunique())
     if site is not None:
         temp = site_temp
         cal_source = (

@@ -108,19 +108,14 @@ def diagnose(
 
     Sensitivity alone cannot tell a model from one that calls everything malignant; the AUROC's
     interval against 0.5 can. Intervals are percentile bootstraps from
-    :func:`~cmafnet.evaluation.stats.metric_cis` (one set of resamples for all metrics); with
-    ``patients`` whole patients are resampled, since the images of one patient are correlated and
-    an image-level interval would be too narrow.
+    :func:`~cmafnet.evaluation.stats.metric_cis`; with ``patients`` whole patients are resampled,
+    since the images of one patient are correlated and an image-level interval would be too narrow.
 
     Args:
-        y: ``(N,)`` labels, 0 = benign, 1 = malignant.
-        p_pos: ``(N,)`` probability of malignant.
-        threshold: call malignant when ``p_pos >= threshold`` (sensitivity, specificity, balanced
-            accuracy).
-        patients: ``(N,)`` patient ids for a patient-level (cluster) bootstrap, or ``None`` to
-            resample images.
+        y: ``(N,)`` labels, 0 = benign, 1 = malignant; p_pos: ``(N,)`` probability of malignant.
+        threshold: call malignant when ``p_pos >= threshold``.
+        patients: ``(N,)`` patient ids, or ``None`` to resample images.
         n_boot: bootstrap resamples; 0 gives no intervals (and the verdict "not distinguishable").
-        seed: bootstrap seed.
         alpha: 1 - confidence level.
 
     Returns:
@@ -138,16 +133,8 @@ def diagnose(
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     n_patients = int(np.unique(patients).size) if patients is not None else None
-    cis = metric_cis(
-        y,
-        _two_columns(p),
-        keys=DIAGNOSIS_KEYS,
-        threshold=threshold,
-        groups=patients,
-        n_boot=n_boot,
-        alpha=alpha,
-        seed=seed,
-    )
+    kw = {"keys": DIAGNOSIS_KEYS, "threshold": threshold, "groups": patients, "alpha": alpha, "seed": seed}
+    cis = metric_cis(y, _two_columns(p), n_boot=n_boot, **kw)
     # One resampling unit (a single patient, or a single image) makes every resample identical:
     # a zero-width interval that says nothing about uncertainty, so report none.
     units = n_patients if patients is not None else int(y.size)
@@ -179,17 +166,12 @@ def diagnose(
 def group_scores(
     p_pos: np.ndarray, groups: np.ndarray, y: np.ndarray | None = None, *, threshold: float = 0.5
 ) -> list[dict]:
-    """Score summary per group (subtype, magnification), highest mean score first.
+    """Score summary per group (``(N,)`` subtypes, magnifications), highest mean score first.
 
     Ranking BreakHis subtypes by the model's mean malignancy score shows which tissue it takes for
-    IDC (e.g. fibroadenoma above lobular carcinoma).
-
-    Args:
-        p_pos: ``(N,)`` probability of malignant.
-        groups: ``(N,)`` group of each sample.
-        y: optional ``(N,)`` 0/1 labels; a group's ``label`` is ``"benign"`` / ``"malignant"`` when
-            all its samples share it, else ``None`` (also ``None`` without ``y``).
-        threshold: ``frac_called_malignant`` counts ``p_pos >= threshold`` (the metrics' rule).
+    IDC (e.g. fibroadenoma above lobular carcinoma). A group's ``label`` is ``"benign"`` /
+    ``"malignant"`` when all its samples share that label ``y``, else ``None`` (also without ``y``);
+    ``frac_called_malignant`` counts ``p_pos >= threshold``.
 
     Returns:
         One ``dict(group, n, label, mean, median, frac_called_malignant)`` per group, sorted by
@@ -207,10 +189,8 @@ def group_scores(
     out = []
     for name in np.unique(g):
         m = g == name  # (N,) members of this group
-        label = None
-        if labels is not None:
-            present = np.unique(labels[m])
-            label = LABEL_NAMES.get(int(present[0])) if present.size == 1 else None
+        present = np.unique(labels[m]) if labels is not None else ()
+        label = LABEL_NAMES.get(int(present[0])) if len(present) == 1 else None
         out.append(
             {
                 "group": _native(name),
