@@ -104,14 +104,12 @@ def run_figures(run: RunInfo) -> Figures:
                 for mag, e in (ev.get("by_magnification") or {}).items()
             ]
             t = f"threshold {op['value']:.3f}" if op else "threshold 0.5"
-            fig = plots.plot_confusion_panel(panels, classes, title=f"{run.name} / {ev_name} ({t})")
+            fig = plots.plot_confusion(panels, classes, title=f"{run.name} / {ev_name} ({t})")
             figs.append(
                 (f"{run.name}: confusion matrices, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
             )
         else:
-            fig = plots.plot_confusion(
-                m["confusion"], classes, normalize=True, title=f"{run.name} / {ev_name}"
-            )
+            fig = plots.plot_confusion([(f"{run.name} / {ev_name}", m["confusion"])], classes, normalize=True)
             figs.append(
                 (f"{run.name}: normalised confusion matrix, {ev_name} (Fig. 6 style)", plots.figure_png(fig))
             )
