@@ -66,16 +66,22 @@ def operating_threshold(
         if not (y_val == 1).any():
             log.warning("validation split has no positive sample: no operating threshold chosen")
         else:
-            t = threshold_for_sensitivity(y_val, p_val, target)
-            info = {
-                "value": t,
-                "target_sensitivity": target,
-                "chosen_on": "val",
-                "n_val": int(y_val.size),
-                "temperature": float(temp),
-                "val_sensitivity": float(np.mean(p_val[y_val == 1] >= t)),
-                "val_specificity": float(np.mean(p_val[y_val == 0] < t)) if (y_val == 0).any() else None,
-            }
-            update_meta(run_dir, threshold=t, threshold_info=info)
+            info = threshold_info(y_val, p_val, target, temp, "val")
+            update_meta(run_dir, threshold=info["value"], threshold_info=info)
             return info
     return stored_threshold(meta, temp)
+
+
+def threshold_info(y: np.ndarray, p_pos: np.ndarray, target: float, temp: float, chosen_on: str) -> dict:
+    """The highest threshold whose sensitivity on ``p_pos`` reaches ``target``, with the rates it gives
+    there (run.json's ``threshold_info``)."""
+    t = threshold_for_sensitivity(y, p_pos, target)
+    return {
+        "value": t,
+        "target_sensitivity": target,
+        "chosen_on": chosen_on,
+        "n_val": int(y.size),
+        "temperature": float(temp),
+        "val_sensitivity": float(np.mean(p_pos[y == 1] >= t)),
+        "val_specificity": float(np.mean(p_pos[y == 0] < t)) if (y == 0).any() else None,
+    }

@@ -8,13 +8,10 @@ folder (``run.json``, ``config.yaml``, ``metrics.csv``, ``metrics_<name>.json``,
     report.md     the same tables; figures as PNG files in figures/
     report.json   every run's evaluations and every table's cells (for scripts)
 
-It leads with the comparison: one ROC and one precision-recall figure with every run's curve, then
-one row per run at its operating threshold and at 0.5 with 95 % intervals as compact cells; then
-McNemar tests between runs evaluated on the same images, calibration, training cost, per
-magnification, zero-shot (Table 3 layout), and each run's confusion matrices, reliability diagram,
-training curves and per-head attention (Fig. 4). The tables are
-:class:`~cmafnet.evaluation.table.TableResult` objects built in :mod:`cmafnet.evaluation.report_tables`,
-the same type ``cmafnet experiment`` writes its paper tables with; this module draws and writes.
+It leads with the comparison (every run's ROC and precision-recall curves in one figure each, then
+one row per run at its operating threshold and at 0.5); the sections follow in :func:`_sections`.
+The tables are :class:`~cmafnet.evaluation.table.TableResult` objects built in
+:mod:`cmafnet.evaluation.report_tables`, as ``cmafnet experiment`` builds its paper tables.
 """
 
 from __future__ import annotations

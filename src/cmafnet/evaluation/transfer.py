@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError
-from cmafnet.evaluation.metrics import threshold_for_sensitivity
+from cmafnet.evaluation.operating import threshold_info
 from cmafnet.inference.adapt import Adaptation, balanced_indices
 from cmafnet.inference.temperature import apply_temperature, fit_temperature
 
@@ -186,10 +186,6 @@ def site_calibrate(
         raise ConfigError(
             "site calibration: the calibration patients hold no positive image; use more patients"
         )
-    p1 = apply_temperature(z, temp)[:, 1]  # (N,)
-    thr = threshold_for_sensitivity(y, p1, target_sensitivity)
-    pred = p1 >= thr
-    out["threshold"] = float(thr)
-    out["sensitivity"] = float(pred[y == 1].mean())
-    out["specificity"] = float((~pred[y == 0]).mean()) if (y == 0).any() else None
+    op = threshold_info(y, apply_temperature(z, temp)[:, 1], target_sensitivity, temp, "site")
+    out.update(threshold=op["value"], sensitivity=op["val_sensitivity"], specificity=op["val_specificity"])
     return out

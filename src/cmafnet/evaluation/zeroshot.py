@@ -2,16 +2,10 @@
 
 The paper reports zero-shot BreakHis (benign = 0, malignant = 1) as a sensitivity alone. BreakHis
 is about 69 % malignant, so a model that calls every image malignant scores 100 % sensitivity and
-50 % balanced accuracy. The functions here tell a reader:
-
-* :func:`diagnose`: sensitivity, specificity, balanced accuracy, AUROC and AUPRC with
-  patient-level bootstrap intervals, the trivial baselines ("everything malignant" /
-  "everything benign") beside them, and a verdict from the AUROC's interval against chance.
-* :func:`group_scores`: the score per group (BreakHis subtype or magnification), ranked, so a
-  reader sees which tissue the model takes for cancer.
-* :func:`field_of_view` / :func:`field_of_view_table`: how many training patches of physical
-  area one target image spans, and which images are too small for a scale-matched evaluation.
-* :func:`cmafnet.evaluation.zeroshot_plot.plot_score_distributions`: the same as a figure.
+50 % balanced accuracy. :func:`diagnose` sets the metrics beside those trivial baselines with a
+verdict from the AUROC's interval; :func:`group_scores` ranks subtypes (which tissue the model takes
+for cancer); :func:`field_of_view_table` says how much tissue a target image spans against a
+training patch.
 
 All functions are pure (no file reads); every returned dict is JSON-serialisable and holds
 ``None``, never NaN, where a value is undefined.
@@ -234,11 +228,8 @@ def field_of_view_table(rows: Sequence[dict], *, patch_mpp: float, patch_hw: tup
     patch's; it is ``excluded`` when it also covers less than ``MIN_COVERAGE`` of a patch, the
     rule by which the scale-matched evaluation leaves it out (a larger one is padded with white).
 
-    Args:
-        rows: one dict per image with ``magnification``, ``h``, ``w`` (pixels) and ``mpp`` (µm/px;
-            ``None`` when unknown).
-        patch_mpp: the run's training µm/px.
-        patch_hw: the run's training patch (H, W) in pixels.
+    ``rows``: one dict per image with ``magnification``, ``h``, ``w`` (pixels) and ``mpp`` (µm/px;
+    ``None`` when unknown); ``patch_mpp`` and ``patch_hw`` (pixels) are the run's training patch.
 
     Returns:
         Per magnification (ascending): ``dict(magnification, images, mpp_unknown,
