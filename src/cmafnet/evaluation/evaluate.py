@@ -200,20 +200,17 @@ def evaluate_run(
     if not known:  # older run.json without classes: names from the config
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    if adapt.active:
-        choose_threshold = False  # the run's record holds what its own, unadapted model chose
     predictor = Predictor(run, replace(options, calibrate="off"))  # logits; the temperature is applied here
     binary = len(classes) == 2
 
     split_obj = None
-    own_split = run_dir / SPLIT_FILE
     if split != "all":
         if split_path is None and zero_shot:
             split = "all"  # zero-shot: the whole foreign dataset is test data
         else:
             from cmafnet.data.splits import load_split
 
-            path = Path(split_path) if split_path is not None else own_split
+            path = Path(split_path) if split_path is not None else run_dir / SPLIT_FILE
             if not path.exists():
                 raise RunFolderError(f"split file not found: {path} (pass --split-file or --all)")
             split_obj = load_split(path, store)
@@ -234,6 +231,8 @@ def evaluate_run(
         rows, logits, y = rows[keep], logits[keep], y[keep]
     if not zero_shot:
         meta = record_run_scale(run_dir, meta, store, None if split_obj is None else split_obj.train)
+    # Zero-shot and adapted evaluations reuse the run's stored temperature and threshold: no validation
+    # rows, so nothing is refitted (the run's record holds what its own, unadapted model chose).
     val = np.asarray(getattr(split_obj, "val", []) if not (zero_shot or adapt.active) else [], dtype=np.int64)
     val_logits, y_val, n_val_patients = None, None, None
     if val.size:
@@ -241,8 +240,8 @@ def evaluate_run(
         y_val = y_all[val]
         if "patient" in store.index.columns:
             n_val_patients = int(store.index["patient"].iloc[val].nunique())
-    if site is not None:
-        temp = site_temp
+    if site is not None:  # zero-shot only, so a binary run
+        temp, op = site_temp, site_op
         cal_source = (
             f"site calibration: T={temp:.4g} fitted on {site['n_patients']} target patients (not scored)"
         )
@@ -250,18 +249,10 @@ def evaluate_run(
         temp, cal_source, meta = choose_temperature(
             run_dir, meta, val_logits, y_val, calibrate, n_val_patients
         )
+        p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
+        op = operating_threshold(run_dir, meta, cfg, p_val, y_val, temp, choose_threshold) if binary else None
     probs = apply_temperature(logits, temp)
     n_bins = cfg.eval.ece_bins
-    op = None
-    if binary:
-        p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
-        op = (
-            site_op
-            if site is not None
-            else operating_threshold(
-                run_dir, meta, cfg, p_val, y_val, temp, choose_threshold and not zero_shot
-            )
-        )
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     index = store.index
     patients = index_column(index, "patient", rows)
@@ -295,6 +286,7 @@ def evaluate_run(
     thr_value = doc.get("operating_point", {}).get("value", 0.5)
     write_predictions(pred_path, index, rows, y, probs, classes, threshold=thr_value, logits=logits)
     doc["paths"] = {"predictions": str(pred_path), "metrics": str(metrics_path)}
+    matched = None
     if scale_match if scale_match is not None else zero_shot:
         from cmafnet.evaluation.matched import scale_matched_evaluation
 
@@ -303,10 +295,9 @@ def evaluate_run(
             aggregate=aggregate, out=out,
         )  # fmt: skip
         doc["paths"]["scale_matched"] = matched["paths"]["metrics"]
-        write_json(metrics_path, doc)
-        doc["scale_matched"] = matched
-        return doc
     write_json(metrics_path, doc)
+    if matched is not None:  # returned, not written: it has its own file
+        doc["scale_matched"] = matched
     return doc
 
 

@@ -221,17 +221,11 @@ FRACTION_METRICS = ("auprc", "auroc", "mcc", "f1", "ece", "brier")
 
 
 def format_metric_for(key: str, value: Any) -> str:
-    """``format_metric`` with the display convention of ``key``: percent (2 d.p.) or fraction (3 d.p.)."""
-    if key in FRACTION_METRICS:
-        return format_metric(value, 3, percent=False)
-    return format_metric(value, 2, percent=True)
-
-
-def format_metric(value: Any, digits: int = 2, percent: bool = True) -> str:
-    """A metric for a table: ``None`` -> ``"n/a"``, else a percentage (or plain) with ``digits``."""
+    """A metric for a table in the display convention of ``key``: a fraction (3 d.p.) or a percentage
+    (2 d.p.); ``None`` or non-finite -> ``"n/a"``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{100 * value:.{digits}f}" if percent else f"{value:.{digits}f}"
+    return f"{value:.3f}" if key in FRACTION_METRICS else f"{100 * value:.2f}"
 
 
 @_quiet
