@@ -252,7 +252,7 @@ def table_figure(
 
     def paper(row: str, key: str) -> float:
         c = cells[row].get(key)
-        v = paper_value(c.paper, "fraction") if c is not None else None  # as printed
+        v = paper_value(c.paper) if c is not None else None
         return np.nan if v is None else v
 
     x = np.arange(len(rows) if kind == "bars" else len(keys))

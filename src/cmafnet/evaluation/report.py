@@ -102,14 +102,11 @@ def run_figures(run: RunInfo) -> Figures:
             ]
             t = f"threshold {op['value']:.3f}" if op else "threshold 0.5"
             fig = plots.plot_confusion(panels, classes, title=f"{run.name} / {ev_name} ({t})")
-            figs.append(
-                (f"{run.name}: confusion matrices, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
-            )
+            caption = f"confusion matrices, {ev_name}, {t} (Fig. 5 style)"
         else:
             fig = plots.plot_confusion([(f"{run.name} / {ev_name}", m["confusion"])], classes, normalize=True)
-            figs.append(
-                (f"{run.name}: normalised confusion matrix, {ev_name} (Fig. 6 style)", plots.figure_png(fig))
-            )
+            caption = f"normalised confusion matrix, {ev_name} (Fig. 6 style)"
+        figs.append((f"{run.name}: {caption}", plots.figure_png(fig)))
     for caption, fig in (
         ("reliability diagrams before and after temperature scaling", reliability_figure(run)),
         ("training curves (metrics.csv)", plots.plot_training_curves(run.history, title=run.name)),
