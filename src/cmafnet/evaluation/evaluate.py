@@ -329,10 +329,9 @@ def write_predictions(
 
     from cmafnet.run import atomic_write_bytes
 
-    sub = index.iloc[rows].reset_index(drop=True)
     df = pd.DataFrame({"row": rows})
     for col in ("id", "patient"):
-        df[col] = sub[col].to_numpy() if col in sub.columns else None
+        df[col] = index_column(index, col, rows)
     df["label"] = y
     df["label_name"] = [classes[int(k)] for k in y]
     for k, c in enumerate(classes):
@@ -343,7 +342,7 @@ def write_predictions(
     else:
         df["pred"] = probs.argmax(1)
     for col in ("subtype", "magnification", "source"):
-        df[col] = sub[col].to_numpy() if col in sub.columns else None
+        df[col] = index_column(index, col, rows)
     if logits is not None:
         for k, c in enumerate(classes):
             df[f"logit_{c}"] = logits[:, k]

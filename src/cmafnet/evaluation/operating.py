@@ -1,11 +1,9 @@
 """The run's temperature and operating threshold: chosen on validation, stored in run.json, reused.
 
-Order on the run's own split: fit the temperature on the validation logits (NLL), then choose the
-operating threshold on the *calibrated* validation probabilities (the highest threshold whose
-validation sensitivity reaches ``eval.target_sensitivity``). Both go into ``run.json``
-(``temperature`` + ``calibration``; ``threshold`` + ``threshold_info`` with the temperature it was
-chosen at). Elsewhere (zero-shot, ``--all``) the stored values are reused; a stored threshold
-chosen at another temperature is mapped to the current one, which keeps its decisions.
+The temperature is fitted first, so that the threshold is chosen on *calibrated* validation
+probabilities and stored with the temperature it was chosen at. Elsewhere (zero-shot, ``--all``) the
+stored values are reused; a stored threshold chosen at another temperature is mapped to the current
+one, which keeps its decisions.
 """
 
 from __future__ import annotations

@@ -174,12 +174,7 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
 
 def _head_columns(columns: Sequence[str], prefix: str) -> list[tuple[int, str]]:
     """``(head, column)`` for columns like ``attn_entropy_h0`` / ``tau_h3`` / ``tau_3`` / ``tau/3``."""
-    out = []
-    for c in columns:
-        m = re.fullmatch(rf"{prefix}[_/]?h?(\d+)", c)
-        if m:
-            out.append((int(m.group(1)), c))
-    return sorted(out)
+    return sorted((int(m.group(1)), c) for c in columns if (m := re.fullmatch(rf"{prefix}[_/]?h?(\d+)", c)))
 
 
 def plot_attention_heads(df: Any, title: str = "") -> Figure | None:

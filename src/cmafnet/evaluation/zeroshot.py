@@ -64,12 +64,10 @@ def _trivial(y: np.ndarray, call: int) -> dict:
 
 
 def _verdict(auroc: dict, by: str, level: float) -> tuple[str, str]:
-    """The verdict from the AUROC's interval and a one-line reason naming the numbers.
+    """The verdict from the AUROC's interval against 0.5 and a one-line reason naming the numbers.
 
-    Rule: interval entirely above 0.5 -> discriminates; entirely below -> inverted; containing 0.5
-    -> not distinguishable from chance. Without an interval (``n_boot=0``, an undefined AUROC,
-    fewer than two resampling units) no claim against chance can be made: the verdict is then
-    "not distinguishable from chance", and the reason says why.
+    Without an interval (``n_boot=0``, an undefined AUROC, fewer than two resampling units) no claim
+    against chance can be made: the verdict is then "not distinguishable from chance".
     """
     value, ci = auroc["value"], auroc["ci"]
     if value is None:
