@@ -89,17 +89,6 @@ def predict_store(predictor: Any, store: Any, indices: np.ndarray) -> np.ndarray
     )
 
 
-def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
-    if split == "all":
-        return np.arange(n)
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {SPLITS} or 'all', got '{split}'")
-    idx = np.asarray(getattr(split_obj, split))
-    if idx.size == 0:
-        raise RunFolderError(f"the '{split}' split is empty")
-    return idx
-
-
 def mag_label(value: Any) -> str:
     """A magnification as the paper writes it: 40, '40', 40.0, '40x', '40X' -> '40X'."""
     text = str(value).strip().upper().rstrip("X")
@@ -214,7 +203,12 @@ def evaluate_run(
             if not path.exists():
                 raise RunFolderError(f"split file not found: {path} (pass --split-file or --all)")
             split_obj = load_split(path, store)
-    rows = _select(split, split_obj, len(y_all))
+            if split not in SPLITS:
+                raise ConfigError(f"split must be one of {SPLITS} or 'all', got '{split}'")
+            if not (rows := np.asarray(getattr(split_obj, split))).size:
+                raise RunFolderError(f"the '{split}' split is empty")
+    if split == "all":
+        rows = np.arange(len(y_all))
     name = ("zeroshot_" if zero_shot else "") + split + _suffix(adapt)
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
