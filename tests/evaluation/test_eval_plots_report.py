@@ -31,9 +31,9 @@ def test_each_plot_renders_png():
     figs = [
         plots.plot_curves({"a": (y, s), "one-class": (np.zeros(5), s[:5])}, "roc"),
         plots.plot_curves({"a": (y, s)}, "pr"),
-        plots.plot_confusion([[5, 1], [2, 7]], ["benign", "malignant"]),
-        plots.plot_confusion(np.eye(8) * 3, list("ABCDEFGH"), normalize=True),
-        plots.plot_confusion_panel([("all", [[5, 1], [2, 7]]), ("40X", [[0, 0], [0, 0]])], ["b", "m"]),
+        plots.plot_confusion([("all", [[5, 1], [2, 7]])], ["benign", "malignant"]),
+        plots.plot_confusion([("subtypes", np.eye(8) * 3)], list("ABCDEFGH"), normalize=True),
+        plots.plot_confusion([("all", [[5, 1], [2, 7]]), ("40X", [[0, 0], [0, 0]])], ["b", "m"]),
         plots.plot_training_curves(hist),
         plots.plot_attention_heads(hist),
     ]

@@ -6,6 +6,7 @@ import torch / matplotlib lazily when called.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from cmafnet.evaluation.metrics import classification_metrics, threshold_for_sensitivity
@@ -25,15 +26,9 @@ __all__ = [
 ]
 
 
-def evaluate_run(*args: Any, **kwargs: Any) -> dict:
-    """See :func:`cmafnet.evaluation.evaluate.evaluate_run`."""
-    from cmafnet.evaluation.evaluate import evaluate_run as _evaluate_run
-
-    return _evaluate_run(*args, **kwargs)
-
-
-def write_report(*args: Any, **kwargs: Any):
-    """See :func:`cmafnet.evaluation.report.write_report`."""
-    from cmafnet.evaluation.report import write_report as _write_report
-
-    return _write_report(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    """``evaluate_run`` and ``write_report``, imported when first used (they pull in torch / matplotlib)."""
+    modules = {"evaluate_run": "evaluate", "write_report": "report"}
+    if name not in modules:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{modules[name]}"), name)

@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def _norm(names: list[str]) -> list[str]:
-    return [str(n).strip().lower() for n in names]
-
-
 def resolve_targets(
     run_classes: list[str], store: Any, *, zero_shot: bool = False
 ) -> tuple[np.ndarray, list[str], str]:
@@ -51,6 +47,7 @@ def resolve_targets(
     or its subtypes for a multi-class run) must equal the run's, else :class:`RunFolderError`.
     """
     store_classes = [str(c) for c in store.classes]
+    sub_names = [str(n) for n in getattr(store, "subtype_classes", None) or []] or None
     if zero_shot:
         if len(run_classes) != 2:
             raise ConfigError(
@@ -63,13 +60,13 @@ def resolve_targets(
             )
         # The run's positive class (IDC) stands for the store's (malignant): name outputs by the store.
         return np.asarray(store.targets("label")[0], dtype=np.int64), store_classes, "label"
-    for kind, names in (("label", store_classes), ("subtype", _subtype_classes(store))):
-        if names is not None and sorted(_norm(names)) == sorted(_norm(run_classes)):
+    norm = lambda names: [n.strip().lower() for n in names]  # noqa: E731
+    for kind, names in (("label", store_classes), ("subtype", sub_names)):
+        if names is not None and sorted(norm(names)) == sorted(norm(run_classes)):
             y_store = np.asarray(store.targets(kind)[0], dtype=np.int64)
             # Same class set, possibly another order: map store indices to the run's by name.
-            to_run = np.array([_norm(run_classes).index(n) for n in _norm(names)], dtype=np.int64)
+            to_run = np.array([norm(run_classes).index(n) for n in norm(names)], dtype=np.int64)
             return to_run[y_store], list(run_classes), kind
-    sub_names = _subtype_classes(store)
     hint = ""
     if len(run_classes) == 2 and len(store_classes) == 2:
         hint = " (to apply a binary run to another dataset's benign/malignant labels, pass --zero-shot)"
@@ -79,12 +76,6 @@ def resolve_targets(
     raise RunFolderError(
         f"class set mismatch: the run was trained on {run_classes} but the store has {have}{hint}"
     )
-
-
-def _subtype_classes(store: Any) -> list[str] | None:
-    """The store's subtype class names in the order of ``store.targets('subtype')``, if it has any."""
-    names = getattr(store, "subtype_classes", None)
-    return [str(n) for n in names] if names else None
 
 
 def predict_store(predictor: Any, store: Any, indices: np.ndarray) -> np.ndarray:
@@ -98,22 +89,6 @@ def predict_store(predictor: Any, store: Any, indices: np.ndarray) -> np.ndarray
     )
 
 
-def _select(split: str, split_obj: Any, n: int) -> np.ndarray:
-    if split == "all":
-        return np.arange(n)
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {SPLITS} or 'all', got '{split}'")
-    idx = np.asarray(getattr(split_obj, split))
-    if idx.size == 0:
-        raise RunFolderError(f"the '{split}' split is empty")
-    return idx
-
-
-def _natural_key(text: str) -> tuple:
-    """'40X' < '100X' < '200X' (numbers compared as numbers)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def mag_label(value: Any) -> str:
     """A magnification as the paper writes it: 40, '40', 40.0, '40x', '40X' -> '40X'."""
     text = str(value).strip().upper().rstrip("X")
@@ -123,20 +98,24 @@ def mag_label(value: Any) -> str:
         return str(value)
 
 
+def index_column(index: Any, column: str, rows: np.ndarray) -> np.ndarray | None:
+    """``column`` of the store index at ``rows``, or None when the store has no such column."""
+    return index[column].to_numpy()[rows] if column in index.columns else None
+
+
 def group_rows(index: Any, rows: np.ndarray, column: str) -> dict[str, np.ndarray]:
     """Row positions (into ``rows``) per value of ``column``; magnifications labelled '40X'."""
-    if column not in index.columns:
+    raw = index_column(index, column, rows)
+    if raw is None:
         return {}
-    raw = index[column].to_numpy()[rows]
     # -1 is the store's "no magnification" (IDC patches): not a group of its own
     ok = np.array(
         [x is not None and str(x).strip() not in ("", "nan", "None", "-1") for x in raw], dtype=bool
     )
     labels = np.array([mag_label(x) if column == "magnification" else str(x) for x in raw], dtype=object)
-    out = {}
-    for v in sorted(set(labels[ok]), key=_natural_key):
-        out[v] = np.flatnonzero(ok & (labels == v))
-    return out
+    # '40X' < '100X' < '200X' (numbers compared as numbers)
+    natural = lambda t: tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t))  # noqa: E731
+    return {v: np.flatnonzero(ok & (labels == v)) for v in sorted(set(labels[ok]), key=natural)}
 
 
 def evaluate_run(
@@ -160,14 +139,10 @@ def evaluate_run(
     run.json), and records the training scale (``patch_mpp``) from the training store.
 
     Args:
-        run_dir: a run folder (``cmafnet.run``).
-        store_path: a packed store (``cmafnet.data.store.PatchStore``).
         split_path: split file; default the run's own ``split.json`` (not used for ``split='all'``).
         split: ``test``, ``val``, ``train`` or ``all``. Zero-shot defaults to every image.
         zero_shot: apply a binary run to another dataset's benign/malignant label.
-        out_dir: where to write (default ``run_dir``).
         bootstrap: bootstrap resamples for CIs (by patient); default ``cfg.eval.bootstrap``; 0 = none.
-        choose_threshold: binary runs: choose the operating threshold on validation (and store it).
         scale_match: also evaluate at the training scale (resample + tile); default: zero-shot only.
         aggregate: ``mean`` or ``max`` of the tile probabilities (scale-matched evaluation).
         options: device, batch size, ``calibrate`` (auto | on | off: fit on the own split unless off and
@@ -206,32 +181,34 @@ def evaluate_run(
         raise RunFolderError(f"{run_dir}: no model ({WEIGHTS_FILE} missing); train the run first")
     store = PatchStore.open(store_path)
     meta_classes = meta.get("classes")
-    if isinstance(meta_classes, (list, tuple)) and meta_classes:
-        # Check the class set before building the model: cheap, and the most common mistake.
+    # Check the class set before building the model: cheap, and the most common mistake.
+    known = isinstance(meta_classes, (list, tuple)) and meta_classes
+    if known:
         y_all, classes, kind = resolve_targets([str(c) for c in meta_classes], store, zero_shot=zero_shot)
-        run = load_run(run_dir, device=device)
-    else:  # older run.json without classes: names from the config
-        run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    if not known:  # older run.json without classes: names from the config
         y_all, classes, kind = resolve_targets(run_classes(run), store, zero_shot=zero_shot)
     cfg = run.config
-    if adapt.active:
-        choose_threshold = False  # the run's record holds what its own, unadapted model chose
     predictor = Predictor(run, replace(options, calibrate="off"))  # logits; the temperature is applied here
     binary = len(classes) == 2
 
     split_obj = None
-    own_split = run_dir / SPLIT_FILE
     if split != "all":
         if split_path is None and zero_shot:
             split = "all"  # zero-shot: the whole foreign dataset is test data
         else:
             from cmafnet.data.splits import load_split
 
-            path = Path(split_path) if split_path is not None else own_split
+            path = Path(split_path) if split_path is not None else run_dir / SPLIT_FILE
             if not path.exists():
                 raise RunFolderError(f"split file not found: {path} (pass --split-file or --all)")
             split_obj = load_split(path, store)
-    rows = _select(split, split_obj, len(y_all))
+            if split not in SPLITS:
+                raise ConfigError(f"split must be one of {SPLITS} or 'all', got '{split}'")
+            if not (rows := np.asarray(getattr(split_obj, split))).size:
+                raise RunFolderError(f"the '{split}' split is empty")
+    if split == "all":
+        rows = np.arange(len(y_all))
     name = ("zeroshot_" if zero_shot else "") + split + _suffix(adapt)
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -241,27 +218,24 @@ def evaluate_run(
     y = y_all[rows]
     site = None
     if adapt.site_patients:
-        patient_col = store.index["patient"].to_numpy()[rows] if "patient" in store.index.columns else None
+        patient_col = index_column(store.index, "patient", rows)
         keep, site_temp, site_op, site = site_calibration(
             logits, y, patient_col, adapt, float(cfg.eval.target_sensitivity)
         )
         rows, logits, y = rows[keep], logits[keep], y[keep]
     if not zero_shot:
         meta = record_run_scale(run_dir, meta, store, None if split_obj is None else split_obj.train)
-    val = (
-        None
-        if (split_obj is None or zero_shot or adapt.active)
-        else np.asarray(getattr(split_obj, "val", []))
-    )
-    val_logits, y_val = None, None
-    if val is not None and val.size:
+    # Zero-shot and adapted evaluations reuse the run's stored temperature and threshold: no validation
+    # rows, so nothing is refitted (the run's record holds what its own, unadapted model chose).
+    val = np.asarray(getattr(split_obj, "val", []) if not (zero_shot or adapt.active) else [], dtype=np.int64)
+    val_logits, y_val, n_val_patients = None, None, None
+    if val.size:
         val_logits = logits if split == "val" else predict_store(predictor, store, val)
         y_val = y_all[val]
-    n_val_patients = None
-    if val_logits is not None and "patient" in store.index.columns:
-        n_val_patients = int(store.index["patient"].iloc[val].nunique())
-    if site is not None:
-        temp = site_temp
+        if "patient" in store.index.columns:
+            n_val_patients = int(store.index["patient"].iloc[val].nunique())
+    if site is not None:  # zero-shot only, so a binary run
+        temp, op = site_temp, site_op
         cal_source = (
             f"site calibration: T={temp:.4g} fitted on {site['n_patients']} target patients (not scored)"
         )
@@ -269,21 +243,13 @@ def evaluate_run(
         temp, cal_source, meta = choose_temperature(
             run_dir, meta, val_logits, y_val, calibrate, n_val_patients
         )
+        p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
+        op = operating_threshold(run_dir, meta, cfg, p_val, y_val, temp, choose_threshold) if binary else None
     probs = apply_temperature(logits, temp)
     n_bins = cfg.eval.ece_bins
-    op = None
-    if binary:
-        p_val = None if val_logits is None else apply_temperature(val_logits, temp)[:, 1]
-        op = (
-            site_op
-            if site is not None
-            else operating_threshold(
-                run_dir, meta, cfg, p_val, y_val, temp, choose_threshold and not zero_shot
-            )
-        )
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     index = store.index
-    patients = index["patient"].to_numpy()[rows] if "patient" in index.columns else None
+    patients = index_column(index, "patient", rows)
     doc: dict[str, Any] = {
         "run": str(run_dir),
         "store": str(store_path),
@@ -314,6 +280,7 @@ def evaluate_run(
     thr_value = doc.get("operating_point", {}).get("value", 0.5)
     write_predictions(pred_path, index, rows, y, probs, classes, threshold=thr_value, logits=logits)
     doc["paths"] = {"predictions": str(pred_path), "metrics": str(metrics_path)}
+    matched = None
     if scale_match if scale_match is not None else zero_shot:
         from cmafnet.evaluation.matched import scale_matched_evaluation
 
@@ -322,10 +289,9 @@ def evaluate_run(
             aggregate=aggregate, out=out,
         )  # fmt: skip
         doc["paths"]["scale_matched"] = matched["paths"]["metrics"]
-        write_json(metrics_path, doc)
-        doc["scale_matched"] = matched
-        return doc
     write_json(metrics_path, doc)
+    if matched is not None:  # returned, not written: it has its own file
+        doc["scale_matched"] = matched
     return doc
 
 
@@ -357,10 +323,9 @@ def write_predictions(
 
     from cmafnet.run import atomic_write_bytes
 
-    sub = index.iloc[rows].reset_index(drop=True)
     df = pd.DataFrame({"row": rows})
     for col in ("id", "patient"):
-        df[col] = sub[col].to_numpy() if col in sub.columns else None
+        df[col] = index_column(index, col, rows)
     df["label"] = y
     df["label_name"] = [classes[int(k)] for k in y]
     for k, c in enumerate(classes):
@@ -371,7 +336,7 @@ def write_predictions(
     else:
         df["pred"] = probs.argmax(1)
     for col in ("subtype", "magnification", "source"):
-        df[col] = sub[col].to_numpy() if col in sub.columns else None
+        df[col] = index_column(index, col, rows)
     if logits is not None:
         for k, c in enumerate(classes):
             df[f"logit_{c}"] = logits[:, k]

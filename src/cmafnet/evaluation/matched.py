@@ -37,7 +37,7 @@ def scale_matched_evaluation(
     """The scale-matched counterpart of the evaluation document ``squeezed`` (written to ``out``)."""
     from cmafnet.data.scale import image_mpp
     from cmafnet.evaluation.calibration import probability_calibration
-    from cmafnet.evaluation.evaluate import group_rows, mag_label, write_predictions
+    from cmafnet.evaluation.evaluate import group_rows, index_column, mag_label, write_predictions
     from cmafnet.evaluation.rows import metric_rows
     from cmafnet.inference.resampling import MIN_COVERAGE, predict_scaled, run_scale
 
@@ -46,14 +46,12 @@ def scale_matched_evaluation(
     res = predict_scaled(predictor, (store.images[int(i)] for i in rows), list(mpps), scale)
     ok = np.array([r.status == "" for r in res], dtype=bool)
     index = store.index
-    mags = index["magnification"].to_numpy()[rows] if "magnification" in index.columns else None
+    mags = index_column(index, "magnification", rows)
     excluded = Counter(r.status for r in res if r.status)
-    by_mag_excluded: dict[str, dict[str, int]] = {}
-    if mags is not None:
-        for r, m in zip(res, mags):
-            if r.status:
-                d = by_mag_excluded.setdefault(mag_label(m), {})
-                d[r.status] = d.get(r.status, 0) + 1
+    by_mag_excluded: dict[str, Counter] = {}
+    for r, m in zip(res, [] if mags is None else mags):
+        if r.status:
+            by_mag_excluded.setdefault(mag_label(m), Counter())[r.status] += 1
     name = f"{squeezed['name']}_matched"
     doc: dict[str, Any] = {
         **{k: squeezed[k] for k in ("run", "store", "store_hash", "dataset", "split", "zero_shot", "target", "classes", "store_classes")},
@@ -79,25 +77,15 @@ def scale_matched_evaluation(
         after[ok] = np.stack([r.probs(temp, aggregate) for r, k in zip(res, ok) if k])
         before = np.stack([r.probs(1.0, aggregate) for r, k in zip(res, ok) if k])
         sel = np.flatnonzero(ok)
-        patients = index["patient"].to_numpy()[rows][sel] if "patient" in index.columns else None
+        patients = index_column(index, "patient", rows[sel])
         groups = {
             m: np.flatnonzero(np.isin(sel, g)) for m, g in group_rows(index, rows, "magnification").items()
         }
         groups = {m: g for m, g in groups.items() if g.size}
         cal = probability_calibration(y[sel], before, after[sel], temp, n_bins)
         doc["calibration"] = {**cal, "applied_to": "tile logits, then aggregated"}
-        doc.update(
-            metric_rows(
-                y[sel],
-                after[sel],
-                classes,
-                op=op,
-                patients=patients,
-                groups=groups,
-                n_bins=n_bins,
-                n_boot=n_boot,
-            )
-        )
+        kw = {"op": op, "patients": patients, "groups": groups, "n_bins": n_bins, "n_boot": n_boot}
+        doc.update(metric_rows(y[sel], after[sel], classes, **kw))
     else:
         doc["metrics"] = {}
         doc["note"] = "no image could be evaluated at the training scale (see scale.excluded)"

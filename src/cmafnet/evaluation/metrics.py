@@ -28,16 +28,24 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     matthews_corrcoef,
+    precision_score,
     recall_score,
     roc_auc_score,
     roc_curve,
 )
 
-BINARY_KEYS = (
-    "sensitivity", "specificity", "precision", "balanced_accuracy", "auprc", "auroc", "mcc", "f1",
-    "ece", "brier", "accuracy",
-)  # fmt: skip
-MULTICLASS_KEYS = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy", "ece")
+# Why a binary metric is None (the data leave it undefined).
+UNDEFINED_BINARY = {
+    "sensitivity": "no positive (class 1) samples",
+    "specificity": "no negative (class 0) samples",
+    "precision": "no sample predicted positive",
+    "balanced_accuracy": "only one class present in y_true",
+    "f1": "no positive samples and none predicted",
+    "auroc": "only one class present in y_true",
+    "auprc": "no positive (class 1) samples",
+}
+BINARY_SCALARS = (*UNDEFINED_BINARY, "mcc", "accuracy", "brier")
+MULTI_SCALARS = ("macro_f1", "weighted_f1", "balanced_accuracy", "mcc", "accuracy")
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +90,6 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(ece)
-
-
-def _safe_div(num: float, den: float) -> float | None:
-    return float(num / den) if den > 0 else None
 
 
 def _clean(value: Any) -> Any:
@@ -146,51 +150,14 @@ def classification_metrics(
         raise ValueError(f"{len(names)} class names for {n_classes} probability columns")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    undefined: dict[str, str] = {}
-    present = np.unique(y)
     out: dict[str, Any] = {"n": int(y.size)}
-
     if n_classes == 2:
-        score = p[:, 1]
-        pred = (score >= threshold).astype(np.int64)
+        pred = (p[:, 1] >= threshold).astype(np.int64)
         tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
-        n_pos, n_neg = tp + fn, tn + fp
-        out.update(threshold=float(threshold), n_pos=n_pos, n_neg=n_neg)
-        # Sensitivity / specificity through sklearn's recall so the arithmetic is not ours.
-        out["sensitivity"] = float(recall_score(y, pred, pos_label=1, zero_division=0)) if n_pos else None
-        out["specificity"] = float(recall_score(y, pred, pos_label=0, zero_division=0)) if n_neg else None
-        out["precision"] = _safe_div(tp, tp + fp)
-        if n_pos == 0:
-            undefined["sensitivity"] = "no positive (class 1) samples"
-        if n_neg == 0:
-            undefined["specificity"] = "no negative (class 0) samples"
-        if tp + fp == 0:
-            undefined["precision"] = "no sample predicted positive"
-        if n_pos and n_neg:
-            out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
-        else:
-            out["balanced_accuracy"] = None
-            undefined["balanced_accuracy"] = "only one class present in y_true"
-        if tp + fp + fn > 0:
-            out["f1"] = float(f1_score(y, pred, pos_label=1, zero_division=0))
-        else:
-            out["f1"] = None
-            undefined["f1"] = "no positive samples and none predicted"
-        if len(present) == 2:
-            out["auroc"] = float(roc_auc_score(y, score))
-            out["auprc"] = float(average_precision_score(y, score))
-        else:
-            out["auroc"] = None
-            undefined["auroc"] = "only one class present in y_true"
-            if n_pos:  # all positive: average precision is defined (= 1 at every recall)
-                out["auprc"] = float(average_precision_score(y, score))
-            else:
-                out["auprc"] = None
-                undefined["auprc"] = "no positive (class 1) samples"
-        out["mcc"] = float(matthews_corrcoef(y, pred))
-        out["accuracy"] = float(accuracy_score(y, pred))
-        out["brier"] = float(brier_score_loss(y, score, pos_label=1))
+        out.update(threshold=float(threshold), n_pos=tp + fn, n_neg=tn + fp)
+        out.update(_scores(y, p, BINARY_SCALARS, threshold))
         out["confusion"] = [[tn, fp], [fn, tp]]
+        undefined = {k: why for k, why in UNDEFINED_BINARY.items() if out[k] is None}
     else:
         pred = p.argmax(axis=1)
         labels = list(range(n_classes))
@@ -199,22 +166,13 @@ def classification_metrics(
         out["support"] = {names[c]: int(support[c]) for c in labels}
         # Averages over the classes present in y_true or predicted (sklearn's default label set);
         # a class absent from both has no F1 and must not count as 0.
-        out["macro_f1"] = float(f1_score(y, pred, average="macro", zero_division=0))
-        out["weighted_f1"] = float(f1_score(y, pred, average="weighted", zero_division=0))
-        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
-        out["mcc"] = float(matthews_corrcoef(y, pred))
-        out["accuracy"] = float(accuracy_score(y, pred))
+        out.update(_scores(y, p, MULTI_SCALARS))
         recalls = recall_score(y, pred, labels=labels, average=None, zero_division=0)
-        out["per_class_recall"] = {}
-        for c in labels:
-            if support[c]:
-                out["per_class_recall"][names[c]] = float(recalls[c])
-            else:
-                out["per_class_recall"][names[c]] = None
-                undefined[f"recall[{names[c]}]"] = "class absent from y_true"
+        out["per_class_recall"] = {names[c]: float(recalls[c]) if support[c] else None for c in labels}
+        undefined = {f"recall[{names[c]}]": "class absent from y_true" for c in labels if not support[c]}
         out["confusion"] = cm.astype(int).tolist()
         out["confusion_normalized"] = confusion_matrix(y, pred, labels=labels, normalize="true").tolist()
-        if len(present) < 2:
+        if len(np.unique(y)) < 2:
             undefined["balanced_accuracy"] = "only one class present in y_true (value is its recall)"
     out["ece"] = expected_calibration_error(y, p, n_bins)
     out["class_names"] = names
@@ -263,17 +221,11 @@ FRACTION_METRICS = ("auprc", "auroc", "mcc", "f1", "ece", "brier")
 
 
 def format_metric_for(key: str, value: Any) -> str:
-    """``format_metric`` with the display convention of ``key``: percent (2 d.p.) or fraction (3 d.p.)."""
-    if key in FRACTION_METRICS:
-        return format_metric(value, 3, percent=False)
-    return format_metric(value, 2, percent=True)
-
-
-def format_metric(value: Any, digits: int = 2, percent: bool = True) -> str:
-    """A metric for a table: ``None`` -> ``"n/a"``, else a percentage (or plain) with ``digits``."""
+    """A metric for a table in the display convention of ``key``: a fraction (3 d.p.) or a percentage
+    (2 d.p.); ``None`` or non-finite -> ``"n/a"``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{100 * value:.{digits}f}" if percent else f"{value:.{digits}f}"
+    return f"{value:.3f}" if key in FRACTION_METRICS else f"{100 * value:.2f}"
 
 
 @_quiet
@@ -287,34 +239,33 @@ def selected_metrics(
     """
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(probs, dtype=np.float64)
+    fast = (*(BINARY_SCALARS if p.shape[1] == 2 else MULTI_SCALARS), "ece")
+    out = _scores(y, p, [k for k in keys if k in fast], threshold)
+    if len(out) < len(keys):
+        full = classification_metrics(y, p, threshold)
+        out.update({k: full.get(k) for k in keys if k not in out})
+    return {k: _clean(out[k]) for k in keys}
+
+
+def _scores(y: np.ndarray, p: np.ndarray, keys: Sequence[str], threshold: float = 0.5) -> dict[str, Any]:
+    """The scalar metrics ``keys`` of checked labels and probabilities (None where undefined)."""
     binary = p.shape[1] == 2
     pred = (p[:, 1] >= threshold).astype(np.int64) if binary else p.argmax(1)
     has_pos, has_neg = bool((y == 1).any()), bool((y == 0).any())
     both = len(np.unique(y)) >= 2
-    out: dict[str, float | None] = {}
-    full = None
-    for k in keys:
-        if binary and k == "sensitivity":
-            out[k] = float(recall_score(y, pred, pos_label=1, zero_division=0)) if has_pos else None
-        elif binary and k == "specificity":
-            out[k] = float(recall_score(y, pred, pos_label=0, zero_division=0)) if has_neg else None
-        elif binary and k == "balanced_accuracy":
-            out[k] = float(balanced_accuracy_score(y, pred)) if both else None
-        elif binary and k == "auroc":
-            out[k] = float(roc_auc_score(y, p[:, 1])) if both else None
-        elif binary and k == "auprc":
-            out[k] = float(average_precision_score(y, p[:, 1])) if has_pos else None
-        elif binary and k == "f1":
-            out[k] = float(f1_score(y, pred, zero_division=0)) if (has_pos or pred.any()) else None
-        elif k == "mcc":
-            out[k] = float(matthews_corrcoef(y, pred))
-        elif k == "accuracy":
-            out[k] = float(accuracy_score(y, pred))
-        elif not binary and k == "balanced_accuracy":
-            out[k] = float(balanced_accuracy_score(y, pred))
-        elif not binary and k in ("macro_f1", "weighted_f1"):
-            out[k] = float(f1_score(y, pred, average=k.split("_")[0], zero_division=0))
-        else:
-            full = full or classification_metrics(y, p, threshold)
-            out[k] = full.get(k)
-    return {k: _clean(v) for k, v in out.items()}
+    scores = {
+        "sensitivity": lambda: recall_score(y, pred, pos_label=1, zero_division=0) if has_pos else None,
+        "specificity": lambda: recall_score(y, pred, pos_label=0, zero_division=0) if has_neg else None,
+        "precision": lambda: precision_score(y, pred, zero_division=0) if pred.any() else None,
+        "balanced_accuracy": lambda: balanced_accuracy_score(y, pred) if both or not binary else None,
+        "f1": lambda: f1_score(y, pred, zero_division=0) if has_pos or pred.any() else None,
+        "auroc": lambda: roc_auc_score(y, p[:, 1]) if both else None,
+        "auprc": lambda: average_precision_score(y, p[:, 1]) if has_pos else None,
+        "brier": lambda: brier_score_loss(y, p[:, 1], pos_label=1),
+        "macro_f1": lambda: f1_score(y, pred, average="macro", zero_division=0),
+        "weighted_f1": lambda: f1_score(y, pred, average="weighted", zero_division=0),
+        "mcc": lambda: matthews_corrcoef(y, pred),
+        "accuracy": lambda: accuracy_score(y, pred),
+        "ece": lambda: expected_calibration_error(y, p),
+    }
+    return {k: None if (v := scores[k]()) is None else float(v) for k in keys}

@@ -1,11 +1,9 @@
 """The run's temperature and operating threshold: chosen on validation, stored in run.json, reused.
 
-Order on the run's own split: fit the temperature on the validation logits (NLL), then choose the
-operating threshold on the *calibrated* validation probabilities (the highest threshold whose
-validation sensitivity reaches ``eval.target_sensitivity``). Both go into ``run.json``
-(``temperature`` + ``calibration``; ``threshold`` + ``threshold_info`` with the temperature it was
-chosen at). Elsewhere (zero-shot, ``--all``) the stored values are reused; a stored threshold
-chosen at another temperature is mapped to the current one, which keeps its decisions.
+The temperature is fitted first, so that the threshold is chosen on *calibrated* validation
+probabilities and stored with the temperature it was chosen at. Elsewhere (zero-shot, ``--all``) the
+stored values are reused; a stored threshold chosen at another temperature is mapped to the current
+one, which keeps its decisions.
 """
 
 from __future__ import annotations
@@ -66,16 +64,22 @@ def operating_threshold(
         if not (y_val == 1).any():
             log.warning("validation split has no positive sample: no operating threshold chosen")
         else:
-            t = threshold_for_sensitivity(y_val, p_val, target)
-            info = {
-                "value": t,
-                "target_sensitivity": target,
-                "chosen_on": "val",
-                "n_val": int(y_val.size),
-                "temperature": float(temp),
-                "val_sensitivity": float(np.mean(p_val[y_val == 1] >= t)),
-                "val_specificity": float(np.mean(p_val[y_val == 0] < t)) if (y_val == 0).any() else None,
-            }
-            update_meta(run_dir, threshold=t, threshold_info=info)
+            info = threshold_info(y_val, p_val, target, temp, "val")
+            update_meta(run_dir, threshold=info["value"], threshold_info=info)
             return info
     return stored_threshold(meta, temp)
+
+
+def threshold_info(y: np.ndarray, p_pos: np.ndarray, target: float, temp: float, chosen_on: str) -> dict:
+    """The highest threshold whose sensitivity on ``p_pos`` reaches ``target``, with the rates it gives
+    there (run.json's ``threshold_info``)."""
+    t = threshold_for_sensitivity(y, p_pos, target)
+    return {
+        "value": t,
+        "target_sensitivity": target,
+        "chosen_on": chosen_on,
+        "n_val": int(y.size),
+        "temperature": float(temp),
+        "val_sensitivity": float(np.mean(p_pos[y == 1] >= t)),
+        "val_specificity": float(np.mean(p_pos[y == 0] < t)) if (y == 0).any() else None,
+    }

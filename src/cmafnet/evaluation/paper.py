@@ -7,6 +7,7 @@ see ``units``); a cell is a number, ``{"mean", "std"}`` or ``None`` ("-" in the 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -35,13 +36,12 @@ def paper_table(name: str | int) -> dict[str, Any]:
     return tables[key]
 
 
-def paper_value(cell: Any, unit: str = "percent") -> float | None:
-    """A cell's mean as a fraction (our metrics' scale): percent / 100, fractions unchanged."""
+def paper_value(cell: Any) -> float | None:
+    """A cell's number (its mean) as printed, in the table's ``units``; None for "-"."""
     if isinstance(cell, dict):
         cell = cell.get("mean")
-    if not isinstance(cell, (int, float)):
-        return None
-    return float(cell) / 100.0 if unit == "percent" else float(cell)
+    ok = isinstance(cell, (int, float)) and not isinstance(cell, bool) and math.isfinite(cell)
+    return float(cell) if ok else None
 
 
 def format_paper_cell(cell: Any) -> str:

@@ -76,51 +76,40 @@ def plot_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], kind: str, 
     return fig
 
 
-def _draw_confusion(ax: Any, cm: Any, class_names: Sequence[str], normalize: bool) -> Any:
-    m = np.asarray(cm, dtype=np.float64)
-    if normalize:
-        rows = m.sum(axis=1, keepdims=True)
-        m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
-    n = len(class_names)
-    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(m.max(), 1))
-    ax.set_xticks(
-        range(n), labels=list(class_names), rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center"
-    )
-    ax.set_yticks(range(n), labels=list(class_names))
-    ax.set(xlabel="predicted", ylabel="true")
-    thresh = (1 if normalize else m.max()) / 2
-    for i in range(n):
-        for j in range(n):
-            text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 4 else 10,
-                    color="white" if m[i, j] > thresh else "black")  # fmt: skip
-    return im
-
-
 def plot_confusion(
-    cm: Sequence[Sequence[float]], class_names: Sequence[str], *, normalize: bool = False, title: str = ""
+    panels: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    class_names: Sequence[str],
+    *,
+    normalize: bool = False,
+    title: str = "",
 ) -> Figure:
-    """Confusion matrix heat map (rows = true class), counts or row-normalised (Fig. 6 style)."""
-    size = max(3.6, 0.65 * len(class_names) + 1.6)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    im = _draw_confusion(ax, cm, class_names, normalize)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_confusion_panel(
-    panels: Sequence[tuple[str, Sequence[Sequence[float]]]], class_names: Sequence[str], *, title: str = ""
-) -> Figure:
-    """Several count confusion matrices side by side, e.g. overall + each magnification (Fig. 5 style)."""
-    k = len(panels)
-    fig, axes = plt.subplots(1, k, figsize=(3.4 * k, 3.3), squeeze=False)
+    """Confusion matrices (rows = true class) side by side, one per ``(name, matrix)``: counts, e.g.
+    overall + each magnification (Fig. 5 style; a binary panel names its sensitivity), or row-normalised
+    with a colour bar (Fig. 6 style)."""
+    n, k = len(class_names), len(panels)
+    size = max(3.6, 0.65 * n + 1.6)
+    figsize = (size * k, size * 0.9) if normalize else (3.4 * k, 3.3)
+    fig, axes = plt.subplots(1, k, figsize=figsize, squeeze=False)
     for ax, (name, cm) in zip(axes[0], panels):
-        _draw_confusion(ax, cm, class_names, normalize=False)
         m = np.asarray(cm, dtype=np.float64)
-        sens = m[1, 1] / m[1].sum() if m.shape == (2, 2) and m[1].sum() else None
+        sens = m[1, 1] / m[1].sum() if m.shape == (2, 2) and m[1].sum() and not normalize else None
+        if normalize:
+            rows = m.sum(axis=1, keepdims=True)
+            m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+        im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else max(m.max(), 1))
+        ax.set_xticks(
+            range(n), labels=list(class_names), rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center"
+        )
+        ax.set_yticks(range(n), labels=list(class_names))
+        ax.set(xlabel="predicted", ylabel="true")
+        thresh = (1 if normalize else m.max()) / 2
+        for i in range(n):
+            for j in range(n):
+                text = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 4 else 10,
+                        color="white" if m[i, j] > thresh else "black")  # fmt: skip
+        if normalize:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         ax.set_title(name + (f"\nsensitivity {100 * sens:.2f}%" if sens is not None else ""), fontsize=10)
     if title:
         fig.suptitle(title)
@@ -185,12 +174,7 @@ def plot_training_curves(df: Any, title: str = "") -> Figure | None:
 
 def _head_columns(columns: Sequence[str], prefix: str) -> list[tuple[int, str]]:
     """``(head, column)`` for columns like ``attn_entropy_h0`` / ``tau_h3`` / ``tau_3`` / ``tau/3``."""
-    out = []
-    for c in columns:
-        m = re.fullmatch(rf"{prefix}[_/]?h?(\d+)", c)
-        if m:
-            out.append((int(m.group(1)), c))
-    return sorted(out)
+    return sorted((int(m.group(1)), c) for c in columns if (m := re.fullmatch(rf"{prefix}[_/]?h?(\d+)", c)))
 
 
 def plot_attention_heads(df: Any, title: str = "") -> Figure | None:
@@ -263,7 +247,7 @@ def table_figure(
 
     def paper(row: str, key: str) -> float:
         c = cells[row].get(key)
-        v = paper_value(c.paper, "fraction") if c is not None else None  # as printed
+        v = paper_value(c.paper) if c is not None else None
         return np.nan if v is None else v
 
     x = np.arange(len(rows) if kind == "bars" else len(keys))

@@ -8,13 +8,10 @@ folder (``run.json``, ``config.yaml``, ``metrics.csv``, ``metrics_<name>.json``,
     report.md     the same tables; figures as PNG files in figures/
     report.json   every run's evaluations and every table's cells (for scripts)
 
-It leads with the comparison: one ROC and one precision-recall figure with every run's curve, then
-one row per run at its operating threshold and at 0.5 with 95 % intervals as compact cells; then
-McNemar tests between runs evaluated on the same images, calibration, training cost, per
-magnification, zero-shot (Table 3 layout), and each run's confusion matrices, reliability diagram,
-training curves and per-head attention (Fig. 4). The tables are
-:class:`~cmafnet.evaluation.table.TableResult` objects built in :mod:`cmafnet.evaluation.report_tables`,
-the same type ``cmafnet experiment`` writes its paper tables with; this module draws and writes.
+It leads with the comparison (every run's ROC and precision-recall curves in one figure each, then
+one row per run at its operating threshold and at 0.5); the sections follow in :func:`_sections`.
+The tables are :class:`~cmafnet.evaluation.table.TableResult` objects built in
+:mod:`cmafnet.evaluation.report_tables`, as ``cmafnet experiment`` builds its paper tables.
 """
 
 from __future__ import annotations
@@ -104,17 +101,12 @@ def run_figures(run: RunInfo) -> Figures:
                 for mag, e in (ev.get("by_magnification") or {}).items()
             ]
             t = f"threshold {op['value']:.3f}" if op else "threshold 0.5"
-            fig = plots.plot_confusion_panel(panels, classes, title=f"{run.name} / {ev_name} ({t})")
-            figs.append(
-                (f"{run.name}: confusion matrices, {ev_name}, {t} (Fig. 5 style)", plots.figure_png(fig))
-            )
+            fig = plots.plot_confusion(panels, classes, title=f"{run.name} / {ev_name} ({t})")
+            caption = f"confusion matrices, {ev_name}, {t} (Fig. 5 style)"
         else:
-            fig = plots.plot_confusion(
-                m["confusion"], classes, normalize=True, title=f"{run.name} / {ev_name}"
-            )
-            figs.append(
-                (f"{run.name}: normalised confusion matrix, {ev_name} (Fig. 6 style)", plots.figure_png(fig))
-            )
+            fig = plots.plot_confusion([(f"{run.name} / {ev_name}", m["confusion"])], classes, normalize=True)
+            caption = f"normalised confusion matrix, {ev_name} (Fig. 6 style)"
+        figs.append((f"{run.name}: {caption}", plots.figure_png(fig)))
     for caption, fig in (
         ("reliability diagrams before and after temperature scaling", reliability_figure(run)),
         ("training curves (metrics.csv)", plots.plot_training_curves(run.history, title=run.name)),

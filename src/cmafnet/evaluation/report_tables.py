@@ -173,6 +173,12 @@ def comparison_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
     return tables
 
 
+def _mag_point(entry: dict, op: dict | None) -> dict:
+    """A magnification's metrics and intervals: at the operating threshold when there is one, else 0.5."""
+    prefix = "operating_" if op else ""
+    return {"metrics": entry.get(f"{prefix}metrics") or {}, "ci": entry.get(f"{prefix}ci") or {}}
+
+
 def magnification_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
     """Per magnification: one row per run, evaluation and magnification, at the operating threshold."""
     tables = []
@@ -181,9 +187,7 @@ def magnification_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
         for r, n, ev in _evaluations(runs, binary):
             op = ev.get("operating_point") if binary else None
             for mag, e in (ev.get("by_magnification") or {}).items():
-                doc = {"n": e.get("n"), "threshold": short_rule(op, binary),
-                       "metrics": e.get("operating_metrics" if op else "metrics") or {},
-                       "ci": e.get("operating_ci" if op else "ci") or {}}  # fmt: skip
+                doc = {"n": e.get("n"), "threshold": short_rule(op, binary), **_mag_point(e, op)}
                 items.append((f"{row_label(r, n, ev)} / {mag}", doc))
         if items:
             title = f"Per magnification ({'binary' if binary else 'multi-class'})"
@@ -203,16 +207,12 @@ def zero_shot_table(runs: Sequence[RunInfo]) -> list[TableResult]:
         if not ev.get("zero_shot") or not ev.get("by_magnification"):
             continue
         op = ev.get("operating_point")
-        by_mag = {
-            m: e.get("operating_metrics" if op else "metrics") or {}
-            for m, e in ev["by_magnification"].items()
-        }
-        ci = {m: e.get("operating_ci" if op else "ci") or {} for m, e in ev["by_magnification"].items()}
+        by_mag = {m: _mag_point(e, op) for m, e in ev["by_magnification"].items()}
         mags += [m for m in by_mag if m not in mags]
-        items.append((row_label(r, n, ev), {"threshold": short_rule(op), "mag": by_mag, "ci": ci}))
+        items.append((row_label(r, n, ev), {"threshold": short_rule(op), "mag": by_mag}))
     if not items:
         return []
-    cols = [POINT[1], *(Column(m, m.replace("X", "×"), f"mag.{m}.sensitivity", ci=f"ci.{m}.sensitivity",
+    cols = [POINT[1], *(Column(m, m.replace("X", "×"), f"mag.{m}.metrics.sensitivity", ci=f"mag.{m}.ci.sensitivity",
                                paper=False) for m in mags),
             Column("average", "average", derive="mean", of=tuple(mags), paper=False),
             Column("std", "std", derive="std", of=tuple(mags), paper=False)]  # fmt: skip
@@ -262,19 +262,11 @@ def diagnosis_tables(runs: Sequence[RunInfo]) -> list[TableResult]:
             "diagnosis", "Zero-shot diagnosis (%, 95 % patient-level bootstrap intervals)", head, rows
         )
     ]
-    subtypes: list[str] = []
-    for _, ev in evs:
-        subtypes += [
-            s["group"] for s in ev["diagnosis"].get("by_subtype") or [] if s["group"] not in subtypes
-        ]
-    if subtypes:
-        kind = {
-            s["group"]: (s["label"] or "?")[0].upper()
-            for _, ev in evs
-            for s in ev["diagnosis"]["by_subtype"] or []
-        }
-        order = sorted(subtypes, key=lambda s: (kind[s], s))  # benign subtypes first
-        means = [{s["group"]: s["mean"] for s in ev["diagnosis"]["by_subtype"] or []} for _, ev in evs]
+    subtypes = [(label, ev["diagnosis"].get("by_subtype") or []) for label, ev in evs]
+    kind = {s["group"]: (s["label"] or "?")[0].upper() for _, rows in subtypes for s in rows}
+    if kind:
+        order = sorted(kind, key=lambda s: (kind[s], s))  # benign subtypes first
+        means = [{s["group"]: s["mean"] for s in rows} for _, rows in subtypes]
         tables.append(TableResult.plain(
             "diagnosis_subtypes", "Mean p(malignant) per subtype (B benign, M malignant)",
             ["evaluation", *(f"{s} ({kind[s]})" for s in order)],

@@ -68,19 +68,20 @@ def ci_warning(n_patients: int | None) -> str | None:
     )
 
 
-def _cis(y, probs, threshold, patients, n_boot, binary) -> dict | None:
+def _row(y, probs, classes, threshold, patients, n_bins, n_boot) -> tuple[dict, dict | None]:
+    """Metrics at ``threshold`` and their bootstrap CIs (None without resamples)."""
     from cmafnet.evaluation.stats import metric_cis
 
+    metrics = classification_metrics(y, probs, threshold, classes, n_bins=n_bins)
     if n_boot <= 0:
-        return None
-    keys = CI_KEYS_BINARY if binary else CI_KEYS_MULTI
+        return metrics, None
+    keys = CI_KEYS_BINARY if len(classes) == 2 else CI_KEYS_MULTI
     out = metric_cis(y, probs, keys=keys, threshold=threshold, groups=patients, n_boot=n_boot, seed=0)
     n_groups = len(np.unique(patients)) if patients is not None else None
-    warning = ci_warning(n_groups)
     for ci in out.values():
         ci["n_patients"] = n_groups
-        ci["warning"] = warning
-    return out
+        ci["warning"] = ci_warning(n_groups)
+    return metrics, out
 
 
 def metric_rows(
@@ -104,46 +105,37 @@ def metric_rows(
     """
     binary = len(classes) == 2
     op = op if binary else None
-    doc: dict[str, Any] = {
-        "metrics": classification_metrics(y, probs, 0.5, classes, n_bins=n_bins),
-        "metrics_rule": threshold_rule(None, binary),
-    }
+    metrics, ci = _row(y, probs, classes, 0.5, patients, n_bins, n_boot)
     n_pat = len(np.unique(patients)) if patients is not None else None
-    doc["n_patients"] = n_pat
-    doc["ci_warning"] = ci_warning(n_pat) if n_boot > 0 else None
+    doc: dict[str, Any] = {
+        "metrics": metrics,
+        "metrics_rule": threshold_rule(None, binary),
+        "n_patients": n_pat,
+        "ci_warning": ci_warning(n_pat) if n_boot > 0 else None,
+    }
     if binary:  # the clinical reading of a ROC curve: sensitivity at a fixed high specificity
         doc["sensitivity_at_specificity"] = {
             f"{s:.2f}": sensitivity_at_specificity(y, probs[:, 1], s) for s in (0.90, 0.95, 0.99)
         }
-    ci = _cis(y, probs, 0.5, patients, n_boot, binary)
     if ci:
         doc["ci"] = ci
     if op is not None:
+        metrics, ci = _row(y, probs, classes, op["value"], patients, n_bins, n_boot)
         doc["operating_point"] = {
             **op,
             "rule": threshold_rule(op),
-            "metrics": classification_metrics(y, probs, op["value"], classes, n_bins=n_bins),
+            "metrics": metrics,
+            **({"ci": ci} if ci else {}),
         }
-        ci = _cis(y, probs, op["value"], patients, n_boot, binary)
-        if ci:
-            doc["operating_point"]["ci"] = ci
     by_mag = {}
     for mag, sel in groups.items():
         pat = patients[sel] if patients is not None else None
-        entry: dict[str, Any] = {
-            "n": int(sel.size),
-            "metrics": classification_metrics(y[sel], probs[sel], 0.5, classes, n_bins=n_bins),
-        }
-        ci = _cis(y[sel], probs[sel], 0.5, pat, n_boot, binary)
-        if ci:
-            entry["ci"] = ci
-        if op is not None:
-            entry["operating_metrics"] = classification_metrics(
-                y[sel], probs[sel], op["value"], classes, n_bins=n_bins
-            )
-            ci = _cis(y[sel], probs[sel], op["value"], pat, n_boot, binary)
+        entry: dict[str, Any] = {"n": int(sel.size)}
+        for threshold, prefix in ((0.5, ""), *(((op["value"], "operating_"),) if op else ())):
+            metrics, ci = _row(y[sel], probs[sel], classes, threshold, pat, n_bins, n_boot)
+            entry[f"{prefix}metrics"] = metrics
             if ci:
-                entry["operating_ci"] = ci
+                entry[f"{prefix}ci"] = ci
         by_mag[mag] = entry
     if by_mag:
         doc["by_magnification"] = by_mag

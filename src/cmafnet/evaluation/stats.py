@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import sklearn
@@ -61,27 +60,47 @@ def _resamples(n: int, groups: np.ndarray | None, n_boot: int, seed: int):
         yield np.concatenate([members[g] for g in pick])
 
 
-def _percentile_ci(values: list[float], point: Any, alpha: float, n_boot: int, by: str) -> dict:
-    low = high = None
-    if values:
-        low, high = (float(x) for x in np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
-    ok = isinstance(point, (int, float)) and math.isfinite(point)
-    return {
-        "point": float(point) if ok else None,
-        "low": low,
-        "high": high,
-        "level": 1 - alpha,
-        "n_boot": n_boot,
-        "n_valid": len(values),
-        "by": by,
-    }
-
-
-def _check_ci_args(n: int, alpha: float) -> None:
+def _bootstrap(
+    metrics: Callable[[np.ndarray], dict],
+    n: int,
+    keys: Sequence[str],
+    groups: np.ndarray | None,
+    n_boot: int,
+    alpha: float,
+    seed: int,
+    point: Callable[[], dict] | None = None,
+) -> dict[str, dict]:
+    """Percentile intervals of ``metrics(indices)[k]`` for each of ``keys``, from one set of resamples;
+    the point estimates are ``point()`` (default: ``metrics`` of every sample)."""
     if n <= 0:
         raise ValueError("bootstrap needs at least one sample")
     if not 0 < alpha < 1:
         raise ValueError("alpha must be in (0, 1)")
+    point_values = point() if point else metrics(np.arange(n))
+    values: dict[str, list[float]] = {k: [] for k in keys}
+    # The point estimate ran sklearn's input checks; resamples of the same data skip them (most of the cost).
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        for idx in _resamples(n, groups, n_boot, seed):
+            m = metrics(idx)
+            for k in keys:
+                if (v := m.get(k)) is not None and math.isfinite(v):
+                    values[k].append(float(v))
+    out, by = {}, "patient" if groups is not None else "sample"
+    for k in keys:
+        low = high = None
+        if values[k]:
+            low, high = (float(x) for x in np.percentile(values[k], [100 * alpha / 2, 100 * (1 - alpha / 2)]))
+        ok = isinstance(p := point_values.get(k), (int, float)) and math.isfinite(p)
+        out[k] = {
+            "point": float(p) if ok else None,
+            "low": low,
+            "high": high,
+            "level": 1 - alpha,
+            "n_boot": n_boot,
+            "n_valid": len(values[k]),
+            "by": by,
+        }
+    return out
 
 
 def bootstrap_ci(
@@ -106,20 +125,12 @@ def bootstrap_ci(
             replacement, which respects the correlation of patches from one patient.
         n_boot: number of bootstrap resamples.
         alpha: 1 - confidence level.
-        seed: random seed.
 
     Returns:
         ``dict(point, low, high, level, n_boot, n_valid, by)``; ``low``/``high`` are ``None`` when
         no resample gave a defined value.
     """
-    _check_ci_args(n, alpha)
-    point = metric(np.arange(n))
-    values = []
-    for idx in _resamples(n, groups, n_boot, seed):
-        v = metric(idx)
-        if v is not None and math.isfinite(v):
-            values.append(float(v))
-    return _percentile_ci(values, point, alpha, n_boot, "patient" if groups is not None else "sample")
+    return _bootstrap(lambda idx: {"v": metric(idx)}, n, ["v"], groups, n_boot, alpha, seed)["v"]
 
 
 def metric_cis(
@@ -136,24 +147,17 @@ def metric_cis(
     """Bootstrap CIs for several :func:`classification_metrics` keys from one set of resamples."""
     from cmafnet.evaluation.metrics import classification_metrics, selected_metrics
 
-    y = np.asarray(y_true)
-    p = np.asarray(probs)
-    _check_ci_args(len(y), alpha)
-    point = classification_metrics(y, p, threshold)
-    values: dict[str, list[float]] = {k: [] for k in keys}
-    # The inputs were validated once above; skip sklearn's per-call checks (most of the cost).
-    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        resampled = [
-            selected_metrics(y[idx], p[idx], keys, threshold)
-            for idx in _resamples(len(y), groups, n_boot, seed)
-        ]
-    for m in resampled:
-        for k in keys:
-            v = m.get(k)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                values[k].append(float(v))
-    by = "patient" if groups is not None else "sample"
-    return {k: _percentile_ci(values[k], point.get(k), alpha, n_boot, by) for k in keys}
+    y, p = np.asarray(y_true), np.asarray(probs)
+    return _bootstrap(
+        lambda idx: selected_metrics(y[idx], p[idx], keys, threshold),
+        len(y),
+        keys,
+        groups,
+        n_boot,
+        alpha,
+        seed,
+        point=lambda: classification_metrics(y, p, threshold),
+    )
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:

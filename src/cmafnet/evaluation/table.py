@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cmafnet.evaluation.paper import format_paper_cell
+from cmafnet.evaluation.paper import format_paper_cell, paper_value
 from cmafnet.evaluation.stats import mean_std
 
 Unit = Literal["percent", "fraction", "number", "count", "sig3", "text"]
@@ -244,11 +244,10 @@ class TableResult:
                 cell = cells.get(c.key)
                 if cell is None:
                     continue
-                paper = cell.paper.get("mean") if isinstance(cell.paper, dict) else cell.paper
                 recs.append({
                     "row": label, "column": c.key, "header": c.header, "ours_mean": cell.mean,
                     "ours_std": cell.std, "n": len(cell.values), "planned": cell.planned,
-                    "paper": _number(paper), "ci_low": cell.ci[0] if cell.ci else None,
+                    "paper": paper_value(cell.paper), "ci_low": cell.ci[0] if cell.ci else None,
                     "ci_high": cell.ci[1] if cell.ci else None, "text": cell.text_value, "invalid": cell.invalid,
                 })  # fmt: skip
         return recs

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.errors import ConfigError
-from cmafnet.evaluation.metrics import threshold_for_sensitivity
+from cmafnet.evaluation.operating import threshold_info
 from cmafnet.inference.adapt import Adaptation, balanced_indices
 from cmafnet.inference.temperature import apply_temperature, fit_temperature
 
@@ -74,15 +74,14 @@ def zero_shot_diagnosis(
     figure: Path,
     title: str,
 ) -> dict:
-    """Whether the run discriminates on the target (verdict from the AUROC's patient-level interval,
-    beside the trivial rows), the mean score per subtype and magnification, the field of view against
-    the run's training patches (``image_hw``: the stored images' size), and the score-distribution
-    figure written to ``figure``."""
+    """:func:`~cmafnet.evaluation.zeroshot.diagnose` of the evaluated rows, with the mean score per subtype
+    and magnification, the field of view against the run's training patches (``image_hw``: the stored
+    images' size), and the score-distribution figure written to ``figure``."""
+    from cmafnet.evaluation.evaluate import index_column
     from cmafnet.evaluation.zeroshot import diagnose, field_of_view_table, group_scores
     from cmafnet.evaluation.zeroshot_plot import plot_score_distributions
 
-    col = lambda name: index[name].to_numpy()[rows] if name in index.columns else None  # noqa: E731
-    patients, subtypes, mags = col("patient"), col("subtype"), col("magnification")
+    patients, subtypes, mags = (index_column(index, c, rows) for c in ("patient", "subtype", "magnification"))
     subtypes = None if subtypes is None or not any(subtypes) else subtypes.astype(str)
     mags = None if mags is None else mags.astype(str)
     doc = diagnose(y, p_pos, threshold=threshold, patients=patients, n_boot=n_boot)
@@ -90,15 +89,13 @@ def zero_shot_diagnosis(
     doc["by_magnification"] = None if mags is None else group_scores(p_pos, mags, y, threshold=threshold)
     doc["field_of_view"] = None
     if meta.get("patch_mpp") and meta.get("patch_hw") and "mpp" in index.columns:
-        # the stored images (one canvas size) at their stored µm/px: the physical extent of the source's
+        # the stored images (one canvas size) at their stored µm/px (NaN: unknown)
+        h, w = image_hw
         images = [
-            {
-                "magnification": m,
-                "h": image_hw[0],
-                "w": image_hw[1],
-                "mpp": None if mpp != mpp else mpp,
-            }  # NaN
-            for m, mpp in zip(mags if mags is not None else ["all"] * len(rows), col("mpp"))
+            {"magnification": m, "h": h, "w": w, "mpp": None if mpp != mpp else mpp}
+            for m, mpp in zip(
+                mags if mags is not None else ["all"] * len(rows), index_column(index, "mpp", rows)
+            )
         ]
         doc["field_of_view"] = field_of_view_table(
             images, patch_mpp=meta["patch_mpp"], patch_hw=tuple(meta["patch_hw"])
@@ -110,23 +107,14 @@ def zero_shot_diagnosis(
 def site_calibration_split(
     patients: np.ndarray, labels: np.ndarray, k: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split a labelled target cohort by patient: ``k`` calibration patients, the rest for evaluation.
+    """Split a labelled target cohort (``(N,)`` patients and labels) by patient: ``k`` calibration
+    patients, the rest for evaluation; returns both as sorted int64 row indices.
 
     The ``k`` patients are drawn with ``numpy.random.default_rng(seed)`` over the sorted patient ids
     (same seed, same ids -> same split). When ``k >= 2``, one patient holding each class is taken
     first (as far as ``k`` allows and such patients exist), so the calibration set can define a
     sensitivity (it needs positives) and a temperature (it needs both classes); the rest are random.
-
-    Args:
-        patients: ``(N,)`` patient id per row (image).
-        labels: ``(N,)`` class index per row.
-        k: number of calibration patients, ``1 <= k < number of patients``.
-
-    Returns:
-        ``(calibration_rows, evaluation_rows)``: sorted int64 row indices; no patient is in both.
-
-    Raises:
-        ConfigError: ``k < 1`` or ``k >=`` the number of patients (nothing would be left to score).
+    ``1 <= k <`` the number of patients, else :class:`ConfigError` (nothing would be left to score).
     """
     pid = np.asarray(patients)
     y = np.asarray(labels)
@@ -163,19 +151,12 @@ def site_calibrate(
 ) -> dict[str, Any]:
     """Refit the temperature and the operating threshold on a site's calibration patients.
 
-    The temperature is :func:`~cmafnet.inference.temperature.fit_temperature` on ``logits_cal``
-    (NLL; kept at 1 unless strictly better), and the threshold
-    :func:`~cmafnet.evaluation.metrics.threshold_for_sensitivity` on the positive-class probability
-    ``softmax(logits / T)[:, 1]``: the highest threshold that reaches ``target_sensitivity`` on the
-    calibration images. Both hold at that temperature only (``threshold_at_temperature`` maps it).
-    Few patients give a noisy temperature (``run_temperature`` in ``auto`` mode ignores one fitted on
-    under ``MIN_CALIBRATION_PATIENTS`` patients); report ``n_patients`` next to the result.
-
-    Args:
-        logits_cal: ``(N, K)`` uncalibrated logits of the calibration images.
-        y_cal: ``(N,)`` class indices; a threshold needs at least one positive (class 1).
-        target_sensitivity: in (0, 1].
-        patients_cal: ``(N,)`` patient ids, only to report ``n_patients``.
+    The temperature is :func:`~cmafnet.inference.temperature.fit_temperature` on the ``(N, K)``
+    uncalibrated ``logits_cal``, and the threshold
+    :func:`~cmafnet.evaluation.metrics.threshold_for_sensitivity` on ``softmax(logits / T)[:, 1]``.
+    Both hold at that temperature only (``threshold_at_temperature`` maps it). Few patients give a
+    noisy temperature (``run_temperature`` in ``auto`` mode ignores one fitted on under
+    ``MIN_CALIBRATION_PATIENTS`` patients); ``patients_cal`` only reports ``n_patients``.
 
     Returns:
         ``{"temperature", "threshold", "target_sensitivity", "sensitivity", "specificity", "n_images",
@@ -205,10 +186,6 @@ def site_calibrate(
         raise ConfigError(
             "site calibration: the calibration patients hold no positive image; use more patients"
         )
-    p1 = apply_temperature(z, temp)[:, 1]  # (N,)
-    thr = threshold_for_sensitivity(y, p1, target_sensitivity)
-    pred = p1 >= thr
-    out["threshold"] = float(thr)
-    out["sensitivity"] = float(pred[y == 1].mean())
-    out["specificity"] = float((~pred[y == 0]).mean()) if (y == 0).any() else None
+    op = threshold_info(y, apply_temperature(z, temp)[:, 1], target_sensitivity, temp, "site")
+    out.update(threshold=op["value"], sensitivity=op["val_sensitivity"], specificity=op["val_specificity"])
     return out

@@ -2,16 +2,10 @@
 
 The paper reports zero-shot BreakHis (benign = 0, malignant = 1) as a sensitivity alone. BreakHis
 is about 69 % malignant, so a model that calls every image malignant scores 100 % sensitivity and
-50 % balanced accuracy. The functions here tell a reader:
-
-* :func:`diagnose`: sensitivity, specificity, balanced accuracy, AUROC and AUPRC with
-  patient-level bootstrap intervals, the trivial baselines ("everything malignant" /
-  "everything benign") beside them, and a verdict from the AUROC's interval against chance.
-* :func:`group_scores`: the score per group (BreakHis subtype or magnification), ranked, so a
-  reader sees which tissue the model takes for cancer.
-* :func:`field_of_view` / :func:`field_of_view_table`: how many training patches of physical
-  area one target image spans, and which images are too small for a scale-matched evaluation.
-* :func:`cmafnet.evaluation.zeroshot_plot.plot_score_distributions`: the same as a figure.
+50 % balanced accuracy. :func:`diagnose` sets the metrics beside those trivial baselines with a
+verdict from the AUROC's interval; :func:`group_scores` ranks subtypes (which tissue the model takes
+for cancer); :func:`field_of_view_table` says how much tissue a target image spans against a
+training patch.
 
 All functions are pure (no file reads); every returned dict is JSON-serialisable and holds
 ``None``, never NaN, where a value is undefined.
@@ -70,12 +64,10 @@ def _trivial(y: np.ndarray, call: int) -> dict:
 
 
 def _verdict(auroc: dict, by: str, level: float) -> tuple[str, str]:
-    """The verdict from the AUROC's interval and a one-line reason naming the numbers.
+    """The verdict from the AUROC's interval against 0.5 and a one-line reason naming the numbers.
 
-    Rule: interval entirely above 0.5 -> discriminates; entirely below -> inverted; containing 0.5
-    -> not distinguishable from chance. Without an interval (``n_boot=0``, an undefined AUROC,
-    fewer than two resampling units) no claim against chance can be made: the verdict is then
-    "not distinguishable from chance", and the reason says why.
+    Without an interval (``n_boot=0``, an undefined AUROC, fewer than two resampling units) no claim
+    against chance can be made: the verdict is then "not distinguishable from chance".
     """
     value, ci = auroc["value"], auroc["ci"]
     if value is None:
@@ -108,19 +100,14 @@ def diagnose(
 
     Sensitivity alone cannot tell a model from one that calls everything malignant; the AUROC's
     interval against 0.5 can. Intervals are percentile bootstraps from
-    :func:`~cmafnet.evaluation.stats.metric_cis` (one set of resamples for all metrics); with
-    ``patients`` whole patients are resampled, since the images of one patient are correlated and
-    an image-level interval would be too narrow.
+    :func:`~cmafnet.evaluation.stats.metric_cis`; with ``patients`` whole patients are resampled,
+    since the images of one patient are correlated and an image-level interval would be too narrow.
 
     Args:
-        y: ``(N,)`` labels, 0 = benign, 1 = malignant.
-        p_pos: ``(N,)`` probability of malignant.
-        threshold: call malignant when ``p_pos >= threshold`` (sensitivity, specificity, balanced
-            accuracy).
-        patients: ``(N,)`` patient ids for a patient-level (cluster) bootstrap, or ``None`` to
-            resample images.
+        y: ``(N,)`` labels, 0 = benign, 1 = malignant; p_pos: ``(N,)`` probability of malignant.
+        threshold: call malignant when ``p_pos >= threshold``.
+        patients: ``(N,)`` patient ids, or ``None`` to resample images.
         n_boot: bootstrap resamples; 0 gives no intervals (and the verdict "not distinguishable").
-        seed: bootstrap seed.
         alpha: 1 - confidence level.
 
     Returns:
@@ -138,16 +125,8 @@ def diagnose(
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     n_patients = int(np.unique(patients).size) if patients is not None else None
-    cis = metric_cis(
-        y,
-        _two_columns(p),
-        keys=DIAGNOSIS_KEYS,
-        threshold=threshold,
-        groups=patients,
-        n_boot=n_boot,
-        alpha=alpha,
-        seed=seed,
-    )
+    kw = {"keys": DIAGNOSIS_KEYS, "threshold": threshold, "groups": patients, "alpha": alpha, "seed": seed}
+    cis = metric_cis(y, _two_columns(p), n_boot=n_boot, **kw)
     # One resampling unit (a single patient, or a single image) makes every resample identical:
     # a zero-width interval that says nothing about uncertainty, so report none.
     units = n_patients if patients is not None else int(y.size)
@@ -179,17 +158,12 @@ def diagnose(
 def group_scores(
     p_pos: np.ndarray, groups: np.ndarray, y: np.ndarray | None = None, *, threshold: float = 0.5
 ) -> list[dict]:
-    """Score summary per group (subtype, magnification), highest mean score first.
+    """Score summary per group (``(N,)`` subtypes, magnifications), highest mean score first.
 
     Ranking BreakHis subtypes by the model's mean malignancy score shows which tissue it takes for
-    IDC (e.g. fibroadenoma above lobular carcinoma).
-
-    Args:
-        p_pos: ``(N,)`` probability of malignant.
-        groups: ``(N,)`` group of each sample.
-        y: optional ``(N,)`` 0/1 labels; a group's ``label`` is ``"benign"`` / ``"malignant"`` when
-            all its samples share it, else ``None`` (also ``None`` without ``y``).
-        threshold: ``frac_called_malignant`` counts ``p_pos >= threshold`` (the metrics' rule).
+    IDC (e.g. fibroadenoma above lobular carcinoma). A group's ``label`` is ``"benign"`` /
+    ``"malignant"`` when all its samples share that label ``y``, else ``None`` (also without ``y``);
+    ``frac_called_malignant`` counts ``p_pos >= threshold``.
 
     Returns:
         One ``dict(group, n, label, mean, median, frac_called_malignant)`` per group, sorted by
@@ -207,10 +181,8 @@ def group_scores(
     out = []
     for name in np.unique(g):
         m = g == name  # (N,) members of this group
-        label = None
-        if labels is not None:
-            present = np.unique(labels[m])
-            label = LABEL_NAMES.get(int(present[0])) if present.size == 1 else None
+        present = np.unique(labels[m]) if labels is not None else ()
+        label = LABEL_NAMES.get(int(present[0])) if len(present) == 1 else None
         out.append(
             {
                 "group": _native(name),
@@ -254,11 +226,8 @@ def field_of_view_table(rows: Sequence[dict], *, patch_mpp: float, patch_hw: tup
     patch's; it is ``excluded`` when it also covers less than ``MIN_COVERAGE`` of a patch, the
     rule by which the scale-matched evaluation leaves it out (a larger one is padded with white).
 
-    Args:
-        rows: one dict per image with ``magnification``, ``h``, ``w`` (pixels) and ``mpp`` (µm/px;
-            ``None`` when unknown).
-        patch_mpp: the run's training µm/px.
-        patch_hw: the run's training patch (H, W) in pixels.
+    ``rows``: one dict per image with ``magnification``, ``h``, ``w`` (pixels) and ``mpp`` (µm/px;
+    ``None`` when unknown); ``patch_mpp`` and ``patch_hw`` (pixels) are the run's training patch.
 
     Returns:
         Per magnification (ascending): ``dict(magnification, images, mpp_unknown,

@@ -71,12 +71,11 @@ def plot_score_distributions(
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.2), squeeze=False)
     for ax, (name, g) in zip(axes[0], panels):
         if name == "subtype":
-            rows = group_scores(p, g, y)
-            label_of = {r["group"]: r["label"] for r in rows}
-            order = {"benign": 0, "malignant": 1, None: 2}
-            keys = sorted(label_of, key=lambda s: (order[label_of[s]], str(s)))
+            code = {"benign": 0, "malignant": 1}
+            rows = sorted(group_scores(p, g, y), key=lambda r: (code.get(r["label"], 2), str(r["group"])))
+            keys = [r["group"] for r in rows]
             vals = [p[g == k] for k in keys]
-            cols = [colors[{"benign": 0, "malignant": 1}.get(label_of[k])] for k in keys]
+            cols = [colors[code.get(r["label"])] for r in rows]
             ticks = [f"{k}\nn={v.size}" for k, v in zip(keys, vals)]
             pos = np.arange(len(keys), dtype=float)
             _strip_box(ax, vals, cols, pos)
