@@ -32,7 +32,6 @@ from cmafnet.losses.objective import (
     class_entropy,
     create_loss,
     create_loss_from_config,
-    loss_kwargs_from_config,
     mutual_info_lower_bound,
     stage1_loss,
 )
@@ -65,11 +64,6 @@ TABLE6_REGULARIZER_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def list_losses() -> list[str]:
-    """Registered classification loss names."""
-    return LOSSES.names()
-
-
 __all__ = [
     "LOSSES",
     "TABLE6_LOSS_VARIANTS",
@@ -94,8 +88,6 @@ __all__ = [
     "gaussian_kl",
     "gaussian_mutual_information",
     "ldam_margins",
-    "list_losses",
-    "loss_kwargs_from_config",
     "mutual_info_lower_bound",
     "normalized_hsic",
     "orthogonality",

@@ -55,8 +55,17 @@ def create_loss(
     return LOSSES.get(name)(class_counts, **kwargs)
 
 
-def loss_kwargs_from_config(loss_cfg: LossConfig, *, total_epochs: float | None = None) -> dict[str, Any]:
-    """The keyword arguments ``loss_cfg.name`` takes, read from the matching ``LossConfig`` fields."""
+def create_loss_from_config(
+    loss_cfg: LossConfig, class_counts: Sequence[float] | Tensor | None, *, total_epochs: float | None = None
+) -> ClassificationLoss:
+    """Build the loss named by ``loss_cfg.name`` with the matching ``LossConfig`` fields.
+
+    Args:
+        loss_cfg: the ``loss`` section.
+        class_counts: training samples per class.
+        total_epochs: epochs the loss is trained for; LDAM needs it when ``loss.drw_epoch`` is unset
+            (DRW then starts at 80% of it).
+    """
     c = loss_cfg
     table: dict[str, dict[str, Any]] = {
         "ce": {"label_smoothing": c.label_smoothing},
@@ -90,23 +99,7 @@ def loss_kwargs_from_config(loss_cfg: LossConfig, *, total_epochs: float | None 
     LOSSES.get(c.name)  # unknown name -> ConfigError with a suggestion
     if c.name not in table:
         raise ValueError(f"loss '{c.name}' has no LossConfig mapping")
-    return table[c.name]
-
-
-def create_loss_from_config(
-    loss_cfg: LossConfig, class_counts: Sequence[float] | Tensor | None, *, total_epochs: float | None = None
-) -> ClassificationLoss:
-    """Build the loss named by ``loss_cfg.name`` with its config fields.
-
-    Args:
-        loss_cfg: the ``loss`` section.
-        class_counts: training samples per class.
-        total_epochs: epochs the loss is trained for; LDAM needs it when ``loss.drw_epoch`` is unset
-            (DRW then starts at 80% of it).
-    """
-    return create_loss(
-        loss_cfg.name, class_counts, **loss_kwargs_from_config(loss_cfg, total_epochs=total_epochs)
-    )
+    return create_loss(c.name, class_counts, **table[c.name])
 
 
 def class_entropy(class_prior: Sequence[float] | Tensor) -> float:
@@ -246,11 +239,6 @@ class Objective(nn.Module):
                 terms[name] = value.detach()
         terms["total"] = total.detach()
         return total, terms
-
-    @staticmethod
-    def stage1_loss(out: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """See :func:`stage1_loss`."""
-        return stage1_loss(out, target)
 
     @property
     def entropy_weights(self) -> Tensor:

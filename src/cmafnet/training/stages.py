@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cmafnet.config import StageConfig, TrainConfig
 from cmafnet.errors import ConfigError
+from cmafnet.losses.objective import stage1_loss
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.graphs import GraphMode
 from cmafnet.training.optim import build_adamw, param_groups
@@ -121,7 +122,7 @@ def stage_loss(
                 raise ConfigError(
                     f"train.stages: stage '{stage.name}' trains branch heads but the model returns no aux_logits"
                 )
-            return objective.stage1_loss(out, target)  # sum of the branch heads' cross-entropies
+            return stage1_loss(out, target)  # sum of the branch heads' cross-entropies
         total = F.cross_entropy(out.logits.float(), target)
         return total, {"total": total.detach()}
     if stage.train == "branches" and not out.aux_logits:
