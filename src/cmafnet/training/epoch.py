@@ -205,7 +205,7 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
 def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict) -> dict[str, Any]:
     p = run.p
     n = max(p.epoch_count, 1)
-    secs = distr.all_max(p.epoch_train_s, run.info)  # the slowest rank sets the pace
+    secs = distr.all_reduce_float(p.epoch_train_s, run.info, "max")  # the slowest rank sets the pace
     steps = max(p.epoch_timed_steps, 1)
     row: dict[str, Any] = {
         "stage": p.stage, "stage_name": stage.name, "epoch": p.global_epoch + 1, "epoch_in_stage": p.epoch + 1,
@@ -217,7 +217,9 @@ def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict)
     total = total_cost(p)
     row.update({"images_seen": total["images"], "train_passes": total["passes"], "train_macs": total["macs"],
                 "train_seconds": round(total["seconds"], 3)})  # fmt: skip
-    row.update({f"train_{k}": distr.all_mean(v / n, run.info) for k, v in sorted(p.epoch_sums.items())})
+    row.update(
+        {f"train_{k}": distr.all_reduce_float(v / n, run.info) for k, v in sorted(p.epoch_sums.items())}
+    )
     row.update({f"val_{k}": v for k, v in metrics.items()})
     row.update(monitors)
     for key in [k for k in monitors if k.startswith("loss_weight_c")]:

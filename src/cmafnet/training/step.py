@@ -252,11 +252,6 @@ class TrainStep:
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         return self._pack(loss, terms, norm, finite)
 
-    @property
-    def clipper(self) -> GradClipper:
-        """The clipper (of the first group, when there are several: see :meth:`clip_state`)."""
-        return self.groups[0].clipper
-
     def clip_state(self) -> dict:
         """The clipping history of every group (a checkpoint's ``clip``)."""
         if len(self.groups) == 1:
