@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmafnet.config import LossConfig, RegularizerConfig
-from cmafnet.losses.classification import LOSSES, ClassificationLoss, as_class_counts
+from cmafnet.losses.classification import LOSSES, ClassificationLoss
 from cmafnet.losses.regularizers import (
     AttentionEntropyRegularizer,
     attention_diversity,
@@ -103,9 +103,9 @@ def create_loss_from_config(
 
 
 def class_entropy(class_prior: Sequence[float] | Tensor) -> float:
-    """H(Y) in nats of a class prior (normalised here, so counts work too)."""
-    p = as_class_counts(class_prior)
-    p = p / p.sum()
+    """H(Y) in nats of a class prior (normalised here, so counts work too; empty classes add 0)."""
+    p = torch.as_tensor(class_prior, dtype=torch.float64)
+    p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum())
 
 

@@ -39,7 +39,7 @@ def rng_state() -> dict:
     """Every RNG the run draws from, as tensors and plain types (``weights_only``-loadable)."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=True)  # ('MT19937', uint32[624], pos, has_gauss, gauss)
-    state = {
+    return {
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "numpy": {
             "key": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -50,7 +50,6 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
 
 
 def set_rng_state(state: dict) -> None:
