@@ -174,6 +174,21 @@ class ClassificationLoss(nn.Module):
         pushes on it (the training monitors' effective learning rate per class). Plain cross-entropy: 1."""
         return torch.ones_like(self._check(logits, target)[:, 0])
 
+    def _cross_entropy(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        """``F.cross_entropy`` with the loss's label smoothing and reduction."""
+        return F.cross_entropy(
+            logits,
+            target.long(),
+            weight=weight,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+        )
+
+    @staticmethod
+    def _check_size(name: str, weight: Tensor, logits: Tensor) -> None:
+        if weight.numel() != logits.shape[1]:
+            raise ValueError(f"{name} has {weight.numel()} entries but logits have {logits.shape[1]} classes")
+
     def _reduce(self, per_sample: Tensor) -> Tensor:
         if self.reduction == "none":
             return per_sample
@@ -201,17 +216,9 @@ class CrossEntropyLoss(ClassificationLoss):
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
-        if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ValueError(
-                f"weight has {self.weight.numel()} entries but logits have {logits.shape[1]} classes"
-            )
-        return F.cross_entropy(
-            logits,
-            target.long(),
-            weight=self.weight,
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-        )
+        if self.weight is not None:
+            self._check_size("weight", self.weight, logits)
+        return self._cross_entropy(logits, target, self.weight)
 
 
 @LOSSES.register("focal")
@@ -249,10 +256,7 @@ class FocalLoss(ClassificationLoss):
         logp_t = target_logp(logits, target)  # (B,)
         loss = -focal_factor(logp_t, self.gamma) * logp_t
         if self.alpha is not None:
-            if self.alpha.numel() != logits.shape[1]:
-                raise ValueError(
-                    f"alpha has {self.alpha.numel()} entries but logits have {logits.shape[1]} classes"
-                )
+            self._check_size("alpha", self.alpha, logits)
             loss = self.alpha[target] * loss
         return self._reduce(loss)
 
@@ -356,14 +360,9 @@ class LDAMLoss(ClassificationLoss):
         return self.drw_weight if epoch >= self.drw_epoch else None
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
-        logits = self._check(logits, target)
-        target = target.long()
-        return F.cross_entropy(
-            self.s * subtract_margins(logits, target, self.margins),
-            target,
-            weight=self.class_weight(epoch),
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
+        logits, target = self._check(logits, target), target.long()
+        return self._cross_entropy(
+            self.s * subtract_margins(logits, target, self.margins), target, self.class_weight(epoch)
         )
 
 
@@ -386,10 +385,4 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         self.register_buffer("log_prior", prior.log())
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
-        logits = self._check(logits, target)
-        return F.cross_entropy(
-            logits + self.log_prior,
-            target.long(),
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-        )
+        return self._cross_entropy(self._check(logits, target) + self.log_prior, target)

@@ -131,11 +131,8 @@ def _record_step(run: TrainRun, res: StepResult, stage: StageConfig) -> None:
         return
     p.nonfinite_run = 0
     p.epoch_count += 1
-    sums = p.epoch_sums
-    sums["loss"] = sums.get("loss", 0.0) + res.loss
-    sums["grad_norm"] = sums.get("grad_norm", 0.0) + res.grad_norm
-    for k, v in res.terms.items():
-        sums[k] = sums.get(k, 0.0) + v
+    for k, v in {"loss": res.loss, "grad_norm": res.grad_norm, **res.terms}.items():
+        p.epoch_sums[k] = p.epoch_sums.get(k, 0.0) + v
 
 
 def _check_stop(run: TrainRun, limit: int) -> tuple[str, bool]:
