@@ -11,8 +11,6 @@ Public API (docs/architecture.md "losses")::
 
 from __future__ import annotations
 
-from typing import Any
-
 # acbfl is imported for its @LOSSES.register side effect.
 from cmafnet.losses.acbfl import ACBFLoss, gamma_per_class, power_weights
 from cmafnet.losses.classification import (
@@ -47,27 +45,8 @@ from cmafnet.losses.regularizers import (
     redundancy,
 )
 
-# Table 6 rows that change only the objective, as overrides of the ``loss`` / ``regularizers``
-# sections (everything else stays at the paper config).
-TABLE6_LOSS_VARIANTS: dict[str, dict[str, Any]] = {
-    "Standard Cross-Entropy": {"loss": {"name": "ce"}},
-    "Standard Focal Loss": {"loss": {"name": "focal"}},
-    "CB Loss": {"loss": {"name": "cb"}},
-    "A-CBFL w/o class-dependent γ": {"loss": {"name": "acbfl", "class_dependent_gamma": False}},
-    "A-CBFL w/o dynamic weighting": {"loss": {"name": "acbfl", "dynamic_alpha": False}},
-}
-TABLE6_REGULARIZER_VARIANTS: dict[str, dict[str, Any]] = {
-    "w/o IB regularization (β2 = 0)": {"regularizers": {"beta2": 0.0}},
-    "w/o Diversity loss": {"regularizers": {"diversity": 0.0}},
-    "w/o Entropy regularization": {"regularizers": {"entropy": 0.0}},
-    "Fixed β (no scheduling)": {"regularizers": {"beta_schedule": "fixed"}},
-}
-
-
 __all__ = [
     "LOSSES",
-    "TABLE6_LOSS_VARIANTS",
-    "TABLE6_REGULARIZER_VARIANTS",
     "TERM_NAMES",
     "ACBFLoss",
     "AttentionEntropyRegularizer",
