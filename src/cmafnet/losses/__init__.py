@@ -25,7 +25,6 @@ from cmafnet.losses.classification import (
     ldam_margins,
 )
 from cmafnet.losses.objective import (
-    TERM_NAMES,
     Objective,
     class_entropy,
     create_loss,
@@ -47,7 +46,6 @@ from cmafnet.losses.regularizers import (
 
 __all__ = [
     "LOSSES",
-    "TERM_NAMES",
     "ACBFLoss",
     "AttentionEntropyRegularizer",
     "BalancedSoftmaxLoss",

@@ -28,20 +28,6 @@ from cmafnet.losses.regularizers import (
 )
 from cmafnet.models.output import ModelOutput
 
-# Every key ``Objective.forward`` can put in ``terms`` (stable CSV columns for loggers).
-TERM_NAMES: tuple[str, ...] = (
-    "cls",
-    "kl_s",
-    "kl_t",
-    "redundancy",
-    "diversity",
-    "attn_entropy",
-    "orthogonality",
-    "total",
-    "beta1",
-    "beta2",
-)
-
 
 def create_loss(
     name: str, class_counts: Sequence[float] | Tensor | None = None, **kwargs: Any
@@ -223,7 +209,8 @@ class Objective(nn.Module):
             ``total`` (call ``.item()`` when logging, to avoid a device sync per step), and ``beta1``,
             ``beta2`` (numbers, or tensors). Terms whose inputs are ``None`` (ablations) or whose
             configured weight is 0 are skipped and absent; a term the ramp weights by 0 is computed, so
-            a run logs the same terms at every step. :data:`TERM_NAMES` lists every possible key.
+            a run logs the same terms at every step. The keys: ``cls``, ``total``, ``beta1``,
+            ``beta2`` and those of :meth:`regularizer_terms`.
         """
         cls = self.loss(out.logits, target, epoch)
         total = cls
