@@ -155,8 +155,8 @@ def _check_stop(run: TrainRun, limit: int) -> tuple[str, bool]:
     return ("stopped" if stop else "ok"), save
 
 
-def end_epoch(run: TrainRun, st: StageStep) -> bool:
-    """Validate, record, keep the best model, early-stop check, checkpoint. True = the stage ends."""
+def end_epoch(run: TrainRun, st: StageStep) -> None:
+    """Validate, record, keep the best model, early-stop check, checkpoint."""
     p, tc, stage = run.p, run.tc, st.stage
     t0 = time.perf_counter()
     # the loss weights the monitors report: the loss clock at the epoch's end
@@ -196,7 +196,6 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
             _fmt(auprc), row["train_img_s"], row["step_ms"], " (best)" if new_best else "",
         )  # fmt: skip
     save_run(run, st)
-    return stop_stage
 
 
 def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict) -> dict[str, Any]:
