@@ -11,8 +11,6 @@ Public API (docs/architecture.md "losses")::
 
 from __future__ import annotations
 
-from typing import Any
-
 # acbfl is imported for its @LOSSES.register side effect.
 from cmafnet.losses.acbfl import ACBFLoss, gamma_per_class, power_weights
 from cmafnet.losses.classification import (
@@ -27,12 +25,10 @@ from cmafnet.losses.classification import (
     ldam_margins,
 )
 from cmafnet.losses.objective import (
-    TERM_NAMES,
     Objective,
     class_entropy,
     create_loss,
     create_loss_from_config,
-    loss_kwargs_from_config,
     mutual_info_lower_bound,
     stage1_loss,
 )
@@ -48,33 +44,8 @@ from cmafnet.losses.regularizers import (
     redundancy,
 )
 
-# Table 6 rows that change only the objective, as overrides of the ``loss`` / ``regularizers``
-# sections (everything else stays at the paper config).
-TABLE6_LOSS_VARIANTS: dict[str, dict[str, Any]] = {
-    "Standard Cross-Entropy": {"loss": {"name": "ce"}},
-    "Standard Focal Loss": {"loss": {"name": "focal"}},
-    "CB Loss": {"loss": {"name": "cb"}},
-    "A-CBFL w/o class-dependent γ": {"loss": {"name": "acbfl", "class_dependent_gamma": False}},
-    "A-CBFL w/o dynamic weighting": {"loss": {"name": "acbfl", "dynamic_alpha": False}},
-}
-TABLE6_REGULARIZER_VARIANTS: dict[str, dict[str, Any]] = {
-    "w/o IB regularization (β2 = 0)": {"regularizers": {"beta2": 0.0}},
-    "w/o Diversity loss": {"regularizers": {"diversity": 0.0}},
-    "w/o Entropy regularization": {"regularizers": {"entropy": 0.0}},
-    "Fixed β (no scheduling)": {"regularizers": {"beta_schedule": "fixed"}},
-}
-
-
-def list_losses() -> list[str]:
-    """Registered classification loss names."""
-    return LOSSES.names()
-
-
 __all__ = [
     "LOSSES",
-    "TABLE6_LOSS_VARIANTS",
-    "TABLE6_REGULARIZER_VARIANTS",
-    "TERM_NAMES",
     "ACBFLoss",
     "AttentionEntropyRegularizer",
     "BalancedSoftmaxLoss",
@@ -94,8 +65,6 @@ __all__ = [
     "gaussian_kl",
     "gaussian_mutual_information",
     "ldam_margins",
-    "list_losses",
-    "loss_kwargs_from_config",
     "mutual_info_lower_bound",
     "normalized_hsic",
     "orthogonality",

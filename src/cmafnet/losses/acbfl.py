@@ -27,7 +27,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cmafnet.losses.classification import (
@@ -35,8 +34,11 @@ from cmafnet.losses.classification import (
     ClassificationLoss,
     Reduction,
     as_class_counts,
+    check_nonnegative,
     focal_factor,
     ldam_margins,
+    subtract_margins,
+    target_logp,
 )
 
 
@@ -82,13 +84,9 @@ class ACBFLoss(ClassificationLoss):
         reduction: Reduction = "mean",
     ):
         super().__init__(as_class_counts(class_counts), reduction)
-        for name, value in (
-            ("gamma_base", gamma_base),
-            ("entropy_weight", entropy_weight),
-            ("max_margin", max_margin),
-        ):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        check_nonnegative("gamma_base", gamma_base)
+        check_nonnegative("entropy_weight", entropy_weight)
+        check_nonnegative("max_margin", max_margin)
         if not (math.isfinite(alpha_decay) and alpha_decay > 0):
             raise ValueError(f"alpha_decay must be finite and > 0, got {alpha_decay}")
         self.dynamic_alpha, self.alpha_decay = dynamic_alpha, float(alpha_decay)
@@ -112,26 +110,21 @@ class ACBFLoss(ClassificationLoss):
         decay = torch.exp(-self.alpha_decay * t) if isinstance(t, Tensor) else math.exp(-self.alpha_decay * t)
         return self.w_sqrt + (self.w_inv - self.w_sqrt) * decay
 
-    def _logp_target(self, logits: Tensor, target: Tensor) -> Tensor:
-        """``log p_y`` of the true class after the margins, ``(B,)``."""
-        adjusted = logits
-        if self.use_margin:
-            adjusted = (
-                logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins[target][:, None]
-            )
-        return adjusted.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+    def _weighted_logp(self, logits: Tensor, target: Tensor, epoch: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha_y(t) * (1 - p_y)^{gamma_y}`` and ``log p_y`` of the true class after the margins, ``(B,)`` each."""
+        logp_t = target_logp(
+            subtract_margins(logits, target, self.margins) if self.use_margin else logits, target
+        )
+        return self.alpha(epoch)[target] * focal_factor(logp_t, self.gamma[target]), logp_t
 
     def sample_weights(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         """``alpha_y(t) * (1 - p_y)^{gamma_y}`` per sample at ``t = epoch`` (margins applied), ``(B,)``."""
-        logits, target = self._check(logits, target), target.long()
-        logp_t = self._logp_target(logits, target)
-        return self.alpha(epoch)[target] * focal_factor(logp_t, self.gamma[target])
+        return self._weighted_logp(self._check(logits, target), target.long(), epoch)[0]
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)  # float32 (B, C)
-        target = target.long()
-        logp_t = self._logp_target(logits, target)  # (B,)
-        loss = -self.alpha(epoch)[target] * focal_factor(logp_t, self.gamma[target]) * logp_t
+        weight, logp_t = self._weighted_logp(logits, target.long(), epoch)  # (B,) each
+        loss = -weight * logp_t
         if self.entropy_weight > 0:
             logp = logits.log_softmax(dim=1)
             # H(p) = -sum p log p; written with exp(log p) so p = 0 contributes 0 value and 0 gradient.

@@ -101,6 +101,22 @@ def ldam_margins(class_counts: Tensor, max_margin: float) -> Tensor:
     return (m * (max_margin / m.max())).float()
 
 
+def check_nonnegative(name: str, value: float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def target_logp(logits: Tensor, target: Tensor) -> Tensor:
+    """``log p_y`` of each sample's target class, ``(B,)``."""
+    return logits.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+
+
+def subtract_margins(logits: Tensor, target: Tensor, margins: Tensor) -> Tensor:
+    """The logits with each sample's target-class margin subtracted from its own logit only."""
+    return logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * margins[target][:, None]
+
+
 def focal_factor(logp_t: Tensor, gamma: float | Tensor) -> Tensor:
     """``(1 - p_t)^gamma`` computed from log-probabilities.
 
@@ -113,13 +129,20 @@ def focal_factor(logp_t: Tensor, gamma: float | Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------- base class
 class ClassificationLoss(nn.Module):
-    """Base class: argument checks and the reduction; ``forward(logits, target, epoch=0.0)``."""
+    """Base class: argument checks, label smoothing and the reduction; ``forward(logits, target, epoch=0.0)``."""
 
-    def __init__(self, class_counts: Sequence[float] | Tensor | None = None, reduction: Reduction = "mean"):
+    def __init__(
+        self,
+        class_counts: Sequence[float] | Tensor | None = None,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.reduction = reduction
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.reduction, self.label_smoothing = reduction, label_smoothing
         counts = as_class_counts(class_counts, required=False)
         self.num_classes: int | None = None if counts is None else len(counts)
         # Counts are kept for inspection; they also travel with .to(device) like every class weight.
@@ -151,6 +174,21 @@ class ClassificationLoss(nn.Module):
         pushes on it (the training monitors' effective learning rate per class). Plain cross-entropy: 1."""
         return torch.ones_like(self._check(logits, target)[:, 0])
 
+    def _cross_entropy(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        """``F.cross_entropy`` with the loss's label smoothing and reduction."""
+        return F.cross_entropy(
+            logits,
+            target.long(),
+            weight=weight,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+        )
+
+    @staticmethod
+    def _check_size(name: str, weight: Tensor, logits: Tensor) -> None:
+        if weight.numel() != logits.shape[1]:
+            raise ValueError(f"{name} has {weight.numel()} entries but logits have {logits.shape[1]} classes")
+
     def _reduce(self, per_sample: Tensor) -> Tensor:
         if self.reduction == "none":
             return per_sample
@@ -173,25 +211,14 @@ class CrossEntropyLoss(ClassificationLoss):
         label_smoothing: float = 0.0,
         reduction: Reduction = "mean",
     ):
-        super().__init__(class_counts, reduction)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        super().__init__(class_counts, reduction, label_smoothing)
         self.register_buffer("weight", as_class_weights(weight))
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
-        if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ValueError(
-                f"weight has {self.weight.numel()} entries but logits have {logits.shape[1]} classes"
-            )
-        return F.cross_entropy(
-            logits,
-            target.long(),
-            weight=self.weight,
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-        )
+        if self.weight is not None:
+            self._check_size("weight", self.weight, logits)
+        return self._cross_entropy(logits, target, self.weight)
 
 
 @LOSSES.register("focal")
@@ -213,8 +240,7 @@ class FocalLoss(ClassificationLoss):
         reduction: Reduction = "mean",
     ):
         super().__init__(class_counts, reduction)
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+        check_nonnegative("gamma", gamma)
         self.gamma = float(gamma)
         if isinstance(alpha, (int, float)):
             if not 0.0 <= alpha <= 1.0:
@@ -227,13 +253,10 @@ class FocalLoss(ClassificationLoss):
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
         logits = self._check(logits, target)
         target = target.long()
-        logp_t = logits.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)  # (B,)
+        logp_t = target_logp(logits, target)  # (B,)
         loss = -focal_factor(logp_t, self.gamma) * logp_t
         if self.alpha is not None:
-            if self.alpha.numel() != logits.shape[1]:
-                raise ValueError(
-                    f"alpha has {self.alpha.numel()} entries but logits have {logits.shape[1]} classes"
-                )
+            self._check_size("alpha", self.alpha, logits)
             loss = self.alpha[target] * loss
         return self._reduce(loss)
 
@@ -258,19 +281,11 @@ class ClassBalancedLoss(ClassificationLoss):
         label_smoothing: float = 0.0,
         reduction: Reduction = "mean",
     ):
-        super().__init__(as_class_counts(class_counts), reduction)
+        super().__init__(as_class_counts(class_counts), reduction, label_smoothing)
         if loss_type not in ("softmax", "focal"):
             raise ValueError(f"loss_type must be 'softmax' or 'focal', got {loss_type!r}")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.beta, self.loss_type, self.gamma, self.label_smoothing = (
-            beta,
-            loss_type,
-            float(gamma),
-            label_smoothing,
-        )
+        check_nonnegative("gamma", gamma)
+        self.beta, self.loss_type, self.gamma = beta, loss_type, float(gamma)
         self.register_buffer("weight", effective_number_weights(self.class_counts, beta))
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
@@ -279,7 +294,7 @@ class ClassBalancedLoss(ClassificationLoss):
         if self.loss_type == "softmax":
             loss = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
         else:
-            logp_t = logits.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+            logp_t = target_logp(logits, target)
             loss = -focal_factor(logp_t, self.gamma) * logp_t
         return self._reduce(self.weight[target] * loss)
 
@@ -316,11 +331,9 @@ class LDAMLoss(ClassificationLoss):
         label_smoothing: float = 0.0,
         reduction: Reduction = "mean",
     ):
-        super().__init__(as_class_counts(class_counts), reduction)
+        super().__init__(as_class_counts(class_counts), reduction, label_smoothing)
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"s must be finite and > 0, got {s}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if drw and drw_epoch is None:
             if total_epochs is None:
                 raise ValueError(
@@ -331,7 +344,7 @@ class LDAMLoss(ClassificationLoss):
             drw_epoch = 0.8 * float(total_epochs)
         if drw_epoch is not None and drw_epoch < 0:
             raise ValueError(f"drw_epoch must be >= 0, got {drw_epoch}")
-        self.s, self.drw, self.label_smoothing = float(s), drw, label_smoothing
+        self.s, self.drw = float(s), drw
         self.drw_epoch = None if drw_epoch is None else float(drw_epoch)
         self.register_buffer("margins", ldam_margins(self.class_counts, max_margin))
         self.register_buffer("drw_weight", effective_number_weights(self.class_counts, beta))
@@ -347,18 +360,9 @@ class LDAMLoss(ClassificationLoss):
         return self.drw_weight if epoch >= self.drw_epoch else None
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
-        logits = self._check(logits, target)
-        target = target.long()
-        # Subtract the target's margin from its own logit only.
-        adjusted = (
-            logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins[target][:, None]
-        )
-        return F.cross_entropy(
-            self.s * adjusted,
-            target,
-            weight=self.class_weight(epoch),
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
+        logits, target = self._check(logits, target), target.long()
+        return self._cross_entropy(
+            self.s * subtract_margins(logits, target, self.margins), target, self.class_weight(epoch)
         )
 
 
@@ -376,18 +380,9 @@ class BalancedSoftmaxLoss(ClassificationLoss):
         label_smoothing: float = 0.0,
         reduction: Reduction = "mean",
     ):
-        super().__init__(as_class_counts(class_counts), reduction)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        super().__init__(as_class_counts(class_counts), reduction, label_smoothing)
         prior = self.class_counts / self.class_counts.sum()
         self.register_buffer("log_prior", prior.log())
 
     def forward(self, logits: Tensor, target: Tensor, epoch: float | Tensor = 0.0) -> Tensor:
-        logits = self._check(logits, target)
-        return F.cross_entropy(
-            logits + self.log_prior,
-            target.long(),
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-        )
+        return self._cross_entropy(self._check(logits, target) + self.log_prior, target)

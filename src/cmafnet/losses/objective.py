@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmafnet.config import LossConfig, RegularizerConfig
-from cmafnet.losses.classification import LOSSES, ClassificationLoss, as_class_counts
+from cmafnet.losses.classification import LOSSES, ClassificationLoss
 from cmafnet.losses.regularizers import (
     AttentionEntropyRegularizer,
     attention_diversity,
@@ -27,20 +27,6 @@ from cmafnet.losses.regularizers import (
     redundancy,
 )
 from cmafnet.models.output import ModelOutput
-
-# Every key ``Objective.forward`` can put in ``terms`` (stable CSV columns for loggers).
-TERM_NAMES: tuple[str, ...] = (
-    "cls",
-    "kl_s",
-    "kl_t",
-    "redundancy",
-    "diversity",
-    "attn_entropy",
-    "orthogonality",
-    "total",
-    "beta1",
-    "beta2",
-)
 
 
 def create_loss(
@@ -55,8 +41,17 @@ def create_loss(
     return LOSSES.get(name)(class_counts, **kwargs)
 
 
-def loss_kwargs_from_config(loss_cfg: LossConfig, *, total_epochs: float | None = None) -> dict[str, Any]:
-    """The keyword arguments ``loss_cfg.name`` takes, read from the matching ``LossConfig`` fields."""
+def create_loss_from_config(
+    loss_cfg: LossConfig, class_counts: Sequence[float] | Tensor | None, *, total_epochs: float | None = None
+) -> ClassificationLoss:
+    """Build the loss named by ``loss_cfg.name`` with the matching ``LossConfig`` fields.
+
+    Args:
+        loss_cfg: the ``loss`` section.
+        class_counts: training samples per class.
+        total_epochs: epochs the loss is trained for; LDAM needs it when ``loss.drw_epoch`` is unset
+            (DRW then starts at 80% of it).
+    """
     c = loss_cfg
     table: dict[str, dict[str, Any]] = {
         "ce": {"label_smoothing": c.label_smoothing},
@@ -90,29 +85,13 @@ def loss_kwargs_from_config(loss_cfg: LossConfig, *, total_epochs: float | None 
     LOSSES.get(c.name)  # unknown name -> ConfigError with a suggestion
     if c.name not in table:
         raise ValueError(f"loss '{c.name}' has no LossConfig mapping")
-    return table[c.name]
-
-
-def create_loss_from_config(
-    loss_cfg: LossConfig, class_counts: Sequence[float] | Tensor | None, *, total_epochs: float | None = None
-) -> ClassificationLoss:
-    """Build the loss named by ``loss_cfg.name`` with its config fields.
-
-    Args:
-        loss_cfg: the ``loss`` section.
-        class_counts: training samples per class.
-        total_epochs: epochs the loss is trained for; LDAM needs it when ``loss.drw_epoch`` is unset
-            (DRW then starts at 80% of it).
-    """
-    return create_loss(
-        loss_cfg.name, class_counts, **loss_kwargs_from_config(loss_cfg, total_epochs=total_epochs)
-    )
+    return create_loss(c.name, class_counts, **table[c.name])
 
 
 def class_entropy(class_prior: Sequence[float] | Tensor) -> float:
-    """H(Y) in nats of a class prior (normalised here, so counts work too)."""
-    p = as_class_counts(class_prior)
-    p = p / p.sum()
+    """H(Y) in nats of a class prior (normalised here, so counts work too; empty classes add 0)."""
+    p = torch.as_tensor(class_prior, dtype=torch.float64)
+    p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum())
 
 
@@ -230,7 +209,8 @@ class Objective(nn.Module):
             ``total`` (call ``.item()`` when logging, to avoid a device sync per step), and ``beta1``,
             ``beta2`` (numbers, or tensors). Terms whose inputs are ``None`` (ablations) or whose
             configured weight is 0 are skipped and absent; a term the ramp weights by 0 is computed, so
-            a run logs the same terms at every step. :data:`TERM_NAMES` lists every possible key.
+            a run logs the same terms at every step. The keys: ``cls``, ``total``, ``beta1``,
+            ``beta2`` and those of :meth:`regularizer_terms`.
         """
         cls = self.loss(out.logits, target, epoch)
         total = cls
@@ -246,11 +226,6 @@ class Objective(nn.Module):
                 terms[name] = value.detach()
         terms["total"] = total.detach()
         return total, terms
-
-    @staticmethod
-    def stage1_loss(out: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """See :func:`stage1_loss`."""
-        return stage1_loss(out, target)
 
     @property
     def entropy_weights(self) -> Tensor:

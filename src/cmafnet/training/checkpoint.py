@@ -39,7 +39,7 @@ def rng_state() -> dict:
     """Every RNG the run draws from, as tensors and plain types (``weights_only``-loadable)."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=True)  # ('MT19937', uint32[624], pos, has_gauss, gauss)
-    state = {
+    return {
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "numpy": {
             "key": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -50,7 +50,6 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -58,15 +57,8 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     npst = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            npst["key"].numpy().astype(np.uint32),
-            npst["pos"],
-            npst["has_gauss"],
-            npst["cached_gaussian"],
-        )
-    )
+    key = npst["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -15,12 +15,10 @@ from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.training.progress import TrainData
 
 
-def _preprocess(
-    data_cfg: Any, img_size: int, train: bool, device: torch.device, reference: Any = None
-) -> Any:
+def _preprocess(cfg: Config, device: torch.device, *, train: bool, reference: Any = None) -> Any:
     from cmafnet.data.transforms import GPUPreprocess
 
-    pre = GPUPreprocess(data_cfg, img_size, train=train, stain_reference=reference)
+    pre = GPUPreprocess(cfg.data, cfg.model.img_size, train=train, stain_reference=reference)
     return pre.to(device) if isinstance(pre, nn.Module) else pre
 
 
@@ -98,8 +96,9 @@ def prepare_data(
         loader.set_epoch(epoch, start)
         return loader
 
-    pre_train = _preprocess(cfg.data, cfg.model.img_size, True, device)
-    pre_eval = _preprocess(cfg.data, cfg.model.img_size, False, device, _stain_reference(pre_train))
+    pre_train = _preprocess(cfg, device, train=True)
+    stain_reference = _stain_reference(pre_train)
+    pre_eval = _preprocess(cfg, device, train=False, reference=stain_reference)
     split_bytes = Path(split_path).read_bytes()
     from cmafnet.data.scale import store_scale
 
@@ -108,7 +107,7 @@ def prepare_data(
         "store_hash": store.store_hash,
         "split_hash": hashlib.sha256(split_bytes).hexdigest(),
         "split_bytes": split_bytes,
-        "stain_reference": _stain_reference(pre_train),
+        "stain_reference": stain_reference,
         "reinhard_reference": reinhard_reference(store.images, train_idx, cfg.train.seed),
         "dataset": store.dataset,
         "synthetic": bool(store.meta.get("synthetic", False)),

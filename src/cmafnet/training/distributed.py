@@ -94,22 +94,13 @@ def shard(batch: tuple[torch.Tensor, ...], info: DistInfo) -> tuple[torch.Tensor
     return tuple(t[info.rank * n : (info.rank + 1) * n] for t in batch)
 
 
-def all_mean(value: float, info: DistInfo) -> float:
-    """Mean of a float over ranks (for logging)."""
+def all_reduce_float(value: float, info: DistInfo, op: str = "mean") -> float:
+    """A float reduced over ranks (for logging): their ``mean``, or their ``max`` (the slowest rank's time)."""
     if not info.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world
-
-
-def all_max(value: float, info: DistInfo) -> float:
-    """Maximum of a float over ranks (the slowest rank's time)."""
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(t.item()) / (1 if op == "max" else info.world)
 
 
 def barrier(info: DistInfo) -> None:

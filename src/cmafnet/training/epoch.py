@@ -131,11 +131,8 @@ def _record_step(run: TrainRun, res: StepResult, stage: StageConfig) -> None:
         return
     p.nonfinite_run = 0
     p.epoch_count += 1
-    sums = p.epoch_sums
-    sums["loss"] = sums.get("loss", 0.0) + res.loss
-    sums["grad_norm"] = sums.get("grad_norm", 0.0) + res.grad_norm
-    for k, v in res.terms.items():
-        sums[k] = sums.get(k, 0.0) + v
+    for k, v in {"loss": res.loss, "grad_norm": res.grad_norm, **res.terms}.items():
+        p.epoch_sums[k] = p.epoch_sums.get(k, 0.0) + v
 
 
 def _check_stop(run: TrainRun, limit: int) -> tuple[str, bool]:
@@ -158,8 +155,8 @@ def _check_stop(run: TrainRun, limit: int) -> tuple[str, bool]:
     return ("stopped" if stop else "ok"), save
 
 
-def end_epoch(run: TrainRun, st: StageStep) -> bool:
-    """Validate, record, keep the best model, early-stop check, checkpoint. True = the stage ends."""
+def end_epoch(run: TrainRun, st: StageStep) -> None:
+    """Validate, record, keep the best model, early-stop check, checkpoint."""
     p, tc, stage = run.p, run.tc, st.stage
     t0 = time.perf_counter()
     # the loss weights the monitors report: the loss clock at the epoch's end
@@ -199,13 +196,12 @@ def end_epoch(run: TrainRun, st: StageStep) -> bool:
             _fmt(auprc), row["train_img_s"], row["step_ms"], " (best)" if new_best else "",
         )  # fmt: skip
     save_run(run, st)
-    return stop_stage
 
 
 def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict) -> dict[str, Any]:
     p = run.p
     n = max(p.epoch_count, 1)
-    secs = distr.all_max(p.epoch_train_s, run.info)  # the slowest rank sets the pace
+    secs = distr.all_reduce_float(p.epoch_train_s, run.info, "max")  # the slowest rank sets the pace
     steps = max(p.epoch_timed_steps, 1)
     row: dict[str, Any] = {
         "stage": p.stage, "stage_name": stage.name, "epoch": p.global_epoch + 1, "epoch_in_stage": p.epoch + 1,
@@ -217,7 +213,9 @@ def _epoch_row(run: TrainRun, stage: StageConfig, metrics: dict, monitors: dict)
     total = total_cost(p)
     row.update({"images_seen": total["images"], "train_passes": total["passes"], "train_macs": total["macs"],
                 "train_seconds": round(total["seconds"], 3)})  # fmt: skip
-    row.update({f"train_{k}": distr.all_mean(v / n, run.info) for k, v in sorted(p.epoch_sums.items())})
+    row.update(
+        {f"train_{k}": distr.all_reduce_float(v / n, run.info) for k, v in sorted(p.epoch_sums.items())}
+    )
     row.update({f"val_{k}": v for k, v in metrics.items()})
     row.update(monitors)
     for key in [k for k in monitors if k.startswith("loss_weight_c")]:

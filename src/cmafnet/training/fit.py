@@ -172,10 +172,6 @@ def run_stages(run: TrainRun) -> dict:
     return _finish(run, status)
 
 
-def _is_knn_probe(cfg: Config) -> bool:
-    return cfg.model.name == "probe" and cfg.model.probe.head == "knn"
-
-
 def run_memory_probe(run: TrainRun) -> dict:
     """A kNN probe, whose memory the data path filled with the training embeddings: no optimiser step and
     no stage; one validation pass, then the run folder as any finished run's (metrics row, weights, cost)."""
@@ -357,7 +353,8 @@ def _fit_held(
             elif info.is_main:
                 start_run_folder(out, cfg, data, info, tr, budget)
             distr.barrier(info)
-            return run_memory_probe(tr) if _is_knn_probe(cfg) else run_stages(tr)
+            knn = cfg.model.name == "probe" and cfg.model.probe.head == "knn"
+            return run_memory_probe(tr) if knn else run_stages(tr)
     finally:
         distr.teardown(info)
 

@@ -54,12 +54,9 @@ class GraphedStep:
     graph's buffers, replays, and returns the step's (static) outputs.
 
     Args:
-        step: ``step(*inputs) -> Tensor | tuple of Tensors``, the eager step to capture. It must
-            allocate nothing the graph cannot own (see the module docstring).
+        step: ``step(*inputs) -> Tensor | tuple of Tensors``, the eager step to capture, already warmed
+            up (:class:`GraphMode`). It must allocate nothing the graph cannot own (see the module docstring).
         example_inputs: tensors shaped and typed like every later call's inputs (copied).
-        optimizer: made capturable before the warm-up (``None`` when the step has none).
-        warmup: eager calls on a side stream before capture (cuDNN autotuning, optimiser state,
-            autograd's lazy initialisation). They are real steps: they update the weights.
 
     The outputs are overwritten by the next replay: read or clone them before calling again.
     """
@@ -68,22 +65,11 @@ class GraphedStep:
         self,
         step: Callable[..., Tensor | tuple[Tensor, ...]],
         example_inputs: Sequence[Tensor],
-        *,
-        optimizer: torch.optim.Optimizer | None = None,
-        warmup: int = 3,
     ) -> None:
         if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in example_inputs):
             raise ValueError("CUDA-graph capture needs CUDA tensors as inputs")
-        if optimizer is not None:
-            make_capturable(optimizer)
         # The graph reads these addresses on every replay: the object owns them.
         self.static_inputs = [t.detach().clone() for t in example_inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_outputs = step(*self.static_inputs)
@@ -171,7 +157,7 @@ class GraphMode:
         for f in fields(ScheduleValues):  # queued before the step on the current stream: no host read
             getattr(self.schedule, f.name).fill_(getattr(sched, f.name))
         if self.graph is None and self.warm_steps >= self.warmup:
-            self.graph = GraphedStep(lambda x, y: self.step_fn(x, y, self.schedule), [x, y], warmup=0)
+            self.graph = GraphedStep(lambda x, y: self.step_fn(x, y, self.schedule), [x, y])
             self.captures += 1
         if self.graph is not None:
             packed = self.graph(x, y)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from cmafnet.losses.objective import mutual_info_lower_bound
 from cmafnet.losses.regularizers import (
     attention_entropy_nats,
     gaussian_kl_per_sample,
@@ -47,13 +47,6 @@ def class_margins(logits: Tensor, target: Tensor, num_classes: int) -> tuple[Ten
     sums = torch.zeros(num_classes, device=lg.device).index_add_(0, target, margin)
     counts = torch.zeros(num_classes, device=lg.device).index_add_(0, target, torch.ones_like(margin))
     return sums, counts
-
-
-def label_entropy(counts: np.ndarray) -> float:
-    """Entropy of the empirical label distribution (nats)."""
-    p = np.asarray(counts, dtype=np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 class MonitorAccumulator:
@@ -73,18 +66,14 @@ class MonitorAccumulator:
         self.n = 0
         self.sums: dict[str, float] = {}
         self.ce_sum = 0.0
-        self.label_counts = np.zeros(num_classes)
         self.margin_sum = torch.zeros(num_classes)
-        self.margin_count = torch.zeros(num_classes)
+        self.margin_count = torch.zeros(num_classes)  # samples per class
         self.attn_ent: Tensor | None = None
         self.tau: Tensor | None = None
         self.gate_sum = self.gate_sq = self.gate_n = 0.0
         self.z_s: list[Tensor] = []
         self.z_t: list[Tensor] = []
         self.n_codes = 0
-
-    def _add(self, key: str, value: float) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + value
 
     @torch.no_grad()
     def update(self, out: object, target: Tensor) -> None:
@@ -93,7 +82,6 @@ class MonitorAccumulator:
         self.n += b
         logits = out.logits.float()
         self.ce_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-        self.label_counts += np.bincount(target.cpu().numpy(), minlength=self.num_classes)[: self.num_classes]
         s, c = class_margins(logits, target, self.num_classes)
         self.margin_sum += s.cpu()
         self.margin_count += c.cpu()
@@ -102,7 +90,7 @@ class MonitorAccumulator:
             self.weight_sum += w.new_zeros(self.num_classes).index_add_(0, target, w).cpu()
         for name, mu, lv in (("mi_zs_x", out.mu_s, out.logvar_s), ("mi_zt_x", out.mu_t, out.logvar_t)):
             if mu is not None and lv is not None:
-                self._add(name, float(gaussian_kl_per_sample(mu, lv).sum()))
+                self.sums[name] = self.sums.get(name, 0.0) + float(gaussian_kl_per_sample(mu, lv).sum())
         if out.attn is not None:
             ent = attention_entropy_nats(out.attn).cpu() * b
             self.attn_ent = ent if self.attn_ent is None else self.attn_ent + ent
@@ -124,7 +112,7 @@ class MonitorAccumulator:
         res = {k: v / self.n for k, v in self.sums.items()}
         ce = self.ce_sum / self.n
         res["val_ce"] = ce
-        res["mi_zfused_y_lb"] = label_entropy(self.label_counts) - ce
+        res["mi_zfused_y_lb"] = mutual_info_lower_bound(ce, self.margin_count)
         for c in range(self.num_classes):
             if self.margin_count[c] > 0:
                 res[f"margin_c{c}"] = float(self.margin_sum[c] / self.margin_count[c])

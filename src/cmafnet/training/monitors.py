@@ -66,7 +66,7 @@ def validate(
 
     Args:
         model: the unwrapped model (put back in train mode afterwards).
-        data: a :class:`~cmafnet.training.loop.TrainData`.
+        data: a :class:`~cmafnet.training.progress.TrainData`.
         tc: the ``train`` config section (eval batch, amp, channels_last).
         head: the classifier parameters for the per-class gradient norms.
         objective: for its learned per-head entropy weights, when it has them.

@@ -36,15 +36,10 @@ def param_groups(
         extra_no_decay: parameters that never decay whatever their shape (the objective's).
     """
     decay, no_decay, seen = [], [], set()
-    for name, p in named:
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if wants_decay(name, p) else no_decay).append(p)
-    for p in extra_no_decay:
+    for name, p in [*named, *((None, p) for p in extra_no_decay)]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            no_decay.append(p)
+            (decay if name is not None and wants_decay(name, p) else no_decay).append(p)
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})

@@ -52,21 +52,16 @@ class ProbeData:
     extraction: dict[str, Any] | None  # the run's extraction cost record, None without a cache
 
 
-def input_mpp(cfg: Config, meta: dict) -> float | None:
-    """µm/px the model's input shows: the store's µm/px x stored patch side / ``model.img_size``."""
-    mpp, hw = meta.get("patch_mpp"), meta.get("patch_hw")
-    if not mpp or not hw:
-        return None
-    return float(mpp) * math.sqrt(hw[0] * hw[1]) / cfg.model.img_size
-
-
 def check_scale(cfg: Config, model: nn.Module, meta: dict) -> float | None:
     """The input's µm/px, set on the model; a warning (raw) or an error (``match_scale``) when unknown or off.
 
     Raises:
         ConfigError: ``match_scale`` without a known training scale.
     """
-    mpp, native, probe = input_mpp(cfg, meta), model.spec.native_mpp, cfg.model.probe
+    native, probe = model.spec.native_mpp, cfg.model.probe
+    store_mpp, hw = meta.get("patch_mpp"), meta.get("patch_hw")
+    # the input shows the store's µm/px x stored patch side / model.img_size
+    mpp = float(store_mpp) * math.sqrt(hw[0] * hw[1]) / cfg.model.img_size if store_mpp and hw else None
     if probe.match_scale and mpp is None:
         raise ConfigError(
             f"model.probe.match_scale: the training store has no single µm/px ({meta.get('patch_scale_source')}); "
@@ -84,7 +79,7 @@ def check_scale(cfg: Config, model: nn.Module, meta: dict) -> float | None:
         log.warning(
             "model.probe: %s sees %.3g um/px (store %s um/px, %s px patches shown at %d px) but was trained at "
             "%.3g um/px (x%.2f); set model.probe.match_scale=true to resample to its scale",
-            label, mpp, meta.get("patch_mpp"), "x".join(map(str, meta.get("patch_hw"))), cfg.model.img_size,
+            label, mpp, store_mpp, "x".join(map(str, hw)), cfg.model.img_size,
             native, mpp / native,
         )  # fmt: skip
     return mpp

@@ -26,12 +26,6 @@ def _as_float(ts: list[Tensor]) -> list[Tensor]:
     return [t if t.dtype == torch.float32 else t.float() for t in ts]
 
 
-def _stacked_norm(ts: list[Tensor]) -> Tensor:
-    """L2 norm of the concatenation of ``ts`` as a 0-d fp32 tensor: one ``_foreach_norm`` (a few
-    kernels for any number of tensors) and one norm over the stacked per-tensor norms."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(_as_float(ts))))
-
-
 class SAM:
     """Holds the perturbation between the two passes of one SAM step.
 
@@ -68,7 +62,8 @@ class SAM:
         if self.adaptive:
             # |w| * g, element-wise, in fp32 (new tensors: the gradients are left as they are).
             grads = torch._foreach_mul(torch._foreach_abs(_as_float([p.detach() for p in params])), grads)
-        return _stacked_norm(grads)
+        # one _foreach_norm (a few kernels for any number of tensors), then the norm of the norms
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     @torch.no_grad()
     def perturb(self, norm: Tensor | None = None) -> Tensor:

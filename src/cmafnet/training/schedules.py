@@ -52,10 +52,6 @@ def cyclic(step: int, total: int, cycles: int) -> float:
     return CYCLIC_FLOOR + (1.0 - CYCLIC_FLOOR) * tri
 
 
-def constant(step: int, total: int) -> float:
-    return 1.0
-
-
 def lr_factor(name: str, step: int, total: int, *, warmup: int = 0, cycles: int = 1) -> float:
     """The multiplier of the stage's base lr at optimiser step ``step`` of ``total`` (schedule ``name``)."""
     if name == "cosine":
@@ -65,7 +61,7 @@ def lr_factor(name: str, step: int, total: int, *, warmup: int = 0, cycles: int 
     if name == "cyclic":
         return cyclic(step, total, cycles)
     if name == "constant":
-        return constant(step, total)
+        return 1.0
     raise ValueError(f"unknown lr schedule '{name}'")
 
 

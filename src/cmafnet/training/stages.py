@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cmafnet.config import StageConfig, TrainConfig
 from cmafnet.errors import ConfigError
+from cmafnet.losses.objective import stage1_loss
 from cmafnet.training.clipping import GradClipper
 from cmafnet.training.graphs import GraphMode
 from cmafnet.training.optim import build_adamw, param_groups
@@ -115,17 +116,15 @@ def stage_loss(
     ``loss: objective``: the full objective at the step's loss clock and beta ramp, regularisers on
     outside ``branches`` stages.
     """
+    if stage.train == "branches" and not out.aux_logits:
+        raise ConfigError(
+            f"train.stages: stage '{stage.name}' trains branch heads but the model returns no aux_logits"
+        )
     if stage.loss == "ce":
         if stage.train == "branches":
-            if not out.aux_logits:
-                raise ConfigError(
-                    f"train.stages: stage '{stage.name}' trains branch heads but the model returns no aux_logits"
-                )
-            return objective.stage1_loss(out, target)  # sum of the branch heads' cross-entropies
+            return stage1_loss(out, target)  # sum of the branch heads' cross-entropies
         total = F.cross_entropy(out.logits.float(), target)
         return total, {"total": total.detach()}
-    if stage.train == "branches" and not out.aux_logits:
-        raise ConfigError(f"train.stages: stage '{stage.name}' trains branch heads but the model has none")
     return objective(
         out, target, epoch=sched.epoch, beta_ramp=sched.beta_ramp, use_regularizers=stage.train != "branches"
     )

@@ -77,15 +77,6 @@ def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(kinds[backend])
 
 
-def write_lr(optimizer: torch.optim.Optimizer, lr: float | Tensor) -> None:
-    """Set every group's learning rate: in place when it is a device tensor (read by a captured step)."""
-    for g in optimizer.param_groups:
-        if isinstance(g["lr"], Tensor):
-            g["lr"].fill_(lr)  # from a device scalar: a kernel of the step, so a captured step follows it
-        else:
-            g["lr"] = lr
-
-
 def total_grad_norm(params: list[nn.Parameter]) -> Tensor:
     """Total L2 norm of the gradients (0-d tensor, no sync); non-finite iff some gradient is."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -220,7 +211,11 @@ class TrainStep:
     def __call__(
         self, x: Tensor, y: Tensor, sched: ScheduleValues, after_forward: Callable[[], None] | None = None
     ) -> Tensor:
-        write_lr(self.optimizer, sched.lr)
+        for group in self.optimizer.param_groups:  # the schedule's learning rate
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(sched.lr)  # a kernel of the step, so a captured step follows the schedule
+            else:
+                group["lr"] = sched.lr
         saved = [b.clone() for b in self.buffers]  # BatchNorm statistics, put back on a skip
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = self._forward_backward(x, y, sched, after_forward)
@@ -251,11 +246,6 @@ class TrainStep:
         self._update(finite, saved)
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         return self._pack(loss, terms, norm, finite)
-
-    @property
-    def clipper(self) -> GradClipper:
-        """The clipper (of the first group, when there are several: see :meth:`clip_state`)."""
-        return self.groups[0].clipper
 
     def clip_state(self) -> dict:
         """The clipping history of every group (a checkpoint's ``clip``)."""
