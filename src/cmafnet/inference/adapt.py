@@ -33,14 +33,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cmafnet.errors import ConfigError
 
-__all__ = [
-    "TTA_MODES",
-    "Adaptation",
-    "adapt_batchnorm",
-    "balanced_indices",
-    "tta_logits",
-]
-
 # ----------------------------------------------------------------------------------------- TTA
 TTA_MODES = ("none", "flips", "d4")
 ADABN_MODES = ("off", "on", "balanced")
@@ -100,9 +92,7 @@ def _views(x: Tensor, mode: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def tta_logits(
-    forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4", *, temperature: float = 1.0
-) -> Tensor:
+def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4") -> Tensor:
     """Logits ``(B, K)`` whose softmax is the mean of the class probabilities over the TTA views.
 
     Args:
@@ -111,33 +101,21 @@ def tta_logits(
             reach ``forward`` as ``(B, C, W, H)`` too (fine for pooled CNNs, not for fixed-size ViTs).
         mode: ``"none"`` (the identity only), ``"flips"`` (identity, horizontal flip, vertical flip,
             both: 4 views) or ``"d4"`` (the 8 dihedral transforms: 4 rotations × mirror).
-        temperature: the temperature the probabilities are averaged at (the run's calibration).
 
     Returns:
-        ``T · log(mean_v softmax(z_v / T))``, float32. Averaging probabilities (not logits) is the
-        usual TTA; ``log p`` is a valid logit vector because ``softmax(log p) = p`` (probabilities
-        sum to 1), and the factor ``T`` makes ``softmax(out / T)`` — what the predictor applies to
-        logits — give back exactly that mean. With ``T = 1`` (default) ``softmax(out)`` is the mean
-        of the views' plain softmax. Computed with log-sum-exp, so no probability underflows to
-        ``log 0``. One forward per view (memory of one batch at a time).
+        ``log(mean_v softmax(z_v))``, float32. Averaging probabilities (not logits) is the usual TTA;
+        ``log p`` is a valid logit vector because ``softmax(log p) = p`` (probabilities sum to 1).
+        Computed with log-sum-exp, so no probability underflows to ``log 0``. One forward per view
+        (memory of one batch at a time).
     """
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     views = _views(x, mode)
-    logp = torch.stack([torch.log_softmax(forward(v).float() / temperature, -1) for v in views])  # (V, B, K)
-    return temperature * (torch.logsumexp(logp, 0) - math.log(len(views)))  # (B, K)
+    logp = torch.stack([torch.log_softmax(forward(v).float(), -1) for v in views])  # (V, B, K)
+    return torch.logsumexp(logp, 0) - math.log(len(views))  # (B, K)
 
 
 # --------------------------------------------------------------------------------------- AdaBN
-def _bn_layers(model: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm layers that keep running statistics (the only ones AdaBN can re-estimate)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
 @torch.no_grad()
-def adapt_batchnorm(
-    model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], Any] | None = None
-) -> dict[str, Any]:
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any]:
     """AdaBN: replace every BatchNorm layer's running mean / variance by the target data's.
 
     The source statistics a network normalises with are one of the things that shift between sites
@@ -162,8 +140,6 @@ def adapt_batchnorm(
     Args:
         model: the network; its BN layers are updated in place.
         batches: preprocessed batches ``(B, C, H, W)`` on the model's device (only images are needed).
-        forward: how to run a batch (default ``model``), e.g. a wrapper that unpacks extra outputs.
-            A ``torch.compile``'d forward recompiles for the train-mode BN; prefer the eager model.
 
     Returns:
         ``{"method", "layers", "images", "batches"}``; ``layers == 0`` (nothing changed, no error) for a
@@ -172,11 +148,11 @@ def adapt_batchnorm(
     Raises:
         ValueError: ``batches`` was empty (the model is left as it was).
     """
-    bns = _bn_layers(model)
+    # only the BatchNorm layers that keep running statistics can be re-estimated
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     summary: dict[str, Any] = {"method": "AdaBN (BatchNorm statistics re-estimated)", "layers": len(bns)}
     if not bns:
         return {**summary, "images": 0, "batches": 0}
-    run = model if forward is None else forward
     flags = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in bns]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
@@ -195,7 +171,7 @@ def adapt_batchnorm(
             n_batches += 1
             for m in bns:
                 m.momentum = b / n_images  # cumulative, image-weighted average (first batch: 1)
-            run(x)
+            model(x)
         if n_images == 0:
             raise ValueError("adapt_batchnorm: no images in batches")
         ok = True

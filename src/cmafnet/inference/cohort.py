@@ -32,9 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cmafnet.data.safety import one_line, text_stream
+from cmafnet.data.safety import one_line
 from cmafnet.errors import CmafnetError, InputDataError, RunFolderError
-from cmafnet.inference.io import discover_inputs
+from cmafnet.inference.io import discover_inputs, read_csv_list
 from cmafnet.inference.predict import Predictor
 from cmafnet.inference.wsi import open_slide, predict_slide
 from cmafnet.run import atomic_write_bytes, write_json
@@ -105,22 +105,13 @@ def _label(value: str, classes: Sequence[str], where: str) -> int | None:
 
 
 def _read_csv(path: Path, classes: Sequence[str]) -> list[SlideItem]:
-    reader = csv.DictReader(text_stream(path, "CSV slide list"))
-    try:
-        names = reader.fieldnames or []
-        if "path" not in names:
-            raise InputDataError(f"{path}: a CSV slide list needs a 'path' column (got {names})")
-        items = []
-        for k, row in enumerate(reader, start=2):  # line 1 is the header
-            value = (row.get("path") or "").strip()
-            if not value:
-                raise InputDataError(f"{path}: line {k}: empty path")
-            q = Path(value) if Path(value).is_absolute() else path.parent / value
-            sid = (row.get("slide_id") or "").strip() or q.stem
-            items.append(SlideItem(sid, q, _label(row.get("label") or "", classes, f"{path}: line {k}")))
-        return items
-    except csv.Error as err:
-        raise InputDataError(f"{path}: not a readable CSV ({one_line(err)})") from None
+    items = []
+    for k, row, q in read_csv_list(path, "CSV slide list"):
+        if q is None:
+            raise InputDataError(f"{path}: line {k}: empty path")
+        sid = (row.get("slide_id") or "").strip() or q.stem
+        items.append(SlideItem(sid, q, _label(row.get("label") or "", classes, f"{path}: line {k}")))
+    return items
 
 
 def read_cohort(inputs: Sequence[str | Path], classes: Sequence[str] = ()) -> list[SlideItem]:
@@ -142,7 +133,7 @@ def read_cohort(inputs: Sequence[str | Path], classes: Sequence[str] = ()) -> li
         found = discover_inputs([p], extensions=SLIDE_EXTENSIONS)
         if p.is_dir() and not found:
             raise InputDataError(f"{p}: no slide in the folder (extensions {', '.join(SLIDE_EXTENSIONS)})")
-        items += [SlideItem(i.path.stem, i.path) for i in found]
+        items += [SlideItem(q.stem, q) for q in found]
     if not items:
         raise InputDataError("no slide given")
     seen: dict[str, Path] = {}
