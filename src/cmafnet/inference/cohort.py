@@ -205,23 +205,6 @@ def cohort_items(out: Path) -> list[SlideItem]:
         raise RunFolderError(f"{path}: not a readable cohort record") from None
 
 
-def _check_openable(item: SlideItem) -> str | None:
-    """The reason a slide cannot be opened, or None (checked before any model is loaded)."""
-    try:
-        open_slide(item.path).close()
-    except InputDataError as err:
-        return str(err)
-    return None
-
-
-def _record_failure(out: Path, item: SlideItem, reason: str) -> None:
-    write_json(
-        failure_path(out, item.slide_id),
-        {"slide_id": item.slide_id, "path": str(item.path), "reason": reason,
-         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    )  # fmt: skip
-
-
 def run_cohort(
     run_dir: str | Path,
     items: Sequence[SlideItem],
@@ -250,7 +233,11 @@ def run_cohort(
             continue
         if folder.exists():  # an interrupted attempt: start the slide afresh
             shutil.rmtree(folder)
-        reason = _check_openable(item)
+        reason = None
+        try:
+            open_slide(item.path).close()  # before any model is loaded
+        except InputDataError as err:
+            reason = str(err)
         if reason is None:
             predictor = predictor or load_predictor()
             try:
@@ -258,20 +245,20 @@ def run_cohort(
                     run_dir, item.path, folder, predictor=predictor, level=options.level, mpp=options.mpp,
                     tile=options.tile, progress=progress, top_k=options.top_k,
                 )  # fmt: skip
-            except OSError as err:
-                if err.errno in _FATAL_ERRNOS:
-                    raise
-                reason = f"{type(err).__name__}: {one_line(err)}"
             except Exception as err:  # any slide-specific failure: record it, go on with the next slide
+                if isinstance(err, OSError) and err.errno in _FATAL_ERRNOS:
+                    raise
                 log.debug("slide %s failed", item.slide_id, exc_info=True)
-                reason = (
-                    one_line(err)
-                    if isinstance(err, CmafnetError)
-                    else f"{type(err).__name__}: {one_line(err)}"
-                )
+                reason = one_line(err)
+                if not isinstance(err, CmafnetError):
+                    reason = f"{type(err).__name__}: {reason}"
         if reason is not None:
             shutil.rmtree(folder, ignore_errors=True)
-            _record_failure(out, item, reason)
+            write_json(
+                failure_path(out, item.slide_id),
+                {"slide_id": item.slide_id, "path": str(item.path), "reason": reason,
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            )  # fmt: skip
             result.failed[item.slide_id] = reason
             log.debug("%s: failed: %s", item.slide_id, reason)  # the caller reports failures
         else:
