@@ -24,6 +24,7 @@ from cmafnet.data.safety import check_output_dir, check_output_file
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference.adapt import Adaptation
+from cmafnet.inference.explain import Explainer
 from cmafnet.inference.io import discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
 from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scaled
@@ -243,13 +244,6 @@ class PredictSummary:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
 
 
-def _columns(classes: list[str]) -> list[str]:
-    return [
-        "path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
-        "tissue_fraction", "pen_fraction", "flags", "scale", "n_tiles", "error",
-    ]  # fmt: skip
-
-
 def predict_files(
     run_dir: str | Path,
     inputs: list[str | Path],
@@ -292,11 +286,7 @@ def predict_files(
         readable = (img for _, img, _ in iter_images(items) if img is not None)
         predictor.adapt_batchnorm(readable, f"the {len(items)} inputs (readable ones)")
     scale = matching_scale(predictor.run.meta, predictor.classes, mpp, aggregate)
-    explainer = None
-    if explain_dir is not None:
-        from cmafnet.inference.explain import Explainer
-
-        explainer = Explainer(predictor, explain_dir)
+    explainer = Explainer(predictor, explain_dir) if explain_dir is not None else None
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(
@@ -391,7 +381,9 @@ def predict_files(
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
+            columns = ["path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
+                       "tissue_fraction", "pen_fraction", "flags", "scale", "n_tiles", "error"]  # fmt: skip
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             matched() if scale is not None else squeezed()
     except BaseException:  # never leave a half-written CSV behind

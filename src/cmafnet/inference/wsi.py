@@ -147,18 +147,17 @@ def plan_tiling(
     meta = meta or {}
     w0, h0 = slide.dimensions
     check_tiling_options(level=level, mpp=mpp, tile=tile, meta=meta)
-    base_mpp = slide_mpp(slide)
+    base_mpp, scale = slide_mpp(slide), run_scale(meta)
+    tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
+    source = "mpp" if level is None else "level"
     if level is not None:
         if not 0 <= level < slide.level_count:
             raise ConfigError(f"--level {level}: the slide has levels 0..{slide.level_count - 1}")
-        tile_px = tile or run_scale(meta).tile_hw[0] or IDC_PATCH_PX
         ds = float(slide.level_downsamples[level])
-        size0 = round(tile_px * ds)
+        read_px, size0 = tile_px, round(tile_px * ds)
         eff_mpp = base_mpp * ds if base_mpp else None
-        plan = TilePlan(level, tile_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, "level")
     else:
-        scale = run_scale(meta)  # check_tiling_options has refused an unknown training scale
-        target = float(mpp if mpp is not None else scale.mpp)
+        eff_mpp = float(mpp if mpp is not None else scale.mpp)  # check_tiling_options refused an unknown one
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
         if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
@@ -166,28 +165,22 @@ def plan_tiling(
                 f"the slide states {base_mpp:g} microns per pixel, outside {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}: "
                 "pass --level L (and --tile PX)"
             )
-        tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
-        ds_target = target / base_mpp  # level-0 pixels per model pixel
+        ds_target = eff_mpp / base_mpp  # level-0 pixels per model pixel
         if ds_target < 1 - 1e-6:
             log.warning(
                 "target %.3g um/px is finer than the slide's %.3g um/px: tiles will be upsampled",
-                target,
+                eff_mpp,
                 base_mpp,
             )
         size0 = max(1, round(tile_px * ds_target))
-        lvl = slide.get_best_level_for_downsample(max(ds_target, 1.0))
-        read_px = max(1, round(size0 / float(slide.level_downsamples[lvl])))
-        plan = TilePlan(lvl, read_px, tile_px, size0, w0 // size0, h0 // size0, target, "mpp")
+        level = slide.get_best_level_for_downsample(max(ds_target, 1.0))
+        read_px = max(1, round(size0 / float(slide.level_downsamples[level])))
+    plan = TilePlan(level, read_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, source)
     if plan.cols == 0 or plan.rows == 0:
         raise InputDataError(
             f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --target-mpp or --level"
         )
-    _check_plan_size(plan)
-    return plan
-
-
-def _check_plan_size(plan: TilePlan) -> None:
-    """Refuse, before any read, a plan whose tile reads or tile count would not fit in memory."""
+    # Refuse, before any read, a plan whose tile reads or tile count would not fit in memory.
     cap = limits().max_pixels
     if plan.read_px**2 > cap:
         raise ConfigError(
@@ -199,6 +192,7 @@ def _check_plan_size(plan: TilePlan) -> None:
             f"{plan.cols} x {plan.rows} = {plan.cols * plan.rows:,} tiles of {plan.size0} level-0 px, more than "
             f"{MAX_TILES:,}: use a coarser --target-mpp, a larger --tile or --level"
         )
+    return plan
 
 
 def _on_white(rgba: Any) -> np.ndarray:
