@@ -78,19 +78,6 @@ class Adaptation:
         return " + ".join(p for p in parts if p) or "raw"
 
 
-def _views(x: Tensor, mode: str) -> list[Tensor]:
-    """The transformed copies of ``x`` (B, C, H, W) that TTA averages over (identity first)."""
-    if mode == "none":
-        return [x]
-    if mode == "flips":
-        return [x, x.flip(-1), x.flip(-2), x.flip((-2, -1))]
-    if mode == "d4":
-        # the dihedral group of the square: 4 rotations of x and 4 rotations of its mirror image
-        mirror = x.flip(-1)
-        return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, mirror) for k in range(4)]
-    raise ConfigError(f"TTA mode must be one of {', '.join(TTA_MODES)}, got {mode!r}")
-
-
 @torch.no_grad()
 def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4") -> Tensor:
     """Logits ``(B, K)`` whose softmax is the mean of the class probabilities over the TTA views.
@@ -108,7 +95,14 @@ def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4")
         Computed with log-sum-exp, so no probability underflows to ``log 0``. One forward per view
         (memory of one batch at a time).
     """
-    views = _views(x, mode)
+    if mode == "flips":
+        views = [x, x.flip(-1), x.flip(-2), x.flip((-2, -1))]
+    elif mode == "d4":  # the dihedral group of the square: 4 rotations of x and of its mirror image
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+    elif mode == "none":
+        views = [x]
+    else:
+        raise ConfigError(f"TTA mode must be one of {', '.join(TTA_MODES)}, got {mode!r}")
     logp = torch.stack([torch.log_softmax(forward(v).float(), -1) for v in views])  # (V, B, K)
     return torch.logsumexp(logp, 0) - math.log(len(views))  # (B, K)
 
