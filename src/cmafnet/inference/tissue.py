@@ -65,11 +65,6 @@ def pixel_masks(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> tu
     return tissue, pen
 
 
-def tissue_mask(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> np.ndarray:
-    """Boolean tissue mask (ink excluded), e.g. of a slide thumbnail."""
-    return pixel_masks(rgb, t)[0]
-
-
 def check_tile(
     rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS, max_side: int = 128
 ) -> TissueResult:

@@ -48,7 +48,7 @@ from cmafnet.inference.tissue import (
     NOT_ASSESSABLE,
     TissueThresholds,
     check_tile,
-    tissue_mask,
+    pixel_masks,
 )
 from cmafnet.inference.wsi_figures import (
     heatmap_figure,
@@ -278,7 +278,7 @@ def predict_slide(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thumb, tds = _thumbnail(slide, plan)
-    mask = tissue_mask(thumb, tissue_thresholds)  # (h, w) bool
+    mask = pixel_masks(thumb, tissue_thresholds)[0]  # (h, w) bool tissue, ink excluded
     positive, name = predictor.classes[1], Path(slide_path).name
     prob_key = f"prob_{positive}"
 
