@@ -36,22 +36,19 @@ log = logging.getLogger(__name__)
 DISPLAY_MAX = 256  # displayed image edge cap (pixels)
 
 
-def _grid_shape(n: int, ref: torch.Tensor | None) -> tuple[int, int]:
-    if ref is not None and ref.ndim == 4 and ref.shape[-2] * ref.shape[-1] == n:
-        return int(ref.shape[-2]), int(ref.shape[-1])
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"cannot lay {n} tokens on a square grid")
-    return side, side
-
-
 def cmaf_maps(out: object) -> dict[str, torch.Tensor]:
     """``{"attention": (B, h, w), "gate": (B, h, w)}`` from a :class:`ModelOutput` (absent parts skipped)."""
     maps: dict[str, torch.Tensor] = {}
     attn = getattr(out, "attn", None)
     if attn is not None:
         received = attn.float().mean(1).sum(1)  # (B, H, Ns, Nt) -> (B, Ns, Nt) -> (B, Nt)
-        h, w = _grid_shape(received.shape[1], getattr(out, "f_t", None))
+        n, ref = received.shape[1], getattr(out, "f_t", None)  # f_t: the fusion grid (B, D, h, w)
+        if ref is not None and ref.ndim == 4 and ref.shape[-2] * ref.shape[-1] == n:
+            h, w = int(ref.shape[-2]), int(ref.shape[-1])
+        else:
+            h = w = math.isqrt(n)
+            if h * w != n:
+                raise ValueError(f"cannot lay {n} tokens on a square grid")
         maps["attention"] = received.view(-1, h, w)
     gate = getattr(out, "gate", None)
     if gate is not None:

@@ -37,17 +37,6 @@ class ParityError(CmafnetError):
     """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
 
 
-class ProbabilityModel(nn.Module):
-    """``model(x)`` logits -> softmax probabilities; the deployable inference path."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x).float(), dim=1)  # (B, C)
-
-
 @dataclass
 class ExportResult:
     path: Path
@@ -90,7 +79,7 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: i
     with _quiet_exporters():
         prog = torch.onnx.export(
             wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probs"],
-            dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
+            dynamic_shapes={"input": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
         )  # fmt: skip
     prog.save(str(path))
     import onnx
@@ -153,7 +142,7 @@ def export_model(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ProbabilityModel(model.cpu().eval()).eval()
+    wrapper = nn.Sequential(model.cpu(), nn.Softmax(dim=1)).eval()  # logits -> probabilities (B, C)
     gen = torch.Generator().manual_seed(0)
     # Inputs in the normalised range the model sees (roughly N(0, 1) per channel).
     examples = [torch.randn(b, 3, img_size, img_size, generator=gen) for b in (1, 3)]
