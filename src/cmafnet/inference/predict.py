@@ -23,7 +23,7 @@ import torch
 from cmafnet.data.safety import check_output_dir, check_output_file
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
-from cmafnet.inference.adapt import Adaptation
+from cmafnet.inference.adapt import Adaptation, adapt_batchnorm, tta_logits
 from cmafnet.inference.explain import Explainer
 from cmafnet.inference.io import discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
@@ -169,8 +169,6 @@ class Predictor:
     def adapt_batchnorm(self, images: Iterable[np.ndarray], what: str) -> dict:
         """AdaBN: re-estimate the model's BatchNorm statistics on uint8 ``(H, W, 3)`` target images
         (``what`` says which, for the outputs). A model without BatchNorm is left as it is."""
-        from cmafnet.inference.adapt import adapt_batchnorm
-
         batches = same_size_batches(((None, im) for im in images), self.options.batch_size)
         self.adabn = {**adapt_batchnorm(self.model, (self.to_input(b) for _, b in batches)), "on": what}
         if not self.adabn["layers"]:
@@ -201,8 +199,6 @@ class Predictor:
         """Uncalibrated logits ``(B, C)`` (float64) of a preprocessed batch (with ``--tta``: the log of
         the mean of the views' probabilities, :func:`cmafnet.inference.adapt.tta_logits`)."""
         if self.adapt.tta != "none":
-            from cmafnet.inference.adapt import tta_logits
-
             logits = tta_logits(self.model, x, self.adapt.tta)  # eager: the views differ in shape under d4
         elif self.fast:
             with torch.autocast("cuda", dtype=torch.bfloat16):

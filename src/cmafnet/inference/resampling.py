@@ -100,10 +100,7 @@ def matching_scale(meta: dict, classes: list[str], mpp: float | None, aggregate:
     from cmafnet.data.scale import check_mpp
 
     check_mpp(mpp, "--input-mpp")
-    if aggregate not in AGGREGATES:
-        raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if aggregate == "max" and len(classes) != 2:
-        raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
+    _check_aggregate(aggregate, len(classes))
     scale = run_scale(meta)
     if scale.mpp is None:
         raise ConfigError(f"--input-mpp: the run records no training scale to match ({scale.source})")
@@ -163,16 +160,20 @@ def make_tiles(image: np.ndarray, tile_hw: tuple[int, int]) -> tuple[list[np.nda
     return [np.ascontiguousarray(t) for t in tiles], ""
 
 
+def _check_aggregate(how: str, n_classes: int) -> None:
+    if how not in AGGREGATES:
+        raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {how!r}")
+    if how == "max" and n_classes != 2:
+        raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
+
+
 def aggregate(tile_probs: np.ndarray, how: str = "mean") -> np.ndarray:
     """One probability vector ``(C,)`` from ``(n_tiles, C)``: mean, or max of the positive class (binary)."""
+    _check_aggregate(how, tile_probs.shape[1])
     if how == "mean":
         return tile_probs.mean(axis=0)
-    if how == "max":
-        if tile_probs.shape[1] != 2:
-            raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
-        p1 = float(tile_probs[:, 1].max())
-        return np.array([1.0 - p1, p1])
-    raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {how!r}")
+    p1 = float(tile_probs[:, 1].max())
+    return np.array([1.0 - p1, p1])
 
 
 @dataclass
