@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from cmafnet.cli import build_parser, main
-from cmafnet.inference.io import discover_inputs, load_rgb
+from cmafnet.data.validation import decode_image
+from cmafnet.inference.io import discover_inputs
 from cmafnet.inference.predict import (
     PredictOptions,
     Predictor,
@@ -199,10 +200,17 @@ def test_run_without_model_exit_4(run_factory, sample_data, tmp_path, capsys):
     )
 
 
+def _probs(pred: Predictor, imgs: list[np.ndarray]) -> np.ndarray:
+    """Calibrated probabilities ``(B, C)`` of same-size images through the one inference loop."""
+    return pred.probs_from_logits(
+        np.concatenate([logits for _, logits in pred.logits_stream(enumerate(imgs))])
+    )
+
+
 def test_predictor_api_shapes(baseline_run):
     pred = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu"))
     imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
-    p = pred.predict_arrays(imgs)
+    p = _probs(pred, imgs)
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-6)
     assert pred.to_input(imgs).shape == (2, 3, 32, 32)
 
@@ -217,7 +225,7 @@ def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_pat
     pred = Predictor.from_run_dir(run, options=PredictOptions(device="cpu"))
     assert "test-reference" in pred.preprocess_desc
     np.testing.assert_allclose(pred.preprocess.stain.he_ref.numpy(), np.array(ref["he_ref"]), atol=1e-6)
-    img = load_rgb(sample_data / TILES / "tissue-level0-7352-11762-7864-12274.png")
+    img = decode_image(sample_data / TILES / "tissue-level0-7352-11762-7864-12274.png").array
     blank = np.full_like(img, 250)
     x = pred.to_input([img, blank])
     assert x.shape == (2, 3, 64, 64)
@@ -229,11 +237,11 @@ def test_stain_reference_from_run_json_is_used(run_factory, sample_data, tmp_pat
 def test_fast_is_cuda_only_and_says_so_elsewhere(baseline_run, caplog, tmp_path):
     """``--fast`` on the CPU: a warning, and exactly the fp32 eager probabilities."""
     imgs = [np.full((50, 50, 3), v, np.uint8) for v in (90, 160)]
-    ref = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu")).predict_arrays(imgs)
+    ref = _probs(Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu")), imgs)
     with caplog.at_level("WARNING"):
         fast = Predictor.from_run_dir(baseline_run, options=PredictOptions(device="cpu", fast=True))
     assert not fast.fast and "CUDA only" in caplog.text
-    np.testing.assert_array_equal(fast.predict_arrays(imgs), ref)
+    np.testing.assert_array_equal(_probs(fast, imgs), ref)
     Image.fromarray(imgs[0]).save(tmp_path / "a.png")
     assert main(["predict", str(baseline_run), str(tmp_path / "a.png"), "--out", str(tmp_path / "p.csv"),
                  "--device", "cpu", "--fast", "--no-progress"]) == 0  # fmt: skip
@@ -245,10 +253,10 @@ def test_fast_is_cuda_only_and_says_so_elsewhere(baseline_run, caplog, tmp_path)
 def test_fast_on_cuda_matches_fp32_to_bf16_rounding(cmaf_run):
     rng = np.random.default_rng(0)
     imgs = [rng.integers(60, 230, (50, 50, 3), dtype=np.uint8) for _ in range(8)]
-    ref = Predictor.from_run_dir(cmaf_run, options=PredictOptions(device="cuda")).predict_arrays(imgs)
+    ref = _probs(Predictor.from_run_dir(cmaf_run, options=PredictOptions(device="cuda")), imgs)
     fast = Predictor.from_run_dir(cmaf_run, options=PredictOptions(device="cuda", fast=True))
     assert fast.fast
-    got = fast.predict_arrays(imgs)
+    got = _probs(fast, imgs)
     assert np.abs(got - ref).max() < 2e-2
 
 

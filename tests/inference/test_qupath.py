@@ -90,7 +90,10 @@ def test_regions_merge_tiles_into_valid_annotations() -> None:
         [box(r["x"], r["y"], r["x"] + 100, r["y"] + 100) for r in rows if r["decision"] == "idc"]
     )
     assert unary_union(geoms).symmetric_difference(pos).area == 0
-    assert qupath.region_annotations(_rows(["NN"]), 100, "idc", "prob_idc") == qupath.feature_collection([])
+    assert qupath.region_annotations(_rows(["NN"]), 100, "idc", "prob_idc") == {
+        "type": "FeatureCollection",
+        "features": [],
+    }
 
 
 def test_tile_detections_carry_class_colours_and_probabilities() -> None:

@@ -33,14 +33,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cmafnet.errors import ConfigError
 
-__all__ = [
-    "TTA_MODES",
-    "Adaptation",
-    "adapt_batchnorm",
-    "balanced_indices",
-    "tta_logits",
-]
-
 # ----------------------------------------------------------------------------------------- TTA
 TTA_MODES = ("none", "flips", "d4")
 ADABN_MODES = ("off", "on", "balanced")
@@ -86,23 +78,8 @@ class Adaptation:
         return " + ".join(p for p in parts if p) or "raw"
 
 
-def _views(x: Tensor, mode: str) -> list[Tensor]:
-    """The transformed copies of ``x`` (B, C, H, W) that TTA averages over (identity first)."""
-    if mode == "none":
-        return [x]
-    if mode == "flips":
-        return [x, x.flip(-1), x.flip(-2), x.flip((-2, -1))]
-    if mode == "d4":
-        # the dihedral group of the square: 4 rotations of x and 4 rotations of its mirror image
-        mirror = x.flip(-1)
-        return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, mirror) for k in range(4)]
-    raise ConfigError(f"TTA mode must be one of {', '.join(TTA_MODES)}, got {mode!r}")
-
-
 @torch.no_grad()
-def tta_logits(
-    forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4", *, temperature: float = 1.0
-) -> Tensor:
+def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, mode: str = "d4") -> Tensor:
     """Logits ``(B, K)`` whose softmax is the mean of the class probabilities over the TTA views.
 
     Args:
@@ -111,33 +88,28 @@ def tta_logits(
             reach ``forward`` as ``(B, C, W, H)`` too (fine for pooled CNNs, not for fixed-size ViTs).
         mode: ``"none"`` (the identity only), ``"flips"`` (identity, horizontal flip, vertical flip,
             both: 4 views) or ``"d4"`` (the 8 dihedral transforms: 4 rotations × mirror).
-        temperature: the temperature the probabilities are averaged at (the run's calibration).
 
     Returns:
-        ``T · log(mean_v softmax(z_v / T))``, float32. Averaging probabilities (not logits) is the
-        usual TTA; ``log p`` is a valid logit vector because ``softmax(log p) = p`` (probabilities
-        sum to 1), and the factor ``T`` makes ``softmax(out / T)`` — what the predictor applies to
-        logits — give back exactly that mean. With ``T = 1`` (default) ``softmax(out)`` is the mean
-        of the views' plain softmax. Computed with log-sum-exp, so no probability underflows to
-        ``log 0``. One forward per view (memory of one batch at a time).
+        ``log(mean_v softmax(z_v))``, float32. Averaging probabilities (not logits) is the usual TTA;
+        ``log p`` is a valid logit vector because ``softmax(log p) = p`` (probabilities sum to 1).
+        Computed with log-sum-exp, so no probability underflows to ``log 0``. One forward per view
+        (memory of one batch at a time).
     """
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    views = _views(x, mode)
-    logp = torch.stack([torch.log_softmax(forward(v).float() / temperature, -1) for v in views])  # (V, B, K)
-    return temperature * (torch.logsumexp(logp, 0) - math.log(len(views)))  # (B, K)
+    if mode == "flips":
+        views = [x, x.flip(-1), x.flip(-2), x.flip((-2, -1))]
+    elif mode == "d4":  # the dihedral group of the square: 4 rotations of x and of its mirror image
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+    elif mode == "none":
+        views = [x]
+    else:
+        raise ConfigError(f"TTA mode must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    logp = torch.stack([torch.log_softmax(forward(v).float(), -1) for v in views])  # (V, B, K)
+    return torch.logsumexp(logp, 0) - math.log(len(views))  # (B, K)
 
 
 # --------------------------------------------------------------------------------------- AdaBN
-def _bn_layers(model: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm layers that keep running statistics (the only ones AdaBN can re-estimate)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
 @torch.no_grad()
-def adapt_batchnorm(
-    model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], Any] | None = None
-) -> dict[str, Any]:
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any]:
     """AdaBN: replace every BatchNorm layer's running mean / variance by the target data's.
 
     The source statistics a network normalises with are one of the things that shift between sites
@@ -162,8 +134,6 @@ def adapt_batchnorm(
     Args:
         model: the network; its BN layers are updated in place.
         batches: preprocessed batches ``(B, C, H, W)`` on the model's device (only images are needed).
-        forward: how to run a batch (default ``model``), e.g. a wrapper that unpacks extra outputs.
-            A ``torch.compile``'d forward recompiles for the train-mode BN; prefer the eager model.
 
     Returns:
         ``{"method", "layers", "images", "batches"}``; ``layers == 0`` (nothing changed, no error) for a
@@ -172,11 +142,11 @@ def adapt_batchnorm(
     Raises:
         ValueError: ``batches`` was empty (the model is left as it was).
     """
-    bns = _bn_layers(model)
+    # only the BatchNorm layers that keep running statistics can be re-estimated
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     summary: dict[str, Any] = {"method": "AdaBN (BatchNorm statistics re-estimated)", "layers": len(bns)}
     if not bns:
         return {**summary, "images": 0, "batches": 0}
-    run = model if forward is None else forward
     flags = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in bns]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
@@ -195,7 +165,7 @@ def adapt_batchnorm(
             n_batches += 1
             for m in bns:
                 m.momentum = b / n_images  # cumulative, image-weighted average (first batch: 1)
-            run(x)
+            model(x)
         if n_images == 0:
             raise ValueError("adapt_batchnorm: no images in batches")
         ok = True

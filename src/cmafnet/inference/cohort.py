@@ -32,9 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cmafnet.data.safety import one_line, text_stream
+from cmafnet.data.safety import one_line
 from cmafnet.errors import CmafnetError, InputDataError, RunFolderError
-from cmafnet.inference.io import discover_inputs
+from cmafnet.inference.io import discover_inputs, read_csv_list
 from cmafnet.inference.predict import Predictor
 from cmafnet.inference.wsi import open_slide, predict_slide
 from cmafnet.run import atomic_write_bytes, write_json
@@ -105,22 +105,13 @@ def _label(value: str, classes: Sequence[str], where: str) -> int | None:
 
 
 def _read_csv(path: Path, classes: Sequence[str]) -> list[SlideItem]:
-    reader = csv.DictReader(text_stream(path, "CSV slide list"))
-    try:
-        names = reader.fieldnames or []
-        if "path" not in names:
-            raise InputDataError(f"{path}: a CSV slide list needs a 'path' column (got {names})")
-        items = []
-        for k, row in enumerate(reader, start=2):  # line 1 is the header
-            value = (row.get("path") or "").strip()
-            if not value:
-                raise InputDataError(f"{path}: line {k}: empty path")
-            q = Path(value) if Path(value).is_absolute() else path.parent / value
-            sid = (row.get("slide_id") or "").strip() or q.stem
-            items.append(SlideItem(sid, q, _label(row.get("label") or "", classes, f"{path}: line {k}")))
-        return items
-    except csv.Error as err:
-        raise InputDataError(f"{path}: not a readable CSV ({one_line(err)})") from None
+    items = []
+    for k, row, q in read_csv_list(path, "CSV slide list"):
+        if q is None:
+            raise InputDataError(f"{path}: line {k}: empty path")
+        sid = (row.get("slide_id") or "").strip() or q.stem
+        items.append(SlideItem(sid, q, _label(row.get("label") or "", classes, f"{path}: line {k}")))
+    return items
 
 
 def read_cohort(inputs: Sequence[str | Path], classes: Sequence[str] = ()) -> list[SlideItem]:
@@ -142,7 +133,7 @@ def read_cohort(inputs: Sequence[str | Path], classes: Sequence[str] = ()) -> li
         found = discover_inputs([p], extensions=SLIDE_EXTENSIONS)
         if p.is_dir() and not found:
             raise InputDataError(f"{p}: no slide in the folder (extensions {', '.join(SLIDE_EXTENSIONS)})")
-        items += [SlideItem(i.path.stem, i.path) for i in found]
+        items += [SlideItem(q.stem, q) for q in found]
     if not items:
         raise InputDataError("no slide given")
     seen: dict[str, Path] = {}
@@ -214,23 +205,6 @@ def cohort_items(out: Path) -> list[SlideItem]:
         raise RunFolderError(f"{path}: not a readable cohort record") from None
 
 
-def _check_openable(item: SlideItem) -> str | None:
-    """The reason a slide cannot be opened, or None (checked before any model is loaded)."""
-    try:
-        open_slide(item.path).close()
-    except InputDataError as err:
-        return str(err)
-    return None
-
-
-def _record_failure(out: Path, item: SlideItem, reason: str) -> None:
-    write_json(
-        failure_path(out, item.slide_id),
-        {"slide_id": item.slide_id, "path": str(item.path), "reason": reason,
-         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    )  # fmt: skip
-
-
 def run_cohort(
     run_dir: str | Path,
     items: Sequence[SlideItem],
@@ -259,7 +233,11 @@ def run_cohort(
             continue
         if folder.exists():  # an interrupted attempt: start the slide afresh
             shutil.rmtree(folder)
-        reason = _check_openable(item)
+        reason = None
+        try:
+            open_slide(item.path).close()  # before any model is loaded
+        except InputDataError as err:
+            reason = str(err)
         if reason is None:
             predictor = predictor or load_predictor()
             try:
@@ -267,20 +245,20 @@ def run_cohort(
                     run_dir, item.path, folder, predictor=predictor, level=options.level, mpp=options.mpp,
                     tile=options.tile, progress=progress, top_k=options.top_k,
                 )  # fmt: skip
-            except OSError as err:
-                if err.errno in _FATAL_ERRNOS:
-                    raise
-                reason = f"{type(err).__name__}: {one_line(err)}"
             except Exception as err:  # any slide-specific failure: record it, go on with the next slide
+                if isinstance(err, OSError) and err.errno in _FATAL_ERRNOS:
+                    raise
                 log.debug("slide %s failed", item.slide_id, exc_info=True)
-                reason = (
-                    one_line(err)
-                    if isinstance(err, CmafnetError)
-                    else f"{type(err).__name__}: {one_line(err)}"
-                )
+                reason = one_line(err)
+                if not isinstance(err, CmafnetError):
+                    reason = f"{type(err).__name__}: {reason}"
         if reason is not None:
             shutil.rmtree(folder, ignore_errors=True)
-            _record_failure(out, item, reason)
+            write_json(
+                failure_path(out, item.slide_id),
+                {"slide_id": item.slide_id, "path": str(item.path), "reason": reason,
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            )  # fmt: skip
             result.failed[item.slide_id] = reason
             log.debug("%s: failed: %s", item.slide_id, reason)  # the caller reports failures
         else:

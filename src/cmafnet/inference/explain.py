@@ -36,33 +36,24 @@ log = logging.getLogger(__name__)
 DISPLAY_MAX = 256  # displayed image edge cap (pixels)
 
 
-def _grid_shape(n: int, ref: torch.Tensor | None) -> tuple[int, int]:
-    if ref is not None and ref.ndim == 4 and ref.shape[-2] * ref.shape[-1] == n:
-        return int(ref.shape[-2]), int(ref.shape[-1])
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"cannot lay {n} tokens on a square grid")
-    return side, side
-
-
 def cmaf_maps(out: object) -> dict[str, torch.Tensor]:
     """``{"attention": (B, h, w), "gate": (B, h, w)}`` from a :class:`ModelOutput` (absent parts skipped)."""
     maps: dict[str, torch.Tensor] = {}
     attn = getattr(out, "attn", None)
     if attn is not None:
         received = attn.float().mean(1).sum(1)  # (B, H, Ns, Nt) -> (B, Ns, Nt) -> (B, Nt)
-        h, w = _grid_shape(received.shape[1], getattr(out, "f_t", None))
+        n, ref = received.shape[1], getattr(out, "f_t", None)  # f_t: the fusion grid (B, D, h, w)
+        if ref is not None and ref.ndim == 4 and ref.shape[-2] * ref.shape[-1] == n:
+            h, w = int(ref.shape[-2]), int(ref.shape[-1])
+        else:
+            h = w = math.isqrt(n)
+            if h * w != n:
+                raise ValueError(f"cannot lay {n} tokens on a square grid")
         maps["attention"] = received.view(-1, h, w)
     gate = getattr(out, "gate", None)
     if gate is not None:
         maps["gate"] = gate.float().mean(1)  # (B, D, h, w) -> (B, h, w)
     return maps
-
-
-def last_conv(model: nn.Module) -> nn.Module | None:
-    """The last ``nn.Conv2d`` in module order (Grad-CAM's usual target layer for CNNs)."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1] if convs else None
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -121,19 +112,10 @@ class Explainer:
         self._cam = None
 
     def _title(self, name: str, p: np.ndarray, decision: str) -> str:
-        classes = self.predictor.classes
-        if len(classes) == 2:
-            head = f"P({classes[1]}) = {p[1]:.3f}"
-            rule = f"threshold {self.predictor.threshold:.3g}"
-        else:
-            k = int(np.argmax(p))
-            head, rule = f"P({classes[k]}) = {p[k]:.3f}", "argmax"
-        return f"{name}  |  {head}  |  decision: {decision} ({rule})"
-
-    def _name(self, path: Path) -> Path:
-        self.count += 1
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:80]
-        return self.out_dir / f"{self.count:05d}_{stem}.png"
+        classes, binary = self.predictor.classes, len(self.predictor.classes) == 2
+        k = 1 if binary else int(np.argmax(p))
+        rule = f"threshold {self.predictor.threshold:.3g}" if binary else "argmax"
+        return f"{name}  |  P({classes[k]}) = {p[k]:.3f}  |  decision: {decision} ({rule})"
 
     def _maps(self, x: torch.Tensor) -> tuple[list[str], list[np.ndarray]]:
         model = self.predictor.model
@@ -144,30 +126,28 @@ class Explainer:
             if maps:
                 self.kind = "cmaf"
                 names = list(maps)
-                return names, [
-                    torch.stack([maps[k][i] for k in names]).cpu().numpy() for i in range(x.shape[0])
-                ]
+                return names, list(torch.stack([maps[k] for k in names], 1).cpu().numpy())  # (n, h, w) each
             self.kind = "gradcam"
         return ["grad-cam"], [m[None] for m in self._gradcam(x)]
 
     def _gradcam(self, x: torch.Tensor) -> np.ndarray:
         try:
-            import pytorch_grad_cam  # noqa: F401
+            from pytorch_grad_cam import GradCAM
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         except ImportError:
             from cmafnet.errors import ConfigError
 
             raise ConfigError(
                 "Grad-CAM explanations of baselines need grad-cam: pip install 'cmafnet[explain]'"
             ) from None
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         model = self.predictor.model
         if self._cam is None:
-            layer = last_conv(model)
-            if layer is None:
+            # the last convolution in module order: Grad-CAM's usual target layer for CNNs
+            convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+            if not convs:
                 raise RuntimeError("Grad-CAM needs a convolution layer; this model has none")
-            self._cam = GradCAM(model=model, target_layers=[layer])
+            self._cam = GradCAM(model=model, target_layers=convs[-1:])
         targets = [ClassifierOutputTarget(1)] * x.shape[0] if len(self.predictor.classes) == 2 else None
         with torch.enable_grad():
             cams = self._cam(input_tensor=x.detach().clone(), targets=targets)  # (B, S, S) in [0, 1]
@@ -177,21 +157,16 @@ class Explainer:
         self,
         images: list[np.ndarray],
         paths: list[Path],
-        probs: np.ndarray | None = None,
-        decisions: list[str] | None = None,
+        probs: np.ndarray,
+        decisions: list[str],
     ) -> list[Path]:
         """Write overlays for a batch of same-size uint8 RGB images; returns the PNG paths.
 
-        ``probs`` ``(B, C)`` and ``decisions`` (what the prediction reported) title the panels;
-        without them the predictor computes them from the images.
+        ``probs`` ``(B, C)`` and ``decisions`` (what the prediction reported) title the panels.
         """
         from PIL import Image
 
         x = self.predictor.to_input(images)
-        if probs is None:
-            probs = self.predictor.probs_from_input(x)
-        if decisions is None:
-            decisions = self.predictor.decide(probs)
         try:
             names, maps = self._maps(x)
         except Exception as err:  # an explanation must never stop prediction
@@ -204,7 +179,9 @@ class Explainer:
             canvas = titled(
                 np.concatenate(panels, axis=1), self._title(Path(path).name, p, dec), ["image", *names]
             )
-            target = self._name(path)
+            self.count += 1
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:80]
+            target = self.out_dir / f"{self.count:05d}_{stem}.png"
             Image.fromarray(canvas).save(target)
             written.append(target)
         if self.count == len(written):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from cmafnet.errors import CmafnetError, ConfigError
-from cmafnet.run import load_run
+from cmafnet.run import load_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +35,6 @@ MIN_OPSET = 18  # torch's dynamo exporter implements opset 18 and later
 
 class ParityError(CmafnetError):
     """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
-
-
-class ProbabilityModel(nn.Module):
-    """``model(x)`` logits -> softmax probabilities; the deployable inference path."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x).float(), dim=1)  # (B, C)
 
 
 @dataclass
@@ -86,29 +74,18 @@ def _quiet_exporters() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def opset_range() -> tuple[int, int]:
-    """The ONNX opsets the exporter can write: torch's minimum to the installed onnx's newest."""
-    import onnx.defs
-
-    return MIN_OPSET, int(onnx.defs.onnx_opset_version())
-
-
-def _written_opset(path: Path) -> int | None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet_exporters():
         prog = torch.onnx.export(
             wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probs"],
-            dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
+            dynamic_shapes={"input": {0: batch}}, opset_version=opset, external_data=False, verbose=False,
         )  # fmt: skip
     prog.save(str(path))
-    written = _written_opset(path)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:  # the sidecar must never record an opset the file does not have
         raise CmafnetError(f"the exporter wrote opset {written} instead of the requested {opset}")
 
@@ -138,9 +115,11 @@ def _check_args(fmt: str, opset: int, tolerance: float) -> None:
             raise ConfigError(
                 f"ONNX export needs {', '.join(missing)}: pip install 'cmafnet[export]' (or -e '.[export]')"
             )
-        lo, hi = opset_range()
-        if not lo <= opset <= hi:
-            raise ConfigError(f"--opset {opset}: the ONNX exporter writes opsets {lo} to {hi}")
+        import onnx.defs
+
+        newest = int(onnx.defs.onnx_opset_version())  # torch's minimum to the installed onnx's newest
+        if not MIN_OPSET <= opset <= newest:
+            raise ConfigError(f"--opset {opset}: the ONNX exporter writes opsets {MIN_OPSET} to {newest}")
 
 
 def export_model(
@@ -151,26 +130,22 @@ def export_model(
     *,
     opset: int = 18,
     tolerance: float = DEFAULT_TOLERANCE,
-    check_batch_sizes: tuple[int, ...] = (1, 3),
-    seed: int = 0,
 ) -> ExportResult:
-    """Export ``model`` (CPU, eval) and check parity on random inputs at several batch sizes.
+    """Export ``model`` (CPU, eval) and check parity on random inputs at batch sizes 1 and 3.
 
     The file is written under a temporary name and renamed when the export and the parity run
     finished (a failed export leaves nothing; a failed parity check keeps the file to inspect).
 
     Raises:
-        ConfigError: unknown format, an opset outside :func:`opset_range`, a negative tolerance.
         CmafnetError: the exporter failed (message says which stage).
         ParityError: the reloaded model disagrees with PyTorch by more than ``tolerance``.
     """
-    _check_args(fmt, opset, tolerance)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ProbabilityModel(model.cpu().eval()).eval()
-    gen = torch.Generator().manual_seed(seed)
+    wrapper = nn.Sequential(model.cpu(), nn.Softmax(dim=1)).eval()  # logits -> probabilities (B, C)
+    gen = torch.Generator().manual_seed(0)
     # Inputs in the normalised range the model sees (roughly N(0, 1) per channel).
-    examples = [torch.randn(b, 3, img_size, img_size, generator=gen) for b in check_batch_sizes]
+    examples = [torch.randn(b, 3, img_size, img_size, generator=gen) for b in (1, 3)]
     with torch.inference_mode():
         refs = [wrapper(x).numpy() for x in examples]
     tmp = out.with_name(f".{out.name}.partial")
@@ -180,9 +155,8 @@ def export_model(
                 _export_onnx(wrapper, examples[-1], tmp, opset)
             else:
                 with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter(
-                        "ignore", FutureWarning
-                    )  # torch.jit is deprecated but still shipped
+                    # torch.jit is deprecated but still shipped
+                    warnings.simplefilter("ignore", FutureWarning)
                     scripted = torch.jit.trace(wrapper, examples[-1], check_trace=False)
                 scripted.save(str(tmp))
         except CmafnetError:
@@ -203,9 +177,7 @@ def export_model(
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
-    return ExportResult(
-        out, fmt, max(diffs), tolerance, tuple(check_batch_sizes), opset if fmt == "onnx" else None
-    )
+    return ExportResult(out, fmt, max(diffs), tolerance, (1, 3), opset if fmt == "onnx" else None)
 
 
 def export_run(
@@ -217,8 +189,12 @@ def export_run(
     opset: int = 18,
 ) -> ExportResult:
     """Export a run folder's model; writes ``<out>`` and ``<out>.json`` (classes, img_size, mean/std,
-    threshold, parity). Raises :class:`ParityError` if the parity check fails (the file is kept for
-    inspection)."""
+    threshold, parity).
+
+    Raises:
+        ConfigError: unknown format, an opset the exporter cannot write, a negative tolerance.
+        ParityError: the parity check failed (the file is kept for inspection).
+    """
     from cmafnet.data.safety import check_output_file
     from cmafnet.data.transforms import input_normalization
     from cmafnet.inference.predict import run_classes, run_threshold
@@ -241,8 +217,6 @@ def export_run(
         "threshold_source": source, "parity": {"max_abs_diff": res.max_abs_diff, "tolerance": tolerance,
         "batch_sizes": list(res.batch_sizes), "passed": res.passed}, "opset": res.opset,
     }  # fmt: skip
-    from cmafnet.run import write_json
-
     write_json(out.with_name(out.name + ".json"), sidecar)
     if not res.passed:
         raise ParityError(
@@ -250,7 +224,3 @@ def export_run(
         )
     log.info("exported %s (%s), parity max abs diff %.3g", out, fmt, res.max_abs_diff)
     return res
-
-
-def describe(res: ExportResult) -> str:
-    return json.dumps({"path": str(res.path), "format": res.format, "max_abs_diff": res.max_abs_diff})

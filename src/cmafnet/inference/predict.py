@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmafnet.data.safety import check_output_dir, check_output_file
 from cmafnet.devices import resolve_device
 from cmafnet.errors import ConfigError, InputDataError
-from cmafnet.inference.adapt import Adaptation
-from cmafnet.inference.io import check_outputs, discover_inputs, iter_images
+from cmafnet.inference.adapt import Adaptation, adapt_batchnorm, tta_logits
+from cmafnet.inference.explain import Explainer
+from cmafnet.inference.io import discover_inputs, iter_images
 from cmafnet.inference.preprocess import build_preprocess
 from cmafnet.inference.resampling import TOO_LARGE, matching_scale, predict_scaled
 from cmafnet.inference.temperature import (
@@ -167,8 +169,6 @@ class Predictor:
     def adapt_batchnorm(self, images: Iterable[np.ndarray], what: str) -> dict:
         """AdaBN: re-estimate the model's BatchNorm statistics on uint8 ``(H, W, 3)`` target images
         (``what`` says which, for the outputs). A model without BatchNorm is left as it is."""
-        from cmafnet.inference.adapt import adapt_batchnorm
-
         batches = same_size_batches(((None, im) for im in images), self.options.batch_size)
         self.adabn = {**adapt_batchnorm(self.model, (self.to_input(b) for _, b in batches)), "on": what}
         if not self.adabn["layers"]:
@@ -199,8 +199,6 @@ class Predictor:
         """Uncalibrated logits ``(B, C)`` (float64) of a preprocessed batch (with ``--tta``: the log of
         the mean of the views' probabilities, :func:`cmafnet.inference.adapt.tta_logits`)."""
         if self.adapt.tta != "none":
-            from cmafnet.inference.adapt import tta_logits
-
             logits = tta_logits(self.model, x, self.adapt.tta)  # eager: the views differ in shape under d4
         elif self.fast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -212,14 +210,6 @@ class Predictor:
     def probs_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """``softmax(logits / T)`` at the predictor's temperature."""
         return apply_temperature(logits, self.temperature)
-
-    def probs_from_input(self, x: torch.Tensor) -> np.ndarray:
-        """Calibrated class probabilities ``(B, C)`` of a preprocessed batch."""
-        return self.probs_from_logits(self.logits_from_input(x))
-
-    def predict_arrays(self, images: list[np.ndarray]) -> np.ndarray:
-        """Probabilities ``(B, C)`` for same-size uint8 RGB images."""
-        return self.probs_from_input(self.to_input(images))
 
     def stain_fallback(self) -> np.ndarray | None:
         """(B,) bool of the last preprocessed batch: images left without stain normalisation
@@ -248,13 +238,6 @@ class PredictSummary:
     calibration: str = ""
     scale: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), first few
-
-
-def _columns(classes: list[str]) -> list[str]:
-    return [
-        "path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
-        "tissue_fraction", "pen_fraction", "flags", "scale", "n_tiles", "error",
-    ]  # fmt: skip
 
 
 def predict_files(
@@ -286,7 +269,9 @@ def predict_files(
         RunFolderError: the run folder lacks a config, metadata or model weights.
     """
     options = options or PredictOptions()
-    check_outputs(out_csv, explain_dir)  # before any work: never a traceback after it
+    check_output_file(out_csv, "--out")  # before any work: never a traceback after it
+    if explain_dir is not None:
+        check_output_dir(explain_dir, "--explain")
     items = discover_inputs(inputs)
     if not items:
         raise InputDataError(f"no image files found in {', '.join(map(str, inputs))}")
@@ -297,11 +282,7 @@ def predict_files(
         readable = (img for _, img, _ in iter_images(items) if img is not None)
         predictor.adapt_batchnorm(readable, f"the {len(items)} inputs (readable ones)")
     scale = matching_scale(predictor.run.meta, predictor.classes, mpp, aggregate)
-    explainer = None
-    if explain_dir is not None:
-        from cmafnet.inference.explain import Explainer
-
-        explainer = Explainer(predictor, explain_dir)
+    explainer = Explainer(predictor, explain_dir) if explain_dir is not None else None
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(
@@ -340,19 +321,16 @@ def predict_files(
 
     def to_score() -> Iterator[tuple[tuple[int, np.ndarray], np.ndarray]]:
         """((row, image), image) of the inputs to classify; the others get their row's status here."""
-        for i, (item, img, err) in enumerate(iter_images(items)):
+        for i, (path, img, err) in enumerate(iter_images(items)):
             row = rows[i] = {
-                "path": str(item.path), "status": "", "decision": "", "threshold": predictor.threshold,
+                "path": str(path), "status": "", "decision": "", "threshold": predictor.threshold,
                 "threshold_source": predictor.threshold_source, "flags": "", "error": "",
             }  # fmt: skip
             if img is None:
                 error(row, err)
             elif tissue_check:
                 tc = check_tile(img, tissue_thresholds)
-                row["tissue_fraction"], row["pen_fraction"] = (
-                    f"{tc.tissue_fraction:.4f}",
-                    f"{tc.pen_fraction:.4f}",
-                )
+                row.update(tissue_fraction=f"{tc.tissue_fraction:.4f}", pen_fraction=f"{tc.pen_fraction:.4f}")
                 if tc.flags:
                     not_assessable(row, ";".join(tc.flags))
             if not row["status"]:
@@ -372,9 +350,7 @@ def predict_files(
                     rows[i]["flags"] = ";".join(f for f in (rows[i]["flags"], "stain_fallback") if f)
                 scored(rows[i], p, dec)
             if explainer is not None:
-                explainer.explain(
-                    [img for _, img in keys], [items[i].path for i, _ in keys], probs, decisions
-                )
+                explainer.explain([img for _, img in keys], [items[i] for i, _ in keys], probs, decisions)
             flush_ready()
 
     def matched() -> None:
@@ -390,10 +366,9 @@ def predict_files(
                 else:
                     p = r.probs(predictor.temperature, aggregate)
                     scored(rows[i], p, predictor.decide(p[None])[0])
-                    if (
-                        explainer is not None
-                    ):  # maps of the whole image, titled with the tile-aggregated result
-                        explainer.explain([img], [items[i].path], p[None], [rows[i]["decision"]])
+                    # maps of the whole image, titled with the tile-aggregated result
+                    if explainer is not None:
+                        explainer.explain([img], [items[i]], p[None], [rows[i]["decision"]])
             flush_ready()
 
     from tqdm.auto import tqdm
@@ -402,7 +377,9 @@ def predict_files(
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_columns(classes), extrasaction="ignore")
+            columns = ["path", "status", *[f"prob_{c}" for c in classes], "decision", "threshold", "threshold_source",
+                       "tissue_fraction", "pen_fraction", "flags", "scale", "n_tiles", "error"]  # fmt: skip
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             matched() if scale is not None else squeezed()
     except BaseException:  # never leave a half-written CSV behind

@@ -10,19 +10,13 @@ from cmafnet.errors import RunFolderError
 from cmafnet.run import LoadedRun
 
 
-class _Restained(nn.Module):
-    """A stain normaliser in front of the run's preprocessing (which then normalises no stain)."""
-
-    def __init__(self, stain: nn.Module, pre: nn.Module) -> None:
-        super().__init__()
-        self.stain, self.pre = stain, pre
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 3, H, W) -> float (B, 3, S, S)
-        return self.pre(self.stain(x))
+class _Restained(nn.Sequential):
+    """A stain normaliser in front of the run's preprocessing (which then normalises no stain):
+    uint8 ``(B, 3, H, W)`` -> float ``(B, 3, S, S)``."""
 
     @property
     def last_fallback(self) -> torch.Tensor | None:
-        return getattr(self.stain, "last_fallback", None)
+        return self[0].last_fallback
 
 
 def build_preprocess(run: LoadedRun, device: torch.device, stain: str = "run") -> tuple[nn.Module, str]:
@@ -47,10 +41,8 @@ def build_preprocess(run: LoadedRun, device: torch.device, stain: str = "run") -
         if stats is None:
             raise RunFolderError(f"--stain-norm reinhard: {run.path}/run.json has no reinhard_reference "
                                  "(its training patches held too little tissue to measure)")  # fmt: skip
-        norm = ReinhardNormalizer.from_dict(stats).to(device)
-        return _Restained(
-            norm, pre
-        ).eval(), f"Reinhard to the run's training patches ({stats.get('source')}; {trained})"
+        desc = f"Reinhard to the run's training patches ({stats.get('source')}; {trained})"
+        return _Restained(ReinhardNormalizer.from_dict(stats).to(device), pre).eval(), desc
     if not on:
         return pre, f"no stain normalisation ({'as in training' if not trained_with else 'switched off'})"
     what = (

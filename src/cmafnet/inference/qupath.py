@@ -33,10 +33,9 @@ def class_colors(classes: Sequence[str], positive: str) -> dict[str, tuple[int, 
     others = [c for c in classes if c != positive]
     colors = {positive: POSITIVE_COLOR}
     for i, name in enumerate(others):
-        if len(others) == 1:
-            colors[name] = NEGATIVE_COLOR
-        else:
-            colors[name] = tuple(round(v * 255) for v in tab10(i % 10)[:3])
+        colors[name] = (
+            NEGATIVE_COLOR if len(others) == 1 else tuple(round(v * 255) for v in tab10(i % 10)[:3])
+        )
     return colors
 
 
@@ -61,10 +60,6 @@ def feature(
         props["measurements"] = {k: float(v) for k, v in measurements.items()}
     props.update(extra or {})
     return {"type": "Feature", "geometry": geometry, "properties": props}
-
-
-def feature_collection(features: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "FeatureCollection", "features": features}
 
 
 def _square(x0: float, y0: float, size: float) -> dict[str, Any]:
@@ -101,30 +96,21 @@ def region_annotations(
     else:
         merged = unary_union([box(x, y, x + size0, y + size0) for x, y, _ in boxes]) if boxes else None
         polys = [] if merged is None else list(getattr(merged, "geoms", [merged]))
-        regions = [
-            (
-                mapping(poly),
-                [p for x, y, p in boxes if poly.contains(box(x, y, x + size0, y + size0).centroid)],
-                poly.area,
-            )
+        # each region with the probabilities of the tiles inside it
+        inside = [
+            [p for x, y, p in boxes if poly.contains(box(x, y, x + size0, y + size0).centroid)]
             for poly in polys
         ]
+        regions = [(mapping(poly), ps, poly.area) for poly, ps in zip(polys, inside)]
     features = []
     for i, (geom, ps, area) in enumerate(regions, 1):
         stats = {"n_tiles": len(ps), "mean_prob": float(np.mean(ps)), "max_prob": float(np.max(ps)),
                  "area_px0": float(area)}  # fmt: skip
+        name = f"{positive} region {i}"
         features.append(
-            feature(
-                geom,
-                "annotation",
-                positive,
-                color,
-                name=f"{positive} region {i}",
-                measurements=stats,
-                extra=stats,
-            )
+            feature(geom, "annotation", positive, color, name=name, measurements=stats, extra=stats)
         )
-    return feature_collection(features)
+    return {"type": "FeatureCollection", "features": features}
 
 
 def tile_detections(
@@ -140,13 +126,6 @@ def tile_detections(
         m = {f"prob_{c}": float(r[f"prob_{c}"]) for c in classes}
         if r.get("tissue_fraction", "") != "":
             m["tissue_fraction"] = float(r["tissue_fraction"])
-        features.append(
-            feature(
-                _square(r["x"], r["y"], size0),
-                "detection",
-                r["decision"],
-                colors[r["decision"]],
-                measurements=m,
-            )
-        )
-    return feature_collection(features)
+        sq = _square(r["x"], r["y"], size0)
+        features.append(feature(sq, "detection", r["decision"], colors[r["decision"]], measurements=m))
+    return {"type": "FeatureCollection", "features": features}

@@ -10,7 +10,7 @@ physical scale and aspect from what the model learned.
 Tiles cover the resampled image with the fewest tiles, spread evenly (they overlap by less than a
 tile where the size is not a multiple). An image smaller than one patch at the training scale is
 padded with white (glass, as ingest pads IDC edge patches) when it covers at least
-``min_coverage`` of the patch, else it is not assessable at that scale.
+:data:`MIN_COVERAGE` of the patch, else it is not assessable at that scale.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from cmafnet.data import safety
 from cmafnet.errors import ConfigError
+from cmafnet.inference.temperature import apply_temperature
 
 MIN_COVERAGE = 0.5  # an image must fill half a training patch at the training scale
 AGGREGATES = ("mean", "max")
@@ -99,10 +100,7 @@ def matching_scale(meta: dict, classes: list[str], mpp: float | None, aggregate:
     from cmafnet.data.scale import check_mpp
 
     check_mpp(mpp, "--input-mpp")
-    if aggregate not in AGGREGATES:
-        raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if aggregate == "max" and len(classes) != 2:
-        raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
+    _check_aggregate(aggregate, len(classes))
     scale = run_scale(meta)
     if scale.mpp is None:
         raise ConfigError(f"--input-mpp: the run records no training scale to match ({scale.source})")
@@ -148,14 +146,12 @@ def tile_origins(length: int, tile: int) -> list[int]:
     return [round(x) for x in np.linspace(0, length - tile, n)]
 
 
-def make_tiles(
-    image: np.ndarray, tile_hw: tuple[int, int], min_coverage: float = MIN_COVERAGE
-) -> tuple[list[np.ndarray], str]:
+def make_tiles(image: np.ndarray, tile_hw: tuple[int, int]) -> tuple[list[np.ndarray], str]:
     """Tiles of a resampled image and a status (``""`` = ok, or :data:`SMALLER_THAN_PATCH`)."""
     th, tw = tile_hw
     h, w = image.shape[:2]
     if h < th or w < tw:
-        if (min(h, th) * min(w, tw)) / (th * tw) < min_coverage:
+        if (min(h, th) * min(w, tw)) / (th * tw) < MIN_COVERAGE:
             return [], SMALLER_THAN_PATCH
         canvas = np.full((max(h, th), max(w, tw), 3), 255, np.uint8)  # white = glass
         canvas[:h, :w] = image
@@ -164,16 +160,20 @@ def make_tiles(
     return [np.ascontiguousarray(t) for t in tiles], ""
 
 
+def _check_aggregate(how: str, n_classes: int) -> None:
+    if how not in AGGREGATES:
+        raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {how!r}")
+    if how == "max" and n_classes != 2:
+        raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
+
+
 def aggregate(tile_probs: np.ndarray, how: str = "mean") -> np.ndarray:
     """One probability vector ``(C,)`` from ``(n_tiles, C)``: mean, or max of the positive class (binary)."""
+    _check_aggregate(how, tile_probs.shape[1])
     if how == "mean":
         return tile_probs.mean(axis=0)
-    if how == "max":
-        if tile_probs.shape[1] != 2:
-            raise ConfigError("--aggregate max needs a binary run (max of the positive class)")
-        p1 = float(tile_probs[:, 1].max())
-        return np.array([1.0 - p1, p1])
-    raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {how!r}")
+    p1 = float(tile_probs[:, 1].max())
+    return np.array([1.0 - p1, p1])
 
 
 @dataclass
@@ -187,8 +187,6 @@ class ScaledImage:
     error: str = ""  # with TOO_LARGE: why (an error, not an assessment)
 
     def probs(self, temperature: float, how: str = "mean") -> np.ndarray | None:
-        from cmafnet.inference.temperature import apply_temperature
-
         if self.logits is None:
             return None
         return aggregate(apply_temperature(self.logits, temperature), how)
@@ -199,8 +197,6 @@ def predict_scaled(
     images: Iterable[np.ndarray],
     mpps: Sequence[float | None],
     scale: RunScale,
-    *,
-    min_coverage: float = MIN_COVERAGE,
 ) -> list[ScaledImage]:
     """Resample each image to the run's scale, tile it and return the tiles' uncalibrated logits
     (through the predictor's :meth:`~cmafnet.inference.predict.Predictor.logits_stream`)."""
@@ -218,7 +214,7 @@ def predict_scaled(
             except safety.UnsafeFile as err:
                 out.append(ScaledImage(None, 0, (0, 0), TOO_LARGE, str(err)))
                 continue
-            found, status = make_tiles(small, scale.tile_hw, min_coverage)
+            found, status = make_tiles(small, scale.tile_hw)
             out.append(ScaledImage(None, len(found), tuple(small.shape[:2]), status))
             yield from ((len(out) - 1, t) for t in found)
 

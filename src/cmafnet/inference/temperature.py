@@ -128,10 +128,8 @@ def run_temperature(meta: dict, mode: str = "auto") -> tuple[float, str]:
     k = (meta.get("calibration") or {}).get("n_patients")
     fitted = f"temperature {t:.4g} fitted on validation ({'?' if k is None else k} patients, run.json)"
     if mode == "auto" and (k is None or k < MIN_CALIBRATION_PATIENTS):
-        return (
-            1.0,
-            f"uncalibrated: {fitted} is not applied under {MIN_CALIBRATION_PATIENTS} (--calibration on applies it)",
-        )
+        why = f"is not applied under {MIN_CALIBRATION_PATIENTS} (--calibration on applies it)"
+        return 1.0, f"uncalibrated: {fitted} {why}"
     return float(t), fitted
 
 

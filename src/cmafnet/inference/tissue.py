@@ -49,34 +49,20 @@ class TissueResult:
     pen_fraction: float  # ink pixels / all pixels
     flags: tuple[str, ...]  # e.g. ("not_assessable:pen",); empty = assessable
 
-    @property
-    def assessable(self) -> bool:
-        return not self.flags
-
-
-def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from matplotlib.colors import rgb_to_hsv
-
-    hsv = rgb_to_hsv(rgb.astype(np.float32) / 255.0)  # (H, W, 3) in [0, 1]
-    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
-
 
 def pixel_masks(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
     """Boolean ``(tissue, pen)`` masks of an RGB uint8 ``(H, W, 3)`` image; tissue excludes ink."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
-    h, s, v = _hsv(rgb)
+    from matplotlib.colors import rgb_to_hsv
+
+    h, s, v = np.moveaxis(rgb_to_hsv(rgb.astype(np.float32) / 255.0), -1, 0)  # each (H, W) in [0, 1]
     green_blue = (h > t.pen_hue[0]) & (h < t.pen_hue[1]) & (s > t.pen_saturation)
     red = ((h > t.red_pen_hue[0]) | (h < t.red_pen_hue[1])) & (s > t.red_pen_saturation)
     black = (v < t.black_value) & (s < t.black_saturation)
     pen = green_blue | red | black
     tissue = (((s > t.min_saturation) & (v < t.max_value)) | (v < t.dark_value)) & ~pen
     return tissue, pen
-
-
-def tissue_mask(rgb: np.ndarray, t: TissueThresholds = DEFAULT_THRESHOLDS) -> np.ndarray:
-    """Boolean tissue mask (ink excluded), e.g. of a slide thumbnail."""
-    return pixel_masks(rgb, t)[0]
 
 
 def check_tile(

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from cmafnet.data.safety import MAX_PIXELS_ENV, limits, require_regular_file
-from cmafnet.data.scale import IDC_MPP, MPP_RANGE, check_mpp
+from cmafnet.data.scale import MPP_RANGE, check_mpp
 from cmafnet.errors import ConfigError, InputDataError
 from cmafnet.inference import qupath
 from cmafnet.inference.predict import PredictOptions, Predictor
@@ -48,7 +48,7 @@ from cmafnet.inference.tissue import (
     NOT_ASSESSABLE,
     TissueThresholds,
     check_tile,
-    tissue_mask,
+    pixel_masks,
 )
 from cmafnet.inference.wsi_figures import (
     heatmap_figure,
@@ -63,7 +63,6 @@ from cmafnet.run import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
-IDC_PATCH_MPP = IDC_MPP  # documented IDC scale (cmafnet.data.scale)
 IDC_PATCH_PX = 50
 MAX_TILES = 1_000_000  # per slide: ~1 GB of per-tile records (0.6 KB measured before prediction)
 
@@ -148,18 +147,17 @@ def plan_tiling(
     meta = meta or {}
     w0, h0 = slide.dimensions
     check_tiling_options(level=level, mpp=mpp, tile=tile, meta=meta)
-    base_mpp = slide_mpp(slide)
+    base_mpp, scale = slide_mpp(slide), run_scale(meta)
+    tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
+    source = "mpp" if level is None else "level"
     if level is not None:
         if not 0 <= level < slide.level_count:
             raise ConfigError(f"--level {level}: the slide has levels 0..{slide.level_count - 1}")
-        tile_px = tile or run_scale(meta).tile_hw[0] or IDC_PATCH_PX
         ds = float(slide.level_downsamples[level])
-        size0 = round(tile_px * ds)
+        read_px, size0 = tile_px, round(tile_px * ds)
         eff_mpp = base_mpp * ds if base_mpp else None
-        plan = TilePlan(level, tile_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, "level")
     else:
-        scale = run_scale(meta)  # check_tiling_options has refused an unknown training scale
-        target = float(mpp if mpp is not None else scale.mpp)
+        eff_mpp = float(mpp if mpp is not None else scale.mpp)  # check_tiling_options refused an unknown one
         if base_mpp is None:
             raise InputDataError("the slide states no microns per pixel: pass --level L (and --tile PX)")
         if not MPP_RANGE[0] <= base_mpp <= MPP_RANGE[1]:
@@ -167,28 +165,22 @@ def plan_tiling(
                 f"the slide states {base_mpp:g} microns per pixel, outside {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}: "
                 "pass --level L (and --tile PX)"
             )
-        tile_px = tile or scale.tile_hw[0] or IDC_PATCH_PX
-        ds_target = target / base_mpp  # level-0 pixels per model pixel
+        ds_target = eff_mpp / base_mpp  # level-0 pixels per model pixel
         if ds_target < 1 - 1e-6:
             log.warning(
                 "target %.3g um/px is finer than the slide's %.3g um/px: tiles will be upsampled",
-                target,
+                eff_mpp,
                 base_mpp,
             )
         size0 = max(1, round(tile_px * ds_target))
-        lvl = slide.get_best_level_for_downsample(max(ds_target, 1.0))
-        read_px = max(1, round(size0 / float(slide.level_downsamples[lvl])))
-        plan = TilePlan(lvl, read_px, tile_px, size0, w0 // size0, h0 // size0, target, "mpp")
+        level = slide.get_best_level_for_downsample(max(ds_target, 1.0))
+        read_px = max(1, round(size0 / float(slide.level_downsamples[level])))
+    plan = TilePlan(level, read_px, tile_px, size0, w0 // size0, h0 // size0, eff_mpp, source)
     if plan.cols == 0 or plan.rows == 0:
         raise InputDataError(
             f"slide {w0}x{h0} px is smaller than one tile ({plan.size0} level-0 px); use a finer --target-mpp or --level"
         )
-    _check_plan_size(plan)
-    return plan
-
-
-def _check_plan_size(plan: TilePlan) -> None:
-    """Refuse, before any read, a plan whose tile reads or tile count would not fit in memory."""
+    # Refuse, before any read, a plan whose tile reads or tile count would not fit in memory.
     cap = limits().max_pixels
     if plan.read_px**2 > cap:
         raise ConfigError(
@@ -200,31 +192,30 @@ def _check_plan_size(plan: TilePlan) -> None:
             f"{plan.cols} x {plan.rows} = {plan.cols * plan.rows:,} tiles of {plan.size0} level-0 px, more than "
             f"{MAX_TILES:,}: use a coarser --target-mpp, a larger --tile or --level"
         )
+    return plan
 
 
-def _read_tile(slide: Any, plan: TilePlan, col: int, row: int) -> np.ndarray:
-    """RGB uint8 ``(tile_px, tile_px, 3)`` of one grid cell."""
+def _on_white(rgba: Any) -> np.ndarray:
+    """RGB uint8 of an OpenSlide RGBA image: outside-scan areas are transparent, painted white (glass)."""
     from PIL import Image
 
-    region = slide.read_region((col * plan.size0, row * plan.size0), plan.level, (plan.read_px, plan.read_px))
-    # OpenSlide returns premultiplied RGBA; outside-scan areas are transparent: paint them white (glass).
-    bg = Image.new("RGB", region.size, (255, 255, 255))
-    bg.paste(region, mask=region.split()[3])
+    bg = Image.new("RGB", rgba.size, (255, 255, 255))
+    bg.paste(rgba, mask=rgba.split()[3])
+    return np.asarray(bg)
+
+
+def _read_tile(slide: Any, plan: TilePlan, row: dict) -> np.ndarray:
+    """RGB uint8 ``(tile_px, tile_px, 3)`` of one grid cell (a ``tiles.csv`` row)."""
+    region = slide.read_region((row["x"], row["y"]), plan.level, (plan.read_px, plan.read_px))
     # Same resampling as scale-matched predict/evaluate: area averaging down, bicubic up.
-    return resize_image(np.asarray(bg), (plan.tile_px, plan.tile_px))
+    return resize_image(_on_white(region), (plan.tile_px, plan.tile_px))
 
 
 def _thumbnail(slide: Any, plan: TilePlan, max_side: int = 1024) -> tuple[np.ndarray, float]:
     """Thumbnail (RGB uint8) and its downsample from level 0 (at least 4 thumbnail px per tile)."""
-    from PIL import Image
-
     w0, h0 = slide.dimensions
     ds = max(1.0, min(max(w0, h0) / max_side, plan.size0 / 4))
-    size = (max(1, round(w0 / ds)), max(1, round(h0 / ds)))
-    thumb = slide.get_thumbnail(size).convert("RGBA")
-    bg = Image.new("RGB", thumb.size, (255, 255, 255))
-    bg.paste(thumb, mask=thumb.split()[3])
-    arr = np.asarray(bg)
+    arr = _on_white(slide.get_thumbnail((max(1, round(w0 / ds)), max(1, round(h0 / ds)))).convert("RGBA"))
     return arr, w0 / arr.shape[1]
 
 
@@ -257,25 +248,6 @@ class WSISummary:
     seconds: float  # wall time of this call, the model load included when it loaded one
 
 
-def _adabn_on_slide(
-    predictor: Predictor,
-    slide: Any,
-    plan: TilePlan,
-    todo: list[dict],
-    thresholds: TissueThresholds,
-    name: str,
-) -> None:
-    """AdaBN on this slide: BatchNorm statistics re-estimated on its assessable tissue tiles (a first pass
-    over them; the scoring pass reads them again)."""
-    tiles = (_read_tile(slide, plan, row["col"], row["row"]) for row in todo)
-    try:
-        predictor.adapt_batchnorm(
-            (t for t in tiles if not check_tile(t, thresholds).flags), f"the tissue tiles of {name}"
-        )
-    except ValueError:  # no assessable tile: nothing to re-estimate on (and nothing will be scored)
-        log.warning("--adabn: %s has no assessable tissue tile; BatchNorm statistics left as they were", name)
-
-
 def predict_slide(
     run_dir: str | Path,
     slide_path: str | Path,
@@ -306,11 +278,12 @@ def predict_slide(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thumb, tds = _thumbnail(slide, plan)
-    mask = tissue_mask(thumb, tissue_thresholds)  # (h, w) bool
-    positive = predictor.classes[1]
+    mask = pixel_masks(thumb, tissue_thresholds)[0]  # (h, w) bool tissue, ink excluded
+    positive, name = predictor.classes[1], Path(slide_path).name
     prob_key = f"prob_{positive}"
 
     rows: list[dict[str, Any]] = []
+    todo = []  # the cells to read: enough tissue on the thumbnail
     for r in range(plan.rows):
         for c in range(plan.cols):
             x, y = c * plan.size0, r * plan.size0
@@ -321,37 +294,37 @@ def predict_slide(
             rows.append({"col": c, "row": r, "x": x, "y": y, "size0": plan.size0, "level": plan.level,
                          "read_px": plan.read_px, "tile_px": plan.tile_px, "thumb_tissue": round(frac, 4),
                          "status": "", "decision": "", "flags": ""})  # fmt: skip
-    todo = []
-    for row in rows:
-        if row["thumb_tissue"] < tissue_thresholds.background_fraction:
-            row["status"], row["decision"], row["flags"] = (
-                NOT_ASSESSABLE,
-                NOT_ASSESSABLE,
-                f"{NOT_ASSESSABLE}:background",
-            )
-        else:
-            todo.append(row)
+            if frac < tissue_thresholds.background_fraction:
+                rows[-1].update(
+                    status=NOT_ASSESSABLE, decision=NOT_ASSESSABLE, flags=f"{NOT_ASSESSABLE}:background"
+                )
+            else:
+                todo.append(rows[-1])
 
     if predictor.adapt.adabn != "off":
-        _adabn_on_slide(predictor, slide, plan, todo, tissue_thresholds, Path(slide_path).name)
+        # AdaBN on this slide: BatchNorm statistics re-estimated on its assessable tissue tiles (a first
+        # pass over them; the scoring pass reads them again).
+        tiles = (_read_tile(slide, plan, row) for row in todo)
+        try:
+            predictor.adapt_batchnorm(
+                (t for t in tiles if not check_tile(t, tissue_thresholds).flags),
+                f"the tissue tiles of {name}",
+            )
+        except ValueError:  # no assessable tile: nothing to re-estimate on (and nothing will be scored)
+            log.warning(
+                "--adabn: %s has no assessable tissue tile; BatchNorm statistics left as they were", name
+            )
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="wsi tiles", unit="tile", disable=not progress, leave=False)
 
     def tissue_tiles() -> Iterator[tuple[dict, np.ndarray]]:  # (row, tile) of the tiles to classify
         for row in todo:
-            img = _read_tile(slide, plan, row["col"], row["row"])
+            img = _read_tile(slide, plan, row)
             tc = check_tile(img, tissue_thresholds)
-            row["tissue_fraction"], row["pen_fraction"] = (
-                round(tc.tissue_fraction, 4),
-                round(tc.pen_fraction, 4),
-            )
+            row.update(tissue_fraction=round(tc.tissue_fraction, 4), pen_fraction=round(tc.pen_fraction, 4))
             if tc.flags:
-                row["status"], row["decision"], row["flags"] = (
-                    NOT_ASSESSABLE,
-                    NOT_ASSESSABLE,
-                    ";".join(tc.flags),
-                )
+                row.update(status=NOT_ASSESSABLE, decision=NOT_ASSESSABLE, flags=";".join(tc.flags))
             else:
                 yield row, img
             bar.update(1)
@@ -385,7 +358,7 @@ def predict_slide(
     atomic_write_bytes(out_dir / "heatmap_overlay.png", png_bytes(overlay))
     calibrated = "calibrated" if predictor.temperature != 1.0 else "uncalibrated"
     figure = heatmap_figure(
-        thumb, overlay, title=f"{Path(slide_path).name}: {partition_line(parts)}", positive=positive,
+        thumb, overlay, title=f"{name}: {partition_line(parts)}", positive=positive,
         threshold=predictor.threshold, calibration=calibrated, counts=parts,
     )  # fmt: skip
     atomic_write_bytes(out_dir / "heatmap.png", figure)

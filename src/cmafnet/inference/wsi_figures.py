@@ -9,6 +9,7 @@ Every tile of the grid falls in exactly one category, so the counts add up to th
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from typing import Any
 
@@ -33,17 +34,16 @@ def tile_category(row: dict, positive: str) -> str:
 
 def partition(rows: list[dict], positive: str) -> dict[str, Any]:
     """Counts per category (summing to ``len(rows)``) and the not-assessable reasons."""
-    counts = Counter(tile_category(r, positive) for r in rows)
-    reasons: Counter = Counter()
-    for r in rows:
-        if tile_category(r, positive) == NOT_ASSESSABLE_CAT:
-            for f in str(r.get("flags") or "").split(";"):
-                if f.startswith(f"{NOT_ASSESSABLE}:"):
-                    reasons[f.split(":", 1)[1]] += 1
-    out = {c: int(counts.get(c, 0)) for c in CATEGORIES}
-    out["total"] = len(rows)
-    out["not_assessable_reasons"] = dict(reasons)
-    return out
+    cats = [tile_category(r, positive) for r in rows]
+    reasons = Counter(
+        f.split(":", 1)[1]
+        for r, cat in zip(rows, cats)
+        if cat == NOT_ASSESSABLE_CAT
+        for f in str(r.get("flags") or "").split(";")
+        if f.startswith(f"{NOT_ASSESSABLE}:")
+    )
+    counts = Counter(cats)
+    return {**{c: counts[c] for c in CATEGORIES}, "total": len(rows), "not_assessable_reasons": dict(reasons)}
 
 
 def partition_line(p: dict[str, Any]) -> str:
@@ -130,8 +130,6 @@ def heatmap_figure(
     fig.legend(handles=legend, loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -165,8 +163,6 @@ def heatmap_overlay(
 
 def png_bytes(arr: np.ndarray) -> bytes:
     """An RGB or grey uint8 array as PNG bytes."""
-    import io
-
     from PIL import Image
 
     buf = io.BytesIO()
