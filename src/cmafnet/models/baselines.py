@@ -13,6 +13,7 @@ The reconstructed fusion baselines (TransFuse, MMTM, HRFNet) live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import timm
@@ -87,54 +88,86 @@ def timm_kwargs(spec: BaselineSpec, cfg: ModelConfig) -> dict[str, Any]:
     return kw
 
 
-class TimmClassifier(nn.Module):
+class ClassifierMixin:
+    """The model contract around a pooled ``(B, D)`` feature: dropout, a linear / cosine classifier,
+    ``forward``, ``forward_head``, ``reset_classifier`` and ``param_groups_by_role`` (by ``roles``:
+    role -> the attributes whose parameters it trains)."""
+
+    roles: dict[str, tuple[str, ...]]
+    head: nn.Module
+    drop: nn.Module
+    num_features: int
+    num_classes: int
+    normalized: bool
+
+    def _init_head(
+        self, cfg: ModelConfig, num_features: int, backbone_attr: str = "cnn", **timm_kw: Any
+    ) -> None:
+        """The classifier, then ``model.weights`` if set (see :func:`load_weights`)."""
+        self.img_size = cfg.img_size
+        self.num_classes = cfg.num_classes
+        self.normalized = cfg.head.normalized
+        self.num_features = num_features
+        self.drop = nn.Dropout(cfg.head.dropout)
+        self.head = self._make_head(cfg.num_classes)
+        if cfg.weights:
+            load_weights(self, cfg.weights, backbone_attr, timm_kw)  # type: ignore[arg-type]
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return make_classifier(self.num_features, num_classes, self.normalized)
+
+    def pool(self, feats: Tensor) -> Tensor:
+        """``forward_features``' output as ``(B, D)``: already pooled unless overridden."""
+        return feats
+
+    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
+        z = self.pool(feats)
+        return z if pre_logits else self.head(self.drop(z))
+
+    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
+        z = self.pool(self.forward_features(x))  # type: ignore[attr-defined]
+        logits = self.head(self.drop(z))
+        return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+
+    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            role: [p for a in attrs for p in getattr(self, a).parameters()]
+            for role, attrs in self.roles.items()
+        }
+
+
+class TimmClassifier(ClassifierMixin, nn.Module):
     """A timm backbone plus our (linear or cosine) classifier, following the model contract."""
+
+    roles = {"spatial": ("backbone",), "head": ("head",)}
 
     def __init__(self, spec: BaselineSpec, cfg: ModelConfig) -> None:
         super().__init__()
         self.spec = spec
-        self.img_size = cfg.img_size
-        self.num_classes = cfg.num_classes
-        self.normalized = cfg.head.normalized
+        kw = timm_kwargs(spec, cfg)
         try:
-            self.backbone = timm.create_model(spec.timm_name, **timm_kwargs(spec, cfg))
+            self.backbone = timm.create_model(spec.timm_name, **kw)
         except (TypeError, ValueError, AssertionError, RuntimeError) as err:
             raise ConfigError(
                 f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}"
             ) from None
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
-        self.num_features: int = self.backbone.num_features
-        self.drop = nn.Dropout(cfg.head.dropout)
-        self.head = make_classifier(self.num_features, cfg.num_classes, cfg.head.normalized)
+        self._init_head(cfg, self.backbone.num_features, "backbone", **kw)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Backbone feature map (CNN: (B, C, h, w); ViT: (B, N, C) tokens)."""
         return self.backbone.forward_features(x)
 
-    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool (timm's own pooling / norm), then classify; ``pre_logits`` returns (B, D)."""
-        z = self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
-        if pre_logits:
-            return z
-        return self.head(self.drop(z))
-
-    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
-        z = self.forward_head(self.forward_features(x), pre_logits=True)
-        logits = self.head(self.drop(z))
-        return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = make_classifier(self.num_features, num_classes, self.normalized)
-
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        return {"spatial": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+    def pool(self, feats: Tensor) -> Tensor:
+        return self.backbone.forward_head(feats, pre_logits=True)  # timm's own pooling / norm, (B, D)
 
 
-def load_weights(
-    model: nn.Module, path: str, backbone_attr: str = "backbone", timm_kw: dict[str, Any] | None = None
-) -> None:
+def load_weights(model: nn.Module, path: str, backbone_attr: str, timm_kw: dict[str, Any]) -> None:
     """Load a local weights file or a pretrained name (``timm:...``, ``hf-hub:...``) into ``model``.
 
     A whole-model state dict (keys as in ``model.state_dict()``) is loaded strictly. Otherwise the
@@ -148,35 +181,19 @@ def load_weights(
 
     name = parse_weights(path)
     if name is not None:
-        load_named_backbone(getattr(model, backbone_attr), name, "model.weights", **(timm_kw or {}))
+        load_named_backbone(getattr(model, backbone_attr), name, "model.weights", **timm_kw)
         return
     sd = load_state_dict_file(path)
     own = model.state_dict()
     if set(sd) == set(own):
         model.load_state_dict(sd)
         return
-    backbone = getattr(model, backbone_attr, None)
-    if backbone is None:
-        raise ConfigError(f"model.weights: {path} does not match the model's parameters")
+    backbone = getattr(model, backbone_attr)
     clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
     clf_names = (clf,) if isinstance(clf, str) else tuple(clf)
     sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in clf_names)}
     load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
 
 
-def _factory(name: str):
-    spec = BASELINES[name]
-
-    def build(cfg: ModelConfig) -> TimmClassifier:
-        model = TimmClassifier(spec, cfg)
-        if cfg.weights:
-            load_weights(model, cfg.weights, timm_kw=timm_kwargs(spec, cfg))
-        return model
-
-    build.__name__ = f"build_{name}"
-    build.__doc__ = f"{spec.paper_name or name}: timm ``{spec.timm_name}`` with a linear/cosine head."
-    return build
-
-
-for _name in BASELINES:
-    MODELS.add(_name, _factory(_name))
+for _name, _spec in BASELINES.items():
+    MODELS.add(_name, partial(TimmClassifier, _spec))

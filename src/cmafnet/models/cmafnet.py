@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import cast
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmafnet.config import ModelConfig
 from cmafnet.models import MODELS
+from cmafnet.models.baselines import make_classifier
 from cmafnet.models.bottleneck import VariationalBottleneck
 from cmafnet.models.fusion import FUSIONS
 from cmafnet.models.mobilevit import MobileViT, MobileViTOptions
@@ -29,18 +28,6 @@ from cmafnet.models.spatial import SpatialBranch
 from cmafnet.models.weights import load_branch_weights, load_model_weights
 
 ROLES = ("spatial", "contextual", "fusion", "head", "aux_heads")
-
-
-class NormedLinear(nn.Module):
-    """Cosine classifier: ``normalize(x) @ normalize(W)^T`` in [-1, 1] (LDAM, Cao et al. 2019)."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 class ClassifierHead(nn.Module):
@@ -52,15 +39,10 @@ class ClassifierHead(nn.Module):
         self.in_features = hidden or dim
         self.normalized = normalized
         self.drop = nn.Dropout(dropout)
-        self.fc = self._fc(num_classes)
-
-    def _fc(self, num_classes: int) -> nn.Module:
-        if self.normalized:
-            return NormedLinear(self.in_features, num_classes)
-        return nn.Linear(self.in_features, num_classes)
+        self.fc = make_classifier(self.in_features, num_classes, normalized)
 
     def reset(self, num_classes: int) -> None:
-        self.fc = self._fc(num_classes).to(next(self.parameters()).device)
+        self.fc = make_classifier(self.in_features, num_classes, self.normalized).to(self.fc.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.drop(self.hidden(x)))
@@ -71,6 +53,7 @@ def _projection(in_ch: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
 
 
+@MODELS.register("cmafnet")
 class CMAFNet(nn.Module):
     """CMAF-Net following the package model contract (``docs/architecture.md``).
 
@@ -232,9 +215,3 @@ class CMAFNet(nn.Module):
         out.pre_logits = self.forward_head(fused, pre_logits=True)
         out.logits = self.head(out.pre_logits)
         return out
-
-
-@MODELS.register("cmafnet")
-def build(cfg: ModelConfig) -> nn.Module:
-    """Factory for ``create_model``: a :class:`CMAFNet` from a validated ``ModelConfig``."""
-    return CMAFNet(cfg)
