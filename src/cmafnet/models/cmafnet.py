@@ -22,7 +22,7 @@ from cmafnet.models import MODELS
 from cmafnet.models.baselines import make_classifier
 from cmafnet.models.bottleneck import VariationalBottleneck
 from cmafnet.models.fusion import FUSIONS
-from cmafnet.models.mobilevit import MobileViT, MobileViTOptions
+from cmafnet.models.mobilevit import MobileViT
 from cmafnet.models.output import ModelOutput
 from cmafnet.models.spatial import SpatialBranch
 from cmafnet.models.weights import load_branch_weights, load_model_weights
@@ -78,17 +78,7 @@ class CMAFNet(nn.Module):
             if sp.enabled
             else None
         )
-        opts = MobileViTOptions(
-            attention=ct.attention,
-            num_landmarks=ct.num_landmarks,
-            pinv=ct.pinv,
-            pinv_iters=ct.pinv_iters,
-            patch_size=ct.patch_size,
-            scale_aware_pos=ct.scale_aware_pos,
-            learned_pos=ct.learned_pos,
-            img_size=cfg.img_size,
-        )
-        self.contextual = MobileViT(ct.variant, opts, drop_path=cfg.drop_path) if ct.enabled else None
+        self.contextual = MobileViT(ct, cfg.img_size, cfg.drop_path) if ct.enabled else None
 
         # Role "fusion": projections, bottlenecks and the fusion block (trained in stage 2).
         self.proj_s = _projection(self.spatial.num_features, d) if self.spatial is not None else None

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cmafnet.errors import ConfigError
-from cmafnet.models.weights import load_strict
 
 
 class SpatialAttentionGate(nn.Module):
@@ -95,14 +94,3 @@ class SpatialBranch(nn.Module):
         if self.gate is not None:
             out = self.gate(out)
         return out
-
-    def load_timm_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
-        """Load a timm ``resnet18`` (or the configured backbone) state dict into ``body``.
-
-        The classifier (``fc.*``) is ignored; the skip convs and the gate keep their initialisation.
-
-        Raises:
-            ConfigError: keys or shapes do not match the backbone.
-        """
-        sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        load_strict(self.body, sd, f"spatial.weights: {source} does not fit {self.backbone}")

@@ -82,22 +82,29 @@ def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_branch_weights(branch: nn.Module, path: str | Path, role: str) -> None:
     """Load a file or pretrained name into a branch (``role`` 'spatial' or 'contextual').
 
+    The timm classifier (``fc.*`` / ``head.*``) is ignored; the spatial branch's skip convs and gate,
+    and the contextual branch's added embeddings when absent, keep their initialisation.
+
     Raises:
         ConfigError: the weights do not fit the branch, or a name cannot be fetched.
         RunFolderError: the file is missing or not a plain weights file.
     """
+    if role == "spatial":  # timm's features_only ResNet under ``body``
+        target, arch, classifier, may_miss = branch.body, branch.backbone, "fc.", ()
+    else:
+        arch, classifier = f"mobilevit_{branch.variant}", "head."
+        target, may_miss = branch, tuple(branch.added_parameter_names())
     name = parse_weights(path)
     if name is not None:
-        arch = branch.backbone if role == "spatial" else f"mobilevit_{branch.variant}"
-        source = create_pretrained(name, f"model.{role}.weights", expect_arch=arch, num_classes=0)
-        branch.load_timm_state_dict(source.state_dict(), source=str(name))
-        return
-    sd = load_state_dict_file(path)
-    if not isinstance(sd, dict):
-        raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
-    sd = _strip_prefix(sd, "spatial.body." if role == "spatial" else "contextual.")
-    sd = _strip_prefix(sd, "module.")  # DDP-saved files
-    branch.load_timm_state_dict(sd, source=str(path))
+        sd = create_pretrained(name, f"model.{role}.weights", expect_arch=arch, num_classes=0).state_dict()
+    else:
+        sd = load_state_dict_file(path)
+        if not isinstance(sd, dict):
+            raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
+        sd = _strip_prefix(sd, "spatial.body." if role == "spatial" else "contextual.")
+        sd = _strip_prefix(sd, "module.")  # DDP-saved files
+    sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
+    load_strict(target, sd, f"{role}.weights: {name or path} does not fit {arch}", may_miss=may_miss)
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
