@@ -12,7 +12,6 @@ The reconstructed fusion baselines (TransFuse, MMTM, HRFNet) live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -27,27 +26,17 @@ from cmafnet.models import MODELS
 from cmafnet.models.output import ModelOutput
 from cmafnet.models.weights import load_strict
 
-
-@dataclass(frozen=True)
-class BaselineSpec:
-    """A registered timm baseline."""
-
-    timm_name: str  # timm architecture name
-    takes_img_size: bool = False  # ViT / DeiT / Swin: the position grid depends on the input size
-    extra: dict[str, Any] = field(default_factory=dict)  # further timm kwargs
-    paper_name: str = ""  # how the paper's tables call it
-
-
-# Short registry names -> timm architectures (paper Table 1 rows).
-BASELINES: dict[str, BaselineSpec] = {
-    "resnet18": BaselineSpec("resnet18", paper_name="ResNet-18"),
-    "resnet50": BaselineSpec("resnet50", paper_name="ResNet-50"),
-    "densenet121": BaselineSpec("densenet121", paper_name="DenseNet-121"),
-    "efficientnet_b3": BaselineSpec("efficientnet_b3", paper_name="EfficientNet-B3"),
-    "convnext_tiny": BaselineSpec("convnext_tiny", paper_name="ConvNeXt-T"),
-    "vit_s16": BaselineSpec("vit_small_patch16_224", takes_img_size=True, paper_name="ViT-S/16"),
-    "swin_t": BaselineSpec("swin_tiny_patch4_window7_224", takes_img_size=True, paper_name="Swin-T"),
-    "deit_s": BaselineSpec("deit_small_patch16_224", takes_img_size=True, paper_name="DeiT-S"),
+# Short registry names -> timm architectures (paper Table 1 rows: ResNet-18, ResNet-50, DenseNet-121,
+# EfficientNet-B3, ConvNeXt-T, ViT-S/16, Swin-T, DeiT-S).
+BASELINES: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+    "efficientnet_b3": "efficientnet_b3",
+    "convnext_tiny": "convnext_tiny",
+    "vit_s16": "vit_small_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "deit_s": "deit_small_patch16_224",
 }
 
 
@@ -71,12 +60,12 @@ def make_classifier(in_features: int, num_classes: int, normalized: bool) -> nn.
     return CosineClassifier(in_features, num_classes) if normalized else nn.Linear(in_features, num_classes)
 
 
-def timm_kwargs(spec: BaselineSpec, cfg: ModelConfig) -> dict[str, Any]:
+def timm_kwargs(timm_name: str, cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model`` for this config (no pretrained download, ever)."""
-    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0, **spec.extra}
-    if spec.takes_img_size:
+    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    if "_patch" in timm_name:  # ViT / DeiT / Swin: the position grid depends on the input size
         kw["img_size"] = cfg.img_size
-        if spec.timm_name.startswith("swin"):
+        if timm_name.startswith("swin"):
             # Swin needs the patch grid (img/4) to be divisible by the window at every stage; the
             # 224-px window of 7 does not divide small grids, so small inputs use window img/32
             # (7 at 224 px, 2 at 64 px). Recorded in docs/decisions/experiments.md.
@@ -145,16 +134,13 @@ class TimmClassifier(ClassifierMixin, nn.Module):
 
     roles = {"spatial": ("backbone",), "head": ("head",)}
 
-    def __init__(self, spec: BaselineSpec, cfg: ModelConfig) -> None:
+    def __init__(self, timm_name: str, cfg: ModelConfig) -> None:
         super().__init__()
-        self.spec = spec
-        kw = timm_kwargs(spec, cfg)
+        kw = timm_kwargs(timm_name, cfg)
         try:
-            self.backbone = timm.create_model(spec.timm_name, **kw)
+            self.backbone = timm.create_model(timm_name, **kw)
         except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-            raise ConfigError(
-                f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}"
-            ) from None
+            raise ConfigError(f"model: cannot build {timm_name} at img_size {cfg.img_size}: {err}") from None
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self._init_head(cfg, self.backbone.num_features, "backbone", **kw)
@@ -195,5 +181,5 @@ def load_weights(model: nn.Module, path: str, backbone_attr: str, timm_kw: dict[
     load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
 
 
-for _name, _spec in BASELINES.items():
-    MODELS.add(_name, partial(TimmClassifier, _spec))
+for _name, _timm_name in BASELINES.items():
+    MODELS.add(_name, partial(TimmClassifier, _timm_name))
