@@ -39,13 +39,6 @@ def is_transformers_layout(state_dict: dict[str, Tensor]) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in state_dict)
 
 
-def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "embeddings.") for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 def _block_key(layer: str, rest: str) -> str | None:
     """timm name of one block tensor (``rest`` = transformers name inside the layer), or None to drop."""
     if rest.startswith("layer_scale"):  # layer_scale1.lambda1 -> ls1.gamma
@@ -64,7 +57,8 @@ def transformers_to_timm(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     Raises:
         ValueError: a tensor has no timm counterpart (another architecture).
     """
-    sd = _strip_prefix(state_dict)
+    prefix = next((p for p in _PREFIXES if any(k.startswith(p + "embeddings.") for k in state_dict)), "")
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     out: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, dict[str, Tensor]]] = {}  # layer -> weight/bias -> q/k/v
     for key, value in sd.items():
