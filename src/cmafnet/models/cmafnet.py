@@ -13,6 +13,7 @@ fused map is F_t), ``contextual.enabled=False`` (CNN only: F_s), ``fusion.kind=c
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import cast
 
 from torch import Tensor, nn
@@ -28,24 +29,6 @@ from cmafnet.models.spatial import SpatialBranch
 from cmafnet.models.weights import load_branch_weights, load_model_weights
 
 ROLES = ("spatial", "contextual", "fusion", "head", "aux_heads")
-
-
-class ClassifierHead(nn.Module):
-    """``(B, D) -> (B, C)``: optional hidden layer (Linear, GELU), dropout, final (cosine) layer."""
-
-    def __init__(self, dim: int, num_classes: int, *, hidden: int, dropout: float, normalized: bool) -> None:
-        super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(dim, hidden), nn.GELU()) if hidden else nn.Identity()
-        self.in_features = hidden or dim
-        self.normalized = normalized
-        self.drop = nn.Dropout(dropout)
-        self.fc = make_classifier(self.in_features, num_classes, normalized)
-
-    def reset(self, num_classes: int) -> None:
-        self.fc = make_classifier(self.in_features, num_classes, self.normalized).to(self.fc.weight.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(self.hidden(x)))
 
 
 def _projection(in_ch: int, dim: int) -> nn.Sequential:
@@ -90,13 +73,10 @@ class CMAFNet(nn.Module):
         both = self.spatial is not None and self.contextual is not None
         self.fusion = FUSIONS.get(cfg.fusion.kind)(cfg.fusion) if both else None
 
-        self.head = ClassifierHead(
-            d,
-            cfg.num_classes,
-            hidden=cfg.head.hidden,
-            dropout=cfg.head.dropout,
-            normalized=cfg.head.normalized,
-        )
+        h = cfg.head  # (B, D) -> (B, C): optional hidden layer (Linear, GELU), dropout, final (cosine) layer
+        hidden = nn.Sequential(nn.Linear(d, h.hidden), nn.GELU()) if h.hidden else nn.Identity()
+        fc = make_classifier(h.hidden or d, cfg.num_classes, h.normalized)
+        self.head = nn.Sequential(OrderedDict(hidden=hidden, drop=nn.Dropout(h.dropout), fc=fc))
         # Stage-1 temporary heads on each branch's own pooled features.
         self.aux_heads = nn.ModuleDict()
         if self.spatial is not None:
@@ -139,14 +119,17 @@ class CMAFNet(nn.Module):
             if name in frozen:
                 continue
             top = name.split(".", 1)[0]
-            role = top if top in ("spatial", "contextual", "head", "aux_heads") else "fusion"
+            role = top if top in ROLES else "fusion"  # proj_*, bottleneck_* and fusion
             groups[role].append(p)
         return groups
 
     def reset_classifier(self, num_classes: int) -> None:
         """New final layer (and aux heads) for ``num_classes`` outputs."""
         self.num_classes = num_classes
-        self.head.reset(num_classes)
+        fc = self.head.fc
+        self.head.fc = make_classifier(fc.weight.shape[1], num_classes, self.cfg.head.normalized).to(
+            fc.weight.device
+        )
         for name, lin in list(self.aux_heads.items()):
             self.aux_heads[name] = nn.Linear(lin.in_features, num_classes).to(lin.weight.device)
 
