@@ -24,7 +24,7 @@ from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
 from cmafnet.models.output import ModelOutput
-from cmafnet.models.weights import load_strict
+from cmafnet.models.weights import load_model_weights
 
 # Short registry names -> timm architectures (paper Table 1 rows: ResNet-18, ResNet-50, DenseNet-121,
 # EfficientNet-B3, ConvNeXt-T, ViT-S/16, Swin-T, DeiT-S).
@@ -92,7 +92,7 @@ class ClassifierMixin:
     def _init_head(
         self, cfg: ModelConfig, num_features: int, backbone_attr: str = "cnn", **timm_kw: Any
     ) -> None:
-        """The classifier, then ``model.weights`` if set (see :func:`load_weights`)."""
+        """The classifier, then ``model.weights`` if set (a name or a backbone file into ``backbone_attr``)."""
         self.img_size = cfg.img_size
         self.num_classes = cfg.num_classes
         self.normalized = cfg.head.normalized
@@ -100,7 +100,7 @@ class ClassifierMixin:
         self.drop = nn.Dropout(cfg.head.dropout)
         self.head = self._make_head(cfg.num_classes)
         if cfg.weights:
-            load_weights(self, cfg.weights, backbone_attr, timm_kw)  # type: ignore[arg-type]
+            load_model_weights(self, cfg.weights, getattr(self, backbone_attr), **timm_kw)
 
     def _make_head(self, num_classes: int) -> nn.Module:
         return make_classifier(self.num_features, num_classes, self.normalized)
@@ -151,34 +151,6 @@ class TimmClassifier(ClassifierMixin, nn.Module):
 
     def pool(self, feats: Tensor) -> Tensor:
         return self.backbone.forward_head(feats, pre_logits=True)  # timm's own pooling / norm, (B, D)
-
-
-def load_weights(model: nn.Module, path: str, backbone_attr: str, timm_kw: dict[str, Any]) -> None:
-    """Load a local weights file or a pretrained name (``timm:...``, ``hf-hub:...``) into ``model``.
-
-    A whole-model state dict (keys as in ``model.state_dict()``) is loaded strictly. Otherwise the
-    file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
-    must match the backbone exactly (a mismatch is an error, not a silent partial load). A name is
-    loaded into the backbone by timm, built with ``timm_kw`` (see
-    :func:`cmafnet.models.pretrained.load_named_backbone`).
-    """
-    from cmafnet.models.pretrained import load_named_backbone, parse_weights
-    from cmafnet.models.weights import load_state_dict_file
-
-    name = parse_weights(path)
-    if name is not None:
-        load_named_backbone(getattr(model, backbone_attr), name, "model.weights", **timm_kw)
-        return
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    if set(sd) == set(own):
-        model.load_state_dict(sd)
-        return
-    backbone = getattr(model, backbone_attr)
-    clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
-    clf_names = (clf,) if isinstance(clf, str) else tuple(clf)
-    sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in clf_names)}
-    load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
 
 
 for _name, _timm_name in BASELINES.items():
