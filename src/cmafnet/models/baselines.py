@@ -92,7 +92,7 @@ class ClassifierMixin:
     def _init_head(
         self, cfg: ModelConfig, num_features: int, backbone_attr: str = "cnn", **timm_kw: Any
     ) -> None:
-        """The classifier, then ``model.weights`` if set (a name or a backbone file into ``backbone_attr``)."""
+        """The classifier, then ``model.weights`` (a name or backbone file goes to ``backbone_attr``)."""
         self.img_size = cfg.img_size
         self.num_classes = cfg.num_classes
         self.normalized = cfg.head.normalized

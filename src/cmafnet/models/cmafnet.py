@@ -54,13 +54,7 @@ class CMAFNet(nn.Module):
         self.num_features = d
         sp, ct = cfg.spatial, cfg.contextual
 
-        self.spatial = (
-            SpatialBranch(
-                sp.backbone, skip_merge=sp.skip_merge, spatial_gate=sp.spatial_gate, drop_path=cfg.drop_path
-            )
-            if sp.enabled
-            else None
-        )
+        self.spatial = SpatialBranch(sp, cfg.drop_path) if sp.enabled else None
         self.contextual = MobileViT(ct, cfg.img_size, cfg.drop_path) if ct.enabled else None
 
         # Role "fusion": projections, bottlenecks and the fusion block (trained in stage 2).

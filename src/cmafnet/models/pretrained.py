@@ -86,7 +86,7 @@ def fetch_error(
 ) -> ConfigError:
     """One line: why ``label`` (a weights name) could not be fetched and what to do instead.
 
-    ``repo``: the Hugging Face repository (an ``hf-hub:`` name's own), named in the licence step of a gated one.
+    ``repo``: the Hugging Face repository (an ``hf-hub:`` name's own), named in a gated one's licence step.
     """
     if isinstance(label, WeightsName) and label.source == "hf-hub":
         repo = label.name.split("@")[0]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cmafnet.config import SpatialConfig
 from cmafnet.errors import ConfigError
 
 
@@ -25,7 +26,7 @@ class SpatialAttentionGate(nn.Module):
 
 
 class SpatialBranch(nn.Module):
-    """ResNet features ``(B, 3, S, S) -> (B, 512, S/32, S/32)`` with the paper's modifications.
+    """ResNet features ``(B, 3, S, S) -> (B, 512, S/32, S/32)`` with the paper's ``model.spatial`` switches.
 
     ``skip_merge``: the outputs of the two stages before the last (ResNet-18 ``layer2``, ``layer3``:
     128 and 256 channels at strides 8 and 16) are average-pooled to the last grid and projected by a
@@ -35,28 +36,21 @@ class SpatialBranch(nn.Module):
     Parameter names under ``body`` are timm's ``resnet18`` names, so timm state dicts load.
     """
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        *,
-        skip_merge: bool = True,
-        spatial_gate: bool = True,
-        drop_path: float = 0.0,
-    ) -> None:
+    def __init__(self, cfg: SpatialConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.backbone = backbone
-        out_indices = (-3, -2, -1) if skip_merge else (-1,)
+        self.backbone = cfg.backbone
+        out_indices = (-3, -2, -1) if cfg.skip_merge else (-1,)
         kw = {"drop_path_rate": drop_path} if drop_path > 0 else {}
         try:
             self.body = timm.create_model(
-                backbone, pretrained=False, features_only=True, out_indices=out_indices, **kw
+                cfg.backbone, pretrained=False, features_only=True, out_indices=out_indices, **kw
             )
         except RuntimeError as err:  # timm: unknown model name
             raise ConfigError(f"model.spatial.backbone: {err}") from None
         chs = self.body.feature_info.channels()
         self.num_features = chs[-1]
         self.skips = nn.ModuleList(nn.Conv2d(c, chs[-1], kernel_size=1) for c in chs[:-1])
-        self.gate = SpatialAttentionGate() if spatial_gate else None
+        self.gate = SpatialAttentionGate() if cfg.spatial_gate else None
         # Modules of ``body`` (in execution order) whose outputs are the returned features.
         self._feature_names = frozenset(n.replace(".", "_") for n in self.body.feature_info.module_name())
         # Grad checkpointing segments: the residual stages only (``nn.Sequential`` of blocks, i.e.
