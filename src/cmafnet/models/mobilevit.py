@@ -30,25 +30,6 @@ from cmafnet.config import ContextualConfig
 from cmafnet.models.nystrom import SelfAttention
 
 
-def linear_resize_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
-    """``(n_out, n_in)`` float32 weights of 1-D linear interpolation, ``align_corners=False``.
-
-    Row ``i`` holds the two taps ``F.interpolate(..., mode="bilinear", align_corners=False)`` uses
-    for output ``i`` (source ``(i + 0.5) * n_in / n_out - 0.5`` clamped at 0; no antialiasing), so
-    ``W_h @ x @ W_w^T`` is that bilinear resize exactly (separable), up to float rounding.
-    Built with device ops only: no host-to-device copy (CUDA-graph capturable, a constant under
-    ``torch.compile``).
-    """
-    i = torch.arange(n_out, device=device, dtype=torch.float32)
-    src = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    frac = src - i0
-    w = torch.zeros(n_out, n_in, device=device, dtype=torch.float32)
-    w.scatter_add_(1, i0[:, None], (1.0 - frac)[:, None])
-    return w.scatter_add_(1, i1[:, None], frac[:, None])
-
-
 def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of ``(B, C, H, W)`` to ``size`` as two small matmuls, in float32.
 
@@ -61,8 +42,12 @@ def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """
     h, w = x.shape[-2:]
     with torch.autocast(x.device.type, enabled=False):
-        wh = linear_resize_matrix(h, size[0], x.device)  # (H', H)
-        ww = linear_resize_matrix(w, size[1], x.device)  # (W', W)
+        # 1-D linear-interpolation weights (n_out, n_in): F.interpolate of the identity (channel j = e_j),
+        # so exactly its own taps, built on the device (no host-to-device copy: CUDA-graph capturable)
+        wh, ww = (
+            F.interpolate(torch.eye(n, device=x.device)[None], size=m, mode="linear")[0].T
+            for n, m in ((h, size[0]), (w, size[1]))
+        )  # (H', H), (W', W)
         y = torch.einsum("bchw,Hh,Ww->bcHW", x.float(), wh, ww)  # (B, C, H', W')
     return y.to(x.dtype)
 
