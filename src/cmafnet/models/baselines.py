@@ -60,6 +60,11 @@ def make_classifier(in_features: int, num_classes: int, normalized: bool) -> nn.
     return CosineClassifier(in_features, num_classes) if normalized else nn.Linear(in_features, num_classes)
 
 
+def require_multiple_of_32(cfg: ModelConfig, name: str) -> None:
+    if cfg.img_size % 32:
+        raise ConfigError(f"model.img_size: {name} needs a multiple of 32 (got {cfg.img_size})")
+
+
 def timm_kwargs(timm_name: str, cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model`` for this config (no pretrained download, ever)."""
     kw: dict[str, Any] = {"pretrained": False, "num_classes": 0}
@@ -69,8 +74,7 @@ def timm_kwargs(timm_name: str, cfg: ModelConfig) -> dict[str, Any]:
             # Swin needs the patch grid (img/4) to be divisible by the window at every stage; the
             # 224-px window of 7 does not divide small grids, so small inputs use window img/32
             # (7 at 224 px, 2 at 64 px). Recorded in docs/decisions/experiments.md.
-            if cfg.img_size % 32:
-                raise ConfigError(f"model.img_size: Swin needs a multiple of 32 (got {cfg.img_size})")
+            require_multiple_of_32(cfg, "Swin")
             kw["window_size"] = cfg.img_size // 32
     if cfg.drop_path > 0:
         kw["drop_path_rate"] = cfg.drop_path

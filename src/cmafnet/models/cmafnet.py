@@ -14,7 +14,7 @@ fused map is F_t), ``contextual.enabled=False`` (CNN only: F_s), ``fusion.kind=c
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import cast
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -127,42 +127,35 @@ class CMAFNet(nn.Module):
         for name, lin in list(self.aux_heads.items()):
             self.aux_heads[name] = nn.Linear(lin.in_features, num_classes).to(lin.weight.device)
 
-    def _encode(self, x: Tensor, return_aux: bool) -> tuple[Tensor, ModelOutput | None]:
-        """Branches, projections, bottlenecks and fusion: ``(B,3,S,S) -> F_fused (B,D,h,w)``."""
-        out = ModelOutput(logits=x.new_empty(0)) if return_aux else None
+    def _encode(self, x: Tensor, return_aux: bool) -> tuple[Tensor, dict[str, Any]]:
+        """Branches, projections, bottlenecks and fusion: ``(B,3,S,S) -> F_fused (B,D,h,w)``, and the
+        :class:`ModelOutput` fields they fill (complete with ``return_aux``)."""
+        aux: dict[str, Any] = {"aux_logits": {}}
         maps: dict[str, Tensor] = {}
-        for name, branch, proj, vib in (
-            ("s", self.spatial, self.proj_s, self.bottleneck_s),
-            ("t", self.contextual, self.proj_t, self.bottleneck_t),
+        for name, key, branch, proj, vib in (
+            ("s", "spatial", self.spatial, self.proj_s, self.bottleneck_s),
+            ("t", "contextual", self.contextual, self.proj_t, self.bottleneck_t),
         ):
             if branch is None:
                 continue
             raw = branch(x)  # (B, C_branch, h, w)
-            if out is not None:
-                key = "spatial" if name == "s" else "contextual"
-                out.aux_logits[key] = self.aux_heads[key](raw.mean(dim=(2, 3)))
+            if return_aux:
+                aux["aux_logits"][key] = self.aux_heads[key](raw.mean(dim=(2, 3)))
             f = proj(raw)  # (B, D, h, w)
             if vib is not None:
                 b, d, h, w = f.shape
-                z, mu, logvar = vib(f.flatten(2).transpose(1, 2), need_stats=return_aux)  # (B, N, D)
-                if out is not None:
-                    setattr(out, f"mu_{name}", mu)
-                    setattr(out, f"logvar_{name}", logvar)
+                tokens = f.flatten(2).transpose(1, 2)  # (B, N, D)
+                z, aux[f"mu_{name}"], aux[f"logvar_{name}"] = vib(tokens, need_stats=return_aux)
                 f = z.transpose(1, 2).reshape(b, d, h, w)
-            if out is not None:
-                setattr(out, f"f_{name}", f)
-                setattr(out, f"z_{name}", f.mean(dim=(2, 3)))  # (B, D) pooled bottleneck sample
-            maps[name] = f
-        if self.fusion is not None:
-            fused, aux = self.fusion(maps["s"], maps["t"], return_aux=return_aux)
-            if out is not None:
-                for k, v in aux.items():
-                    setattr(out, k, v)
-        else:
+            if return_aux:
+                aux[f"z_{name}"] = f.mean(dim=(2, 3))  # (B, D) pooled bottleneck sample
+            aux[f"f_{name}"] = maps[name] = f
+        if self.fusion is None:
             fused = maps.get("s", maps.get("t"))
-        if out is not None:
-            out.f_fused = fused
-        return fused, out
+        else:
+            fused, fusion_aux = self.fusion(maps["s"], maps["t"], return_aux=return_aux)
+            aux.update(fusion_aux)
+        return fused, aux
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, S, S) -> F_fused (B, D, h, w)``."""
@@ -177,8 +170,6 @@ class CMAFNet(nn.Module):
         """Logits ``(B, C)``, or with ``return_aux`` the full :class:`ModelOutput`."""
         if not return_aux:
             return self.forward_head(self.forward_features(x))
-        fused, maybe_out = self._encode(x, return_aux=True)
-        out = cast(ModelOutput, maybe_out)  # always set when return_aux
-        out.pre_logits = self.forward_head(fused, pre_logits=True)
-        out.logits = self.head(out.pre_logits)
-        return out
+        fused, aux = self._encode(x, return_aux=True)
+        pooled = self.forward_head(fused, pre_logits=True)
+        return ModelOutput(logits=self.head(pooled), pre_logits=pooled, f_fused=fused, **aux)

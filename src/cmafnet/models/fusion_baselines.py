@@ -34,19 +34,7 @@ from torch import Tensor, nn
 from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
-from cmafnet.models.baselines import ClassifierMixin
-
-
-def _check_size(cfg: ModelConfig, name: str) -> None:
-    if cfg.img_size % 32:
-        raise ConfigError(f"model.img_size: {name} needs a multiple of 32 (got {cfg.img_size})")
-
-
-def _vit(name: str, cfg: ModelConfig) -> nn.Module:
-    kw = {"pretrained": False, "num_classes": 0, "img_size": cfg.img_size}
-    if cfg.drop_path > 0:
-        kw["drop_path_rate"] = cfg.drop_path
-    return timm.create_model(name, **kw)
+from cmafnet.models.baselines import ClassifierMixin, require_multiple_of_32, timm_kwargs
 
 
 def _tokens_to_map(vit: nn.Module, tokens: Tensor, img_size: int) -> Tensor:
@@ -106,9 +94,9 @@ class TransFuseClassifier(ClassifierMixin, nn.Module):
 
     def __init__(self, cfg: ModelConfig, cnn: str = "resnet34", vit: str = "deit_small_patch16_224") -> None:
         super().__init__()
-        _check_size(cfg, "transfuse")
+        require_multiple_of_32(cfg, "transfuse")
         self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(3, 4))
-        self.vit = _vit(vit, cfg)
+        self.vit = timm.create_model(vit, **timm_kwargs(vit, cfg))
         ch16, ch32 = self.cnn.feature_info.channels()
         ct = self.vit.num_features
         # interaction / output widths: half the CNN width keeps the block light
@@ -152,9 +140,9 @@ class MMTMClassifier(ClassifierMixin, nn.Module):
 
     def __init__(self, cfg: ModelConfig, cnn: str = "resnet18", vit: str = "deit_small_patch16_224") -> None:
         super().__init__()
-        _check_size(cfg, "mmtm")
+        require_multiple_of_32(cfg, "mmtm")
         self.cnn = timm.create_model(cnn, pretrained=False, num_classes=0)
-        self.vit = _vit(vit, cfg)
+        self.vit = timm.create_model(vit, **timm_kwargs(vit, cfg))
         n_blocks = len(self.vit.blocks)
         if n_blocks % 4:
             raise ConfigError(f"mmtm: transformer depth {n_blocks} is not a multiple of 4")
@@ -231,7 +219,7 @@ class HRFNetClassifier(ClassifierMixin, nn.Module):
         self, cfg: ModelConfig, cnn: str = "resnet34", widths: tuple[int, ...] = (32, 64, 128, 256)
     ) -> None:
         super().__init__()
-        _check_size(cfg, "hrfnet")
+        require_multiple_of_32(cfg, "hrfnet")
         self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
         w = list(widths)
         self.proj = nn.ModuleList(
