@@ -52,35 +52,6 @@ def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return y.to(x.dtype)
 
 
-class TransformerLayer(nn.Module):
-    """Pre-norm transformer layer with timm ``Block`` parameter names (norm1, attn, norm2, mlp)."""
-
-    def __init__(self, block: nn.Module, opts: ContextualConfig) -> None:
-        super().__init__()
-        attn = block.attn
-        dim = attn.qkv.in_features
-        self.norm1 = block.norm1
-        self.attn = SelfAttention(
-            dim,
-            attn.num_heads,
-            kind=opts.attention,
-            num_landmarks=opts.num_landmarks,
-            pinv=opts.pinv,
-            pinv_iters=opts.pinv_iters,
-            attn_drop=attn.attn_drop.p,
-        )
-        # Reuse timm's modules so the state-dict names and initialisation are timm's own.
-        self.attn.qkv, self.attn.proj, self.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
-        self.drop_path1 = block.drop_path1
-        self.norm2 = block.norm2
-        self.mlp = block.mlp
-        self.drop_path2 = block.drop_path2
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
 class MobileViTBlock(nn.Module):
     """MobileViT block (Mehta & Rastegari, ICLR 2022): local conv, unfold, transformer, fold, fuse.
 
@@ -92,7 +63,20 @@ class MobileViTBlock(nn.Module):
         self.conv_kxk = block.conv_kxk
         self.conv_1x1 = block.conv_1x1
         dim = block.conv_1x1.out_channels
-        self.transformer = nn.Sequential(*[TransformerLayer(b, opts) for b in block.transformer])
+        for layer in block.transformer:  # timm ``Block``s, their attention swapped for ours
+            attn = layer.attn
+            layer.attn = SelfAttention(
+                attn.qkv.in_features,
+                attn.num_heads,
+                kind=opts.attention,
+                num_landmarks=opts.num_landmarks,
+                pinv=opts.pinv,
+                pinv_iters=opts.pinv_iters,
+                attn_drop=attn.attn_drop.p,
+            )
+            # Reuse timm's modules so the state-dict names and initialisation are timm's own.
+            layer.attn.qkv, layer.attn.proj, layer.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
+        self.transformer = block.transformer
         self.norm = block.norm
         self.conv_proj = block.conv_proj
         self.conv_fusion = block.conv_fusion

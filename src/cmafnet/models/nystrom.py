@@ -177,7 +177,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(0.0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **_: object) -> Tensor:  # timm's Block passes attn_mask=None, is_causal
         b, n, c = x.shape
         # (B, N, 3C) -> (3, B, heads, N, d_h)
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
