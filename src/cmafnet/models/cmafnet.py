@@ -95,7 +95,7 @@ class CMAFNet(nn.Module):
         """Recompute branch activations in backward (trades compute for memory)."""
         for branch in (self.spatial, self.contextual):
             if branch is not None:
-                branch.set_grad_checkpointing(enable)
+                branch.grad_checkpointing = enable  # in training mode with grad enabled only
 
     def frozen_parameter_names(self) -> set[str]:
         """Parameters fixed by the config (e.g. tau without temperature learning); never trained."""

@@ -166,10 +166,7 @@ class MobileViT(nn.Module):
         self.stages = net.stages
         self.final_conv = net.final_conv
         self.num_features = net.num_features
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        self.grad_checkpointing = False  # recompute each stage in backward (set by CMAFNet)
 
     def _run_stage(self, stage: nn.Sequential, x: Tensor, grad_mag: Tensor | None) -> Tensor:
         for blk in stage:

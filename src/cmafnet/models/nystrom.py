@@ -69,14 +69,9 @@ def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
 
 
 def _landmarks(x: Tensor, m: int) -> Tensor:
-    """Segment means of the token axis: ``(B, h, N, d) -> (B, h, m, d)``.
-
-    ``adaptive_avg_pool1d`` handles N not divisible by m (uneven segments) and is the identity when
-    ``m == N``.
-    """
+    """Segment means of the token axis: ``(B, h, N, d) -> (B, h, m, d)`` (uneven segments when m does
+    not divide N; the identity when ``m == N``)."""
     b, h, n, d = x.shape
-    if m == n:
-        return x
     # (B*h, d, N) -> pool over tokens -> (B*h, d, m) -> (B, h, m, d)
     pooled = F.adaptive_avg_pool1d(x.reshape(b * h, n, d).transpose(1, 2), m)
     return pooled.transpose(1, 2).reshape(b, h, m, d)

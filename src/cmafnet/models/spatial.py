@@ -63,11 +63,7 @@ class SpatialBranch(nn.Module):
         self._ckpt_names = frozenset(
             n for i, (n, m) in enumerate(self.body.items()) if i > 0 and isinstance(m, nn.Sequential)
         )
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the residual stages in backward (training mode with grad enabled only)."""
-        self.grad_checkpointing = enable
+        self.grad_checkpointing = False  # recompute the residual stages in backward (set by CMAFNet)
 
     def _features(self, x: Tensor) -> list[Tensor]:
         """The backbone's feature maps, as ``body(x)`` returns them (strides 8, 16, 32 by default)."""
