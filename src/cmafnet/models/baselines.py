@@ -87,11 +87,6 @@ class ClassifierMixin:
     role -> the attributes whose parameters it trains)."""
 
     roles: dict[str, tuple[str, ...]]
-    head: nn.Module
-    drop: nn.Module
-    num_features: int
-    num_classes: int
-    normalized: bool
 
     def _init_head(
         self, cfg: ModelConfig, num_features: int, backbone_attr: str = "cnn", **timm_kw: Any

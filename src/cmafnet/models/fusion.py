@@ -35,9 +35,7 @@ def init_log_tau(spec: TauInit, heads: int, generator: torch.Generator | None = 
         return out.uniform_(spec.a, spec.b, generator=generator).log_()
     if spec.kind == "normal":
         return out.normal_(spec.a, spec.b, generator=generator).clamp_(min=TAU_MIN).log_()
-    if spec.kind == "lognormal":
-        return out.normal_(spec.a, spec.b, generator=generator)
-    raise ValueError(f"unknown tau_init kind '{spec.kind}'")
+    return out.normal_(spec.a, spec.b, generator=generator)  # lognormal (TauInit.kind admits no other)
 
 
 def _tokens(x: Tensor) -> Tensor:
