@@ -60,10 +60,9 @@ class CMAFNet(nn.Module):
         # Role "fusion": projections, bottlenecks and the fusion block (trained in stage 2).
         self.proj_s = _projection(self.spatial.num_features, d) if self.spatial is not None else None
         self.proj_t = _projection(self.contextual.num_features, d) if self.contextual is not None else None
-        self.bottleneck_s = VariationalBottleneck(d) if cfg.bottleneck and self.spatial is not None else None
-        self.bottleneck_t = (
-            VariationalBottleneck(d) if cfg.bottleneck and self.contextual is not None else None
-        )
+        vib = cfg.bottleneck
+        self.bottleneck_s = VariationalBottleneck(d) if vib and self.spatial is not None else None
+        self.bottleneck_t = VariationalBottleneck(d) if vib and self.contextual is not None else None
         both = self.spatial is not None and self.contextual is not None
         self.fusion = FUSIONS.get(cfg.fusion.kind)(cfg.fusion) if both else None
 
@@ -72,21 +71,19 @@ class CMAFNet(nn.Module):
         fc = make_classifier(h.hidden or d, cfg.num_classes, h.normalized)
         self.head = nn.Sequential(OrderedDict(hidden=hidden, drop=nn.Dropout(h.dropout), fc=fc))
         # Stage-1 temporary heads on each branch's own pooled features.
-        self.aux_heads = nn.ModuleDict()
-        if self.spatial is not None:
-            self.aux_heads["spatial"] = nn.Linear(self.spatial.num_features, cfg.num_classes)
-        if self.contextual is not None:
-            self.aux_heads["contextual"] = nn.Linear(self.contextual.num_features, cfg.num_classes)
+        branches = {"spatial": self.spatial, "contextual": self.contextual}
+        self.aux_heads = nn.ModuleDict(
+            {k: nn.Linear(b.num_features, cfg.num_classes) for k, b in branches.items() if b is not None}
+        )
 
         # Fixed by the config (e.g. tau without temperature learning), recorded before any stage
         # freezing so that later requires_grad changes by the trainer do not alter it.
         self._config_frozen = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
-        if sp.weights and self.spatial is not None:
-            load_branch_weights(self.spatial, sp.weights, "spatial")
-        if ct.weights and self.contextual is not None:
-            load_branch_weights(self.contextual, ct.weights, "contextual")
+        for role, branch in branches.items():
+            if branch is not None and getattr(cfg, role).weights:
+                load_branch_weights(branch, getattr(cfg, role).weights, role)
         if cfg.weights:
             load_model_weights(self, cfg.weights)
 

@@ -218,9 +218,7 @@ def load_backbone_state(backbone: nn.Module, state_dict: dict[str, Tensor], sour
             sd = fit(sd, backbone)
     except (ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"{option}: {source} does not fit {type(backbone).__name__}: {err}") from None
-    classifier = (
-        backbone.pretrained_cfg.get("classifier", "head") if hasattr(backbone, "pretrained_cfg") else "head"
-    )
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier", "head")
     own = backbone.state_dict()
     extra = [k for k in sd if k not in own and not k.startswith(f"{classifier}.")]
     missing = [k for k in own if k not in sd]
