@@ -117,10 +117,8 @@ class CMAFNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """New final layer (and aux heads) for ``num_classes`` outputs."""
         self.num_classes = num_classes
-        fc = self.head.fc
-        self.head.fc = make_classifier(fc.weight.shape[1], num_classes, self.cfg.head.normalized).to(
-            fc.weight.device
-        )
+        in_features, device = self.head.fc.weight.shape[1], self.head.fc.weight.device
+        self.head.fc = make_classifier(in_features, num_classes, self.cfg.head.normalized).to(device)
         for name, lin in list(self.aux_heads.items()):
             self.aux_heads[name] = nn.Linear(lin.in_features, num_classes).to(lin.weight.device)
 

@@ -68,9 +68,8 @@ class KNNHead(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         for name in ("bank", "bank_labels"):  # the memory's size is the trained run's, not the empty one's
             if prefix + name in state_dict:
-                setattr(
-                    self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device)
-                )
+                stored = state_dict[prefix + name]
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -80,9 +79,8 @@ class KNNHead(nn.Module):
         if self.metric == "cosine":
             dist = 1.0 - F.normalize(z, dim=1) @ self.bank.t()  # (B, N)
         else:
-            dist = torch.cdist(
-                z, self.bank, compute_mode="donot_use_mm_for_euclid_dist"
-            )  # (B, N), exact 0 for a match
+            # (B, N), exact 0 for a match
+            dist = torch.cdist(z, self.bank, compute_mode="donot_use_mm_for_euclid_dist")
         d, idx = dist.topk(self.k, dim=1, largest=False)  # (B, k) nearest first
         if self.weights == "distance":
             exact = d <= 0
