@@ -34,9 +34,16 @@ from cmafnet.registry import suggest
 
 log = logging.getLogger(__name__)
 
-TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf-hub:"
-_HF_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+# (source, name pattern, the form an error message shows)
+_NAME_FORMS = (
+    ("timm", r"[\w-]+(\.[\w-]+)?", "timm:<architecture>[.<tag>], e.g. timm:resnet18.a1_in1k"),
+    (
+        "hf-hub",
+        r"[\w.-]+/[\w.-]+(@[\w./-]+)?",
+        "hf-hub:<org>/<repo>[@<revision>], e.g. hf-hub:timm/resnet18.a1_in1k",
+    ),
+)
 
 Norm = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
 
@@ -64,20 +71,12 @@ def parse_weights(value: str | Path) -> WeightsName | None:
         ConfigError: a ``timm:`` / ``hf-hub:`` value without a well-formed name.
     """
     text = str(value)
-    if text.startswith(TIMM_PREFIX):
-        name = text[len(TIMM_PREFIX) :]
-        if not re.fullmatch(r"[\w-]+(\.[\w-]+)?", name):
-            raise ConfigError(
-                f"weights '{text}': expected timm:<architecture>[.<tag>], e.g. timm:resnet18.a1_in1k"
-            )
-        return WeightsName("timm", name)
-    if text.startswith(HF_PREFIX):
-        name = text[len(HF_PREFIX) :]
-        if not _HF_ID.fullmatch(name):
-            raise ConfigError(
-                f"weights '{text}': expected hf-hub:<org>/<repo>[@<revision>], e.g. hf-hub:timm/resnet18.a1_in1k"
-            )
-        return WeightsName("hf-hub", name)
+    for source, pattern, form in _NAME_FORMS:
+        if text.startswith(f"{source}:"):
+            name = text[len(source) + 1 :]
+            if not re.fullmatch(pattern, name):
+                raise ConfigError(f"weights '{text}': expected {form}")
+            return WeightsName(source, name)  # type: ignore[arg-type]
     return None
 
 
