@@ -170,7 +170,7 @@ def test_plain_forward_matches_aux_and_skips_aux_work(eval_model: CMAFNet) -> No
 def test_cmaf_block_matches_eq13() -> None:
     torch.manual_seed(0)
     d, heads = 16, 4
-    blk = CMAFBlock(d, heads, tau_init=TauInit(kind="uniform", a=0.3, b=3.0)).eval()
+    blk = CMAFBlock(FusionConfig(dim=d, heads=heads, tau_init=TauInit(kind="uniform", a=0.3, b=3.0))).eval()
     f_s, f_t = torch.randn(2, d, 3, 3), torch.randn(2, d, 2, 4)
     fused, aux = blk(f_s, f_t, return_aux=True)
     # Independent reference from the block's weights.
@@ -196,7 +196,7 @@ def test_cmaf_block_matches_eq13() -> None:
 
 def test_no_gate_is_residual_sum() -> None:
     torch.manual_seed(0)
-    blk = CMAFBlock(8, 2, gate=False).eval()
+    blk = CMAFBlock(FusionConfig(dim=8, heads=2, gate=False)).eval()
     f_s, f_t = torch.randn(1, 8, 2, 2), torch.randn(1, 8, 2, 2)
     fused, aux = blk(f_s, f_t, return_aux=True)
     assert "gate" not in aux

@@ -9,19 +9,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from cmafnet.config import ContextualConfig
 from cmafnet.errors import ConfigError
-from cmafnet.models.mobilevit import MobileViT, MobileViTOptions, gradient_magnitude
-from cmafnet.models.weights import load_branch_weights
+from cmafnet.models import create_model
+from cmafnet.models.mobilevit import MobileViT, gradient_magnitude
+from cmafnet.models.weights import load_branch_weights, load_strict
 
 ALL_ON = {"attention": "nystrom", "num_landmarks": 4, "scale_aware_pos": True, "learned_pos": True}
+
+
+def _opts(variant: str = "xxs", **on: object) -> ContextualConfig:
+    """``model.contextual`` with every modification off unless switched on here."""
+    return ContextualConfig(variant=variant, **{"scale_aware_pos": False, "learned_pos": False, **on})
 
 
 @pytest.mark.parametrize(("variant", "size"), [("xxs", 96), ("xs", 64), ("s", 64)])
 def test_matches_timm_with_modifications_off(variant: str, size: int) -> None:
     torch.manual_seed(0)
     ref = timm.create_model(f"mobilevit_{variant}", pretrained=False, num_classes=0).eval()
-    ours = MobileViT(variant, MobileViTOptions()).eval()  # every modification off
-    ours.load_timm_state_dict(ref.state_dict())
+    ours = MobileViT(_opts(variant)).eval()  # every modification off
+    ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = ref.forward_features(x)
@@ -34,8 +41,8 @@ def test_modifications_change_outputs_but_start_at_timm() -> None:
     """Zero-initialised embeddings reproduce timm at load time; once trained they act."""
     torch.manual_seed(0)
     ref = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0).eval()
-    ours = MobileViT("xxs", MobileViTOptions(scale_aware_pos=True, learned_pos=True, img_size=64)).eval()
-    ours.load_timm_state_dict(ref.state_dict())
+    ours = MobileViT(_opts(scale_aware_pos=True, learned_pos=True), img_size=64).eval()
+    load_strict(ours, ref.state_dict(), "mobilevit_xxs", may_miss=tuple(ours.added_parameter_names()))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
@@ -48,7 +55,7 @@ def test_timm_weights_file_loads_into_branch(tmp_path) -> None:
     torch.manual_seed(0)
     ref = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval()  # head dropped
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "mvit.safetensors"))
-    ours = MobileViT("xxs", MobileViTOptions(**ALL_ON)).eval()
+    ours = MobileViT(_opts(**ALL_ON)).eval()
     load_branch_weights(ours, tmp_path / "mvit.safetensors", "contextual")
     torch.testing.assert_close(ours.stem.conv.weight, ref.stem.conv.weight)
     torch.testing.assert_close(
@@ -65,7 +72,7 @@ def test_timm_weights_file_loads_into_branch(tmp_path) -> None:
 def test_unfold_fold_roundtrip(patch: int) -> None:
     """With an identity transformer the block's unfold/fold returns the token map unchanged."""
     torch.manual_seed(0)
-    m = MobileViT("xxs", MobileViTOptions(patch_size=patch)).eval()
+    m = MobileViT(_opts(patch_size=patch)).eval()
     blk = m.stages[2][1]
     blk.transformer = torch.nn.Identity()
     blk.norm = torch.nn.Identity()
@@ -83,7 +90,7 @@ def test_unfold_fold_roundtrip(patch: int) -> None:
 @pytest.mark.parametrize("variant", ["xxs", "xs", "s"])
 def test_variants_forward_backward_with_modifications(variant: str) -> None:
     torch.manual_seed(0)
-    m = MobileViT(variant, MobileViTOptions(**ALL_ON, img_size=64)).train()
+    m = MobileViT(_opts(variant, **ALL_ON), img_size=64).train()
     out = m(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, {"xxs": 320, "xs": 384, "s": 640}[variant], 2, 2)
     out.square().mean().backward()
@@ -93,7 +100,7 @@ def test_variants_forward_backward_with_modifications(variant: str) -> None:
 
 
 def test_learned_pos_interpolates_to_other_sizes() -> None:
-    m = MobileViT("xxs", MobileViTOptions(learned_pos=True, img_size=64)).eval()
+    m = MobileViT(_opts(learned_pos=True), img_size=64).eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 96, 96)).shape == (1, 320, 3, 3)
 
@@ -108,7 +115,7 @@ def test_gradient_magnitude_is_sobel() -> None:
 
 def test_unknown_variant() -> None:
     with pytest.raises(ConfigError, match="variant"):
-        MobileViT("xl")
+        create_model("cmafnet", contextual={"variant": "xl"})
 
 
 def test_gradient_magnitude_matches_kornia_sobel():

@@ -27,17 +27,14 @@ def create_model(name: str | ModelConfig = "cmafnet", **overrides: Any) -> nn.Mo
     Example: ``create_model("cmafnet", img_size=96, contextual={"variant": "xxs"})``.
     """
     _register_builtin()
-    if isinstance(name, ModelConfig):
-        cfg = name.model_copy(update=overrides) if overrides else name
-        if overrides:  # re-validate the merged config
-            cfg = ModelConfig.model_validate(cfg.model_dump())
-    else:
+    cfg = name
+    if not isinstance(name, ModelConfig) or overrides:
+        base = name.model_dump() if isinstance(name, ModelConfig) else {"name": name}
         try:
-            cfg = ModelConfig.model_validate({"name": name, **overrides})
+            cfg = ModelConfig.model_validate({**base, **overrides})
         except Exception as err:  # pydantic.ValidationError
             raise ConfigError(f"model: {err}") from None
-    factory = MODELS.get(cfg.name)
-    return factory(cfg)
+    return MODELS.get(cfg.name)(cfg)
 
 
 def list_models() -> list[str]:

@@ -12,7 +12,7 @@ The reconstructed fusion baselines (TransFuse, MMTM, HRFNet) live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import timm
@@ -24,29 +24,19 @@ from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
 from cmafnet.models.output import ModelOutput
-from cmafnet.models.weights import load_strict
+from cmafnet.models.weights import load_model_weights
 
-
-@dataclass(frozen=True)
-class BaselineSpec:
-    """A registered timm baseline."""
-
-    timm_name: str  # timm architecture name
-    takes_img_size: bool = False  # ViT / DeiT / Swin: the position grid depends on the input size
-    extra: dict[str, Any] = field(default_factory=dict)  # further timm kwargs
-    paper_name: str = ""  # how the paper's tables call it
-
-
-# Short registry names -> timm architectures (paper Table 1 rows).
-BASELINES: dict[str, BaselineSpec] = {
-    "resnet18": BaselineSpec("resnet18", paper_name="ResNet-18"),
-    "resnet50": BaselineSpec("resnet50", paper_name="ResNet-50"),
-    "densenet121": BaselineSpec("densenet121", paper_name="DenseNet-121"),
-    "efficientnet_b3": BaselineSpec("efficientnet_b3", paper_name="EfficientNet-B3"),
-    "convnext_tiny": BaselineSpec("convnext_tiny", paper_name="ConvNeXt-T"),
-    "vit_s16": BaselineSpec("vit_small_patch16_224", takes_img_size=True, paper_name="ViT-S/16"),
-    "swin_t": BaselineSpec("swin_tiny_patch4_window7_224", takes_img_size=True, paper_name="Swin-T"),
-    "deit_s": BaselineSpec("deit_small_patch16_224", takes_img_size=True, paper_name="DeiT-S"),
+# Short registry names -> timm architectures (paper Table 1 rows: ResNet-18, ResNet-50, DenseNet-121,
+# EfficientNet-B3, ConvNeXt-T, ViT-S/16, Swin-T, DeiT-S).
+BASELINES: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+    "efficientnet_b3": "efficientnet_b3",
+    "convnext_tiny": "convnext_tiny",
+    "vit_s16": "vit_small_patch16_224",
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "deit_s": "deit_small_patch16_224",
 }
 
 
@@ -70,113 +60,97 @@ def make_classifier(in_features: int, num_classes: int, normalized: bool) -> nn.
     return CosineClassifier(in_features, num_classes) if normalized else nn.Linear(in_features, num_classes)
 
 
-def timm_kwargs(spec: BaselineSpec, cfg: ModelConfig) -> dict[str, Any]:
+def require_multiple_of_32(cfg: ModelConfig, name: str) -> None:
+    if cfg.img_size % 32:
+        raise ConfigError(f"model.img_size: {name} needs a multiple of 32 (got {cfg.img_size})")
+
+
+def timm_kwargs(timm_name: str, cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model`` for this config (no pretrained download, ever)."""
-    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0, **spec.extra}
-    if spec.takes_img_size:
+    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    if "_patch" in timm_name:  # ViT / DeiT / Swin: the position grid depends on the input size
         kw["img_size"] = cfg.img_size
-        if spec.timm_name.startswith("swin"):
+        if timm_name.startswith("swin"):
             # Swin needs the patch grid (img/4) to be divisible by the window at every stage; the
             # 224-px window of 7 does not divide small grids, so small inputs use window img/32
             # (7 at 224 px, 2 at 64 px). Recorded in docs/decisions/experiments.md.
-            if cfg.img_size % 32:
-                raise ConfigError(f"model.img_size: Swin needs a multiple of 32 (got {cfg.img_size})")
+            require_multiple_of_32(cfg, "Swin")
             kw["window_size"] = cfg.img_size // 32
     if cfg.drop_path > 0:
         kw["drop_path_rate"] = cfg.drop_path
     return kw
 
 
-class TimmClassifier(nn.Module):
-    """A timm backbone plus our (linear or cosine) classifier, following the model contract."""
+class ClassifierMixin:
+    """The model contract around a pooled ``(B, D)`` feature: dropout, a linear / cosine classifier,
+    ``forward``, ``forward_head``, ``reset_classifier`` and ``param_groups_by_role`` (by ``roles``:
+    role -> the attributes whose parameters it trains)."""
 
-    def __init__(self, spec: BaselineSpec, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.spec = spec
+    roles: dict[str, tuple[str, ...]]
+
+    def _init_head(
+        self, cfg: ModelConfig, num_features: int, backbone_attr: str = "cnn", **timm_kw: Any
+    ) -> None:
+        """The classifier, then ``model.weights`` (a name or backbone file goes to ``backbone_attr``)."""
         self.img_size = cfg.img_size
         self.num_classes = cfg.num_classes
         self.normalized = cfg.head.normalized
-        try:
-            self.backbone = timm.create_model(spec.timm_name, **timm_kwargs(spec, cfg))
-        except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-            raise ConfigError(
-                f"model: cannot build {spec.timm_name} at img_size {cfg.img_size}: {err}"
-            ) from None
-        if cfg.grad_checkpointing:
-            self.backbone.set_grad_checkpointing(True)
-        self.num_features: int = self.backbone.num_features
+        self.num_features = num_features
         self.drop = nn.Dropout(cfg.head.dropout)
-        self.head = make_classifier(self.num_features, cfg.num_classes, cfg.head.normalized)
+        self.head = self._make_head(cfg.num_classes)
+        if cfg.weights:
+            load_model_weights(self, cfg.weights, getattr(self, backbone_attr), **timm_kw)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Backbone feature map (CNN: (B, C, h, w); ViT: (B, N, C) tokens)."""
-        return self.backbone.forward_features(x)
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return make_classifier(self.num_features, num_classes, self.normalized)
+
+    def pool(self, feats: Tensor) -> Tensor:
+        """``forward_features``' output as ``(B, D)``: already pooled unless overridden."""
+        return feats
 
     def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool (timm's own pooling / norm), then classify; ``pre_logits`` returns (B, D)."""
-        z = self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
-        if pre_logits:
-            return z
-        return self.head(self.drop(z))
+        z = self.pool(feats)
+        return z if pre_logits else self.head(self.drop(z))
 
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
-        z = self.forward_head(self.forward_features(x), pre_logits=True)
+        z = self.pool(self.forward_features(x))  # type: ignore[attr-defined]
         logits = self.head(self.drop(z))
         return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = make_classifier(self.num_features, num_classes, self.normalized)
+        self.head = self._make_head(num_classes)
 
     def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        return {"spatial": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+        return {
+            role: [p for a in attrs for p in getattr(self, a).parameters()]
+            for role, attrs in self.roles.items()
+        }
 
 
-def load_weights(
-    model: nn.Module, path: str, backbone_attr: str = "backbone", timm_kw: dict[str, Any] | None = None
-) -> None:
-    """Load a local weights file or a pretrained name (``timm:...``, ``hf-hub:...``) into ``model``.
+class TimmClassifier(ClassifierMixin, nn.Module):
+    """A timm backbone plus our (linear or cosine) classifier, following the model contract."""
 
-    A whole-model state dict (keys as in ``model.state_dict()``) is loaded strictly. Otherwise the
-    file is taken as a plain timm backbone checkpoint: its classifier keys are dropped and the rest
-    must match the backbone exactly (a mismatch is an error, not a silent partial load). A name is
-    loaded into the backbone by timm, built with ``timm_kw`` (see
-    :func:`cmafnet.models.pretrained.load_named_backbone`).
-    """
-    from cmafnet.models.pretrained import load_named_backbone, parse_weights
-    from cmafnet.models.weights import load_state_dict_file
+    roles = {"spatial": ("backbone",), "head": ("head",)}
 
-    name = parse_weights(path)
-    if name is not None:
-        load_named_backbone(getattr(model, backbone_attr), name, "model.weights", **(timm_kw or {}))
-        return
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    if set(sd) == set(own):
-        model.load_state_dict(sd)
-        return
-    backbone = getattr(model, backbone_attr, None)
-    if backbone is None:
-        raise ConfigError(f"model.weights: {path} does not match the model's parameters")
-    clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
-    clf_names = (clf,) if isinstance(clf, str) else tuple(clf)
-    sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in clf_names)}
-    load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
+    def __init__(self, timm_name: str, cfg: ModelConfig) -> None:
+        super().__init__()
+        kw = timm_kwargs(timm_name, cfg)
+        try:
+            self.backbone = timm.create_model(timm_name, **kw)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+            raise ConfigError(f"model: cannot build {timm_name} at img_size {cfg.img_size}: {err}") from None
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self._init_head(cfg, self.backbone.num_features, "backbone", **kw)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Backbone feature map (CNN: (B, C, h, w); ViT: (B, N, C) tokens)."""
+        return self.backbone.forward_features(x)
+
+    def pool(self, feats: Tensor) -> Tensor:
+        return self.backbone.forward_head(feats, pre_logits=True)  # timm's own pooling / norm, (B, D)
 
 
-def _factory(name: str):
-    spec = BASELINES[name]
-
-    def build(cfg: ModelConfig) -> TimmClassifier:
-        model = TimmClassifier(spec, cfg)
-        if cfg.weights:
-            load_weights(model, cfg.weights, timm_kw=timm_kwargs(spec, cfg))
-        return model
-
-    build.__name__ = f"build_{name}"
-    build.__doc__ = f"{spec.paper_name or name}: timm ``{spec.timm_name}`` with a linear/cosine head."
-    return build
-
-
-for _name in BASELINES:
-    MODELS.add(_name, _factory(_name))
+for _name, _timm_name in BASELINES.items():
+    MODELS.add(_name, partial(TimmClassifier, _timm_name))

@@ -32,8 +32,5 @@ class VariationalBottleneck(nn.Module):
         if not (self.training or need_stats):
             return mu, mu, None
         logvar = self.logvar(tokens)
-        if self.training:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        else:
-            z = mu
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         return z, mu, logvar

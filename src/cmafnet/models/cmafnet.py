@@ -13,17 +13,17 @@ fused map is F_t), ``contextual.enabled=False`` (CNN only: F_s), ``fusion.kind=c
 
 from __future__ import annotations
 
-from typing import cast
+from collections import OrderedDict
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmafnet.config import ModelConfig
 from cmafnet.models import MODELS
+from cmafnet.models.baselines import make_classifier
 from cmafnet.models.bottleneck import VariationalBottleneck
 from cmafnet.models.fusion import FUSIONS
-from cmafnet.models.mobilevit import MobileViT, MobileViTOptions
+from cmafnet.models.mobilevit import MobileViT
 from cmafnet.models.output import ModelOutput
 from cmafnet.models.spatial import SpatialBranch
 from cmafnet.models.weights import load_branch_weights, load_model_weights
@@ -31,46 +31,12 @@ from cmafnet.models.weights import load_branch_weights, load_model_weights
 ROLES = ("spatial", "contextual", "fusion", "head", "aux_heads")
 
 
-class NormedLinear(nn.Module):
-    """Cosine classifier: ``normalize(x) @ normalize(W)^T`` in [-1, 1] (LDAM, Cao et al. 2019)."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
-
-
-class ClassifierHead(nn.Module):
-    """``(B, D) -> (B, C)``: optional hidden layer (Linear, GELU), dropout, final (cosine) layer."""
-
-    def __init__(self, dim: int, num_classes: int, *, hidden: int, dropout: float, normalized: bool) -> None:
-        super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(dim, hidden), nn.GELU()) if hidden else nn.Identity()
-        self.in_features = hidden or dim
-        self.normalized = normalized
-        self.drop = nn.Dropout(dropout)
-        self.fc = self._fc(num_classes)
-
-    def _fc(self, num_classes: int) -> nn.Module:
-        if self.normalized:
-            return NormedLinear(self.in_features, num_classes)
-        return nn.Linear(self.in_features, num_classes)
-
-    def reset(self, num_classes: int) -> None:
-        self.fc = self._fc(num_classes).to(next(self.parameters()).device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(self.hidden(x)))
-
-
 def _projection(in_ch: int, dim: int) -> nn.Sequential:
     """1x1 conv + BN to the fusion width (BN puts both branches on one scale before attention)."""
     return nn.Sequential(nn.Conv2d(in_ch, dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
 
 
+@MODELS.register("cmafnet")
 class CMAFNet(nn.Module):
     """CMAF-Net following the package model contract (``docs/architecture.md``).
 
@@ -88,58 +54,36 @@ class CMAFNet(nn.Module):
         self.num_features = d
         sp, ct = cfg.spatial, cfg.contextual
 
-        self.spatial = (
-            SpatialBranch(
-                sp.backbone, skip_merge=sp.skip_merge, spatial_gate=sp.spatial_gate, drop_path=cfg.drop_path
-            )
-            if sp.enabled
-            else None
-        )
-        opts = MobileViTOptions(
-            attention=ct.attention,
-            num_landmarks=ct.num_landmarks,
-            pinv=ct.pinv,
-            pinv_iters=ct.pinv_iters,
-            patch_size=ct.patch_size,
-            scale_aware_pos=ct.scale_aware_pos,
-            learned_pos=ct.learned_pos,
-            img_size=cfg.img_size,
-        )
-        self.contextual = MobileViT(ct.variant, opts, drop_path=cfg.drop_path) if ct.enabled else None
+        self.spatial = SpatialBranch(sp, cfg.drop_path) if sp.enabled else None
+        self.contextual = MobileViT(ct, cfg.img_size, cfg.drop_path) if ct.enabled else None
 
         # Role "fusion": projections, bottlenecks and the fusion block (trained in stage 2).
         self.proj_s = _projection(self.spatial.num_features, d) if self.spatial is not None else None
         self.proj_t = _projection(self.contextual.num_features, d) if self.contextual is not None else None
-        self.bottleneck_s = VariationalBottleneck(d) if cfg.bottleneck and self.spatial is not None else None
-        self.bottleneck_t = (
-            VariationalBottleneck(d) if cfg.bottleneck and self.contextual is not None else None
-        )
+        vib = cfg.bottleneck
+        self.bottleneck_s = VariationalBottleneck(d) if vib and self.spatial is not None else None
+        self.bottleneck_t = VariationalBottleneck(d) if vib and self.contextual is not None else None
         both = self.spatial is not None and self.contextual is not None
         self.fusion = FUSIONS.get(cfg.fusion.kind)(cfg.fusion) if both else None
 
-        self.head = ClassifierHead(
-            d,
-            cfg.num_classes,
-            hidden=cfg.head.hidden,
-            dropout=cfg.head.dropout,
-            normalized=cfg.head.normalized,
-        )
+        h = cfg.head  # (B, D) -> (B, C): optional hidden layer (Linear, GELU), dropout, final (cosine) layer
+        hidden = nn.Sequential(nn.Linear(d, h.hidden), nn.GELU()) if h.hidden else nn.Identity()
+        fc = make_classifier(h.hidden or d, cfg.num_classes, h.normalized)
+        self.head = nn.Sequential(OrderedDict(hidden=hidden, drop=nn.Dropout(h.dropout), fc=fc))
         # Stage-1 temporary heads on each branch's own pooled features.
-        self.aux_heads = nn.ModuleDict()
-        if self.spatial is not None:
-            self.aux_heads["spatial"] = nn.Linear(self.spatial.num_features, cfg.num_classes)
-        if self.contextual is not None:
-            self.aux_heads["contextual"] = nn.Linear(self.contextual.num_features, cfg.num_classes)
+        branches = {"spatial": self.spatial, "contextual": self.contextual}
+        self.aux_heads = nn.ModuleDict(
+            {k: nn.Linear(b.num_features, cfg.num_classes) for k, b in branches.items() if b is not None}
+        )
 
         # Fixed by the config (e.g. tau without temperature learning), recorded before any stage
         # freezing so that later requires_grad changes by the trainer do not alter it.
         self._config_frozen = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
-        if sp.weights and self.spatial is not None:
-            load_branch_weights(self.spatial, sp.weights, "spatial")
-        if ct.weights and self.contextual is not None:
-            load_branch_weights(self.contextual, ct.weights, "contextual")
+        for role, branch in branches.items():
+            if branch is not None and getattr(cfg, role).weights:
+                load_branch_weights(branch, getattr(cfg, role).weights, role)
         if cfg.weights:
             load_model_weights(self, cfg.weights)
 
@@ -148,7 +92,7 @@ class CMAFNet(nn.Module):
         """Recompute branch activations in backward (trades compute for memory)."""
         for branch in (self.spatial, self.contextual):
             if branch is not None:
-                branch.set_grad_checkpointing(enable)
+                branch.grad_checkpointing = enable  # in training mode with grad enabled only
 
     def frozen_parameter_names(self) -> set[str]:
         """Parameters fixed by the config (e.g. tau without temperature learning); never trained."""
@@ -166,53 +110,47 @@ class CMAFNet(nn.Module):
             if name in frozen:
                 continue
             top = name.split(".", 1)[0]
-            role = top if top in ("spatial", "contextual", "head", "aux_heads") else "fusion"
+            role = top if top in ROLES else "fusion"  # proj_*, bottleneck_* and fusion
             groups[role].append(p)
         return groups
 
     def reset_classifier(self, num_classes: int) -> None:
         """New final layer (and aux heads) for ``num_classes`` outputs."""
         self.num_classes = num_classes
-        self.head.reset(num_classes)
+        in_features, device = self.head.fc.weight.shape[1], self.head.fc.weight.device
+        self.head.fc = make_classifier(in_features, num_classes, self.cfg.head.normalized).to(device)
         for name, lin in list(self.aux_heads.items()):
             self.aux_heads[name] = nn.Linear(lin.in_features, num_classes).to(lin.weight.device)
 
-    def _encode(self, x: Tensor, return_aux: bool) -> tuple[Tensor, ModelOutput | None]:
-        """Branches, projections, bottlenecks and fusion: ``(B,3,S,S) -> F_fused (B,D,h,w)``."""
-        out = ModelOutput(logits=x.new_empty(0)) if return_aux else None
+    def _encode(self, x: Tensor, return_aux: bool) -> tuple[Tensor, dict[str, Any]]:
+        """Branches, projections, bottlenecks and fusion: ``(B,3,S,S) -> F_fused (B,D,h,w)``, and the
+        :class:`ModelOutput` fields they fill (complete with ``return_aux``)."""
+        aux: dict[str, Any] = {"aux_logits": {}}
         maps: dict[str, Tensor] = {}
-        for name, branch, proj, vib in (
-            ("s", self.spatial, self.proj_s, self.bottleneck_s),
-            ("t", self.contextual, self.proj_t, self.bottleneck_t),
+        for name, key, branch, proj, vib in (
+            ("s", "spatial", self.spatial, self.proj_s, self.bottleneck_s),
+            ("t", "contextual", self.contextual, self.proj_t, self.bottleneck_t),
         ):
             if branch is None:
                 continue
             raw = branch(x)  # (B, C_branch, h, w)
-            if out is not None:
-                key = "spatial" if name == "s" else "contextual"
-                out.aux_logits[key] = self.aux_heads[key](raw.mean(dim=(2, 3)))
+            if return_aux:
+                aux["aux_logits"][key] = self.aux_heads[key](raw.mean(dim=(2, 3)))
             f = proj(raw)  # (B, D, h, w)
             if vib is not None:
                 b, d, h, w = f.shape
-                z, mu, logvar = vib(f.flatten(2).transpose(1, 2), need_stats=return_aux)  # (B, N, D)
-                if out is not None:
-                    setattr(out, f"mu_{name}", mu)
-                    setattr(out, f"logvar_{name}", logvar)
+                tokens = f.flatten(2).transpose(1, 2)  # (B, N, D)
+                z, aux[f"mu_{name}"], aux[f"logvar_{name}"] = vib(tokens, need_stats=return_aux)
                 f = z.transpose(1, 2).reshape(b, d, h, w)
-            if out is not None:
-                setattr(out, f"f_{name}", f)
-                setattr(out, f"z_{name}", f.mean(dim=(2, 3)))  # (B, D) pooled bottleneck sample
-            maps[name] = f
-        if self.fusion is not None:
-            fused, aux = self.fusion(maps["s"], maps["t"], return_aux=return_aux)
-            if out is not None:
-                for k, v in aux.items():
-                    setattr(out, k, v)
-        else:
+            if return_aux:
+                aux[f"z_{name}"] = f.mean(dim=(2, 3))  # (B, D) pooled bottleneck sample
+            aux[f"f_{name}"] = maps[name] = f
+        if self.fusion is None:
             fused = maps.get("s", maps.get("t"))
-        if out is not None:
-            out.f_fused = fused
-        return fused, out
+        else:
+            fused, fusion_aux = self.fusion(maps["s"], maps["t"], return_aux=return_aux)
+            aux.update(fusion_aux)
+        return fused, aux
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, S, S) -> F_fused (B, D, h, w)``."""
@@ -227,14 +165,6 @@ class CMAFNet(nn.Module):
         """Logits ``(B, C)``, or with ``return_aux`` the full :class:`ModelOutput`."""
         if not return_aux:
             return self.forward_head(self.forward_features(x))
-        fused, maybe_out = self._encode(x, return_aux=True)
-        out = cast(ModelOutput, maybe_out)  # always set when return_aux
-        out.pre_logits = self.forward_head(fused, pre_logits=True)
-        out.logits = self.head(out.pre_logits)
-        return out
-
-
-@MODELS.register("cmafnet")
-def build(cfg: ModelConfig) -> nn.Module:
-    """Factory for ``create_model``: a :class:`CMAFNet` from a validated ``ModelConfig``."""
-    return CMAFNet(cfg)
+        fused, aux = self._encode(x, return_aux=True)
+        pooled = self.forward_head(fused, pre_logits=True)
+        return ModelOutput(logits=self.head(pooled), pre_logits=pooled, f_fused=fused, **aux)

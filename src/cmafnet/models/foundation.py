@@ -95,19 +95,18 @@ def foundation_entry(name: str, option: str = "model.probe.foundation") -> Found
     return entries[name]
 
 
-def _layers() -> dict[str, Any]:
+def timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model`` with layer names (``mlp_layer: SwiGLUPacked``) as classes."""
     import timm.layers
 
-    return {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SiLU": nn.SiLU, "GELU": nn.GELU}
-
-
-def timm_kwargs(kwargs: dict[str, Any], option: str = "model.probe.arch_kwargs") -> dict[str, Any]:
-    """Keyword arguments for ``timm.create_model`` with layer names (``mlp_layer: SwiGLUPacked``) as classes."""
-    layers, out = _layers(), dict(kwargs)
+    layers = {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SiLU": nn.SiLU, "GELU": nn.GELU}
+    out = dict(kwargs)
     for k in ("mlp_layer", "act_layer"):
         if isinstance(out.get(k), str):
             if out[k] not in layers:
-                raise ConfigError(f"{option}.{k}: '{out[k]}' is not one of {', '.join(layers)}")
+                raise ConfigError(
+                    f"model.probe.arch_kwargs.{k}: '{out[k]}' is not one of {', '.join(layers)}"
+                )
             out[k] = layers[out[k]]
     return out
 
@@ -219,9 +218,7 @@ def load_backbone_state(backbone: nn.Module, state_dict: dict[str, Tensor], sour
             sd = fit(sd, backbone)
     except (ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"{option}: {source} does not fit {type(backbone).__name__}: {err}") from None
-    classifier = (
-        backbone.pretrained_cfg.get("classifier", "head") if hasattr(backbone, "pretrained_cfg") else "head"
-    )
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier", "head")
     own = backbone.state_dict()
     extra = [k for k in sd if k not in own and not k.startswith(f"{classifier}.")]
     missing = [k for k in own if k not in sd]
@@ -234,7 +231,7 @@ def load_backbone_state(backbone: nn.Module, state_dict: dict[str, Tensor], sour
     backbone.load_state_dict({k: sd[k] for k in own})
 
 
-def build_backbone(spec: BackboneSpec, option: str = "model.probe.backbone") -> nn.Module:
+def build_backbone(spec: BackboneSpec) -> nn.Module:
     """The backbone with its weights (``num_classes=0``: no classifier), in eval mode.
 
     Raises:
@@ -242,15 +239,14 @@ def build_backbone(spec: BackboneSpec, option: str = "model.probe.backbone") -> 
     """
     from cmafnet.models.weights import load_state_dict_file
 
+    option = "model.probe.backbone"
     name = parse_weights(spec.weights) if spec.weights != RANDOM else None
     if name is not None and not spec.from_catalogue_hub:  # timm fetches and loads it
-        expect = (
-            spec.arch if spec.entry is None else None
-        )  # a copy of a catalogue model may name its arch otherwise
-        backbone = create_pretrained(
+        # a copy of a catalogue model may name its arch otherwise
+        expect = spec.arch if spec.entry is None else None
+        return create_pretrained(
             name, option, expect_arch=expect, num_classes=0, **timm_kwargs(spec.kwargs)
-        )
-        return backbone.eval()
+        ).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # a random stand-in is the same network whenever it is rebuilt
         backbone = _create(spec.arch, spec.kwargs)  # type: ignore[arg-type]

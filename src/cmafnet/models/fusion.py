@@ -35,15 +35,14 @@ def init_log_tau(spec: TauInit, heads: int, generator: torch.Generator | None = 
         return out.uniform_(spec.a, spec.b, generator=generator).log_()
     if spec.kind == "normal":
         return out.normal_(spec.a, spec.b, generator=generator).clamp_(min=TAU_MIN).log_()
-    if spec.kind == "lognormal":
-        return out.normal_(spec.a, spec.b, generator=generator)
-    raise ValueError(f"unknown tau_init kind '{spec.kind}'")
+    return out.normal_(spec.a, spec.b, generator=generator)  # lognormal (TauInit.kind admits no other)
 
 
 def _tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D), a view
 
 
+@FUSIONS.register("cmaf")
 class CMAFBlock(nn.Module):
     """Cross-modal attention fusion: queries from F_s, keys/values from F_t, per-head temperatures.
 
@@ -53,32 +52,20 @@ class CMAFBlock(nn.Module):
     the plain residual sum, so the spatial features still reach the head.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        learn_temperature: bool = True,
-        tau_init: TauInit | None = None,
-        gate: bool = True,
-        attn_dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"heads ({heads}) must divide dim ({dim})")
+        dim, heads = cfg.dim, cfg.heads  # FusionConfig checks that heads divides dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.attn_dropout = attn_dropout
+        self.attn_dropout = cfg.attn_dropout
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         # One log-temperature per head; frozen (requires_grad=False) for "w/o temperature learning".
-        self.log_tau = nn.Parameter(
-            init_log_tau(tau_init or TauInit(), heads), requires_grad=learn_temperature
-        )
-        self.gate = nn.Conv2d(2 * dim, dim, kernel_size=1) if gate else None
+        self.log_tau = nn.Parameter(init_log_tau(cfg.tau_init, heads), requires_grad=cfg.learn_temperature)
+        self.gate = nn.Conv2d(2 * dim, dim, kernel_size=1) if cfg.gate else None
 
     @property
     def tau(self) -> Tensor:
@@ -107,47 +94,30 @@ class CMAFBlock(nn.Module):
         # (B, H, N_s, d_h) -> (B, N_s, D) -> (B, D, h, w)
         out = self.proj(out.transpose(1, 2).reshape(b, h * w, d))
         f_att = out.transpose(1, 2).reshape(b, d, h, w)
-        if self.gate is not None:
+        if self.gate is None:
+            fused = f_att + f_s
+        else:
             g = torch.sigmoid(self.gate(torch.cat((f_att, f_s), dim=1)))
             fused = g * f_att + (1 - g) * f_s
-        else:
-            g = None
-            fused = f_att + f_s
+            if return_aux:
+                aux["gate"] = g
         if return_aux:
             aux["f_att"] = f_att
-            if g is not None:
-                aux["gate"] = g
         return fused, aux
 
 
+@FUSIONS.register("concat")
 class ConcatFusion(nn.Module):
     """ "Simple concatenation" ablation: ``F_fused = conv1x1([F_s; F_t])`` back to width D.
 
     The contextual map is average-pooled to the spatial grid if the grids differ.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(2 * dim, dim, kernel_size=1)
+        self.proj = nn.Conv2d(2 * cfg.dim, cfg.dim, kernel_size=1)
 
     def forward(self, f_s: Tensor, f_t: Tensor, return_aux: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         if f_t.shape[-2:] != f_s.shape[-2:]:
             f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[-2:])
         return self.proj(torch.cat((f_s, f_t), dim=1)), {}
-
-
-@FUSIONS.register("cmaf")
-def _cmaf(cfg: FusionConfig) -> nn.Module:
-    return CMAFBlock(
-        cfg.dim,
-        cfg.heads,
-        learn_temperature=cfg.learn_temperature,
-        tau_init=cfg.tau_init,
-        gate=cfg.gate,
-        attn_dropout=cfg.attn_dropout,
-    )
-
-
-@FUSIONS.register("concat")
-def _concat(cfg: FusionConfig) -> nn.Module:
-    return ConcatFusion(cfg.dim)

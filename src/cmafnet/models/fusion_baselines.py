@@ -34,20 +34,7 @@ from torch import Tensor, nn
 from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
-from cmafnet.models.baselines import load_weights, make_classifier
-from cmafnet.models.output import ModelOutput
-
-
-def _check_size(cfg: ModelConfig, name: str) -> None:
-    if cfg.img_size % 32:
-        raise ConfigError(f"model.img_size: {name} needs a multiple of 32 (got {cfg.img_size})")
-
-
-def _vit(name: str, cfg: ModelConfig) -> nn.Module:
-    kw = {"pretrained": False, "num_classes": 0, "img_size": cfg.img_size}
-    if cfg.drop_path > 0:
-        kw["drop_path_rate"] = cfg.drop_path
-    return timm.create_model(name, **kw)
+from cmafnet.models.baselines import ClassifierMixin, require_multiple_of_32, timm_kwargs
 
 
 def _tokens_to_map(vit: nn.Module, tokens: Tensor, img_size: int) -> Tensor:
@@ -63,37 +50,6 @@ def _conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1, act: bool = T
     if act:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-class _ContractMixin:
-    """``forward`` / ``forward_head`` / ``reset_classifier`` from ``forward_features`` -> (B, D)."""
-
-    head: nn.Module
-    drop: nn.Module
-    num_features: int
-    num_classes: int
-    normalized: bool
-
-    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        # forward_features of these models already returns the pooled (B, D) vector
-        return feats if pre_logits else self.head(self.drop(feats))
-
-    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
-        z = self.forward_features(x)  # type: ignore[attr-defined]
-        logits = self.head(self.drop(z))
-        return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = make_classifier(self.num_features, num_classes, self.normalized)
-
-    def _init_head(self, cfg: ModelConfig, num_features: int) -> None:
-        self.img_size = cfg.img_size
-        self.num_classes = cfg.num_classes
-        self.normalized = cfg.head.normalized
-        self.num_features = num_features
-        self.drop = nn.Dropout(cfg.head.dropout)
-        self.head = make_classifier(num_features, cfg.num_classes, cfg.head.normalized)
 
 
 # --------------------------------------------------------------------------------------- TransFuse
@@ -130,14 +86,17 @@ class BiFusion(nn.Module):
         return F.relu(self.fuse(x) + self.fuse_skip(x))  # (B, Cout, h, w)
 
 
-class TransFuseClassifier(_ContractMixin, nn.Module):
+@MODELS.register("transfuse")
+class TransFuseClassifier(ClassifierMixin, nn.Module):
     """TransFuse reconstruction (ResNet-34 + DeiT-S, BiFusion at strides 16 and 32)."""
+
+    roles = {"spatial": ("cnn",), "contextual": ("vit",), "fusion": ("fuse16", "fuse32"), "head": ("head",)}
 
     def __init__(self, cfg: ModelConfig, cnn: str = "resnet34", vit: str = "deit_small_patch16_224") -> None:
         super().__init__()
-        _check_size(cfg, "transfuse")
+        require_multiple_of_32(cfg, "transfuse")
         self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(3, 4))
-        self.vit = _vit(vit, cfg)
+        self.vit = timm.create_model(vit, **timm_kwargs(vit, cfg))
         ch16, ch32 = self.cnn.feature_info.channels()
         ct = self.vit.num_features
         # interaction / output widths: half the CNN width keeps the block light
@@ -152,15 +111,6 @@ class TransFuseClassifier(_ContractMixin, nn.Module):
         f16 = self.fuse16(g16, t16).mean((2, 3))
         f32 = self.fuse32(g32, t32).mean((2, 3))
         return torch.cat([f16, f32], 1)  # (B, (C16 + C32) / 2)
-
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        fusion = [*self.fuse16.parameters(), *self.fuse32.parameters()]
-        return {
-            "spatial": list(self.cnn.parameters()),
-            "contextual": list(self.vit.parameters()),
-            "fusion": fusion,
-            "head": list(self.head.parameters()),
-        }
 
 
 # -------------------------------------------------------------------------------------------- MMTM
@@ -182,14 +132,17 @@ class MMTM(nn.Module):
         return a * ga[:, :, None, None], b * gb[:, None, :]
 
 
-class MMTMClassifier(_ContractMixin, nn.Module):
+@MODELS.register("mmtm")
+class MMTMClassifier(ClassifierMixin, nn.Module):
     """MMTM reconstruction: ResNet-18 and DeiT-S streams exchanging through 4 MMTMs."""
+
+    roles = {"spatial": ("cnn",), "contextual": ("vit",), "fusion": ("mmtm",), "head": ("head",)}
 
     def __init__(self, cfg: ModelConfig, cnn: str = "resnet18", vit: str = "deit_small_patch16_224") -> None:
         super().__init__()
-        _check_size(cfg, "mmtm")
+        require_multiple_of_32(cfg, "mmtm")
         self.cnn = timm.create_model(cnn, pretrained=False, num_classes=0)
-        self.vit = _vit(vit, cfg)
+        self.vit = timm.create_model(vit, **timm_kwargs(vit, cfg))
         n_blocks = len(self.vit.blocks)
         if n_blocks % 4:
             raise ConfigError(f"mmtm: transformer depth {n_blocks} is not a multiple of 4")
@@ -210,14 +163,6 @@ class MMTMClassifier(_ContractMixin, nn.Module):
         za = a.mean((2, 3))  # (B, Ca)
         zb = v.forward_head(v.norm(b), pre_logits=True)  # (B, Cb)
         return torch.cat([za, zb], 1)
-
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "spatial": list(self.cnn.parameters()),
-            "contextual": list(self.vit.parameters()),
-            "fusion": list(self.mmtm.parameters()),
-            "head": list(self.head.parameters()),
-        }
 
 
 # ------------------------------------------------------------------------------------------ HRFNet
@@ -264,14 +209,17 @@ class ExchangeUnit(nn.Module):
         return out
 
 
-class HRFNetClassifier(_ContractMixin, nn.Module):
+@MODELS.register("hrfnet")
+class HRFNetClassifier(ClassifierMixin, nn.Module):
     """HRFNet reconstruction: ResNet-34 multi-resolution streams, 2 exchange units, HRNet head."""
+
+    roles = {"spatial": ("cnn",), "fusion": ("proj", "exchange", "widen", "down", "final"), "head": ("head",)}
 
     def __init__(
         self, cfg: ModelConfig, cnn: str = "resnet34", widths: tuple[int, ...] = (32, 64, 128, 256)
     ) -> None:
         super().__init__()
-        _check_size(cfg, "hrfnet")
+        require_multiple_of_32(cfg, "hrfnet")
         self.cnn = timm.create_model(cnn, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
         w = list(widths)
         self.proj = nn.ModuleList(
@@ -293,30 +241,3 @@ class HRFNetClassifier(_ContractMixin, nn.Module):
         for i, down in enumerate(self.down):
             y = self.widen[i + 1](xs[i + 1]) + down(y)
         return self.final(y).mean((2, 3))  # (B, 1024)
-
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        fusion = [
-            p for m in (self.proj, self.exchange, self.widen, self.down, self.final) for p in m.parameters()
-        ]
-        return {
-            "spatial": list(self.cnn.parameters()),
-            "fusion": fusion,
-            "head": list(self.head.parameters()),
-        }
-
-
-def _register(name: str, cls: type[nn.Module]) -> None:
-    def build(cfg: ModelConfig) -> nn.Module:
-        model = cls(cfg)
-        if cfg.weights:
-            load_weights(model, cfg.weights, backbone_attr="cnn")
-        return model
-
-    build.__name__ = f"build_{name}"
-    build.__doc__ = cls.__doc__
-    MODELS.add(name, build)
-
-
-_register("transfuse", TransFuseClassifier)
-_register("mmtm", MMTMClassifier)
-_register("hrfnet", HRFNetClassifier)

@@ -31,28 +31,20 @@ _BLOCK_NAMES = {
     "mlp.weights_out": "mlp.fc2",
 }
 _QKV = ("query", "key", "value")
+# transformers names (or name prefixes) outside the blocks -> timm's
+_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.": "patch_embed.proj.",
+    "layernorm.": "norm.",
+}
 _PREFIXES = ("vit.", "dinov2.", "model.")  # task models wrap the backbone under one of these
 
 
 def is_transformers_layout(state_dict: dict[str, Tensor]) -> bool:
     """Whether ``state_dict`` uses transformers' ViT / DINOv2 names."""
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in state_dict)
-
-
-def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "embeddings.") for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
-def _block_key(layer: str, rest: str) -> str | None:
-    """timm name of one block tensor (``rest`` = transformers name inside the layer), or None to drop."""
-    if rest.startswith("layer_scale"):  # layer_scale1.lambda1 -> ls1.gamma
-        return f"blocks.{layer}.ls{rest[len('layer_scale')]}.gamma"
-    module, _, param = rest.rpartition(".")
-    name = _BLOCK_NAMES.get(module)
-    return f"blocks.{layer}.{name}.{param}" if name else None
 
 
 def transformers_to_timm(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
@@ -64,32 +56,25 @@ def transformers_to_timm(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     Raises:
         ValueError: a tensor has no timm counterpart (another architecture).
     """
-    sd = _strip_prefix(state_dict)
+    prefix = next((p for p in _PREFIXES if any(k.startswith(p + "embeddings.") for k in state_dict)), "")
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     out: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, dict[str, Tensor]]] = {}  # layer -> weight/bias -> q/k/v
     for key, value in sd.items():
-        if key in ("embeddings.mask_token",) or key.startswith("pooler."):
+        if key == "embeddings.mask_token" or key.startswith("pooler."):
             continue  # masked-image-modelling token and the ViT pooler: unused by a feature extractor
-        if key == "embeddings.cls_token":
-            out["cls_token"] = value
-        elif key == "embeddings.register_tokens":
-            out["reg_token"] = value
-        elif key == "embeddings.position_embeddings":
-            out["pos_embed"] = value
-        elif key.startswith("embeddings.patch_embeddings.projection."):
-            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("layernorm."):
-            out["norm." + key.rsplit(".", 1)[1]] = value
-        elif m := _LAYER.match(key):
-            layer, rest = m.groups()
-            parts = rest.split(".")
-            if rest.startswith("attention.attention.") and parts[2] in _QKV:
-                qkv.setdefault(layer, {}).setdefault(parts[3], {})[parts[2]] = value
-                continue
-            name = _block_key(layer, rest)
-            if name is None:
-                raise ValueError(f"no timm counterpart for transformers tensor '{key}'")
-            out[name] = value
+        top = next((name for name in _RENAMES if key.startswith(name)), None)
+        m = _LAYER.match(key)
+        layer, rest = m.groups() if m else ("", "")  # rest: the name inside the layer
+        module, _, param = rest.rpartition(".")
+        if top is not None:
+            out[_RENAMES[top] + key[len(top) :]] = value
+        elif rest.startswith("attention.attention.") and module.rpartition(".")[2] in _QKV:
+            qkv.setdefault(layer, {}).setdefault(param, {})[module.rpartition(".")[2]] = value
+        elif rest.startswith("layer_scale"):  # layer_scale1.lambda1 -> ls1.gamma
+            out[f"blocks.{layer}.ls{rest[len('layer_scale')]}.gamma"] = value
+        elif module in _BLOCK_NAMES:
+            out[f"blocks.{layer}.{_BLOCK_NAMES[module]}.{param}"] = value
         else:
             raise ValueError(f"no timm counterpart for transformers tensor '{key}'")
     for layer, params in qkv.items():

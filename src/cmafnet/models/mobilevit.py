@@ -3,7 +3,7 @@
 The MobileNetV2 inverted-residual stages, the stem and the final 1x1 conv are timm's
 (``timm.create_model("mobilevit_<v>")``); every ``MobileVitBlock`` is replaced by
 :class:`MobileViTBlock`, written here, which keeps timm's parameter names (so a timm MobileViT state
-dict loads unchanged) and adds:
+dict loads unchanged) and adds (switches of ``model.contextual``):
 
 - learned absolute positional embeddings on the token grid (``learned_pos``),
 - scale-aware positional embeddings: the Sobel gradient magnitude of the input image, average-pooled
@@ -18,7 +18,6 @@ function; with the modifications off it *is* timm's MobileViT (tested).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import timm
 import torch
@@ -27,45 +26,8 @@ from timm.models.mobilevit import MobileVitBlock as TimmMobileVitBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cmafnet.errors import ConfigError
+from cmafnet.config import ContextualConfig
 from cmafnet.models.nystrom import SelfAttention
-from cmafnet.models.weights import load_strict
-
-VARIANTS = ("xxs", "xs", "s")
-STAGE_REDUCTIONS = (2, 4, 8, 16, 32)  # output stride of each of MobileViT v1's five stages
-
-
-@dataclass(frozen=True)
-class MobileViTOptions:
-    """The paper's modifications; all off gives timm's MobileViT."""
-
-    attention: str = "full"  # full | nystrom (cmafnet.models.nystrom.ATTENTION)
-    num_landmarks: int = 16  # Nystrom landmarks per attention sequence
-    pinv: str = "iterative"  # Nystrom pseudo-inverse: iterative (Nystromformer's) | exact
-    pinv_iters: int = 6  # iterations of the iterative pseudo-inverse
-    patch_size: int = 2  # unfold patch (timm / Apple default 2)
-    scale_aware_pos: bool = False  # Sobel-magnitude embedding added to the tokens
-    learned_pos: bool = False  # learned absolute positional embedding per transformer stage
-    img_size: int = 224  # sizes the learned embeddings; other sizes interpolate them
-
-
-def linear_resize_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
-    """``(n_out, n_in)`` float32 weights of 1-D linear interpolation, ``align_corners=False``.
-
-    Row ``i`` holds the two taps ``F.interpolate(..., mode="bilinear", align_corners=False)`` uses
-    for output ``i`` (source ``(i + 0.5) * n_in / n_out - 0.5`` clamped at 0; no antialiasing), so
-    ``W_h @ x @ W_w^T`` is that bilinear resize exactly (separable), up to float rounding.
-    Built with device ops only: no host-to-device copy (CUDA-graph capturable, a constant under
-    ``torch.compile``).
-    """
-    i = torch.arange(n_out, device=device, dtype=torch.float32)
-    src = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    frac = src - i0
-    w = torch.zeros(n_out, n_in, device=device, dtype=torch.float32)
-    w.scatter_add_(1, i0[:, None], (1.0 - frac)[:, None])
-    return w.scatter_add_(1, i1[:, None], frac[:, None])
 
 
 def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -80,46 +42,14 @@ def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """
     h, w = x.shape[-2:]
     with torch.autocast(x.device.type, enabled=False):
-        wh = linear_resize_matrix(h, size[0], x.device)  # (H', H)
-        ww = linear_resize_matrix(w, size[1], x.device)  # (W', W)
+        # 1-D linear-interpolation weights (n_out, n_in): F.interpolate of the identity (channel j = e_j),
+        # so exactly its own taps, built on the device (no host-to-device copy: CUDA-graph capturable)
+        wh, ww = (
+            F.interpolate(torch.eye(n, device=x.device)[None], size=m, mode="linear")[0].T
+            for n, m in ((h, size[0]), (w, size[1]))
+        )  # (H', H), (W', W)
         y = torch.einsum("bchw,Hh,Ww->bcHW", x.float(), wh, ww)  # (B, C, H', W')
     return y.to(x.dtype)
-
-
-def _grid(size: int, reduction: int) -> int:
-    """Feature-grid side after ``log2(reduction)`` stride-2 convs (k3, pad 1): ceil-halving."""
-    for _ in range(int(math.log2(reduction))):
-        size = (size + 1) // 2
-    return size
-
-
-class TransformerLayer(nn.Module):
-    """Pre-norm transformer layer with timm ``Block`` parameter names (norm1, attn, norm2, mlp)."""
-
-    def __init__(self, block: nn.Module, opts: MobileViTOptions) -> None:
-        super().__init__()
-        attn = block.attn
-        dim = attn.qkv.in_features
-        self.norm1 = block.norm1
-        self.attn = SelfAttention(
-            dim,
-            attn.num_heads,
-            kind=opts.attention,
-            num_landmarks=opts.num_landmarks,
-            pinv=opts.pinv,
-            pinv_iters=opts.pinv_iters,
-            attn_drop=attn.attn_drop.p,
-        )
-        # Reuse timm's modules so the state-dict names and initialisation are timm's own.
-        self.attn.qkv, self.attn.proj, self.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
-        self.drop_path1 = block.drop_path1
-        self.norm2 = block.norm2
-        self.mlp = block.mlp
-        self.drop_path2 = block.drop_path2
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class MobileViTBlock(nn.Module):
@@ -128,12 +58,25 @@ class MobileViTBlock(nn.Module):
     Built from a timm ``MobileVitBlock`` whose conv modules it takes over (same names).
     """
 
-    def __init__(self, block: TimmMobileVitBlock, grid: int, opts: MobileViTOptions) -> None:
+    def __init__(self, block: TimmMobileVitBlock, grid: int, opts: ContextualConfig) -> None:
         super().__init__()
         self.conv_kxk = block.conv_kxk
         self.conv_1x1 = block.conv_1x1
         dim = block.conv_1x1.out_channels
-        self.transformer = nn.Sequential(*[TransformerLayer(b, opts) for b in block.transformer])
+        for layer in block.transformer:  # timm ``Block``s, their attention swapped for ours
+            attn = layer.attn
+            layer.attn = SelfAttention(
+                attn.qkv.in_features,
+                attn.num_heads,
+                kind=opts.attention,
+                num_landmarks=opts.num_landmarks,
+                pinv=opts.pinv,
+                pinv_iters=opts.pinv_iters,
+                attn_drop=attn.attn_drop.p,
+            )
+            # Reuse timm's modules so the state-dict names and initialisation are timm's own.
+            layer.attn.qkv, layer.attn.proj, layer.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
+        self.transformer = block.transformer
         self.norm = block.norm
         self.conv_proj = block.conv_proj
         self.conv_fusion = block.conv_fusion
@@ -202,35 +145,28 @@ def gradient_magnitude(x: Tensor, kernel: Tensor | None = None, eps: float = 1e-
 class MobileViT(nn.Module):
     """MobileViT feature extractor: ``(B, 3, S, S) -> (B, num_features, S/32, S/32)``.
 
-    Parameter names follow timm's ``mobilevit_<variant>`` (``stem``, ``stages``, ``final_conv``),
-    so :meth:`load_timm_state_dict` takes a timm state dict (its ``head.*`` is ignored).
+    Parameter names follow timm's ``mobilevit_<variant>`` (``stem``, ``stages``, ``final_conv``), so a timm
+    state dict loads (:func:`cmafnet.models.weights.load_branch_weights`).
     """
 
-    def __init__(
-        self, variant: str = "s", opts: MobileViTOptions | None = None, drop_path: float = 0.0
-    ) -> None:
+    def __init__(self, opts: ContextualConfig, img_size: int = 224, drop_path: float = 0.0) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ConfigError(f"contextual.variant: unknown MobileViT variant '{variant}' (xxs, xs, s)")
-        opts = opts or MobileViTOptions()
-        self.variant = variant
+        self.variant = opts.variant
         self.opts = opts
         self.register_buffer("sobel", _SOBEL.clone(), persistent=False)  # (2, 1, 3, 3), not in state dicts
         net = timm.create_model(
-            f"mobilevit_{variant}", pretrained=False, num_classes=0, drop_path_rate=drop_path
+            f"mobilevit_{opts.variant}", pretrained=False, num_classes=0, drop_path_rate=drop_path
         )
         self.stem = net.stem
-        for reduction, stage in zip(STAGE_REDUCTIONS, net.stages, strict=True):
+        for s, stage in enumerate(net.stages, start=1):
+            grid = -(-img_size // 2**s)  # stage s: stride 2**s, each stride-2 conv ceil-halving the side
             for i, blk in enumerate(stage):
                 if isinstance(blk, TimmMobileVitBlock):
-                    stage[i] = MobileViTBlock(blk, _grid(opts.img_size, reduction), opts)
+                    stage[i] = MobileViTBlock(blk, grid, opts)
         self.stages = net.stages
         self.final_conv = net.final_conv
         self.num_features = net.num_features
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        self.grad_checkpointing = False  # recompute each stage in backward (set by CMAFNet)
 
     def _run_stage(self, stage: nn.Sequential, x: Tensor, grad_mag: Tensor | None) -> Tensor:
         for blk in stage:
@@ -250,14 +186,3 @@ class MobileViT(nn.Module):
     def added_parameter_names(self) -> set[str]:
         """Names of the parameters timm's MobileViT does not have (the positional embeddings)."""
         return {n for n, _ in self.named_parameters() if ".pos_embed" in n or ".scale_embed." in n}
-
-    def load_timm_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
-        """Load a timm ``mobilevit_<variant>`` state dict (classifier ``head.*`` dropped).
-
-        Raises:
-            ConfigError: keys or shapes do not match this variant (other than the added embeddings,
-                which keep their zero initialisation when absent).
-        """
-        sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        load_strict(self, sd, f"contextual.weights: {source} does not fit mobilevit_{self.variant}",
-                    may_miss=tuple(self.added_parameter_names()))  # fmt: skip

@@ -8,6 +8,7 @@ multiplies the logits (``1/sqrt(d_h)`` for the standard softmax attention), and 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +69,9 @@ def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
 
 
 def _landmarks(x: Tensor, m: int) -> Tensor:
-    """Segment means of the token axis: ``(B, h, N, d) -> (B, h, m, d)``.
-
-    ``adaptive_avg_pool1d`` handles N not divisible by m (uneven segments) and is the identity when
-    ``m == N``.
-    """
+    """Segment means of the token axis: ``(B, h, N, d) -> (B, h, m, d)`` (uneven segments when m does
+    not divide N; the identity when ``m == N``)."""
     b, h, n, d = x.shape
-    if m == n:
-        return x
     # (B*h, d, N) -> pool over tokens -> (B*h, d, m) -> (B, h, m, d)
     pooled = F.adaptive_avg_pool1d(x.reshape(b * h, n, d).transpose(1, 2), m)
     return pooled.transpose(1, 2).reshape(b, h, m, d)
@@ -122,16 +118,7 @@ def nystrom_approximation(
 
 @ATTENTION.register("nystrom")
 def nystrom_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    scale: float,
-    num_landmarks: int = 16,
-    pinv: str = "iterative",
-    pinv_iters: int = 6,
-    dropout: float = 0.0,
-    **_: object,
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, num_landmarks: int = 16, dropout: float = 0.0, **kw: Any
 ) -> Tensor:
     """Nystrom approximation of softmax attention (Xiong et al., AAAI 2021, "Nystromformer").
 
@@ -140,13 +127,12 @@ def nystrom_attention(
     (:func:`iterative_pinv`, ``pinv_iters`` steps, the paper's method) or ``exact``
     (``torch.linalg.pinv``). When the landmarks would be the tokens themselves
     (``num_landmarks >= N``) the formula is exact attention, which is then computed directly
-    (as Nystromformer's reference code does); see :func:`nystrom_approximation` for the formula.
+    (as Nystromformer's reference code does); see :func:`nystrom_approximation` for the formula (``kw``:
+    its ``pinv`` and ``pinv_iters``).
     """
     if num_landmarks >= q.shape[-2] and num_landmarks >= k.shape[-2]:
         return full_attention(q, k, v, scale=scale, dropout=dropout)
-    return nystrom_approximation(
-        q, k, v, scale=scale, num_landmarks=num_landmarks, pinv=pinv, pinv_iters=pinv_iters, dropout=dropout
-    )
+    return nystrom_approximation(q, k, v, scale=scale, num_landmarks=num_landmarks, dropout=dropout, **kw)
 
 
 class SelfAttention(nn.Module):
@@ -166,9 +152,7 @@ class SelfAttention(nn.Module):
         num_landmarks: int = 16,
         pinv: str = "iterative",
         pinv_iters: int = 6,
-        qkv_bias: bool = True,
         attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -184,11 +168,11 @@ class SelfAttention(nn.Module):
         self.pinv = pinv
         self.pinv_iters = pinv_iters
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(0.0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **_: object) -> Tensor:  # timm's Block passes attn_mask=None, is_causal
         b, n, c = x.shape
         # (B, N, 3C) -> (3, B, heads, N, d_h)
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from torch import Tensor
 
@@ -33,12 +33,6 @@ class ModelOutput:
 
     def detached(self) -> ModelOutput:
         """A copy with every tensor detached (for monitors)."""
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                v = v.detach()
-            elif isinstance(v, dict):
-                v = {k: t.detach() for k, t in v.items()}
-            kw[f.name] = v
-        return ModelOutput(**kw)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw = {k: v.detach() for k, v in tensors.items() if isinstance(v, Tensor)}
+        return replace(self, **kw, aux_logits={k: t.detach() for k, t in self.aux_logits.items()})

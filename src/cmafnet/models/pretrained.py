@@ -28,15 +28,22 @@ from typing import Any, Literal
 
 from torch import nn
 
-from cmafnet.config import Config, ModelConfig
+from cmafnet.config import Config
 from cmafnet.errors import ConfigError
 from cmafnet.registry import suggest
 
 log = logging.getLogger(__name__)
 
-TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf-hub:"
-_HF_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+# (source, name pattern, the form an error message shows)
+_NAME_FORMS = (
+    ("timm", r"[\w-]+(\.[\w-]+)?", "timm:<architecture>[.<tag>], e.g. timm:resnet18.a1_in1k"),
+    (
+        "hf-hub",
+        r"[\w.-]+/[\w.-]+(@[\w./-]+)?",
+        "hf-hub:<org>/<repo>[@<revision>], e.g. hf-hub:timm/resnet18.a1_in1k",
+    ),
+)
 
 Norm = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
 
@@ -64,28 +71,24 @@ def parse_weights(value: str | Path) -> WeightsName | None:
         ConfigError: a ``timm:`` / ``hf-hub:`` value without a well-formed name.
     """
     text = str(value)
-    if text.startswith(TIMM_PREFIX):
-        name = text[len(TIMM_PREFIX) :]
-        if not re.fullmatch(r"[\w-]+(\.[\w-]+)?", name):
-            raise ConfigError(
-                f"weights '{text}': expected timm:<architecture>[.<tag>], e.g. timm:resnet18.a1_in1k"
-            )
-        return WeightsName("timm", name)
-    if text.startswith(HF_PREFIX):
-        name = text[len(HF_PREFIX) :]
-        if not _HF_ID.fullmatch(name):
-            raise ConfigError(
-                f"weights '{text}': expected hf-hub:<org>/<repo>[@<revision>], e.g. hf-hub:timm/resnet18.a1_in1k"
-            )
-        return WeightsName("hf-hub", name)
+    for source, pattern, form in _NAME_FORMS:
+        if text.startswith(f"{source}:"):
+            name = text[len(source) + 1 :]
+            if not re.fullmatch(pattern, name):
+                raise ConfigError(f"weights '{text}': expected {form}")
+            return WeightsName(source, name)  # type: ignore[arg-type]
     return None
 
 
-def fetch_error(option: str, label: str, err: Exception, repo: str | None = None) -> ConfigError:
+def fetch_error(
+    option: str, label: str | WeightsName, err: Exception, repo: str | None = None
+) -> ConfigError:
     """One line: why ``label`` (a weights name) could not be fetched and what to do instead.
 
-    ``repo``: the Hugging Face repository, named in the licence step of a gated one.
+    ``repo``: the Hugging Face repository (an ``hf-hub:`` name's own), named in a gated one's licence step.
     """
+    if isinstance(label, WeightsName) and label.source == "hf-hub":
+        repo = label.name.split("@")[0]
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -105,10 +108,6 @@ def fetch_error(option: str, label: str, err: Exception, repo: str | None = None
     else:
         why = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
     return ConfigError(f"{option}: {label} could not be fetched ({why}); {local}")
-
-
-def _fetch_error(option: str, w: WeightsName, err: Exception) -> ConfigError:
-    return fetch_error(option, str(w), err, repo=w.name.split("@")[0] if w.source == "hf-hub" else None)
 
 
 def pretrained_config(w: WeightsName, option: str) -> dict[str, Any]:
@@ -144,7 +143,7 @@ def pretrained_config(w: WeightsName, option: str) -> dict[str, Any]:
     try:
         cfg, arch, _ = load_model_config_from_hf(w.name)
     except Exception as err:  # offline (LocalEntryNotFoundError), unknown repository, HTTP errors
-        raise _fetch_error(option, w, err) from None
+        raise fetch_error(option, w, err) from None
     return {**cfg, "architecture": arch}
 
 
@@ -164,7 +163,7 @@ def create_pretrained(
     try:
         return timm.create_model(w.timm_id, pretrained=True, **kwargs)
     except Exception as err:  # offline or missing files (OSError), HTTP errors, bad checkpoints
-        raise _fetch_error(option, w, err) from None
+        raise fetch_error(option, w, err) from None
 
 
 def load_named_backbone(backbone: nn.Module, w: WeightsName, option: str, **kwargs: Any) -> None:
@@ -199,9 +198,13 @@ def _norm_of(cfg: dict[str, Any]) -> Norm | None:
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
 
 
-def _file_norm(path: Path) -> tuple[Norm, str] | None:
-    """The normalisation a local weights file states beside itself, if any."""
-    cfg_json = path.parent / "config.json"  # timm save_for_hf / Hugging Face snapshot layout
+def weights_normalization(weights: str | Path, option: str) -> tuple[Norm, str] | None:
+    """(mean, std) the weights were trained with and where that was read, or None if unstated."""
+    w = parse_weights(weights)
+    if w is not None:
+        norm = _norm_of(pretrained_config(w, option))
+        return (norm, f"{w} pretrained_cfg") if norm else None
+    cfg_json = Path(weights).parent / "config.json"  # timm save_for_hf / Hugging Face snapshot layout
     if cfg_json.is_file():
         try:
             doc = json.loads(cfg_json.read_text())
@@ -210,7 +213,7 @@ def _file_norm(path: Path) -> tuple[Norm, str] | None:
         norm = _norm_of(doc.get("pretrained_cfg", doc)) if isinstance(doc, dict) else None
         if norm:
             return norm, str(cfg_json)
-    run_cfg = path.parent / "config.yaml"  # a cmafnet run folder (e.g. its model.safetensors)
+    run_cfg = Path(weights).parent / "config.yaml"  # a cmafnet run folder (e.g. its model.safetensors)
     if run_cfg.is_file():
         from cmafnet.config import load_config
 
@@ -223,41 +226,13 @@ def _file_norm(path: Path) -> tuple[Norm, str] | None:
     return None
 
 
-def weights_normalization(weights: str | Path, option: str) -> tuple[Norm, str] | None:
-    """(mean, std) the weights were trained with and where that was read, or None if unstated."""
-    w = parse_weights(weights)
-    if w is None:
-        return _file_norm(Path(weights))
-    norm = _norm_of(pretrained_config(w, option))
-    return (norm, f"{w} pretrained_cfg") if norm else None
-
-
-def default_normalization() -> Norm:
-    """ImageNet mean/std (timm's constants): the normalisation of a model without pretrained weights."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)  # type: ignore[return-value]
-
-
-def _weight_options(m: ModelConfig) -> list[tuple[str, str]]:
-    """(option, value) of the configured initial weights, the one that decides the input first."""
-    opts = [("model.weights", m.weights)]
-    if m.name == "probe" and m.probe.foundation is None and m.probe.backbone != "random":
-        opts.append(("model.probe.backbone", m.probe.backbone))  # a catalogue entry states its own
-    if m.name == "cmafnet":
-        if m.spatial.enabled:
-            opts.append(("model.spatial.weights", m.spatial.weights))
-        if m.contextual.enabled:
-            opts.append(("model.contextual.weights", m.contextual.weights))
-    return [(k, v) for k, v in opts if v]
-
-
 def resolve_normalization(cfg: Config) -> tuple[Config, str]:
     """Fill ``data.mean`` / ``data.std`` left unset (None) from the model's weights.
 
     Order: a probe's foundation-catalogue entry, the whole-model weights (a probe's backbone), then
-    (CMAF-Net) the spatial and the contextual branch's; the first that states a normalisation decides. Without any, ImageNet's (timm's defaults). A
-    branch whose weights state another normalisation is logged: the one input feeds both branches.
+    (CMAF-Net) the spatial and the contextual branch's; the first that states a normalisation decides.
+    Without any, ImageNet's (timm's defaults). A branch whose weights state another normalisation is
+    logged: the one input feeds both branches.
 
     Returns:
         The config with both set (a copy when anything changed) and where they came from.
@@ -268,13 +243,20 @@ def resolve_normalization(cfg: Config) -> tuple[Config, str]:
     if cfg.data.mean is not None and cfg.data.std is not None:
         return cfg, "data.mean / data.std"
     found: list[tuple[str, Norm, str]] = []
-    if cfg.model.name == "probe" and cfg.model.probe.foundation:
+    m = cfg.model
+    if m.name == "probe" and m.probe.foundation:
         from cmafnet.models.foundation import foundation_entry
 
-        e = foundation_entry(cfg.model.probe.foundation)
+        e = foundation_entry(m.probe.foundation)
         found.append(("model.probe.foundation", (e.mean, e.std), f"foundation catalogue: {e.name}"))
-    for option, value in _weight_options(cfg.model):
-        got = weights_normalization(value, option)
+    options = [("model.weights", m.weights)]
+    if m.name == "probe" and m.probe.foundation is None and m.probe.backbone != "random":
+        options.append(("model.probe.backbone", m.probe.backbone))  # a catalogue entry states its own
+    for name in ("spatial", "contextual") if m.name == "cmafnet" else ():
+        if getattr(m, name).enabled:
+            options.append((f"model.{name}.weights", getattr(m, name).weights))
+    for option, value in options:
+        got = weights_normalization(value, option) if value else None
         if got is not None:
             found.append((option, *got))
     if found:
@@ -285,8 +267,11 @@ def resolve_normalization(cfg: Config) -> tuple[Config, str]:
                     "%s states mean %s std %s (%s); the one input is normalised as %s states (%s)",
                     option, other[0], other[1], other_where, first, where,
                 )  # fmt: skip
-    else:
-        norm, where = default_normalization(), "timm IMAGENET_DEFAULT_MEAN/STD (no pretrained normalisation)"
+    else:  # a model without pretrained weights: ImageNet's
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        norm = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+        where = "timm IMAGENET_DEFAULT_MEAN/STD (no pretrained normalisation)"
     cfg = cfg.model_copy(deep=True)
     if cfg.data.mean is None:
         cfg.data.mean = norm[0]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from cmafnet.config import KNNConfig, ModelConfig
 from cmafnet.errors import ConfigError
 from cmafnet.models import MODELS
-from cmafnet.models.baselines import make_classifier
+from cmafnet.models.baselines import ClassifierMixin
 from cmafnet.models.foundation import (
     build_backbone,
     embed,
@@ -36,7 +36,6 @@ from cmafnet.models.foundation import (
     resolve_backbone,
     weights_fingerprint,
 )
-from cmafnet.models.output import ModelOutput
 
 _BACKBONE_KEY = re.compile(r"(^|\.)backbone\.")
 
@@ -69,9 +68,8 @@ class KNNHead(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         for name in ("bank", "bank_labels"):  # the memory's size is the trained run's, not the empty one's
             if prefix + name in state_dict:
-                setattr(
-                    self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device)
-                )
+                stored = state_dict[prefix + name]
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -81,9 +79,8 @@ class KNNHead(nn.Module):
         if self.metric == "cosine":
             dist = 1.0 - F.normalize(z, dim=1) @ self.bank.t()  # (B, N)
         else:
-            dist = torch.cdist(
-                z, self.bank, compute_mode="donot_use_mm_for_euclid_dist"
-            )  # (B, N), exact 0 for a match
+            # (B, N), exact 0 for a match
+            dist = torch.cdist(z, self.bank, compute_mode="donot_use_mm_for_euclid_dist")
         d, idx = dist.topk(self.k, dim=1, largest=False)  # (B, k) nearest first
         if self.weights == "distance":
             exact = d <= 0
@@ -105,8 +102,11 @@ def tile_starts(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-class ProbeModel(nn.Module):
+@MODELS.register("probe")
+class ProbeModel(ClassifierMixin, nn.Module):
     """Frozen backbone -> embedding (B, D) -> linear (or cosine) classifier or kNN head."""
+
+    roles = {"head": ("head",)}  # the backbone is in no role: never trained
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -122,7 +122,7 @@ class ProbeModel(nn.Module):
             raise ConfigError(
                 "model.probe.match_scale: the backbone's native scale is unknown; set model.probe.native_mpp"
             )
-        self.img_size, self.num_classes, self.match_scale = cfg.img_size, cfg.num_classes, probe.match_scale
+        self.match_scale = probe.match_scale
         self.backbone = build_backbone(self.spec).requires_grad_(False)
         self.fingerprint = weights_fingerprint(self.backbone)
         if probe.fingerprint is not None and probe.fingerprint != self.fingerprint:
@@ -131,11 +131,8 @@ class ProbeModel(nn.Module):
                 f"but this model was trained on {probe.fingerprint} (a new revision on the Hub, or another file)"
             )
         self.embedding = self.spec.embedding
-        self.num_features = embedding_dim(self.backbone, self.embedding)
-        self.drop = nn.Dropout(cfg.head.dropout)
-        self.head_kind, self.knn_cfg, self.normalized = probe.head, probe.knn, cfg.head.normalized
-        self.head = self._make_head(cfg.num_classes)
-        self.zoom = 1.0
+        self.head_kind, self.knn_cfg = probe.head, probe.knn
+        self._init_head(cfg, embedding_dim(self.backbone, self.embedding))
         self.set_input_mpp(probe.input_mpp)
         # the frozen backbone is rebuilt from model.probe, not saved with the head (module docstring)
         self.register_state_dict_post_hook(_without_backbone)
@@ -144,7 +141,7 @@ class ProbeModel(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         if self.head_kind == "knn":
             return KNNHead(self.num_features, num_classes, self.knn_cfg)
-        return make_classifier(self.num_features, num_classes, self.normalized)
+        return super()._make_head(num_classes)
 
     def set_input_mpp(self, mpp: float | None) -> None:
         """The µm/px the model's input shows; with ``match_scale`` inputs are resampled to the native scale."""
@@ -184,21 +181,6 @@ class ProbeModel(nn.Module):
         """The embedding (B, D): of images (B, 3, S, S), or ``x`` itself when it is one already."""
         return x if x.ndim == 2 else self.embed_images(x)
 
-    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        return feats if pre_logits else self.head(self.drop(feats))
-
-    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
-        z = self.forward_features(x)
-        logits = self.head(self.drop(z))
-        return ModelOutput(logits=logits, pre_logits=z) if return_aux else logits
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-
-    def param_groups_by_role(self) -> dict[str, list[nn.Parameter]]:
-        return {"head": list(self.head.parameters())}  # the backbone is in no role: never trained
-
 
 def _without_backbone(module: nn.Module, state_dict: dict, prefix: str, _local_metadata: dict) -> None:
     for k in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
@@ -208,9 +190,3 @@ def _without_backbone(module: nn.Module, state_dict: dict, prefix: str, _local_m
 def _backbone_not_missing(module: nn.Module, incompatible: object) -> None:
     missing = incompatible.missing_keys  # type: ignore[attr-defined]
     missing[:] = [k for k in missing if not _BACKBONE_KEY.search(k)]
-
-
-@MODELS.register("probe")
-def build_probe(cfg: ModelConfig) -> ProbeModel:
-    """A frozen pretrained backbone with a linear or kNN head (model.probe; docs/foundation.md)."""
-    return ProbeModel(cfg)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cmafnet.config import SpatialConfig
 from cmafnet.errors import ConfigError
-from cmafnet.models.weights import load_strict
 
 
 class SpatialAttentionGate(nn.Module):
@@ -26,7 +26,7 @@ class SpatialAttentionGate(nn.Module):
 
 
 class SpatialBranch(nn.Module):
-    """ResNet features ``(B, 3, S, S) -> (B, 512, S/32, S/32)`` with the paper's modifications.
+    """ResNet features ``(B, 3, S, S) -> (B, 512, S/32, S/32)`` with the paper's ``model.spatial`` switches.
 
     ``skip_merge``: the outputs of the two stages before the last (ResNet-18 ``layer2``, ``layer3``:
     128 and 256 channels at strides 8 and 16) are average-pooled to the last grid and projected by a
@@ -36,28 +36,21 @@ class SpatialBranch(nn.Module):
     Parameter names under ``body`` are timm's ``resnet18`` names, so timm state dicts load.
     """
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        *,
-        skip_merge: bool = True,
-        spatial_gate: bool = True,
-        drop_path: float = 0.0,
-    ) -> None:
+    def __init__(self, cfg: SpatialConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.backbone = backbone
-        out_indices = (-3, -2, -1) if skip_merge else (-1,)
+        self.backbone = cfg.backbone
+        out_indices = (-3, -2, -1) if cfg.skip_merge else (-1,)
         kw = {"drop_path_rate": drop_path} if drop_path > 0 else {}
         try:
             self.body = timm.create_model(
-                backbone, pretrained=False, features_only=True, out_indices=out_indices, **kw
+                cfg.backbone, pretrained=False, features_only=True, out_indices=out_indices, **kw
             )
         except RuntimeError as err:  # timm: unknown model name
             raise ConfigError(f"model.spatial.backbone: {err}") from None
         chs = self.body.feature_info.channels()
         self.num_features = chs[-1]
         self.skips = nn.ModuleList(nn.Conv2d(c, chs[-1], kernel_size=1) for c in chs[:-1])
-        self.gate = SpatialAttentionGate() if spatial_gate else None
+        self.gate = SpatialAttentionGate() if cfg.spatial_gate else None
         # Modules of ``body`` (in execution order) whose outputs are the returned features.
         self._feature_names = frozenset(n.replace(".", "_") for n in self.body.feature_info.module_name())
         # Grad checkpointing segments: the residual stages only (``nn.Sequential`` of blocks, i.e.
@@ -70,11 +63,7 @@ class SpatialBranch(nn.Module):
         self._ckpt_names = frozenset(
             n for i, (n, m) in enumerate(self.body.items()) if i > 0 and isinstance(m, nn.Sequential)
         )
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the residual stages in backward (training mode with grad enabled only)."""
-        self.grad_checkpointing = enable
+        self.grad_checkpointing = False  # recompute the residual stages in backward (set by CMAFNet)
 
     def _features(self, x: Tensor) -> list[Tensor]:
         """The backbone's feature maps, as ``body(x)`` returns them (strides 8, 16, 32 by default)."""
@@ -95,14 +84,3 @@ class SpatialBranch(nn.Module):
         if self.gate is not None:
             out = self.gate(out)
         return out
-
-    def load_timm_state_dict(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
-        """Load a timm ``resnet18`` (or the configured backbone) state dict into ``body``.
-
-        The classifier (``fc.*``) is ignored; the skip convs and the gate keep their initialisation.
-
-        Raises:
-            ConfigError: keys or shapes do not match the backbone.
-        """
-        sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        load_strict(self.body, sd, f"spatial.weights: {source} does not fit {self.backbone}")

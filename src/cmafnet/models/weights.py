@@ -11,13 +11,14 @@ pretrained name (``timm:resnet18.a1_in1k``, ``hf-hub:org/repo``), fetched by tim
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
 from cmafnet.config import ModelConfig
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.files import atomic_write_bytes, load_plain_torch_file
-from cmafnet.models.pretrained import create_pretrained, parse_weights
+from cmafnet.models.pretrained import create_pretrained, load_named_backbone, parse_weights
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -82,41 +83,64 @@ def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_branch_weights(branch: nn.Module, path: str | Path, role: str) -> None:
     """Load a file or pretrained name into a branch (``role`` 'spatial' or 'contextual').
 
+    The timm classifier (``fc.*`` / ``head.*``) is ignored; the spatial branch's skip convs and gate,
+    and the contextual branch's added embeddings when absent, keep their initialisation.
+
     Raises:
         ConfigError: the weights do not fit the branch, or a name cannot be fetched.
         RunFolderError: the file is missing or not a plain weights file.
     """
+    if role == "spatial":  # timm's features_only ResNet under ``body``
+        target, arch, classifier, may_miss = branch.body, branch.backbone, "fc.", ()
+    else:
+        arch, classifier = f"mobilevit_{branch.variant}", "head."
+        target, may_miss = branch, tuple(branch.added_parameter_names())
     name = parse_weights(path)
     if name is not None:
-        arch = branch.backbone if role == "spatial" else f"mobilevit_{branch.variant}"
-        source = create_pretrained(name, f"model.{role}.weights", expect_arch=arch, num_classes=0)
-        branch.load_timm_state_dict(source.state_dict(), source=str(name))
+        sd = create_pretrained(name, f"model.{role}.weights", expect_arch=arch, num_classes=0).state_dict()
+    else:
+        sd = load_state_dict_file(path)
+        if not isinstance(sd, dict):
+            raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
+        sd = _strip_prefix(sd, "spatial.body." if role == "spatial" else "contextual.")
+        sd = _strip_prefix(sd, "module.")  # DDP-saved files
+    sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
+    load_strict(target, sd, f"{role}.weights: {name or path} does not fit {arch}", may_miss=may_miss)
+
+
+def load_model_weights(
+    model: nn.Module, path: str | Path, backbone: nn.Module | None = None, **timm_kw: Any
+) -> None:
+    """Load ``model.weights``: a whole-model state dict, strictly (every key must match).
+
+    With a timm ``backbone`` (the baselines'), a file that is not a whole-model state dict is taken as a
+    plain timm backbone checkpoint: its classifier keys are dropped and the rest must match the backbone
+    exactly (a mismatch is an error, not a silent partial load); and a pretrained name is loaded into the
+    backbone by timm, built with ``timm_kw`` (:func:`cmafnet.models.pretrained.load_named_backbone`).
+
+    Raises:
+        ConfigError: keys or shapes do not match, or (CMAF-Net: no ``backbone``) ``path`` is a name.
+    """
+    name = parse_weights(path)
+    if name is not None:
+        if backbone is None:
+            raise ConfigError(
+                f"model.weights: {path}: CMAF-Net takes a whole-model file here; pretrained names go to "
+                "model.spatial.weights / model.contextual.weights"
+            )
+        load_named_backbone(backbone, name, "model.weights", **timm_kw)
         return
     sd = load_state_dict_file(path)
     if not isinstance(sd, dict):
-        raise ConfigError(f"{role}.weights: {path} does not hold a state dict")
-    sd = _strip_prefix(sd, "spatial.body." if role == "spatial" else "contextual.")
-    sd = _strip_prefix(sd, "module.")  # DDP-saved files
-    branch.load_timm_state_dict(sd, source=str(path))
-
-
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a whole-model state dict (strict: every key must match).
-
-    Raises:
-        ConfigError: keys or shapes do not match the configured model, or ``path`` is a name.
-    """
-    if parse_weights(path) is not None:
-        raise ConfigError(
-            f"model.weights: {path}: CMAF-Net takes a whole-model file here; pretrained names go to "
-            "model.spatial.weights / model.contextual.weights"
-        )
-    sd = load_state_dict_file(path)
-    if not isinstance(sd, dict):
         raise ConfigError(f"model.weights: {path} does not hold a state dict")
-    load_strict(
-        model, _strip_prefix(sd, "module."), f"model.weights: {path} does not fit the configured model"
-    )
+    sd = _strip_prefix(sd, "module.")
+    if backbone is None or set(sd) == set(model.state_dict()):
+        load_strict(model, sd, f"model.weights: {path} does not fit the configured model")
+        return
+    clf = backbone.default_cfg.get("classifier", "fc") if hasattr(backbone, "default_cfg") else "fc"
+    clf_prefixes = tuple(f"{c}." for c in ((clf,) if isinstance(clf, str) else clf))
+    sd = {k: v for k, v in sd.items() if not k.startswith(clf_prefixes)}
+    load_strict(backbone, sd, f"model.weights: {path} matches neither the model nor its backbone")
 
 
 def without_init_weights(cfg: ModelConfig) -> ModelConfig:
