@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmafnet.bench.targets import check_targets
 from cmafnet.data.datasets import IDC
 from cmafnet.run import META_FILE, read_meta
 
@@ -180,12 +181,10 @@ def summarize(
         "stage2_vs_naive": (fastest.get(s2) / naive_img_s) if s2 in fastest and naive_img_s else None,
         "paper_hours_per_seed": project_hours(fastest, max(vals) if vals else None, stage_epochs),
     }  # fmt: skip
-    targets = [
-        {"name": n, "description": d, "op": op, "threshold": t, "value": values[n],
-         "passed": None if values[n] is None else (values[n] >= t if op == ">=" else values[n] <= t)}
-        for n, d, op, t in TARGETS
-    ]  # fmt: skip
-    return {"fastest_per_stage": {s: {"variant": n, **f} for s, (n, f) in best.items()}, "targets": targets}
+    return {
+        "fastest_per_stage": {s: {"variant": n, **f} for s, (n, f) in best.items()},
+        "targets": check_targets(values, TARGETS),
+    }
 
 
 def naive_speed(

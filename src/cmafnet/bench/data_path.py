@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +20,7 @@ IDC_CLASS_COUNTS = tuple(IDC.PUBLISHED["per_class"].values())  # IDC negatives /
 
 def cycle_batches(loader: Any) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Endless iteration over a ``BatchLoader``, moving to the next epoch when one ends."""
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         empty = True
@@ -29,7 +29,6 @@ def cycle_batches(loader: Any) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
             yield batch
         if empty:
             raise ValueError("the loader yields no batches (store smaller than one batch?)")
-        epoch += 1
 
 
 def measure_data_path(
@@ -64,20 +63,10 @@ def measure_data_path(
         return iter(Prefetcher(batches, prep, device=device, seed=seed, overlap=overlap))
 
     overlapped, serial = prepared(True), prepared(False)
-
-    def end_to_end() -> None:
-        step(*next(overlapped))
-
-    def end_to_end_serial() -> None:
-        step(*next(serial))
-
-    def data_only() -> None:
-        next(serial)
-
-    t_e2e = time_per_step(end_to_end, timing, steps=steps)
-    t_serial = time_per_step(end_to_end_serial, timing, steps=steps)
+    t_e2e = time_per_step(lambda: step(*next(overlapped)), timing, steps=steps)
+    t_serial = time_per_step(lambda: step(*next(serial)), timing, steps=steps)
     t_pre = time_per_step(lambda: step(*premade), timing, steps=steps)
-    t_data = time_per_step(data_only, timing, steps=steps)
+    t_data = time_per_step(lambda: next(serial), timing, steps=steps)
     batch = premade[0].shape[0]
     return {
         "steps": steps,

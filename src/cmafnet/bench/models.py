@@ -62,10 +62,6 @@ class ModelBench:
     profile_path: str | None = None  # write a torch.profiler op table of a few training steps here
 
 
-def _param_count(model: nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
 def _fmt_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
@@ -121,7 +117,7 @@ def bench_model(
     model = model.to(dev)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    rec["params_M"] = _param_count(model)
+    rec["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     if spec.gmacs and not spec.compile:
         x1 = torch.randn(1, 3, size, size, device=dev)
         rec["gmacs"] = _attempt(rec, "gmacs", lambda: forward_gmacs(model, x1))
@@ -205,10 +201,9 @@ def _bench_inference(spec: ModelBench, run_model: nn.Module, rec: dict, timing: 
         if spec.cuda_graph and dev.type == "cuda" and not aux:
             replay = cuda_graph_forward(run_model, xi, timing)
             return time_per_step(lambda: replay(xi), timing)
+        kw = {"return_aux": True} if aux else {}
         with torch.inference_mode(), timing.autocast():
-            if aux:
-                return time_per_step(lambda: run_model(xi, return_aux=True), timing)
-            return time_per_step(lambda: run_model(xi), timing)
+            return time_per_step(lambda: run_model(xi, **kw), timing)
 
     s = _attempt(rec, "infer", lambda: time_infer(False))
     if s is not None:
@@ -226,11 +221,11 @@ def _bench_latency(
     """Batch-1 latency: eager, from a CUDA graph (checked against eager) and compiled, into ``rec``."""
     dev = timing.device
 
-    def eager_latency() -> dict[str, float]:
+    def forward_latency(m: nn.Module) -> dict[str, float]:
         with torch.inference_mode(), timing.autocast():
-            return latency_ms(lambda: run_model(x1), timing)
+            return latency_ms(lambda: m(x1), timing)
 
-    lat = _attempt(rec, "latency", eager_latency)
+    lat = _attempt(rec, "latency", lambda: forward_latency(run_model))
     if lat:
         rec["latency_ms"], rec["latency_p90_ms"] = lat["median"], lat["p90"]
     if dev.type == "cuda" and not spec.compile:
@@ -251,11 +246,6 @@ def _bench_latency(
         # "reduce-overhead" records CUDA graphs for the compiled graph (CUDA only)
         mode = "reduce-overhead" if dev.type == "cuda" else "default"
         fast = torch.compile(model, mode=mode, dynamic=False)
-
-        def compiled_latency() -> dict[str, float]:
-            with torch.inference_mode(), timing.autocast():
-                return latency_ms(lambda: fast(x1), timing)
-
-        lat = _attempt(rec, f"latency_compile_{mode}", compiled_latency)
+        lat = _attempt(rec, f"latency_compile_{mode}", lambda: forward_latency(fast))
         if lat:
             rec["latency_compiled_ms"] = lat["median"]

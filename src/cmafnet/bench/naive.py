@@ -23,7 +23,8 @@ MOBILEVIT_NAMES = {"xxs": "mobilevit_xxs", "xs": "mobilevit_xs", "s": "mobilevit
 
 
 class NaiveDualBranch(nn.Module):
-    """ResNet-18 + MobileViT + one multi-head cross-attention + gate (the anchors' ``dual_proxy``).
+    """ResNet-18 + MobileViT + one multi-head cross-attention + gate (the anchors' ``dual_proxy``), randomly
+    initialised: the bench measures speed, not accuracy.
 
     Args:
         variant: MobileViT variant of the contextual branch (``"s"`` is the anchor's model).
@@ -85,10 +86,3 @@ class NaiveDualBranch(nn.Module):
         g = torch.sigmoid(self.gate(torch.cat([f_att, f_s], 1)))
         fused = g * f_att + (1 - g) * f_s
         return self.head(fused.mean((2, 3)))
-
-
-def create_naive_reference(
-    variant: str = "s", *, dim: int = 480, heads: int = 8, num_classes: int = 2, **kw: bool
-) -> NaiveDualBranch:
-    """Build the naive reference (random init: the bench measures speed, not accuracy)."""
-    return NaiveDualBranch(variant, dim=dim, heads=heads, num_classes=num_classes, **kw)

@@ -104,7 +104,7 @@ def build_specs(
     import timm
 
     from cmafnet.bench.models import ModelBench
-    from cmafnet.bench.naive import create_naive_reference
+    from cmafnet.bench.naive import NaiveDualBranch
 
     nc = cfg.model.num_classes
     variant, fusion = cfg.model.contextual.variant, cfg.model.fusion
@@ -130,7 +130,7 @@ def build_specs(
     if "naive" in names:
         specs["naive"] = ModelBench(
             "naive",
-            lambda: create_naive_reference(variant, dim=fusion.dim, heads=fusion.heads, num_classes=nc),
+            lambda: NaiveDualBranch(variant, dim=fusion.dim, heads=fusion.heads, num_classes=nc),
             breakdown=True,
             profile_path=str(profile / "profile_naive.txt") if profile else None,
         )

@@ -15,10 +15,7 @@ TARGETS = (
 
 
 def _best(*vals: float | None, low: bool = False) -> float | None:
-    vals_ = [v for v in vals if v is not None]
-    if not vals_:
-        return None
-    return min(vals_) if low else max(vals_)
+    return (min if low else max)((v for v in vals if v is not None), default=None)
 
 
 def _best_variant(models: dict[str, dict], key: str) -> tuple[str | None, float | None]:
@@ -63,15 +60,20 @@ def compute_ratios(models: dict[str, dict], data: dict | None) -> dict[str, Any]
     }
 
 
-def check_targets(ratios: dict[str, float | None]) -> list[dict[str, Any]]:
-    out = []
-    for name, desc, op, thr in TARGETS:
-        v = ratios.get(name)
-        passed = None if v is None else (v >= thr if op == ">=" else v <= thr)
-        out.append(
-            {"name": name, "description": desc, "value": v, "op": op, "threshold": thr, "passed": passed}
-        )
-    return out
+def check_targets(values: dict[str, float | None], targets: tuple = TARGETS) -> list[dict[str, Any]]:
+    """Each ``(name, description, op, threshold)`` target with its value and whether it passed (None:
+    not measured)."""
+    return [
+        {
+            "name": n,
+            "description": d,
+            "value": (v := values.get(n)),
+            "op": op,
+            "threshold": t,
+            "passed": None if v is None else (v >= t if op == ">=" else v <= t),
+        }
+        for n, d, op, t in targets
+    ]
 
 
 def _num(v: Any, fmt: str = "{:,.0f}") -> str:

@@ -44,11 +44,8 @@ _FALLBACK = {
     "deit_small_patch16_224": (3417, 21002),
     "dual_proxy_s": (2148, 6467),
 }
+# registry names whose timm anchor is named otherwise (the rest share their name)
 _TIMM = {
-    "resnet50": "resnet50",
-    "densenet121": "densenet121",
-    "efficientnet_b3": "efficientnet_b3",
-    "convnext_tiny": "convnext_tiny",
     "vit_s16": "vit_small_patch16_224",
     "swin_t": "swin_tiny_patch4_window7_224",
     "deit_s": "deit_small_patch16_224",
@@ -70,16 +67,15 @@ def anchor_rates(path: str | Path | None = None) -> tuple[dict[str, tuple[float,
     """Anchor (train, infer) img/s per model name, and where they came from."""
     # An explicit file, or CMAFNET_GPU_ANCHOR (e.g. your own `cmafnet bench`-style anchor JSON);
     # otherwise the built-in copy of the published H200 anchors.
-    candidates = [path] if path else [os.environ.get("CMAFNET_GPU_ANCHOR")]
-    for c in candidates:
-        if c and Path(c).exists():
-            doc = json.loads(Path(c).read_text())
-            rates = {
-                k: (float(v["train_img_s"]), float(v["infer_img_s"]))
-                for k, v in doc.items()
-                if isinstance(v, dict) and "train_img_s" in v and "infer_img_s" in v
-            }
-            return rates, f"{c} ({doc.get('gpu', '?')})"
+    c = path or os.environ.get("CMAFNET_GPU_ANCHOR")
+    if c and Path(c).exists():
+        doc = json.loads(Path(c).read_text())
+        rates = {
+            k: (float(v["train_img_s"]), float(v["infer_img_s"]))
+            for k, v in doc.items()
+            if isinstance(v, dict) and "train_img_s" in v and "infer_img_s" in v
+        }
+        return rates, f"{c} ({doc.get('gpu', '?')})"
     return dict(_FALLBACK), "built-in copy of the H200 anchors"
 
 
@@ -91,16 +87,14 @@ def _series(*rates: tuple[float, float]) -> tuple[float, float]:
 def method_rate(model: str, rates: dict[str, tuple[float, float]]) -> tuple[float, float]:
     """(train, infer) img/s estimate for a registry model name."""
     r = {**_FALLBACK, **rates}
-    if model in _TIMM:
-        return r[_TIMM[model]]
+    if model in _TIMM or model in _FALLBACK:
+        return r[_TIMM.get(model, model)]
     if model == "transfuse":
         return _series(r["resnet50"], r["deit_small_patch16_224"])
     if model == "mmtm":
         return _series(r["resnet18"], r["deit_small_patch16_224"])
     if model == "hrfnet":
         return (0.7 * r["resnet50"][0], 0.7 * r["resnet50"][1])
-    if model == "resnet18":
-        return r["resnet18"]
     tr, inf = r["dual_proxy_s"]  # cmafnet
     return (tr / 2.0, inf)
 
@@ -145,14 +139,11 @@ def load_calibration(run_dir: str | Path) -> Calibration:
 
 
 @cache
-def _stage_epochs(base: str, overrides: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-    return tuple((st.name, st.epochs) for st in load_config(base, list(overrides)).train.stages)
-
-
-@cache
-def _passes(base: str, overrides: tuple[str, ...]) -> int:
-    sam = load_config(base, list(overrides)).train.sam
-    return 2 if sam.enabled and sam.rho > 0 else 1
+def _schedule(base: str, overrides: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
+    """A config's ``(stage name, epochs)`` and forward/backward passes per step (2 under SAM)."""
+    train = load_config(base, list(overrides)).train
+    passes = 2 if train.sam.enabled and train.sam.rho > 0 else 1
+    return tuple((st.name, st.epochs) for st in train.stages), passes
 
 
 def _model(spec: RunSpec) -> str:
@@ -162,30 +153,9 @@ def _model(spec: RunSpec) -> str:
 def matched_epochs(spec: RunSpec, reference: RunSpec) -> float:
     """Epochs a compute-matched baseline trains: its reference's training MACs (every epoch of every stage,
     x 2 passes under SAM, at the reference's forward MACs) over the MACs of one of its own epochs."""
-    ref_epochs = sum(e for _, e in _stage_epochs(reference.base, reference.overrides))
-    ref_macs = ref_epochs * _passes(reference.base, reference.overrides) * GMACS_224[_model(reference)]
-    return ref_macs / (_passes(spec.base, spec.overrides) * GMACS_224[_model(spec)])
-
-
-def _train_seconds(
-    spec: RunSpec,
-    model: str,
-    n_train: float,
-    tr: float,
-    calib: dict[str, Calibration],
-    epochs: float | None = None,
-) -> float:
-    """Training seconds of a run: the calibrated stages at their measured speed, the rest at ``tr``;
-    ``epochs``: a compute-matched run's length (one stage)."""
-    c = calib.get(model)
-    if epochs is not None:
-        return epochs * n_train / (tr if c is None else c.mean_img_s)
-    if c is None:
-        return EPOCHS * n_train / tr
-    return sum(
-        epochs * n_train / c.stage_img_s.get(name, c.mean_img_s)
-        for name, epochs in _stage_epochs(spec.base, spec.overrides)
-    )
+    ref_stages, ref_passes = _schedule(reference.base, reference.overrides)
+    ref_macs = sum(e for _, e in ref_stages) * ref_passes * GMACS_224[_model(reference)]
+    return ref_macs / (_schedule(spec.base, spec.overrides)[1] * GMACS_224[_model(spec)])
 
 
 def _idc_sizes(ratio: str | None) -> tuple[float, float, float]:
@@ -212,7 +182,7 @@ def run_seconds(
     model = _model(spec)
     tr, inf = method_rate(model, rates)
     if spec.dataset == "breakhis":
-        train, val, test = 0.7 * BREAKHIS_TOTAL, 0.1 * BREAKHIS_TOTAL, 0.2 * BREAKHIS_TOTAL
+        train, val, test = (f * BREAKHIS_TOTAL for f in (0.7, 0.1, 0.2))
     else:
         train, val, test = _idc_sizes(spec.column)
     extra = BREAKHIS_TOTAL / inf if spec.evaluation == "zeroshot" else 0.0
@@ -223,7 +193,14 @@ def run_seconds(
                 f"{spec.run_id}: the cost of a compute-matched run needs its reference {spec.match}"
             )
         epochs = matched_epochs(spec, reference)
-    train_s = _train_seconds(spec, model, train, tr, calib or {}, epochs)
+    c = (calib or {}).get(model)
+    if epochs is not None:  # one stage of the matched length
+        train_s = epochs * train / (tr if c is None else c.mean_img_s)
+    elif c is None:
+        train_s = EPOCHS * train / tr
+    else:  # the calibrated stages at their measured speed, the rest at the run's mean
+        stages = _schedule(spec.base, spec.overrides)[0]
+        train_s = sum(e * train / c.stage_img_s.get(name, c.mean_img_s) for name, e in stages)
     return train_s + (epochs or EPOCHS) * val / inf + test / inf + extra
 
 
@@ -232,8 +209,4 @@ def table_cost(
 ) -> float:
     """GPU-hours of a table's distinct runs (a compute-matched run's reference must be among them)."""
     by_id = {s.run_id: s for s in specs}
-    seen: dict[str, float] = {}
-    for s in specs:
-        if s.run_id not in seen:
-            seen[s.run_id] = run_seconds(s, rates, calib, by_id.get(s.match) if s.match else None)
-    return sum(seen.values()) / 3600.0
+    return sum(run_seconds(s, rates, calib, by_id.get(s.match)) for s in by_id.values()) / 3600.0

@@ -79,30 +79,20 @@ def _params_m(run_dir: Path) -> float | None:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def _mag_key(value: Any) -> str:
-    """'40', '40X', 40 -> '40X' (the paper's column names)."""
-    return str(value).strip().upper().rstrip("X") + "X"
+def _by_mag(doc: dict) -> dict[str, Any]:
+    """An evaluation's metrics per magnification, keyed as the paper's columns ('40', 40 -> '40X')."""
+    return {
+        str(k).strip().upper().rstrip("X") + "X": v["metrics"]
+        for k, v in doc.get("by_magnification", {}).items()
+    }
 
 
 def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
     """Evaluate a finished run the way its table needs; returns the result document."""
     from cmafnet.evaluation import evaluate_run
 
-    options = PredictOptions(device=ctx.device, batch_size=256)
-    bootstrap = 0  # CIs per run are not needed for mean ± std over seeds (cmafnet evaluate has them)
     out: dict[str, Any] = {"convergence": convergence(run_dir)}
-    if spec.evaluation == "test":
-        doc = evaluate_run(
-            run_dir,
-            ctx.store,
-            split_path=ensure_split(ctx, "idc"),
-            split="test",
-            bootstrap=bootstrap,
-            options=options,
-        )
-        out["metrics"] = doc["metrics"]
-        out["params_m"] = _params_m(run_dir)
-    elif spec.evaluation == "zeroshot":
+    if spec.evaluation == "zeroshot":
         out.update(_zero_shot(run_dir, ctx, Adaptation()))
         out["trivial"] = {
             name: {"metrics": t, "by_magnification": {m: {"sensitivity": t["sensitivity"]} for m in out["by_magnification"]},
@@ -110,22 +100,21 @@ def evaluate_spec(spec: RunSpec, run_dir: Path, ctx: Any) -> dict:
             for name, t in out.pop("trivial_rows").items()
         }  # fmt: skip
         out["adapted"] = {a.label(): _adapted(run_dir, ctx, a) for a in ADAPTATIONS}
-    elif spec.evaluation == "subtype":
-        doc = evaluate_run(
-            run_dir,
-            ctx.breakhis_store,
-            split_path=ensure_split(ctx, "breakhis"),
-            split="test",
-            bootstrap=bootstrap,
-            options=options,
-        )
-        out["metrics"] = doc["metrics"]
+        return out
+    doc = evaluate_run(  # test: IDC; subtype: BreakHis (Tables 4-5)
+        run_dir,
+        ctx.store if spec.dataset == "idc" else ctx.breakhis_store,
+        split_path=ensure_split(ctx, spec.dataset),
+        split="test",
+        bootstrap=0,  # CIs per run are not needed for mean ± std over seeds (cmafnet evaluate has them)
+        options=PredictOptions(device=ctx.device, batch_size=256),
+    )
+    out["metrics"] = doc["metrics"]
+    if spec.evaluation == "test":
+        out["params_m"] = _params_m(run_dir)
+    else:
         out["classes"] = doc["classes"]
-        out["by_magnification"] = {
-            _mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()
-        }
-    else:  # pragma: no cover - profile runs do not come here
-        raise ValueError(spec.evaluation)
+        out["by_magnification"] = _by_mag(doc)
     return out
 
 
@@ -142,10 +131,9 @@ def _zero_shot(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
 
     doc = evaluate_run(run_dir, ctx.breakhis_store, zero_shot=True, bootstrap=200, scale_match=False,
                        options=PredictOptions(device=ctx.device, adapt=adapt, batch_size=256))  # fmt: skip
-    by_mag = {_mag_key(k): v["metrics"] for k, v in doc.get("by_magnification", {}).items()}
     d = doc["diagnosis"]
     keep = ("verdict", "prevalence", "n_patients", "metrics", "by_subtype")
-    return {"metrics": doc["metrics"], "by_magnification": by_mag, "diagnosis": {k: d[k] for k in keep},
+    return {"metrics": doc["metrics"], "by_magnification": _by_mag(doc), "diagnosis": {k: d[k] for k in keep},
             "trivial_rows": d["trivial"]}  # fmt: skip
 
 
@@ -161,20 +149,7 @@ def _adapted(run_dir: Path, ctx: Any, adapt: Adaptation) -> dict[str, Any]:
         return {"error": str(err)}
 
 
-def _read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _val_bacc_column(header: list[str]) -> str | None:
-    for name in ("val_balanced_accuracy", "val/balanced_accuracy", "val_bacc", "balanced_accuracy"):
-        if name in header:
-            return name
-    cands = [h for h in header if "val" in h and "balanced" in h]
-    return cands[0] if cands else None
+_VAL_BACC = ("val_balanced_accuracy", "val/balanced_accuracy", "val_bacc", "balanced_accuracy")
 
 
 def convergence(run_dir: Path, fraction: float = 0.9, last: int = 10) -> dict[str, Any]:
@@ -184,19 +159,19 @@ def convergence(run_dir: Path, fraction: float = 0.9, last: int = 10) -> dict[st
     accuracy reaches ``fraction`` of the final epoch's. Stability: std (percentage points) of the
     validation balanced accuracy over the last ``last`` epochs.
     """
-
-    rows = _read_metrics_csv(run_dir)
+    path = run_dir / METRICS_FILE
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.exists() else []
     if not rows:
         return {"epoch": None, "stability": None, "note": f"{METRICS_FILE} missing or empty"}
-    col = _val_bacc_column(list(rows[0]))
+    col = next((h for h in _VAL_BACC if h in rows[0]), None) or next(
+        (h for h in rows[0] if "val" in h and "balanced" in h), None
+    )
     if col is None:
         return {"epoch": None, "stability": None, "note": "no validation balanced-accuracy column"}
-    vals = []
-    for r in rows:
-        try:
-            vals.append(float(r[col]))
-        except (TypeError, ValueError):
-            continue
+    import pandas as pd
+
+    # unparsable cells become NaN, which convergence_from_curve drops
+    vals = pd.to_numeric(pd.Series([r[col] for r in rows], dtype=object), errors="coerce").tolist()
     return convergence_from_curve(vals, fraction, last) | {"column": col}
 
 

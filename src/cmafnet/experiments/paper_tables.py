@@ -324,10 +324,6 @@ def get_table(name: str, foundation: tuple[str, ...] = ()) -> TableDef:
     return replace(TABLES[name], rows=TABLES[name].rows + foundation_rows(tuple(foundation)))
 
 
-def _resolve(overrides: tuple[str, ...], scale: Scale) -> tuple[str, ...]:
-    return tuple(ONE_STAGE[scale] if o == ONE_STAGE_TOKEN else o for o in overrides)
-
-
 MATCHED_SUFFIX = "__{ref}_compute"  # row key of a baseline trained at the reference row's compute
 EQUAL_EPOCHS, MATCHED = "equal epochs", "{ref}'s compute"  # the two views' row labels
 
@@ -343,11 +339,6 @@ def view_label(label: str, reference_label: str | None) -> str:
     return f"{label} ({view})"
 
 
-def match_compute_tables() -> list[str]:
-    """The tables ``--match-compute`` applies to."""
-    return [k for k, t in TABLES.items() if t.compute_reference is not None]
-
-
 def check_match_compute(name: str) -> TableDef:
     """The table, if ``--match-compute`` applies to it.
 
@@ -358,7 +349,7 @@ def check_match_compute(name: str) -> TableDef:
     if table.compute_reference is None:
         raise ConfigError(
             f"--match-compute: {name} has no CMAF-Net row to match; it applies to "
-            f"{', '.join(match_compute_tables())}"
+            f"{', '.join(k for k, t in TABLES.items() if t.compute_reference is not None)}"
         )
     return table
 
@@ -389,14 +380,12 @@ def expand(
     table = get_table(name, foundation)
     out = []
     for row in table.rows:
+        own = tuple(ONE_STAGE[scale] if o == ONE_STAGE_TOKEN else o for o in row.overrides)
+        data = ("model.num_classes=8",) if table.dataset == "breakhis" else ()
         for col in table.ratios:
+            ratio = (f"data.imbalance={col}",) if col is not None else ()
             for seed in range(seeds if table.seeded else 1):
-                ov = (*row.recipe.overrides, *_resolve(row.overrides, scale))
-                if col is not None:
-                    ov = (*ov, f"data.imbalance={col}")
-                if table.dataset == "breakhis":
-                    ov = (*ov, "model.num_classes=8")
-                ov = (*ov, f"train.seed={seed}")
+                ov = (*row.recipe.overrides, *own, *ratio, *data, f"train.seed={seed}")
                 out.append(
                     RunSpec(
                         table=name,

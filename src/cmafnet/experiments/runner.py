@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cmafnet.config import BudgetConfig, Config, load_config
 from cmafnet.errors import ConfigError, RunFolderError
-from cmafnet.experiments.paper_tables import expand, get_table
+from cmafnet.experiments.paper_tables import expand
 from cmafnet.experiments.results import Invalid, ResultDoc, read_result
 from cmafnet.experiments.spec import RunSpec, Scale, select_shard
 from cmafnet.files import FolderInUse, hold_folder
@@ -224,7 +224,6 @@ def run_table(
     train_fn = train_fn or execute.train_run
     eval_fn = eval_fn or execute.evaluate_spec
     profile_fn = profile_fn or execute.profile_spec
-    get_table(name, foundation)
     specs = table_specs(name, seeds, ctx.scale, only, ctx.overrides, match_compute, foundation)
     # references before the runs that match their compute (stable: table order otherwise)
     mine = sorted(select_shard(specs, shard), key=lambda s: s.match is not None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from cmafnet.errors import ConfigError
@@ -124,20 +124,8 @@ class RunSpec:
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        return {
-            "table": self.table,
-            "row": self.row,
-            "label": self.label,
-            "column": self.column,
-            "seed": self.seed,
-            "dataset": self.dataset,
-            "evaluation": self.evaluation,
-            "base": self.base,
-            "overrides": list(self.overrides),
-            "match": self.match,
-            "run_id": self.run_id,
-            "fingerprint": self.fingerprint,
-        }
+        d = asdict(self) | {"overrides": list(self.overrides)}
+        return d | {"run_id": self.run_id, "fingerprint": self.fingerprint}
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -159,15 +147,12 @@ def select_shard(specs: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
     Shards are taken over *distinct* run ids, so a run shared by two rows is done by one shard.
     """
     i, n = shard
-    ids = sorted({s.run_id for s in specs})
-    mine = {rid for k, rid in enumerate(ids) if k % n == i}
-    seen: set[str] = set()
-    out = []
+    mine = set(sorted({s.run_id for s in specs})[i::n])
+    out: dict[str, RunSpec] = {}
     for s in specs:
-        if s.run_id in mine and s.run_id not in seen:
-            seen.add(s.run_id)
-            out.append(s)
-    return out
+        if s.run_id in mine:
+            out.setdefault(s.run_id, s)
+    return list(out.values())
 
 
 def base_config_name(recipe_base: str, scale: Scale) -> str:
