@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 
@@ -63,53 +64,34 @@ def predict_options(args: argparse.Namespace) -> Any:
                           fast=getattr(args, "fast", False), adapt=adapt, batch_size=args.batch)  # fmt: skip
 
 
-def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
+def _number_range(cast: type, lo: float | None = None, hi: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``cast`` (int or float) in ``[lo, hi]`` (bad usage, exit 2, otherwise)."""
+    what = "integer" if cast is int else "number"
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"<= {hi:g}"
+        bounds = f"in [{lo:g}, {hi:g}]"
+    else:
+        bounds = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
 
-
-def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer in ``[lo, hi]`` (bad usage, exit 2, otherwise)."""
-
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, False)}, got {value}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an' if cast is int else 'a'} {what}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value if cast is int else text}")
         return value
 
-    parse.__name__ = "integer"  # argparse names the type in its messages
+    parse.__name__ = what  # argparse names the type in its messages
     return parse
 
 
-def float_range(
-    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
-) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
-        if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, lo_open)}, got {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
+int_range = partial(_number_range, int)
+float_range = partial(_number_range, float)
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 probability = float_range(0.0, 1.0)
-positive_float = float_range(0.0, lo_open=True)
 
 
 def microns_per_pixel(text: str) -> float:

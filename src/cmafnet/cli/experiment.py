@@ -137,8 +137,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown table '{args.name}'.{suggest(args.name, list(TABLE_NAMES))}")
     if args.out is None:
         raise ConfigError("--out is required (the experiment folder)")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     shard = parse_shard(args.shard)
     foundation = tuple(args.foundation)
     if foundation:

@@ -127,15 +127,12 @@ def format_table(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cmafnet.config import load_config
-    from cmafnet.errors import ConfigError
     from cmafnet.models import create_model
 
     if args.foundation is not None:
         return _foundation(args)
     cfg = load_config(args.config or "paper", args.overrides)
-    size = args.size or cfg.model.img_size
-    if size < 32:
-        raise ConfigError(f"--size: must be >= 32 (got {size})")
+    size = args.size or cfg.model.img_size  # both >= 32 (--size's type, model.img_size's bound)
     model = create_model(cfg.model)
     info = model_info(model, size, name=cfg.model.name)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
