@@ -22,17 +22,20 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
-def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+def add_inference_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """What evaluate, predict and wsi share: --device, --calibration, the test-time adaptations
+    (``cmafnet.inference.adapt.Adaptation``) and, but for evaluate, --fast."""
+    add_device_arg(p)
+    if not evaluate:
+        p.add_argument("--fast", action="store_true",
+                       help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
+                            "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.add_argument(
         "--calibration", choices=("auto", "on", "off"), default="auto",
         help="the run's temperature (run.json, fitted on its validation split by 'cmafnet evaluate'): auto "
         "applies it when fitted on >= 10 patients, on always, off never (T = 1); a stored threshold is mapped "
         "so its decisions stay the same",
     )  # fmt: skip
-
-
-def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
-    """The test-time adaptations (``cmafnet.inference.adapt.Adaptation``) of evaluate, predict and wsi."""
     g = p.add_argument_group("adapting to another site (docs/experiments.md, zero-shot)")
     g.add_argument("--stain-norm", choices=("run", "none", "macenko", "reinhard"), default="run",
                    help="stain normalisation of the inputs: as the run was trained (default), none, Macenko to "

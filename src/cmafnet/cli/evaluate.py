@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
-    add_adaptation_args,
-    add_calibration_arg,
-    add_device_arg,
+    add_inference_args,
     non_negative_int,
     positive_int,
     predict_options,
@@ -44,7 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="bootstrap resamples for CIs (default eval.bootstrap)",
     )
     p.add_argument("--no-threshold", action="store_true", help="do not (re)choose the operating threshold")
-    add_calibration_arg(p)
     p.add_argument(
         "--scale-match", action=argparse.BooleanOptionalAction, default=None,
         help="also evaluate at the training scale (resample to the run's microns per pixel, tile with the "
@@ -54,8 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--aggregate", choices=["mean", "max"], default="mean",
         help="scale-matched: tile probabilities per image by mean (default) or max of the positive class",
     )  # fmt: skip
-    add_adaptation_args(p, evaluate=True)
-    add_device_arg(p)
+    add_inference_args(p, evaluate=True)
     p.set_defaults(func=run)
 
 

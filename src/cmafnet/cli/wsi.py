@@ -7,9 +7,7 @@ import argparse
 from pathlib import Path
 
 from cmafnet.cli._common import (
-    add_adaptation_args,
-    add_calibration_arg,
-    add_device_arg,
+    add_inference_args,
     int_range,
     microns_per_pixel,
     positive_int,
@@ -77,9 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=64, metavar="N")
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
-    add_calibration_arg(p)
-    add_adaptation_args(p)
-    add_device_arg(p)
+    add_inference_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--top-k", type=positive_int, default=10, metavar="K",
                    help="slide score: mean probability of the K most positive tiles (default 10)")  # fmt: skip
@@ -89,9 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-summary", action="store_true",
                    help="cohort: process the slides only, no cohort.csv / report (e.g. in array jobs)")  # fmt: skip
     add_launcher_args(p, "slide")
-    p.add_argument("--fast", action="store_true",
-                   help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
-                        "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.set_defaults(func=run)
 
 
