@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
     """Submit this table's shards with work left; the failed local jobs, or None when not to aggregate."""
-    from cmafnet.cli._launch import failed_jobs, launch
+    from cmafnet.cli._launch import launch
     from cmafnet.experiments.execute import check_inputs, ensure_split
     from cmafnet.experiments.runner import run_done, run_table, table_specs
     from cmafnet.experiments.spec import select_shard
@@ -238,17 +238,11 @@ def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
     work = {"command": "experiment", "table": args.name, "seeds": args.seeds, "scale": args.scale,
             "only": args.only, "overrides": list(args.overrides), "match_compute": args.match_compute,
             "foundation": list(foundation)}  # fmt: skip
-    folder = launch(args, out=args.out, label=args.name, shards=shards, work=work, no_aggregate=True)
-    if folder is None:
-        return None if args.dry_run else []
-    if args.launcher == "slurm":
-        print(f"when they have finished: cmafnet experiment {args.name} --out {args.out} --aggregate-only (same --scale, "
-              "--seeds, --only, --set) builds the table; resubmitting the command reruns only unfinished runs")  # fmt: skip
-        return None
-    failed = failed_jobs(folder)
-    for line in failed:
-        print(line)
-    return failed
+    note = (f"when they have finished: cmafnet experiment {args.name} --out {args.out} --aggregate-only (same --scale, "
+            "--seeds, --only, --set) builds the table; resubmitting the command reruns only unfinished runs")  # fmt: skip
+    return launch(
+        args, out=args.out, label=args.name, shards=shards, work=work, slurm_note=note, no_aggregate=True
+    )
 
 
 def _work_lines(out: Path, work: dict[str, Any]) -> list[str]:
