@@ -24,6 +24,7 @@ from typing import Any
 
 from cmafnet.cli._common import add_config_args
 from cmafnet.errors import ConfigError
+from cmafnet.registry import suggest
 
 log = logging.getLogger("cmafnet.bench")
 
@@ -79,8 +80,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _names(items: list[str], known: Any, refusal: str) -> list[str]:
     """``items`` split at commas, in the order given, once each; one not in ``known`` raises ``refusal``
     (a template of the name) with the nearest known name."""
-    from cmafnet.registry import suggest
-
     names = list(dict.fromkeys(n for item in items for n in item.split(",") if n))
     for n in names:
         if n not in known:

@@ -10,6 +10,7 @@ from typing import Any
 from cmafnet.cli._common import positive_int
 from cmafnet.cli._launch import add_launcher_args, check_launcher_args, print_status
 from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.registry import suggest
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
 
@@ -120,6 +121,7 @@ def _list(seeds: int, calibrate: list[Path], match_compute: bool = False) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.experiments.paper_tables import check_match_compute, get_table
     from cmafnet.experiments.spec import parse_shard
 
     if args.list:
@@ -132,20 +134,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError("name a table (table1..table8) or pass --list")
     if args.name not in TABLE_NAMES:
-        from cmafnet.registry import suggest
-
         raise ConfigError(f"unknown table '{args.name}'.{suggest(args.name, list(TABLE_NAMES))}")
     if args.out is None:
         raise ConfigError("--out is required (the experiment folder)")
     shard = parse_shard(args.shard)
     foundation = tuple(args.foundation)
     if foundation:
-        from cmafnet.experiments.paper_tables import get_table
-
         get_table(args.name, foundation)  # a known model, and a table probe rows go into
     if args.match_compute:
-        from cmafnet.experiments.paper_tables import check_match_compute
-
         check_match_compute(args.name)
 
     from cmafnet.experiments.aggregate import write_table

@@ -89,9 +89,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.cli._cohort import run_cohort_command
     from cmafnet.data.safety import check_output_dir
     from cmafnet.inference.cohort import is_cohort
     from cmafnet.inference.wsi import predict_slide
+    from cmafnet.inference.wsi_figures import partition_line
 
     if args.status:
         return print_status(
@@ -104,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # before the model is loaded
     check_launcher_args(args)
     if is_cohort(args.slides):
-        from cmafnet.cli._cohort import run_cohort_command
-
         return run_cohort_command(args)
     cohort_only = [f for f in ("shard", "launcher", "no_summary") if getattr(args, f)]
     if cohort_only:
@@ -116,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir, args.slides[0], args.out, predict_options(args), level=args.level, mpp=args.target_mpp,
         tile=args.tile, progress=not args.no_progress, top_k=args.top_k,
     )  # fmt: skip
-    from cmafnet.inference.wsi_figures import partition_line
-
     plan = s.plan
     print(
         f"{s.slide}: {s.dimensions[0]}x{s.dimensions[1]} px, {plan['cols']}x{plan['rows']} tiles of "
