@@ -9,9 +9,9 @@ from functools import partial
 from typing import Any
 
 
-def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and repeated ``--set key=value``."""
-    p.add_argument("--config", required=required, help="YAML file or shipped config name (paper, smoke, ...)")
+    p.add_argument("--config", help="YAML file or shipped config name (paper, smoke, ...)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.batch_size=64 (repeatable)",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cmafnet.cli._common import positive_int
+from cmafnet.cli._common import add_device_arg, positive_int
 from cmafnet.cli._launch import add_launcher_args, check_launcher_args, print_status
 from cmafnet.errors import ConfigError, RunFolderError
 from cmafnet.registry import suggest
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="table1, table3: add linear-probe rows for these foundation models (cmafnet info --foundation), "
         "at the store's scale and resampled to theirs, with training and extraction MACs (docs/foundation.md)",
     )  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
