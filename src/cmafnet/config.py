@@ -393,18 +393,8 @@ def _format_error(err: ValidationError) -> str:
     return f"{key}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse 'a.b.c=value' into (['a','b','c'], value) with YAML scalar typing."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.path=value")
-    key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml_load(raw, f"--set {text}") if raw != "" else None
-
-
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of ``data`` with each 'a.b=c' override set.
+    """Return a copy of ``data`` with each 'a.b=c' override set (the value typed as a YAML scalar).
 
     Missing sections are created; a numeric part indexes a list (``train.stages.0.lr=1e-3``).
     A list absent from the file is filled from the schema default first, so stage overrides work
@@ -412,54 +402,37 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """
     data = copy.deepcopy(data)
     for text in overrides or []:
-        path, value = parse_override(text)
+        if "=" not in text:
+            raise ConfigError(f"override '{text}' must look like key.path=value")
+        key, raw = text.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{text}' has an empty key")
+        path = key.split(".")
         cur: Any = data
-        for i, part in enumerate(path[:-1]):
-            key: Any = int(part) if isinstance(cur, list) and part.isdigit() else part
+        for i, part in enumerate(path):
+            at: Any = part
             if isinstance(cur, list):
-                if not isinstance(key, int) or key >= len(cur):
-                    raise ConfigError(f"{'.'.join(path)}: no list item '{part}'")
-                nxt = cur[key]
-            else:
-                nxt = cur.get(key)
-                if nxt is None:
-                    default = _default_at(path[: i + 1])
-                    nxt = cur[key] = default if default is not None else {}
-            if not isinstance(nxt, (dict, list)):
-                raise ConfigError(f"{'.'.join(path)}: '{part}' is not a section")
-            cur = nxt
-        last: Any = path[-1]
-        if isinstance(cur, list):
-            if not last.isdigit() or int(last) >= len(cur):
-                raise ConfigError(f"{'.'.join(path)}: no list item '{last}'")
-            last = int(last)
-        cur[last] = value
+                if not part.isdigit() or int(part) >= len(cur):
+                    raise ConfigError(f"{key}: no list item '{part}'")
+                at = int(part)
+            elif i < len(path) - 1 and cur.get(part) is None:
+                cur[part] = _default_at(path[: i + 1])
+            if i == len(path) - 1:
+                cur[at] = yaml_load(raw, f"--set {text}") if raw != "" else None
+            elif not isinstance(cur := cur[at], (dict, list)):
+                raise ConfigError(f"{key}: '{part}' is not a section")
     return data
 
 
 def _default_at(path: list[str]) -> Any:
-    """The schema default (as plain data) at ``path``, or None."""
+    """The schema default list at ``path`` (as plain data), else an empty section."""
     obj: Any = Config().model_dump(mode="json")
     for part in path:
-        if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
-            obj = obj[int(part)]
-        elif isinstance(obj, dict) and part in obj:
-            obj = obj[part]
-        else:
-            return None
-    return obj if isinstance(obj, list) else None
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path, or a shipped config name such as 'paper' or 'smoke'."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    names = list_configs()
-    raise ConfigError(f"config '{name_or_path}' not found.{suggest(str(name_or_path), names)}")
+        try:
+            obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return {}
+    return obj if isinstance(obj, list) else {}
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
@@ -475,7 +448,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML file (or shipped config name) and apply ``--set`` overrides."""
     data: dict = {}
     if path is not None:
-        p = resolve_config_path(path)
+        p = Path(path)  # a path, or a shipped config name such as 'paper' or 'smoke'
+        if not p.exists() and not (p := CONFIG_DIR / f"{path}.yaml").exists():
+            raise ConfigError(f"config '{path}' not found.{suggest(str(path), list_configs())}")
         try:
             data = yaml_load(p.read_text(), str(p)) or {}
         except (OSError, UnicodeDecodeError) as err:

@@ -24,7 +24,7 @@ from typing import Any
 from cmafnet.errors import RunFolderError
 
 LOCK_FILE = ".lock"
-_HELD: dict[Path, int] = {}  # folders this process holds -> nesting depth
+_HELD: set[Path] = set()  # folders this process holds (an inner hold of one of them changes nothing)
 
 
 class FolderInUse(RunFolderError):
@@ -98,11 +98,7 @@ def hold_folder(folder: str | Path, what: str) -> Iterator[Path]:
     folder = Path(folder)
     key = folder.resolve()
     if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield folder
-        finally:
-            _HELD[key] -= 1
+        yield folder
         return
     created = list(takewhile(lambda d: not d.exists(), (folder, *folder.parents)))  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,11 +106,11 @@ def hold_folder(folder: str | Path, what: str) -> Iterator[Path]:
     if fd is None:
         yield folder
         return
-    _HELD[key] = 1
+    _HELD.add(key)
     try:
         yield folder
     finally:
-        del _HELD[key]
+        _HELD.remove(key)
         with suppress(OSError):  # while still locked, so no one else holds a removed file
             (folder / LOCK_FILE).unlink()
         os.close(fd)  # releases the lock

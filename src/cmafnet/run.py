@@ -251,11 +251,8 @@ def write_meta(run_dir: str | Path, fields: dict[str, Any]) -> dict:
 
 def update_meta(run_dir: str | Path, **fields: Any) -> dict:
     """``run.json`` with ``fields`` replaced (validated before it is written)."""
-    p = Path(run_dir) / META_FILE
-    meta = read_meta(run_dir) if p.exists() else {"schema_version": SCHEMA_VERSION}
-    meta = _record({**meta, **fields}, p)
-    write_json(p, meta)
-    return meta
+    old = read_meta(run_dir) if (Path(run_dir) / META_FILE).exists() else {}
+    return write_meta(run_dir, {**old, **fields})
 
 
 @dataclass

@@ -30,7 +30,8 @@ def _bounded(node: yaml.Node) -> None:
     """Raise :class:`YamlBoundError` if ``node`` expands to too many values, too deep, or into itself.
 
     Each node is walked once: an alias reuses the (values, depth) of the node it names, so the check is
-    linear in the document's size whatever the expansion.
+    linear in the document's size whatever the expansion (and its recursion no deeper than the composed
+    document, which :class:`_Loader` bounds).
     """
     memo: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) once expanded
     open_nodes: set[int] = set()  # on the current path: an alias to one of them is a cycle
@@ -41,8 +42,6 @@ def _bounded(node: yaml.Node) -> None:
 
         if id(n) in open_nodes:
             raise refuse("an alias names a node that contains it")
-        if level > MAX_YAML_DEPTH:
-            raise refuse(f"nested more than {MAX_YAML_DEPTH} levels deep")
         values, depth = memo.get(id(n), (1, 0))
         if id(n) not in memo:
             children = n.value if isinstance(n, yaml.SequenceNode) else []

@@ -10,7 +10,7 @@ import pandas as pd
 
 from cmafnet.cli.evaluate import summary_lines
 from cmafnet.evaluation.evaluate import write_predictions
-from cmafnet.evaluation.metrics import classification_metrics, format_metric_for
+from cmafnet.evaluation.metrics import classification_metrics
 from cmafnet.evaluation.report import write_report
 from cmafnet.evaluation.report_tables import collect_run, comparison_tables
 from cmafnet.evaluation.rows import MIN_CI_PATIENTS, ci_warning, metric_rows, threshold_rule
@@ -58,8 +58,7 @@ def test_every_row_has_patient_cis_with_a_warning_below_ten_patients():
     assert doc["operating_point"]["ci"]["specificity"]["point"] < doc["ci"]["specificity"]["point"]
     # Console: the operating row first, every row naming its threshold, and the warning printed.
     text = summary_lines(
-        {**doc, "name": "test", "n": n, "classes": ["a", "b"], "paths": {"predictions": "p", "metrics": "m"}},
-        format_metric_for,
+        {**doc, "name": "test", "n": n, "classes": ["a", "b"], "paths": {"predictions": "p", "metrics": "m"}}
     )
     lines = text.splitlines()
     assert "threshold op 0.3000 (val sens>=0.95)" in lines[1] and threshold_rule(OP) in lines[2]

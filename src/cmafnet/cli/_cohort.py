@@ -83,7 +83,7 @@ def _summary(out: Path, items: list, run_dir: str) -> list[dict[str, Any]]:
 
 def _launch(args: argparse.Namespace, out: Path, items: list) -> int:
     """Submit the shards with slides left as jobs; after local jobs, the summary."""
-    from cmafnet.cli._launch import failed_jobs, launch
+    from cmafnet.cli._launch import launch
     from cmafnet.inference.cohort import shard_items, slide_state
 
     n = args.jobs or len(items)
@@ -92,15 +92,12 @@ def _launch(args: argparse.Namespace, out: Path, items: list) -> int:
         for i in range(n)
         if any(slide_state(out, it.slide_id) != "done" for it in shard_items(items, (i, n)))
     ]
-    folder = launch(args, out=out, label="wsi", shards=shards, work={"command": "wsi"}, no_summary=True,
-                    no_progress=True)  # fmt: skip
-    if folder is not None and args.launcher == "slurm":
-        print("when they have finished: rerun this command without --launcher: it skips the finished slides and "
-              "writes cohort.csv and report.html")  # fmt: skip
+    note = ("when they have finished: rerun this command without --launcher: it skips the finished slides and "
+            "writes cohort.csv and report.html")  # fmt: skip
+    failed = launch(args, out=out, label="wsi", shards=shards, work={"command": "wsi"}, slurm_note=note,
+                    no_summary=True, no_progress=True)  # fmt: skip
+    if failed is None:  # submitted to Slurm
         return 0
-    failed = failed_jobs(folder) if folder is not None else []
-    for line in failed:
-        print(line)
     rows = _summary(out, items, args.run_dir)
     if any(r["status"] == "failed" for r in rows):
         return 3

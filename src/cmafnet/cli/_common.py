@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 
-def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and repeated ``--set key=value``."""
-    p.add_argument("--config", required=required, help="YAML file or shipped config name (paper, smoke, ...)")
+    p.add_argument("--config", help="YAML file or shipped config name (paper, smoke, ...)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.batch_size=64 (repeatable)",
@@ -21,17 +22,20 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
-def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+def add_inference_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """What evaluate, predict and wsi share: --device, --calibration, the test-time adaptations
+    (``cmafnet.inference.adapt.Adaptation``) and, but for evaluate, --fast."""
+    add_device_arg(p)
+    if not evaluate:
+        p.add_argument("--fast", action="store_true",
+                       help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
+                            "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.add_argument(
         "--calibration", choices=("auto", "on", "off"), default="auto",
         help="the run's temperature (run.json, fitted on its validation split by 'cmafnet evaluate'): auto "
         "applies it when fitted on >= 10 patients, on always, off never (T = 1); a stored threshold is mapped "
         "so its decisions stay the same",
     )  # fmt: skip
-
-
-def add_adaptation_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
-    """The test-time adaptations (``cmafnet.inference.adapt.Adaptation``) of evaluate, predict and wsi."""
     g = p.add_argument_group("adapting to another site (docs/experiments.md, zero-shot)")
     g.add_argument("--stain-norm", choices=("run", "none", "macenko", "reinhard"), default="run",
                    help="stain normalisation of the inputs: as the run was trained (default), none, Macenko to "
@@ -63,53 +67,34 @@ def predict_options(args: argparse.Namespace) -> Any:
                           fast=getattr(args, "fast", False), adapt=adapt, batch_size=args.batch)  # fmt: skip
 
 
-def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
+def _number_range(cast: type, lo: float | None = None, hi: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``cast`` (int or float) in ``[lo, hi]`` (bad usage, exit 2, otherwise)."""
+    what = "integer" if cast is int else "number"
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"<= {hi:g}"
+        bounds = f"in [{lo:g}, {hi:g}]"
+    else:
+        bounds = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
 
-
-def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer in ``[lo, hi]`` (bad usage, exit 2, otherwise)."""
-
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, False)}, got {value}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an' if cast is int else 'a'} {what}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value if cast is int else text}")
         return value
 
-    parse.__name__ = "integer"  # argparse names the type in its messages
+    parse.__name__ = what  # argparse names the type in its messages
     return parse
 
 
-def float_range(
-    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
-) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
-        if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, lo_open)}, got {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
+int_range = partial(_number_range, int)
+float_range = partial(_number_range, float)
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 probability = float_range(0.0, 1.0)
-positive_float = float_range(0.0, lo_open=True)
 
 
 def microns_per_pixel(text: str) -> float:

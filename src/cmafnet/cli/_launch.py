@@ -81,23 +81,27 @@ def launch(
     label: str,
     shards: list[tuple[int, int]],
     work: dict[str, Any],
+    slurm_note: str,
     **job_changes: Any,
-) -> Path | None:
+) -> list[str] | None:
     """Submit ``shards`` (those with work left) as jobs running ``args.func`` with ``--shard i/n``.
 
-    ``job_changes`` are set on each job's arguments (e.g. no aggregation in the jobs). Returns the
-    submission folder, or None when nothing was submitted (no work left, or ``--dry-run``).
+    ``job_changes`` are set on each job's arguments (e.g. no aggregation in the jobs). Returns None
+    when nothing is to follow here (submitted to Slurm, ``slurm_note`` printed: what to do once the jobs
+    have finished; or ``--dry-run``), else one line per failed local job, printed (none when no shard
+    had work left).
     """
-    from cmafnet.experiments.launch import load_options, require_submitit, submit
+    from cmafnet.experiments.launch import job_states, load_options, require_submitit, submit
 
     require_submitit()
     flags = {k: getattr(args, k) for k in _OPTION_FLAGS}
     opts = load_options(args.launcher, args.launcher_config, flags)
+    dry_run = getattr(args, "dry_run", False)
     if not shards:
         print("nothing to submit: every shard is finished")
-        return None
+        return None if dry_run else []
     n = shards[0][1]
-    if getattr(args, "dry_run", False):
+    if dry_run:
         print(
             f"would submit {len(shards)} {args.launcher} jobs: shards {' '.join(f'{i}/{n}' for i, _ in shards)}"
         )
@@ -111,16 +115,15 @@ def launch(
 
     folder = submit(out, label, shards, job_args, opts, work)
     print(f"status: add --status to this command (or run it with --out {out} --status)")
-    return folder
-
-
-def failed_jobs(folder: Path) -> list[str]:
-    """One line per failed job of a finished local submission."""
-    from cmafnet.experiments.launch import job_states
-
-    return [
+    if args.launcher == "slurm":
+        print(slurm_note)
+        return None
+    failed = [
         f"job {s.get('job_id')} (shard {s['shard']}) failed: {s.get('error') or 'exit ' + str(s.get('exit_code'))}; "
         f"log {s.get('stderr')}"
         for s in job_states(folder)
         if s["state"] != "finished"
     ]
+    for line in failed:
+        print(line)
+    return failed

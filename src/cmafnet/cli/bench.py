@@ -24,6 +24,7 @@ from typing import Any
 
 from cmafnet.cli._common import add_config_args
 from cmafnet.errors import ConfigError
+from cmafnet.registry import suggest
 
 log = logging.getLogger("cmafnet.bench")
 
@@ -76,29 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, config="paper")
 
 
-def _parse_models(items: list[str]) -> list[str]:
-    names = [n for item in items for n in item.split(",") if n]
+def _names(items: list[str], known: Any, refusal: str) -> list[str]:
+    """``items`` split at commas, in the order given, once each; one not in ``known`` raises ``refusal``
+    (a template of the name) with the nearest known name."""
+    names = list(dict.fromkeys(n for item in items for n in item.split(",") if n))
     for n in names:
-        if n not in MODEL_KEYS:
-            from cmafnet.registry import suggest
-
-            raise ConfigError(f"--models: unknown model '{n}'.{suggest(n, list(MODEL_KEYS))}")
-    return list(dict.fromkeys(names))
-
-
-def _split(items: list[str]) -> list[str]:
-    return [n for item in items for n in item.split(",") if n]
-
-
-def _check_switches(items: list[str]) -> list[str]:
-    from cmafnet.bench.switches import SWITCHES
-
-    names = _split(items)
-    for n in names:
-        if n not in SWITCHES:
-            from cmafnet.registry import suggest
-
-            raise ConfigError(f"--switch: unknown switch '{n}'.{suggest(n, list(SWITCHES))}")
+        if n not in known:
+            raise ConfigError(refusal.format(n) + suggest(n, list(known)))
     return names
 
 
@@ -120,13 +105,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, batch: int) -> dict[str, Any]:
+    import kornia
     import timm
     import torch
 
     from cmafnet import __version__
     from cmafnet.devices import device_name
 
-    env: dict[str, Any] = {
+    return {
         "cmafnet": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -148,11 +134,8 @@ def _environment(dev: Any, args: argparse.Namespace, timing: Any, size: int, bat
         "compile": args.compile,
         "cuda_graph": args.graph and dev.type == "cuda",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kornia": kornia.__version__,
     }
-    import kornia
-
-    env["kornia"] = kornia.__version__
-    return env
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.bench.data_path import IDC_SIZE
     from cmafnet.bench.models import bench_model
     from cmafnet.bench.suite import build_specs, measure_cmaf_data_path
-    from cmafnet.bench.switches import run_switches
+    from cmafnet.bench.switches import SWITCHES, run_switches
     from cmafnet.bench.targets import (
         TARGETS,
         check_targets,
@@ -175,11 +158,15 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.run import write_json
 
     _check_args(args)
-    if args.only_switches:
-        _check_switches(args.only_switches)  # bad names fail before any measurement
+    # bad names fail before any measurement
+    only = (
+        set(_names(args.only_switches, SWITCHES, "--switch: unknown switch '{}'."))
+        if args.only_switches
+        else None
+    )
     if args.store_size is None:
         args.store_size = IDC_SIZE
-    names = _parse_models(args.models)
+    names = _names(args.models, MODEL_KEYS, "--models: unknown model '{}'.")
     cfg = load_config(args.config, args.overrides)
     dev = resolve_device(args.device)
     if args.threads:
@@ -205,23 +192,16 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "schema": "cmafnet.bench/1",
         "environment": _environment(dev, args, timing, size, batch),
+        "targets_definition": [
+            {"name": n, "description": d, "op": o, "threshold": t} for n, d, o, t in TARGETS
+        ],
     }
-    result["targets_definition"] = [
-        {"name": n, "description": d, "op": o, "threshold": t} for n, d, o, t in TARGETS
-    ]
     specs = build_specs(cfg, dev, size, names, args.compile, args.profile, args.graph, amp)
     if args.runs:
-        keep = _split(args.runs)
-        unknown = [k for k in keep if k not in specs]
-        if unknown:
-            from cmafnet.registry import suggest
-
-            raise ConfigError(
-                f"--runs: '{unknown[0]}' is not selected by the other options "
-                f"(selected: {', '.join(specs)}).{suggest(unknown[0], list(specs))}"
-            )
+        selected = f"(selected: {', '.join(specs)})."
+        keep = _names(args.runs, specs, "--runs: '{}' is not selected by the other options " + selected)
         # in the order given: under a time limit the first ones are the ones sure to be measured
-        specs = {k: specs[k] for k in dict.fromkeys(keep)}
+        specs = {k: specs[k] for k in keep}
 
     def bench(spec: Any, t: Any = timing) -> dict:
         return bench_model(spec, t, size=size, batch=batch, infer_batch=args.infer_batch,
@@ -258,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
         save(False)
     if args.switches:
         log.info("timing fast-path switches")
-        only = set(_check_switches(args.only_switches)) if args.only_switches else None
         result["switches"] = run_switches(specs, models, bench, timing, only)
     save(True)
     print(format_report(result))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
-    add_adaptation_args,
-    add_calibration_arg,
-    add_device_arg,
+    add_inference_args,
     non_negative_int,
     positive_int,
     predict_options,
@@ -44,7 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="bootstrap resamples for CIs (default eval.bootstrap)",
     )
     p.add_argument("--no-threshold", action="store_true", help="do not (re)choose the operating threshold")
-    add_calibration_arg(p)
     p.add_argument(
         "--scale-match", action=argparse.BooleanOptionalAction, default=None,
         help="also evaluate at the training scale (resample to the run's microns per pixel, tile with the "
@@ -54,8 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--aggregate", choices=["mean", "max"], default="mean",
         help="scale-matched: tile probabilities per image by mean (default) or max of the positive class",
     )  # fmt: skip
-    add_adaptation_args(p, evaluate=True)
-    add_device_arg(p)
+    add_inference_args(p, evaluate=True)
     p.set_defaults(func=run)
 
 
@@ -66,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from cmafnet.data.safety import check_output_dir
     from cmafnet.errors import RunFolderError
     from cmafnet.evaluation.evaluate import evaluate_run
-    from cmafnet.evaluation.metrics import format_metric_for
     from cmafnet.files import hold_folder
 
     if args.out is not None:
@@ -89,14 +84,16 @@ def run(args: argparse.Namespace) -> int:
             aggregate=args.aggregate,
             options=predict_options(args),
         )
-    print(summary_lines(doc, format_metric_for))
+    print(summary_lines(doc))
     if "scale_matched" in doc:
-        print(summary_lines(doc["scale_matched"], format_metric_for))
+        print(summary_lines(doc["scale_matched"]))
     return 0
 
 
-def diagnosis_lines(d: dict | None, fmt) -> list[str]:
+def diagnosis_lines(d: dict | None) -> list[str]:
     """The zero-shot diagnosis in a few lines: the verdict, the trivial baselines, the top subtypes."""
+    from cmafnet.evaluation.metrics import format_metric_for as fmt
+
     if not d:
         return []
     lines = [f"  diagnosis: {d['verdict']}: {d['verdict_reason']}",
@@ -115,8 +112,9 @@ def diagnosis_lines(d: dict | None, fmt) -> list[str]:
     return lines
 
 
-def summary_lines(doc: dict, fmt) -> str:
+def summary_lines(doc: dict) -> str:
     """Readable lines: n, each metric row with the threshold it belongs to (operating point first), files."""
+    from cmafnet.evaluation.metrics import format_metric_for as fmt
     from cmafnet.evaluation.rows import short_rule
 
     binary = len(doc["classes"]) == 2
@@ -158,7 +156,7 @@ def summary_lines(doc: dict, fmt) -> str:
         if op and e.get("operating_metrics"):
             lines.append(row(f"{mag} @ {short_rule(op)}", e["operating_metrics"]))
         lines.append(row(f"{mag} @ {short_rule(None, binary)}", e["metrics"]))
-    lines.extend(diagnosis_lines(doc.get("diagnosis"), fmt))
+    lines.extend(diagnosis_lines(doc.get("diagnosis")))
     if doc.get("ci_warning"):
         lines.append(f"  {doc['ci_warning']} (every bootstrap CI in {doc['paths']['metrics']})")
     lines.append(f"  wrote {doc['paths']['predictions']} and {doc['paths']['metrics']}")

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cmafnet.cli._common import positive_int
+from cmafnet.cli._common import add_device_arg, positive_int
 from cmafnet.cli._launch import add_launcher_args, check_launcher_args, print_status
 from cmafnet.errors import ConfigError, RunFolderError
+from cmafnet.registry import suggest
 
 TABLE_NAMES = tuple(f"table{i}" for i in range(1, 9))
 
@@ -60,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="table1, table3: add linear-probe rows for these foundation models (cmafnet info --foundation), "
         "at the store's scale and resampled to theirs, with training and extraction MACs (docs/foundation.md)",
     )  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print what would be trained/resumed/evaluated")
     p.add_argument("--no-aggregate", action="store_true", help="do the runs only (e.g. in array jobs)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
@@ -120,6 +121,7 @@ def _list(seeds: int, calibrate: list[Path], match_compute: bool = False) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.experiments.paper_tables import check_match_compute, get_table
     from cmafnet.experiments.spec import parse_shard
 
     if args.list:
@@ -132,22 +134,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError("name a table (table1..table8) or pass --list")
     if args.name not in TABLE_NAMES:
-        from cmafnet.registry import suggest
-
         raise ConfigError(f"unknown table '{args.name}'.{suggest(args.name, list(TABLE_NAMES))}")
     if args.out is None:
         raise ConfigError("--out is required (the experiment folder)")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     shard = parse_shard(args.shard)
     foundation = tuple(args.foundation)
     if foundation:
-        from cmafnet.experiments.paper_tables import get_table
-
         get_table(args.name, foundation)  # a known model, and a table probe rows go into
     if args.match_compute:
-        from cmafnet.experiments.paper_tables import check_match_compute
-
         check_match_compute(args.name)
 
     from cmafnet.experiments.aggregate import write_table
@@ -215,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
     """Submit this table's shards with work left; the failed local jobs, or None when not to aggregate."""
-    from cmafnet.cli._launch import failed_jobs, launch
+    from cmafnet.cli._launch import launch
     from cmafnet.experiments.execute import check_inputs, ensure_split
     from cmafnet.experiments.runner import run_done, run_table, table_specs
     from cmafnet.experiments.spec import select_shard
@@ -240,17 +234,11 @@ def _launch(args: argparse.Namespace, ctx: Any) -> list[str] | None:
     work = {"command": "experiment", "table": args.name, "seeds": args.seeds, "scale": args.scale,
             "only": args.only, "overrides": list(args.overrides), "match_compute": args.match_compute,
             "foundation": list(foundation)}  # fmt: skip
-    folder = launch(args, out=args.out, label=args.name, shards=shards, work=work, no_aggregate=True)
-    if folder is None:
-        return None if args.dry_run else []
-    if args.launcher == "slurm":
-        print(f"when they have finished: cmafnet experiment {args.name} --out {args.out} --aggregate-only (same --scale, "
-              "--seeds, --only, --set) builds the table; resubmitting the command reruns only unfinished runs")  # fmt: skip
-        return None
-    failed = failed_jobs(folder)
-    for line in failed:
-        print(line)
-    return failed
+    note = (f"when they have finished: cmafnet experiment {args.name} --out {args.out} --aggregate-only (same --scale, "
+            "--seeds, --only, --set) builds the table; resubmitting the command reruns only unfinished runs")  # fmt: skip
+    return launch(
+        args, out=args.out, label=args.name, shards=shards, work=work, slurm_note=note, no_aggregate=True
+    )
 
 
 def _work_lines(out: Path, work: dict[str, Any]) -> list[str]:

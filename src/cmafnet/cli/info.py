@@ -72,18 +72,6 @@ def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]
 
     from cmafnet.models.complexity import NOTE, counting
 
-    total_params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # Components: top-level children of the model, so params and MACs come from the same partition.
-    components: dict[str, dict[str, float]] = {}
-    for cname, child in model.named_children():
-        n = sum(p.numel() for p in child.parameters())
-        if n:
-            components[cname] = {"params": n, "macs": 0}
-    own = sum(p.numel() for p in model.parameters(recurse=False))
-    if own:
-        components["(direct)"] = {"params": own, "macs": 0}
-
     x = torch.randn(1, 3, size, size)
     with counting(model) as counter:
         model(x)
@@ -97,9 +85,14 @@ def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]
         return sum(flops(child, f"{path}.{n}") for n, child in module.named_children())
 
     root = type(model).__name__
-    for cname, child in model.named_children():
-        if cname in components:
-            components[cname]["macs"] = flops(child, f"{root}.{cname}") // 2
+    # Components: top-level children of the model, so params and MACs come from the same partition.
+    components: dict[str, dict[str, float]] = {
+        cname: {"params": n, "macs": flops(child, f"{root}.{cname}") // 2}
+        for cname, child in model.named_children()
+        if (n := sum(p.numel() for p in child.parameters()))
+    }
+    if own := sum(p.numel() for p in model.parameters(recurse=False)):
+        components["(direct)"] = {"params": own, "macs": 0}
     total_macs = counter.get_total_flops() // 2
     rest = total_macs - sum(c["macs"] for c in components.values())
     if rest > 0:  # ops in the model's own forward outside any child module
@@ -107,8 +100,8 @@ def model_info(model: Any, size: int, name: str | None = None) -> dict[str, Any]
     return {
         "model": name or root,
         "input_size": size,
-        "params_total": total_params,
-        "params_trainable": trainable,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "macs_per_image": total_macs,
         "components": components,
         "note": NOTE,
@@ -127,15 +120,12 @@ def format_table(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cmafnet.config import load_config
-    from cmafnet.errors import ConfigError
     from cmafnet.models import create_model
 
     if args.foundation is not None:
         return _foundation(args)
     cfg = load_config(args.config or "paper", args.overrides)
-    size = args.size or cfg.model.img_size
-    if size < 32:
-        raise ConfigError(f"--size: must be >= 32 (got {size})")
+    size = args.size or cfg.model.img_size  # both >= 32 (--size's type, model.img_size's bound)
     model = create_model(cfg.model)
     info = model_info(model, size, name=cfg.model.name)
     print(json.dumps(info, indent=2) if args.json else format_table(info))

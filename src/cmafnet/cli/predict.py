@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cmafnet.cli._common import (
-    add_adaptation_args,
-    add_calibration_arg,
-    add_device_arg,
+    add_inference_args,
     microns_per_pixel,
     positive_int,
     predict_options,
@@ -45,24 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image file, folder or CSV list")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV")
     p.add_argument("--batch", type=positive_int, default=64, metavar="N", help="batch size (default 64)")
-    add_device_arg(p)
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class probability threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
     p.add_argument("--no-tissue-check", action="store_true",
                    help="classify every readable image, even blank / pen-marked / low-tissue ones")  # fmt: skip
     p.add_argument("--explain", metavar="DIR", default=None,
                    help="write explanation overlays (CMAF attention + gate maps, Grad-CAM for baselines)")  # fmt: skip
-    add_calibration_arg(p)
-    add_adaptation_args(p)
+    add_inference_args(p)
     p.add_argument("--input-mpp", type=microns_per_pixel, default=None, metavar="M",
                    help="microns per pixel of the inputs: resample every image to the run's training scale and "
                         "tile it with the training patch size instead of squeezing it into the model input")  # fmt: skip
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
                    help="with --input-mpp: per-image probability = mean of the tiles (default) or max of the positive class")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--fast", action="store_true",
-                   help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
-                        "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.set_defaults(func=run)
 
 

@@ -7,9 +7,7 @@ import argparse
 from pathlib import Path
 
 from cmafnet.cli._common import (
-    add_adaptation_args,
-    add_calibration_arg,
-    add_device_arg,
+    add_inference_args,
     int_range,
     microns_per_pixel,
     positive_int,
@@ -77,9 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=64, metavar="N")
     p.add_argument("--threshold", type=probability, default=None, metavar="X",
                    help="positive-class threshold (default: run.json 'threshold', else 0.5)")  # fmt: skip
-    add_calibration_arg(p)
-    add_adaptation_args(p)
-    add_device_arg(p)
+    add_inference_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--top-k", type=positive_int, default=10, metavar="K",
                    help="slide score: mean probability of the K most positive tiles (default 10)")  # fmt: skip
@@ -89,16 +85,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-summary", action="store_true",
                    help="cohort: process the slides only, no cohort.csv / report (e.g. in array jobs)")  # fmt: skip
     add_launcher_args(p, "slide")
-    p.add_argument("--fast", action="store_true",
-                   help="CUDA: bf16 autocast, channels-last and torch.compile (the first batch waits for the "
-                        "compilation; probabilities differ from fp32 by bf16 rounding)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmafnet.cli._cohort import run_cohort_command
     from cmafnet.data.safety import check_output_dir
     from cmafnet.inference.cohort import is_cohort
     from cmafnet.inference.wsi import predict_slide
+    from cmafnet.inference.wsi_figures import partition_line
 
     if args.status:
         return print_status(
@@ -111,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # before the model is loaded
     check_launcher_args(args)
     if is_cohort(args.slides):
-        from cmafnet.cli._cohort import run_cohort_command
-
         return run_cohort_command(args)
     cohort_only = [f for f in ("shard", "launcher", "no_summary") if getattr(args, f)]
     if cohort_only:
@@ -123,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir, args.slides[0], args.out, predict_options(args), level=args.level, mpp=args.target_mpp,
         tile=args.tile, progress=not args.no_progress, top_k=args.top_k,
     )  # fmt: skip
-    from cmafnet.inference.wsi_figures import partition_line
-
     plan = s.plan
     print(
         f"{s.slide}: {s.dimensions[0]}x{s.dimensions[1]} px, {plan['cols']}x{plan['rows']} tiles of "
